@@ -1,0 +1,45 @@
+"""Max calibrator: the running min and max, per tensor or per channel."""
+
+from __future__ import annotations
+
+import torch
+
+from fxquant.calib.base import Calibrator
+
+
+def channel_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x``, over everything (axis None) or per index along ``axis``."""
+    if axis is None:
+        return torch.aminmax(x.detach())
+    flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)
+    return torch.aminmax(flat, dim=1)
+
+
+class MaxCalibrator(Calibrator):
+    """Tracks the running min and max; with symmetric specs the range is max(|min|, |max|)."""
+
+    def __init__(self, axis: int | None) -> None:
+        super().__init__(axis)
+        self._min: torch.Tensor | None = None
+        self._max: torch.Tensor | None = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        lo, hi = channel_minmax(x.float(), self.axis)
+        if self._min is None:
+            self._min, self._max = lo, hi
+        else:
+            if lo.shape != self._min.shape:
+                raise ValueError(f"per-channel calibration along axis {self.axis} saw {lo.numel()} channels "
+                                 f"after {self._min.numel()}: the channel count must not change between batches")
+            self._min = torch.minimum(self._min, lo)
+            self._max = torch.maximum(self._max, hi)
+        self.num_batches += 1
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._min is None:
+            raise RuntimeError("MaxCalibrator.compute() called before any data was collected")
+        return self._min, self._max
+
+    def reset(self) -> None:
+        super().reset()
+        self._min = self._max = None

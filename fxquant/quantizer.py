@@ -1,0 +1,220 @@
+"""Quantization arithmetic and the TensorQuantizer module.
+
+``tensor_quant`` / ``fake_tensor_quant`` keep the semantics of NVIDIA pytorch_quantization: the returned
+``scale`` is the multiplier ``max_bound / amax`` (codes = round(x * scale)), and ``outputs / scale``
+dequantizes. TensorQuantizer's ``scale`` property instead follows the ONNX / torch convention that the rest
+of the stack uses, the step size: ``x ~= (q - zero_point) * scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxquant.calib import CALIBRATORS
+from fxquant.calib.max import channel_minmax
+from fxquant.spec import QuantSpec
+
+_EPS = 1.0 / (1 << 24)  # amax below this counts as zero: the smallest fp16 subnormal
+MODES = ("quant", "calib", "disabled")
+
+
+def _bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[float, float]:
+    max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    if unsigned:
+        return 0.0, max_bound
+    return (-max_bound if narrow_range else -max_bound - 1.0), max_bound
+
+
+def _tensor_quant(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool,
+                  narrow_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(amax, torch.Tensor):
+        amax = torch.tensor(float(amax), device=inputs.device)
+    amax = amax.float()
+    if amax.min() < 0:
+        raise ValueError(f"amax must be >= 0, got a minimum of {amax.min().item()}: "
+                         "pass the absolute maximum of the tensor (e.g. x.abs().max())")
+    min_bound, max_bound = _bounds(num_bits, unsigned, narrow_range)
+    scale = max_bound / amax
+    zero = amax <= _EPS
+    scale = torch.where(zero, torch.zeros_like(scale), scale)  # amax 0 quantizes everything to 0
+    outputs = torch.clamp((inputs.float() * scale).round_(), min_bound, max_bound)
+    return outputs, torch.where(zero, torch.ones_like(scale), scale)
+
+
+def tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, unsigned: bool = False,
+                 narrow_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric linear quantization: returns the integer codes (as floats) and the scale multiplier.
+
+    ``amax`` is a scalar or a tensor broadcastable to ``inputs`` (per-channel). Codes are
+    ``clamp(round(inputs * scale), min_bound, max_bound)`` with ``scale = max_bound / amax``.
+    """
+    return _tensor_quant(inputs, amax, num_bits, unsigned, narrow_range)
+
+
+class _FakeTensorQuant(torch.autograd.Function):
+    """Quantize then dequantize; straight-through gradient where |x| <= amax, zero outside."""
+
+    @staticmethod
+    def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):  # noqa: ANN001, ANN205
+        amax_t = amax if isinstance(amax, torch.Tensor) else torch.tensor(float(amax), device=inputs.device)
+        ctx.save_for_backward(inputs, amax_t)
+        outputs, scale = _tensor_quant(inputs, amax_t, num_bits, unsigned, narrow_range)
+        return (outputs / scale).to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_outputs):  # noqa: ANN001, ANN205
+        inputs, amax = ctx.saved_tensors
+        grad_inputs = torch.where(inputs.abs() <= amax, grad_outputs, torch.zeros_like(grad_outputs))
+        return grad_inputs, None, None, None, None
+
+
+def fake_tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, unsigned: bool = False,
+                      narrow_range: bool = True) -> torch.Tensor:
+    """``tensor_quant`` followed by dequantization, differentiable with a straight-through estimator."""
+    return _FakeTensorQuant.apply(inputs, amax, num_bits, unsigned, narrow_range)
+
+
+class _FakeAffineQuant(torch.autograd.Function):
+    """Affine quantize-dequantize; straight-through gradient inside the representable range."""
+
+    @staticmethod
+    def forward(ctx, inputs, scale, zero_point, qmin, qmax, fake):  # noqa: ANN001, ANN205
+        codes = torch.round(inputs.float() / scale) + zero_point
+        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
+        q = torch.clamp(codes, qmin, qmax)
+        return ((q - zero_point) * scale).to(inputs.dtype) if fake else q
+
+    @staticmethod
+    def backward(ctx, grad_outputs):  # noqa: ANN001, ANN205
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
+
+
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and integer zero point for the range [lo, hi], widened to include 0."""
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=_EPS)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def broadcast_shape(x: torch.Tensor, axis: int | None, values: torch.Tensor) -> torch.Tensor:
+    """Reshape per-channel ``values`` so they broadcast along ``axis`` of ``x``."""
+    if axis is None or values.dim() == 0:
+        return values
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+class TensorQuantizer(nn.Module):
+    """Calibrates, fake-quantizes (straight-through gradient) or passes a tensor through.
+
+    Modes: ``"quant"`` (default), ``"calib"`` (collect statistics, return the input unchanged) and
+    ``"disabled"``. Without a range (no fixed amax, not calibrated) quant mode uses the range of the current
+    input, as pytorch_quantization does.
+    """
+
+    def __init__(self, spec: QuantSpec | None = None) -> None:
+        super().__init__()
+        spec = QuantSpec() if spec is None else spec
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"TensorQuantizer takes a QuantSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.mode = "quant"
+        self.calibrator = CALIBRATORS[spec.calib_method](spec.axis)
+        self.register_buffer("_min", None)
+        self.register_buffer("_max", None)
+        if spec.amax is not None:
+            self._set_range(-torch.tensor(float(spec.amax)), torch.tensor(float(spec.amax)))
+
+    # ---- state -------------------------------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown TensorQuantizer mode {mode!r}; valid modes: {MODES}")
+        self.mode = mode
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True when the range is known (a fixed amax or a finished calibration)."""
+        return self._max is not None
+
+    def _set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.spec.scale_amax is not None:
+            lo, hi = lo * self.spec.scale_amax, hi * self.spec.scale_amax
+        device = next((b.device for b in (self._min, self._max) if b is not None), lo.device)
+        self._min, self._max = lo.float().to(device), hi.float().to(device)
+
+    def load_calib_amax(self) -> None:
+        """Turn the calibrator's statistics into this quantizer's range."""
+        if self.spec.amax is not None:
+            return
+        lo, hi = self.calibrator.compute()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
+                             "on the calibration data; check the data and the model")
+        self._set_range(lo, hi)
+
+    @property
+    def amax(self) -> torch.Tensor | None:
+        """Symmetric range limit max(|min|, |max|): a scalar or one value per channel."""
+        if self._max is None:
+            return None
+        return torch.maximum(self._min.abs(), self._max.abs())
+
+    def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        if spec.symmetric:
+            amax = torch.maximum(lo.abs(), hi.abs())
+            return torch.clamp(amax, min=_EPS) / spec.qmax, torch.zeros_like(amax)
+        return affine_qparams(lo, hi, spec.qmin, spec.qmax)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """Step size: ``x ~= (q - zero_point) * scale``."""
+        return None if self._max is None else self._qparams(self._min, self._max)[0]
+
+    @property
+    def zero_point(self) -> torch.Tensor | None:
+        """Integer zero point (0 for symmetric specs)."""
+        return None if self._max is None else self._qparams(self._min, self._max)[1]
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def _axis(self, x: torch.Tensor) -> int | None:
+        axis = self.spec.axis
+        if axis is None:
+            return None
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"QuantSpec.axis={axis} is out of range for a tensor of shape {tuple(x.shape)}")
+        return axis % x.dim()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "disabled":
+            return x
+        axis = self._axis(x)
+        if self.mode == "calib":
+            if self.spec.amax is None:
+                self.calibrator.collect(x)
+            return x
+        if self._max is None:
+            lo, hi = channel_minmax(x, axis)
+        else:
+            lo, hi = self._min, self._max
+        spec = self.spec
+        if spec.symmetric:
+            amax = broadcast_shape(x, axis, torch.maximum(lo.abs(), hi.abs()))
+            if spec.fake_quant:
+                return fake_tensor_quant(x, amax, spec.num_bits, spec.unsigned, spec.narrow_range)
+            return tensor_quant(x, amax, spec.num_bits, spec.unsigned, spec.narrow_range)[0]
+        scale, zero_point = affine_qparams(lo, hi, spec.qmin, spec.qmax)
+        scale, zero_point = broadcast_shape(x, axis, scale), broadcast_shape(x, axis, zero_point)
+        return _FakeAffineQuant.apply(x, scale, zero_point, spec.qmin, spec.qmax, spec.fake_quant)
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        kind = "sym" if spec.symmetric else "affine"
+        axis = "per-tensor" if spec.axis is None else f"axis={spec.axis}"
+        state = "calibrated" if self.is_calibrated else "uncalibrated"
+        return f"{spec.num_bits}-bit {kind} [{spec.qmin}, {spec.qmax}] {axis} {spec.calib_method} {self.mode} {state}"

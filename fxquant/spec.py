@@ -1,0 +1,164 @@
+"""QuantSpec (how one tensor is quantized) and QuantConfig (what a prepare run does).
+
+Both are frozen, validated dataclasses: a bad field raises a ValueError/TypeError that names the field and
+says what is accepted. The field names of QuantSpec follow NVIDIA pytorch_quantization's QuantDescriptor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from fxquant.calib import CALIBRATORS
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"QuantSpec.{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def _check_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        num_bits: bit width, 2..16.
+        axis: None for one scale per tensor, or the axis that gets one scale per channel. For weights of
+            weighted layers the backend resolves it to the output-channel axis (0 for Conv/Linear, 1 for
+            ConvTranspose); any non-None value there means "per output channel".
+        amax: a fixed range; a quantizer with a fixed amax is not calibrated.
+        unsigned: symmetric range [0, 2^b - 1] instead of [-(2^(b-1) - 1), 2^(b-1) - 1].
+        narrow_range: symmetric signed range without its lowest code (-127..127 at 8 bits).
+        fake_quant: output dequantized floats (True) or integer codes (False).
+        learn_amax: train the range (QAT); not supported yet.
+        scale_amax: multiply the calibrated amax by this factor.
+        calib_method: calibrator name; see ``fxquant.calib.CALIBRATORS``.
+        symmetric: False gives affine quantization with a zero point over [0, 2^b - 1].
+    """
+
+    num_bits: int = 8
+    axis: int | None = None
+    amax: float | None = None
+    unsigned: bool = False
+    narrow_range: bool = False
+    fake_quant: bool = True
+    learn_amax: bool = False
+    scale_amax: float | None = None
+    calib_method: str = "max"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("QuantSpec", "num_bits", self.num_bits)
+        if not 2 <= self.num_bits <= 16:
+            raise ValueError(f"QuantSpec.num_bits must be between 2 and 16, got {self.num_bits}")
+        if self.axis is not None:
+            _check_int("QuantSpec", "axis", self.axis)
+        for name in ("unsigned", "narrow_range", "fake_quant", "learn_amax", "symmetric"):
+            _check_bool(name, getattr(self, name))
+        if self.amax is not None:
+            if isinstance(self.amax, bool) or not isinstance(self.amax, (int, float)):
+                raise TypeError(f"QuantSpec.amax must be a number or None, got {self.amax!r}")
+            if not math.isfinite(self.amax) or self.amax < 0:
+                raise ValueError(f"QuantSpec.amax must be a finite number >= 0, got {self.amax}")
+            if not self.symmetric:
+                raise ValueError("QuantSpec.amax fixes a symmetric range; with symmetric=False leave amax=None "
+                                 "and let calibration find min and max")
+        if self.scale_amax is not None:
+            if isinstance(self.scale_amax, bool) or not isinstance(self.scale_amax, (int, float)):
+                raise TypeError(f"QuantSpec.scale_amax must be a number or None, got {self.scale_amax!r}")
+            if not math.isfinite(self.scale_amax) or self.scale_amax <= 0:
+                raise ValueError(f"QuantSpec.scale_amax must be a finite number > 0, got {self.scale_amax}")
+        if not isinstance(self.calib_method, str) or self.calib_method not in CALIBRATORS:
+            raise ValueError(f"QuantSpec.calib_method={self.calib_method!r} is unknown; "
+                             f"valid methods: {sorted(CALIBRATORS)}")
+        if self.narrow_range and not self.symmetric:
+            raise ValueError("QuantSpec.narrow_range applies to symmetric quantization; "
+                             "drop it or set symmetric=True")
+        if self.learn_amax:
+            raise ValueError("QuantSpec.learn_amax=True is not supported yet: ranges come from calibration "
+                             "and stay frozen; set learn_amax=False")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code."""
+        if self.unsigned or not self.symmetric:
+            return 0
+        return -self.qmax if self.narrow_range else -self.qmax - 1
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code."""
+        if not self.symmetric:
+            return 2**self.num_bits - 1
+        return 2 ** (self.num_bits - 1 + int(self.unsigned)) - 1
+
+    def with_(self, **changes: object) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-module settings, matched by a glob on the module's qualified name or its class name.
+
+    ``exclude=True`` keeps the matching ops in float (reported in the prepare summary); ``weight`` and
+    ``activation`` replace the specs the backend would use for the matching ops.
+    """
+
+    pattern: str
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    exclude: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise TypeError(f"Override.pattern must be a non-empty glob string, got {self.pattern!r}")
+        for name in ("weight", "activation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantSpec):
+                raise TypeError(f"Override.{name} must be a QuantSpec or None, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings for one prepare run.
+
+    Args:
+        weight: replaces the backend's default weight spec (None keeps it).
+        activation: replaces the backend's default activation spec (None keeps it).
+        overrides: per-module specs and exclusions; later entries win.
+        leaf_modules: globs on module names or class names that tracing keeps whole (their insides stay
+            float and are reported); use it for modules torch.fx cannot trace.
+        fold_bn: fold BatchNorm into the preceding Conv/Linear.
+        strict: raise instead of warning when a pass must skip something.
+    """
+
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    overrides: tuple[Override, ...] = ()
+    leaf_modules: tuple[str, ...] = ()
+    fold_bn: bool = True
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "activation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantSpec):
+                raise TypeError(f"QuantConfig.{name} must be a QuantSpec or None, got {type(value).__name__}")
+        if isinstance(self.overrides, Override) or not isinstance(self.overrides, (tuple, list)):
+            raise TypeError("QuantConfig.overrides must be a tuple of Override(...)")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        for item in self.overrides:
+            if not isinstance(item, Override):
+                raise TypeError(f"QuantConfig.overrides holds {type(item).__name__}; use Override(pattern, ...)")
+        if isinstance(self.leaf_modules, str) or not isinstance(self.leaf_modules, (tuple, list)):
+            raise TypeError("QuantConfig.leaf_modules must be a tuple of globs, e.g. ('encoder.*', 'MyBlock')")
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        for name in ("fold_bn", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantConfig.{name} must be True or False")
