@@ -1,0 +1,26 @@
+"""fxquant: torch.fx graph-mode quantization to fake-quant GraphModules and QDQ ONNX for TensorRT and ORT."""
+
+__version__ = "0.1.0"
+
+from fxquant.api import calibrate, convert, prepare, quantize, report_of  # noqa: E402
+from fxquant.backends import BACKENDS, Backend  # noqa: E402
+from fxquant.errors import (  # noqa: E402
+    CalibrationError,
+    ConversionError,
+    ExampleInputError,
+    FxQuantError,
+    PassError,
+    TraceError,
+)
+from fxquant.lower.onnx_export import ExportResult, export_onnx  # noqa: E402
+from fxquant.metrics import sqnr  # noqa: E402
+from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant  # noqa: E402
+from fxquant.rules import Pattern, Quantize, Rule  # noqa: E402
+from fxquant.spec import Override, QuantConfig, QuantSpec  # noqa: E402
+
+__all__ = [
+    "BACKENDS", "Backend", "CalibrationError", "ConversionError", "ExampleInputError", "ExportResult",
+    "FxQuantError", "Override", "PassError", "Pattern", "QuantConfig", "QuantSpec", "Quantize", "Rule",
+    "TensorQuantizer", "TraceError", "calibrate", "convert", "export_onnx", "fake_tensor_quant", "prepare",
+    "quantize", "report_of", "sqnr", "tensor_quant",
+]

@@ -1,0 +1,176 @@
+"""Public pipeline: prepare -> calibrate -> convert (-> export_onnx); quantize does the first three."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from fxquant.backends import Backend, get_backend
+from fxquant.capture import normalize_inputs, propagate_shapes, trace
+from fxquant.errors import CalibrationError, ConversionError
+from fxquant.lower.frozen import FrozenQuantizer
+from fxquant.passes.annotate import Annotations, annotate_pass
+from fxquant.passes.fold_bn import fold_bn
+from fxquant.passes.insert import insert_quantizers
+from fxquant.passes.manager import PassResult, run_passes
+from fxquant.quantizer import TensorQuantizer
+from fxquant.report import OpEntry, PrepareReport
+from fxquant.rules import GraphView
+from fxquant.spec import QuantConfig
+from fxquant.state import QuantState, get_state
+
+
+def _insert_pass(gm: fx.GraphModule) -> PassResult:
+    return insert_quantizers(gm, gm.meta["fxquant_annotations"])
+
+
+def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
+            config: QuantConfig | None = None) -> fx.GraphModule:
+    """Trace a copy of ``model`` (in eval mode), fold BatchNorm and insert quantizers for ``backend``.
+
+    The user's model is never modified. Returns a GraphModule whose quantizers calibrate with
+    ``calibrate``; ``fxquant.report_of(prepared)`` tells what was quantized and what stayed float and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
+    backend = get_backend(backend)
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    for spec in (config.weight, config.activation, *(s for o in config.overrides for s in (o.weight, o.activation))):
+        if spec is not None and not spec.fake_quant:
+            raise ValueError("specs used in a model must have fake_quant=True (fake_quant=False returns integer "
+                             "codes, which the next layer cannot consume)")
+    inputs = normalize_inputs(example_inputs)
+    work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
+    gm = trace(work, config.leaf_modules)
+    propagate_shapes(gm, inputs)
+    passes = []
+    if config.fold_bn:
+        passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))
+    passes += [("annotate", partial(annotate_pass, backend=backend, config=config)),
+               ("insert_quantizers", _insert_pass)]
+    gm, results = run_passes(gm, passes)
+    report = _report(gm, backend, gm.meta.pop("fxquant_annotations"), results)
+    gm.meta["fxquant"] = QuantState(backend.name, config, "prepared", report)
+    if report.float_ops:
+        warnings.warn(f"{len(report.float_ops)} op(s) stay float:\n" +
+                      "\n".join(f"  {e.node} ({e.kind}): {e.detail}" for e in report.float_ops), stacklevel=2)
+    return gm
+
+
+def _report(gm: fx.GraphModule, backend: Backend, ann: Annotations, results: dict[str, PassResult]) -> PrepareReport:
+    kinds = GraphView(gm).kinds
+    report = PrepareReport(backend.name)
+    report.quantized = [OpEntry(n.name, kinds.get(n, "?"), rule) for n, rule in ann.quantized.items()]
+    report.passthrough = [OpEntry(n.name, kinds.get(n, "?"), "pass-through") for n in ann.passthrough]
+    report.float_ops = [OpEntry(n.name, kinds.get(n, "?"), why) for n, why in ann.floats.items()]
+    report.folded_bn = [n.meta["fxquant"]["folded_bn"]["bn"] for n in gm.graph.nodes
+                        if "folded_bn" in n.meta.get("fxquant", {})]
+    report.skipped = [note for r in results.values() for note in r.notes]
+    quantizers = _quantizers(gm)
+    report.weight_quantizers = sum(1 for name in quantizers if name.endswith("weight_quantizer"))
+    report.activation_quantizers = len(quantizers) - report.weight_quantizers
+    return report
+
+
+def report_of(model: nn.Module) -> PrepareReport:
+    """The prepare report of a model returned by prepare/calibrate/convert/quantize."""
+    state = get_state(model)
+    if state is None:
+        raise TypeError("report_of() takes a model returned by fxquant.prepare/convert/quantize")
+    return state.report
+
+
+def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def _check_finite(batch: tuple, index: int) -> None:
+    for t in batch:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CalibrationError(f"calibration batch {index} contains NaN or Inf values; clean the data "
+                                   "(every batch is checked before it reaches the quantizers)")
+
+
+@torch.no_grad()
+def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
+    """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
+
+    ``batches``: an iterable of tensors or tuples of tensors (one per forward argument). Returns ``prepared``.
+    """
+    state = get_state(prepared)
+    quantizers = _quantizers(prepared)
+    if state is None or not quantizers:
+        raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
+                               "and calibrate what it returns")
+    if state.stage == "converted":
+        raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
+                               "model before convert()")
+    if isinstance(batches, torch.Tensor):
+        raise TypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
+                        "not a single tensor; wrap it: [tensor]")
+    was_training = prepared.training
+    prepared.eval()
+    for q in quantizers.values():
+        q.calibrator.reset()
+        q.set_mode("calib")
+    count = 0
+    try:
+        for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
+            batch = normalize_inputs(batch)
+            _check_finite(batch, i)
+            prepared(*batch)
+            count += 1
+        if count == 0:
+            raise CalibrationError("the calibration iterable was empty; pass at least one batch")
+        for name, q in quantizers.items():
+            if q.spec.amax is None and q.calibrator.num_batches == 0:
+                raise CalibrationError(f"quantizer `{name}` saw no data during calibration: the branch it sits "
+                                       "on never ran for these batches")
+            try:
+                q.load_calib_amax()
+            except ValueError as exc:
+                raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
+    finally:
+        for q in quantizers.values():
+            q.set_mode("quant")
+        prepared.train(was_training)
+    state.stage = "calibrated"
+    return prepared
+
+
+def convert(prepared: nn.Module) -> fx.GraphModule:
+    """A copy of the calibrated model with every quantizer frozen into a Q/DQ op (exportable to ONNX)."""
+    state = get_state(prepared)
+    if state is None:
+        raise ConversionError("convert() takes the model returned by fxquant.prepare() (after calibrate())")
+    if state.stage == "converted":
+        raise ConversionError("this model is already converted")
+    missing = [name for name, q in _quantizers(prepared).items() if not q.is_calibrated and q.mode != "disabled"]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ConversionError(f"{len(missing)} quantizer(s) have no range yet ({shown}); run "
+                              "fxquant.calibrate(prepared, batches) before convert()")
+    qmodel = copy.deepcopy(prepared).eval()
+    for name, q in list(_quantizers(qmodel).items()):
+        frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, name.endswith("weight_quantizer"))
+        qmodel.set_submodule(name, frozen)
+    qmodel.meta["fxquant"] = QuantState(state.backend, state.config, "converted", state.report)
+    qmodel.recompile()
+    return qmodel
+
+
+def quantize(model: nn.Module, example_inputs: torch.Tensor | tuple, batches: Iterable,
+             backend: str | Backend = "tensorrt", config: QuantConfig | None = None,
+             progress: bool = True) -> fx.GraphModule:
+    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule."""
+    prepared = prepare(model, example_inputs, backend=backend, config=config)
+    calibrate(prepared, batches, progress=progress)
+    return convert(prepared)

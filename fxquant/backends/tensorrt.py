@@ -1,0 +1,56 @@
+"""TensorRT explicit quantization (Q/DQ) placement.
+
+- Symmetric int8; weights per output channel (narrow range), activations per tensor.
+- Quantize the inputs of weighted ops (Conv, ConvTranspose, Linear, MatMul); never their outputs.
+- Residual adds: quantize the skip input only, so TensorRT fuses Conv + Add (+ReLU) on the other input
+  (NVIDIA/TensorRT#1992); adds that are not residuals get no quantizer.
+- Concat: all quantizers on its inputs and output share one scale. ReLU, pooling and reshapes pass through.
+"""
+
+from __future__ import annotations
+
+from fxquant.backends.base import Backend
+from fxquant.backends.checks import quantizable_weight
+from fxquant.ops import WEIGHTED_KINDS
+from fxquant.passes.annotate import AnnotationContext
+from fxquant.rules import Match, Pattern, Quantize, Rule
+from fxquant.rules.residual import skip_input
+from fxquant.spec import QuantSpec
+
+
+def residual_add(match: Match, ctx: AnnotationContext) -> str | None:
+    """Quantize the skip input of a residual add; decline (add stays float) otherwise."""
+    add = match["add"]
+    inputs = ctx.activation_inputs(add)
+    if len(inputs) != 2:
+        return "adds a constant (TensorRT folds it into the producer); no quantizer needed"
+    skip, why = skip_input(ctx.view, *inputs)
+    if skip is None:
+        return why
+    ctx.request_input(add, skip, "residual_add")
+    add.meta.setdefault("fxquant", {})["residual"] = why
+    return None
+
+
+def concat_shared_scale(match: Match, ctx: AnnotationContext) -> str | None:
+    """Every quantizer on a concat's inputs or output shares one scale, so TensorRT concatenates in int8."""
+    cat = match["cat"]
+    ctx.share_values([*ctx.activation_inputs(cat), cat])
+    return None
+
+
+TENSORRT = Backend(
+    name="tensorrt",
+    description="TensorRT explicit quantization: int8 Q/DQ on weighted-op inputs and residual skip inputs",
+    weight=QuantSpec(num_bits=8, axis=0, narrow_range=True),
+    activation=QuantSpec(num_bits=8),
+    rules=(
+        Rule("weighted_input", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op"),
+             checks=(quantizable_weight("op"),), priority=20),
+        Rule("matmul_inputs", Pattern.chain(("op", "matmul")), Quantize(inputs="op"), priority=20),
+        Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add, priority=10),
+        Rule("concat_shared_scale", Pattern.chain(("cat", "cat")), handler=concat_shared_scale, priority=10),
+    ),
+    passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "reshape", "permute",
+                           "identity", "batch_norm"}),
+)

@@ -1,0 +1,110 @@
+"""Capture: torch.fx symbolic tracing with a leaf policy, shape propagation, and errors that name the culprit."""
+
+from __future__ import annotations
+
+import fnmatch
+import linecache
+import os
+import traceback
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxquant.errors import ExampleInputError, TraceError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+def matches(name: str, module: nn.Module, globs: Sequence[str]) -> bool:
+    """True when a module's qualified name or class name matches one of the globs."""
+    cls = type(module).__name__
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(cls, g) for g in globs)
+
+
+class _Tracer(fx.Tracer):
+    """Default leaves plus user globs; remembers which module it is inside for error messages."""
+
+    def __init__(self, leaf_globs: Sequence[str]) -> None:
+        super().__init__()
+        self.leaf_globs = tuple(leaf_globs)
+        self._module_stack: list[tuple[str, nn.Module]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_globs and matches(module_qualified_name, m, self.leaf_globs):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001, ANN201
+        name = self.path_of_module(m)
+        self._module_stack.append((name, m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._module_stack.pop()
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch and fxquant: the user's line that failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) and not f.filename.startswith("<")]
+    return frames[-1] if frames else None
+
+
+def trace(model: nn.Module, leaf_globs: Sequence[str] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; on failure raise TraceError naming the module and the line."""
+    tracer = _Tracer(leaf_globs)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
+        name, module = tracer._module_stack[-1] if tracer._module_stack else ("", model)
+        where = f"`{name}` ({type(module).__name__})" if name else f"the root module ({type(model).__name__})"
+        frame = _user_frame(exc)
+        line = ""
+        if frame is not None:
+            code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            line = f" at {os.path.basename(frame.filename)}:{frame.lineno}: `{code}`"
+        leaf = name or type(model).__name__
+        raise TraceError(
+            f"torch.fx could not trace {where}{line}: {type(exc).__name__}: {exc}. "
+            f"To quantize the rest of the model, keep that module whole with "
+            f"QuantConfig(leaf_modules=({leaf!r},)) (its insides then stay float and are reported), or rewrite "
+            f"the line without data-dependent control flow."
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return gm
+
+
+def normalize_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple; a lone tensor is wrapped."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    return example_inputs
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Run the graph once on the example inputs, recording tensor metadata on every node."""
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if len(example_inputs) > n_placeholders:
+        raise ExampleInputError(f"the model's forward takes {n_placeholders} input(s) but {len(example_inputs)} "
+                                f"example inputs were given; pass one example per forward argument")
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise ExampleInputError(f"the model failed on the example inputs "
+                                f"({', '.join(_describe(x) for x in example_inputs)}): {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass inputs of the shape and "
+                                f"dtype the model's forward expects") from exc
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,25 @@
+"""fxquant's exceptions: each is a ValueError/TypeError/RuntimeError subclass with a message that says what to do."""
+
+
+class FxQuantError(RuntimeError):
+    """Base class of fxquant's runtime errors."""
+
+
+class TraceError(FxQuantError):
+    """torch.fx could not trace the model; the message names the module and the line."""
+
+
+class PassError(FxQuantError):
+    """A graph pass failed; the message names the pass."""
+
+
+class CalibrationError(FxQuantError):
+    """Calibration could not run or produced no usable range."""
+
+
+class ConversionError(FxQuantError):
+    """convert() or export_onnx() got a model it cannot lower."""
+
+
+class ExampleInputError(ValueError):
+    """The example inputs do not fit the model."""

@@ -1,0 +1,242 @@
+"""Lower a converted model to QDQ ONNX, then check it and verify it in ONNX Runtime.
+
+Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
+weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
+onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
+fuse QLinearConv/QGemm); nodes are named after the modules they come from; metadata records the backend.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from fxquant.capture import normalize_inputs
+from fxquant.errors import ConversionError
+from fxquant.lower.qdq_op import TRANSLATIONS
+from fxquant.metrics import sqnr
+from fxquant.state import get_state
+
+DEFAULT_OPSET = 18
+MIN_AGREEMENT_DB = 30.0
+
+
+@dataclass
+class ExportResult:
+    """What export_onnx wrote and how well ONNX Runtime agreed with the fake-quant model."""
+
+    path: str
+    model: onnx.ModelProto
+    ort_sqnr_db: float | None
+
+    @property
+    def op_counts(self) -> Counter:
+        return Counter(n.op_type for n in self.model.graph.node)
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, path: str | os.PathLike,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, verify: bool = True) -> ExportResult:
+    """Export a converted model to QDQ ONNX at ``path``; check it with onnx.checker and, with ``verify``,
+    run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``."""
+    state = get_state(model)
+    if state is None or state.stage != "converted":
+        raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
+                              + ("this one was never converted" if state else "this one did not come from fxquant"))
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
+    for name, m in model.named_modules():
+        if getattr(m, "num_bits", 8) > 8 and opset < 21:
+            raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "
+                                  f"pass opset=21")
+    inputs = normalize_inputs(example_inputs)
+    path = os.fspath(path)
+    proto = _export(model, inputs, opset, dynamic_batch)
+    fold_weight_quantization(proto)
+    if state.backend == "onnxruntime":
+        quantize_biases(proto)
+    name_nodes(proto)
+    _set_metadata(proto, state)
+    onnx.checker.check_model(proto, full_check=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    onnx.save(proto, path)
+    agreement = verify_in_ort(model, inputs, path) if verify else None
+    if agreement is not None and agreement < MIN_AGREEMENT_DB:
+        warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
+                      f"(< {MIN_AGREEMENT_DB} dB). On x86 CPUs without VNNI this is ORT's u8s8 saturation: use "
+                      f"7-bit weights (the onnxruntime preset's default)", stacklevel=2)
+    return ExportResult(path, proto, agreement)
+
+
+def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+    kwargs = dict(dynamo=True, custom_translation_table=TRANSLATIONS, opset_version=opset, input_names=names,
+                  verbose=False)
+    if dynamic_batch:
+        try:
+            return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": _batch_dims(inputs)})
+        except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
+            warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
+                          "exporting with the example batch size instead", stacklevel=3)
+    return _run_exporter(model, inputs, kwargs)
+
+
+def _batch_dims(inputs: tuple) -> tuple:
+    batch = torch.export.Dim("batch", min=1)
+    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+
+
+def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.ModelProto:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, **kwargs)
+    return program.model_proto
+
+
+# ---- ONNX passes ----------------------------------------------------------------------------------------
+def _initializers(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in proto.graph.initializer}
+
+
+def _array(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def _broadcast(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    if values.ndim == 0:
+        return values
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def fold_weight_quantization(proto: onnx.ModelProto) -> int:
+    """Replace ``initializer -> QuantizeLinear`` by an integer initializer; returns how many were folded."""
+    graph = proto.graph
+    inits = _initializers(proto)
+    consumers = Counter(i for n in graph.node for i in n.input)
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+            continue
+        w, scale, zp = (_array(inits, n) for n in node.input[:3])
+        if scale is None or zp is None:
+            continue
+        axis = _axis(node) % w.ndim if scale.ndim else 0
+        info = np.iinfo(zp.dtype)
+        q = np.round(w / _broadcast(scale, axis, w.ndim)) + _broadcast(zp.astype(np.int64), axis, w.ndim)
+        q = np.clip(q, info.min, info.max).astype(zp.dtype)
+        name = f"{node.input[0]}_quantized"
+        graph.initializer.append(numpy_helper.from_array(q, name))
+        for other in graph.node:
+            for i, inp in enumerate(other.input):
+                if inp == node.output[0]:
+                    other.input[i] = name
+        graph.node.remove(node)
+        consumers[node.input[0]] -= 1
+        if consumers[node.input[0]] == 0:
+            graph.initializer.remove(inits[node.input[0]])
+        folded += 1
+    return folded
+
+
+def quantize_biases(proto: onnx.ModelProto) -> int:
+    """Give Conv/Gemm whose input and weight are dequantized an int32 bias (scale = s_x * s_w, zero point 0)."""
+    graph = proto.graph
+    inits = _initializers(proto)
+    producer = {o: n for n in graph.node for o in n.output}
+    done = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute):
+            continue
+        s_x, s_w = _array(inits, dq_x.input[1]), _array(inits, dq_w.input[1])
+        if s_x is None or s_w is None or s_x.ndim != 0:
+            continue
+        bias = _array(inits, node.input[2]).astype(np.float64)
+        scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
+        q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.input[2]
+        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
+                                  numpy_helper.from_array(np.atleast_1d(scale) if scale.ndim else scale,
+                                                          f"{base}_scale"),
+                                  numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.int32(0),
+                                                          f"{base}_zero_point")])
+        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                              [f"{base}_dequantized"], name=f"{node.name}_bias_dq", axis=0)
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = f"{base}_dequantized"
+        if sum(1 for n in graph.node for i in n.input if i == base) == 0:
+            graph.initializer.remove(inits[base])
+        done += 1
+    return done
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """Name each node ``<module path>/<OpType>`` from the exporter's scope metadata (unique-ified)."""
+    used: Counter = Counter()
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            parts = ast.literal_eval(scopes) if scopes else []
+        except (ValueError, SyntaxError):
+            parts = []
+        prefix = parts[-2] if len(parts) >= 2 else (parts[0] if parts else node.name.removeprefix("node_"))
+        base = f"{prefix}/{node.op_type}"
+        used[base] += 1
+        node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
+
+
+def _set_metadata(proto: onnx.ModelProto, state: object) -> None:
+    from fxquant import __version__
+
+    proto.producer_name, proto.producer_version = "fxquant", __version__
+    methods = sorted({s.calib_method for s in (state.config.activation, state.config.weight) if s} or {"max"})
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({"fxquant.backend": state.backend, "fxquant.calib_method": ",".join(methods)})
+    helper.set_model_props(proto, props)
+
+
+# ---- verification ---------------------------------------------------------------------------------------
+def ort_session(path: str, optimized_path: str | None = None, threads: int | None = None):  # noqa: ANN201
+    """An ONNX Runtime CPU session with all graph optimizations (optionally saving the optimized graph)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_ort(session, inputs: tuple) -> list[np.ndarray]:  # noqa: ANN001
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds)
+
+
+def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str) -> float:
+    """SQNR (dB) of ONNX Runtime's first output against the fake-quant model's on ``inputs``."""
+    with torch.no_grad():
+        expected = model(*inputs)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    got = run_ort(ort_session(path), inputs)[0]
+    return sqnr(expected, torch.from_numpy(got))
