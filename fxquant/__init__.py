@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from fxquant.api import calibrate, convert, prepare, quantize, report_of  # noqa: E402
-from fxquant.backends import BACKENDS, Backend  # noqa: E402
-from fxquant.errors import (  # noqa: E402
+from fxquant.api import calibrate, convert, prepare, quantize, report_of
+from fxquant.backends import BACKENDS, Backend
+from fxquant.errors import (
     CalibrationError,
     ConversionError,
     ExampleInputError,
@@ -12,11 +12,11 @@ from fxquant.errors import (  # noqa: E402
     PassError,
     TraceError,
 )
-from fxquant.lower.onnx_export import ExportResult, export_onnx  # noqa: E402
-from fxquant.metrics import sqnr  # noqa: E402
-from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant  # noqa: E402
-from fxquant.rules import Pattern, Quantize, Rule  # noqa: E402
-from fxquant.spec import Override, QuantConfig, QuantSpec  # noqa: E402
+from fxquant.lower.onnx_export import ExportResult, export_onnx
+from fxquant.metrics import sqnr
+from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
+from fxquant.rules import Pattern, Quantize, Rule
+from fxquant.spec import Override, QuantConfig, QuantSpec
 
 __all__ = [
     "BACKENDS", "Backend", "CalibrationError", "ConversionError", "ExampleInputError", "ExportResult",

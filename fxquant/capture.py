@@ -37,7 +37,7 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
-    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001, ANN201
+    def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         self._module_stack.append((name, m))
         try:

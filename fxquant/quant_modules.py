@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 
 class _QuantConvNd:
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+    def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)
 
 
@@ -31,7 +31,7 @@ class _QuantConvTransposeNd:
     _fn = None
     _dims = 0
 
-    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:  # noqa: A002
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               self._dims, self.dilation)
         return type(self)._fn(input, self.weight_quantizer(self.weight), self.bias, self.stride, self.padding,
@@ -51,7 +51,7 @@ class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
 
 
 class QuantLinear(nn.Linear):
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+    def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight_quantizer(self.weight), self.bias)
 
 

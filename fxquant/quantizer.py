@@ -56,14 +56,14 @@ class _FakeTensorQuant(torch.autograd.Function):
     """Quantize then dequantize; straight-through gradient where |x| <= amax, zero outside."""
 
     @staticmethod
-    def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):  # noqa: ANN001, ANN205
+    def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):
         amax_t = amax if isinstance(amax, torch.Tensor) else torch.tensor(float(amax), device=inputs.device)
         ctx.save_for_backward(inputs, amax_t)
         outputs, scale = _tensor_quant(inputs, amax_t, num_bits, unsigned, narrow_range)
         return (outputs / scale).to(inputs.dtype)
 
     @staticmethod
-    def backward(ctx, grad_outputs):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_outputs):
         inputs, amax = ctx.saved_tensors
         grad_inputs = torch.where(inputs.abs() <= amax, grad_outputs, torch.zeros_like(grad_outputs))
         return grad_inputs, None, None, None, None
@@ -79,14 +79,14 @@ class _FakeAffineQuant(torch.autograd.Function):
     """Affine quantize-dequantize; straight-through gradient inside the representable range."""
 
     @staticmethod
-    def forward(ctx, inputs, scale, zero_point, qmin, qmax, fake):  # noqa: ANN001, ANN205
+    def forward(ctx, inputs, scale, zero_point, qmin, qmax, fake):
         codes = torch.round(inputs.float() / scale) + zero_point
         ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
         q = torch.clamp(codes, qmin, qmax)
         return ((q - zero_point) * scale).to(inputs.dtype) if fake else q
 
     @staticmethod
-    def backward(ctx, grad_outputs):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_outputs):
         (inside,) = ctx.saved_tensors
         return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
 

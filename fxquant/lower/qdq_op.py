@@ -26,11 +26,11 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 
 @quantize_dequantize.register_fake
-def _(x, scale, zero_point, axis, qmin, qmax, clip):  # noqa: ANN001, ANN202
+def _(x, scale, zero_point, axis, qmin, qmax, clip):
     return torch.empty_like(x)
 
 
-def quantize_dequantize_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int, clip: bool):  # noqa: ANN001, ANN201
+def quantize_dequantize_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int, clip: bool):
     """QuantizeLinear -> [Clip to a range narrower than the integer type] -> DequantizeLinear."""
     q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
     if clip:

@@ -86,7 +86,7 @@ class AnnotationContext:
             names.insert(0, (node.target, type(self.view.modules[node.target]).__name__))
         return names
 
-    def _overrides(self, node: fx.Node):  # noqa: ANN202
+    def _overrides(self, node: fx.Node):
         for ov in self.config.overrides:
             if any(fnmatch.fnmatchcase(name, ov.pattern) or fnmatch.fnmatchcase(cls, ov.pattern)
                    for name, cls in self.owner_names(node)):
