@@ -246,7 +246,7 @@ def ort_session(path: str, optimized_path: str | None = None, threads: int | Non
 
 
 def run_ort(session, inputs: tuple) -> list[np.ndarray]:
-    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs, strict=False)}
     return session.run(None, feeds)
 
 

@@ -8,6 +8,7 @@ that share one scale, and, for every op left in float, the reason.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -121,7 +122,7 @@ class AnnotationContext:
 
     def share(self, indices: list[int]) -> None:
         """The requests at ``indices`` share one quantizer (one scale)."""
-        self.ann.shares.extend(zip(indices, indices[1:]))
+        self.ann.shares.extend(itertools.pairwise(indices))
 
     def share_values(self, values: list[fx.Node]) -> None:
         """Whatever quantizers these tensors end up with share one scale (requests from any rule)."""

@@ -8,6 +8,7 @@ queries the residual-add analysis needs on the same graph view.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ class Pattern:
         """A linear pattern: ``Pattern.chain(("conv", {"conv"}), ("bn", "batch_norm"))``."""
         nodes = tuple((name, frozenset({kinds}) if isinstance(kinds, str) else frozenset(kinds))
                       for name, kinds in steps)
-        edges = tuple((a[0], b[0]) for a, b in zip(nodes, nodes[1:]))
+        edges = tuple((a[0], b[0]) for a, b in itertools.pairwise(nodes))
         return Pattern(nodes, edges)
 
     @property
