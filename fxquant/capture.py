@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import linecache
 import os
+import sys
 import traceback
 from collections.abc import Sequence
 
@@ -31,6 +34,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_globs = tuple(leaf_globs)
         self._module_stack: list[tuple[str, nn.Module]] = []
+        self.failed_in: list[tuple[str, nn.Module]] | None = None  # the module stack where tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_globs and matches(module_qualified_name, m, self.leaf_globs):
@@ -42,6 +46,10 @@ class _Tracer(fx.Tracer):
         self._module_stack.append((name, m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the exception first
+                self.failed_in = list(self._module_stack)
+            raise
         finally:
             self._module_stack.pop()
 
@@ -59,7 +67,8 @@ def trace(model: nn.Module, leaf_globs: Sequence[str] = ()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
-        name, module = tracer._module_stack[-1] if tracer._module_stack else ("", model)
+        stack = tracer.failed_in or tracer._module_stack  # the stack is unwound by the time we get here
+        name, module = stack[-1] if stack else ("", model)
         where = f"`{name}` ({type(module).__name__})" if name else f"the root module ({type(model).__name__})"
         frame = _user_frame(exc)
         line = ""
@@ -88,20 +97,45 @@ def normalize_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
     return example_inputs
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running and does not print the traceback of a failure
+    (torch's ShapeProp prints it, then raises; propagate_shapes raises one ExampleInputError instead)."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> object:
+        self.current = n
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            result = super().run_node(n)
+        if buf.getvalue():  # the node's own output to stderr (e.g. warnings), passed on when it succeeded
+            sys.stderr.write(buf.getvalue())
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Run the graph once on the example inputs, recording tensor metadata on every node."""
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(example_inputs) > n_placeholders:
         raise ExampleInputError(f"the model's forward takes {n_placeholders} input(s) but {len(example_inputs)} "
                                 f"example inputs were given; pass one example per forward argument")
+    prop = _ShapeProp(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            prop.propagate(*example_inputs)
     except Exception as exc:
+        # ShapeProp wraps the real error in "ShapeProp error for: node=..."; report the original one
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        text = str(cause).strip()
+        node, where = prop.current, ""
+        if node is not None and node.op == "call_module":
+            where = f" at `{node.target}` ({type(gm.get_submodule(node.target)).__name__})"
+        elif node is not None:
+            where = f" at `{node.name}`"
         raise ExampleInputError(f"the model failed on the example inputs "
-                                f"({', '.join(_describe(x) for x in example_inputs)}): {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass inputs of the shape and "
-                                f"dtype the model's forward expects") from exc
+                                f"({', '.join(_describe(x) for x in example_inputs)}){where}: "
+                                f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}. Pass inputs of "
+                                f"the shape and dtype the model's forward expects") from exc
 
 
 def _describe(x: object) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+from torch.utils._pytree import tree_leaves
 
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
@@ -251,9 +252,10 @@ def run_ort(session, inputs: tuple) -> list[np.ndarray]:
 
 
 def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str = "all") -> float:
-    """SQNR (dB) of ONNX Runtime's first output against the fake-quant model's on ``inputs``."""
+    """Worst SQNR (dB) over the outputs of ONNX Runtime against the fake-quant model's on ``inputs``."""
     with torch.no_grad():
-        expected = model(*inputs)
-    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
-    got = run_ort(ort_session(path, level=level), inputs)[0]
-    return sqnr(expected, torch.from_numpy(got))
+        expected = [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+    got = run_ort(ort_session(path, level=level), inputs)
+    if len(got) != len(expected):
+        raise ConversionError(f"the ONNX model has {len(got)} outputs but the torch model returns {len(expected)}")
+    return min(sqnr(e, torch.from_numpy(np.asarray(g))) for e, g in zip(expected, got, strict=True))

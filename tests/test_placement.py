@@ -1,0 +1,295 @@
+"""Golden quantizer placements on a zoo of tiny tricky topologies, for both backends.
+
+A placement is (quantized tensor, the nodes its quantizer feeds). Node names are those torch.fx gives
+(BatchNorm is folded away first, so it never appears).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.quantizer import TensorQuantizer
+
+torch.manual_seed(0)
+
+
+def placements(gm: torch.fx.GraphModule) -> set[tuple[str, tuple[str, ...]]]:
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), TensorQuantizer):
+            out.add((n.args[0].name, tuple(sorted(u.name for u in n.users))))
+    return out
+
+
+def quantizer_targets(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """quantized tensor name -> quantizer module name."""
+    return {n.args[0].name: n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), TensorQuantizer)}
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class FunctionalAddBlock(BasicBlock):
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return torch.nn.functional.relu(out)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c // 2, 1)
+        self.conv2 = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c // 2, c, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.conv1(x))
+        out = self.relu(self.conv2(out))
+        return self.relu(self.conv3(out) + x)
+
+
+class Downsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = conv_bn(8, 16, stride=2), conv_bn(16, 16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        return self.relu(out + self.shortcut(x))
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt-style: x + gamma * block(x), with the block in channels-last via permutes."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.act = nn.GELU()
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + self.gamma * y
+
+
+class TwoInputAdd(nn.Module):
+    """An add that is not a residual: its inputs share no ancestor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, a, b):
+        return self.c1(a) + self.c2(b)
+
+
+class ConstantAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x) + 1.0
+
+
+class Concat(nn.Module):
+    """Concat whose first input also feeds another conv: TensorRT needs one scale for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a, b = self.c1(x), self.c2(x)
+        return self.c3(torch.cat([a, b], dim=1)), self.c4(a)
+
+
+class Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.conv(self.pool(torch.relu(self.conv(x))))
+
+
+class Transposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.up(x).mean(dim=(2, 3)))
+
+
+class DictIO(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, y):
+        return {"a": self.a(x), "b": torch.relu(self.b(y))}
+
+
+def prep(model: nn.Module, *inputs: torch.Tensor, backend: str) -> torch.fx.GraphModule:
+    return fxquant.prepare(model.eval(), inputs, backend=backend)
+
+
+X8 = torch.randn(2, 8, 8, 8)
+X3 = torch.randn(2, 3, 8, 8)
+
+
+# ---- TensorRT -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [BasicBlock, FunctionalAddBlock])
+def test_tensorrt_basic_block_quantizes_identity_only(block):
+    gm = prep(block(), X8, backend="tensorrt")
+    assert placements(gm) == {("x", ("add", "conv1")), ("relu", ("conv2",))}
+
+
+def test_tensorrt_bottleneck():
+    gm = prep(Bottleneck(), X8, backend="tensorrt")
+    assert placements(gm) == {("x", ("add", "conv1")), ("relu", ("conv2",)), ("relu_1", ("conv3",))}
+
+
+def test_tensorrt_downsample_shortcut_gets_the_quantizer():
+    gm = prep(Downsample(), X8, backend="tensorrt")
+    assert placements(gm) == {("x", ("conv1_0", "shortcut_0")), ("relu", ("conv2_0",)), ("shortcut_0", ("add",))}
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    assert "conv2_0" in [a.name for a in add.args]  # the main branch's conv output reaches the add unquantized
+
+
+def test_tensorrt_layer_scale_residual():
+    gm = prep(LayerScaleBlock(), X8, backend="tensorrt")
+    assert placements(gm) == {("x", ("add", "dwconv")), ("permute", ("fc1",)), ("act", ("fc2",))}
+
+
+def test_tensorrt_non_residual_add_stays_float_with_reason():
+    with pytest.warns(UserWarning, match="share no ancestor"):
+        gm = prep(TwoInputAdd(), X3, X3, backend="tensorrt")
+    assert placements(gm) == {("a", ("c1",)), ("b", ("c2",))}
+    floats = {e.node: e.detail for e in fxquant.report_of(gm).float_ops}
+    assert "share no ancestor" in floats["add"]
+
+
+def test_tensorrt_constant_add_needs_no_quantizer():
+    with pytest.warns(UserWarning, match="adds a constant"):
+        gm = prep(ConstantAdd(), X3, backend="tensorrt")
+    assert placements(gm) == {("x", ("c",))}
+
+
+def test_tensorrt_concat_inputs_share_one_scale():
+    gm = prep(Concat(), X3, backend="tensorrt")
+    assert placements(gm) == {("x", ("c1", "c2")), ("cat", ("c3",)), ("c1", ("c4",))}
+    targets = quantizer_targets(gm)
+    assert targets["cat"] == targets["c1"]  # one module: one scale for the concat and its input
+    assert targets["x"] != targets["cat"]
+
+
+def test_tensorrt_reused_module_quantizes_both_call_sites_and_one_weight():
+    gm = prep(Reused(), torch.randn(2, 4, 8, 8), backend="tensorrt")
+    assert placements(gm) == {("x", ("conv",)), ("pool", ("conv_1",))}
+    report = fxquant.report_of(gm)
+    assert (report.activation_quantizers, report.weight_quantizers) == (2, 1)
+
+
+def test_tensorrt_weight_axes():
+    gm = prep(Transposed(), torch.randn(2, 4, 5, 5), backend="tensorrt")
+    fxquant.calibrate(gm, [torch.randn(2, 4, 5, 5)], progress=False)
+    up = gm.get_submodule("up").weight_quantizer
+    assert up.spec.axis == 1 and up.amax.shape == (3,)  # ConvTranspose weight (in, out/groups, k, k)
+    head = gm.get_submodule("head").weight_quantizer
+    assert head.spec.axis == 0 and head.amax.shape == (3,)
+    assert torch.allclose(head.amax, gm.get_submodule("head").weight.abs().amax(dim=1))
+
+
+def test_depthwise_weight_is_per_channel():
+    model = nn.Sequential(*conv_bn(8, 8, groups=8), nn.ReLU())
+    gm = prep(model, X8, backend="tensorrt")
+    fxquant.calibrate(gm, [X8], progress=False)
+    assert gm.get_submodule("0").weight_quantizer.amax.shape == (8,)
+
+
+def test_dict_outputs_and_two_inputs_export(tmp_path):
+    model = DictIO().eval()
+    for backend in ("tensorrt", "onnxruntime"):
+        q = fxquant.quantize(model, (X3, X3), [(X3, X3)], backend=backend, progress=False)
+        result = fxquant.export_onnx(q, (X3, X3), tmp_path / f"dict_{backend}.onnx")
+        assert len(result.model.graph.output) == 2
+        assert result.ort_sqnr_db > 35
+
+
+# ---- ONNX Runtime -------------------------------------------------------------------------------------------
+def test_onnxruntime_basic_block_quantizes_every_op_boundary():
+    gm = prep(BasicBlock(), X8, backend="onnxruntime")
+    # conv+relu absorbed: one quantizer after each relu; the add sees Q/DQ on both inputs and its output
+    assert placements(gm) == {("x", ("add", "conv1")), ("relu", ("conv2",)), ("conv2", ("add",)),
+                              ("relu_1", ("output",))}
+
+
+def test_onnxruntime_max_pool_and_concat_share_scales():
+    gm = prep(Concat(), X3, backend="onnxruntime")
+    targets = quantizer_targets(gm)
+    assert targets["c1"] == targets["c2"] == targets["cat"]
+    gm = prep(Reused(), torch.randn(2, 4, 8, 8), backend="onnxruntime")
+    targets = quantizer_targets(gm)
+    assert targets["relu"] == targets["pool"]
+    assert placements(gm) == {("x", ("conv",)), ("relu", ("pool",)), ("pool", ("conv_1",)), ("conv_1", ("output",))}
+
+
+def test_onnxruntime_specs_are_uint8_activations_and_7bit_weights():
+    gm = prep(BasicBlock(), X8, backend="onnxruntime")
+    act = gm.get_submodule(quantizer_targets(gm)["x"]).spec
+    weight = gm.get_submodule("conv1").weight_quantizer.spec
+    assert (act.symmetric, act.qmin, act.qmax) == (False, 0, 255)
+    assert (weight.axis, weight.qmin, weight.qmax) == (0, -63, 63)
+
+
+def test_config_overrides_and_exclusions():
+    config = fxquant.QuantConfig(
+        weight=fxquant.QuantSpec(num_bits=8, axis=0, narrow_range=True),
+        overrides=(fxquant.Override("conv2", exclude=True),),
+    )
+    with pytest.warns(UserWarning, match="excluded"):
+        gm = fxquant.prepare(BasicBlock().eval(), X8, backend="tensorrt", config=config)
+    assert placements(gm) == {("x", ("add", "conv1"))}
+    assert gm.get_submodule("conv1").weight_quantizer.spec.qmax == 127
+    assert not hasattr(gm.get_submodule("conv2"), "weight_quantizer")
+    floats = {e.node: e.detail for e in fxquant.report_of(gm).float_ops}
+    assert floats["conv2"] == "excluded by Override('conv2')"
+
+
+def test_inserted_nodes_record_provenance():
+    gm = prep(BasicBlock(), X8, backend="tensorrt")
+    q = next(n for n in gm.graph.nodes if n.op == "call_module" and n.args and n.args[0].name == "x")
+    assert q.meta["fxquant"]["pass"] == "insert_quantizers"
+    assert set(q.meta["fxquant"]["rules"]) == {"weighted_input", "residual_add"}
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    assert add.meta["fxquant"]["rule"] == "tensorrt.residual_add"
