@@ -75,13 +75,14 @@ def trace(model: nn.Module, leaf_globs: Sequence[str] = ()) -> fx.GraphModule:
         if frame is not None:
             code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
             line = f" at {os.path.basename(frame.filename)}:{frame.lineno}: `{code}`"
-        leaf = name or type(model).__name__
-        raise TraceError(
-            f"torch.fx could not trace {where}{line}: {type(exc).__name__}: {exc}. "
-            f"To quantize the rest of the model, keep that module whole with "
-            f"QuantConfig(leaf_modules=({leaf!r},)) (its insides then stay float and are reported), or rewrite "
-            f"the line without data-dependent control flow."
-        ) from exc
+        if name:
+            fix = (f"To quantize the rest of the model, keep that module whole with "
+                   f"QuantConfig(leaf_modules=({name!r},)) (its insides then stay float and are reported), or "
+                   f"rewrite the line without data-dependent control flow.")
+        else:  # the root cannot be a leaf: nothing would be left to quantize
+            fix = ("Rewrite the line without data-dependent control flow, or move that code into a submodule and "
+                   "keep the submodule whole with QuantConfig(leaf_modules=('<its name>',)).")
+        raise TraceError(f"torch.fx could not trace {where}{line}: {type(exc).__name__}: {exc}. {fix}") from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return gm
 

@@ -63,9 +63,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     path = os.fspath(path)
     proto = _export(model, inputs, opset, dynamic_batch)
     fold_weight_quantization(proto)
+    name_nodes(proto)
     if state.backend == "onnxruntime":
         quantize_biases(proto)
-    name_nodes(proto)
     _set_metadata(proto, state)
     onnx.checker.check_model(proto, full_check=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -190,12 +190,12 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
         q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2]
         graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
-                                  numpy_helper.from_array(np.atleast_1d(scale) if scale.ndim else scale,
-                                                          f"{base}_scale"),
-                                  numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.int32(0),
-                                                          f"{base}_zero_point")])
-        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                              [f"{base}_dequantized"], name=f"{node.name}_bias_dq", axis=0)
+                                  numpy_helper.from_array(scale, f"{base}_quantizer.scale"),
+                                  numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.array(0, np.int32),
+                                                          f"{base}_quantizer.zero_point")])
+        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_quantizer.scale",
+                                                  f"{base}_quantizer.zero_point"],
+                              [f"{base}_dequantized"], name=f"{base}_quantizer/DequantizeLinear", axis=0)
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{base}_dequantized"
         if sum(1 for n in graph.node for i in n.input if i == base) == 0:
@@ -205,15 +205,19 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
 
 
 def name_nodes(proto: onnx.ModelProto) -> None:
-    """Name each node ``<module path>/<OpType>`` from the exporter's scope metadata (unique-ified)."""
+    """Name each node ``<module path>/<OpType>`` (unique-ified): Q/DQ after the quantizer whose scale they
+    read, other nodes from the exporter's scope metadata."""
     used: Counter = Counter()
     for node in proto.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
-        try:
-            parts = ast.literal_eval(scopes) if scopes else []
-        except (ValueError, SyntaxError):
-            parts = []
-        prefix = parts[-2] if len(parts) >= 2 else (parts[0] if parts else node.name.removeprefix("node_"))
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1].endswith(".scale"):
+            prefix = node.input[1].removesuffix(".scale")
+        else:
+            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+            try:
+                parts = ast.literal_eval(scopes) if scopes else []
+            except (ValueError, SyntaxError):
+                parts = []
+            prefix = parts[-2] if len(parts) >= 2 else (parts[0] if parts else node.name.removeprefix("node_"))
         base = f"{prefix}/{node.op_type}"
         used[base] += 1
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"

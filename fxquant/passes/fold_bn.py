@@ -87,7 +87,8 @@ def fold_bn(gm: fx.GraphModule, strict: bool = False) -> PassResult:
             conv, bn = match["conv"], match["bn"]
             reason = fold_legality(match, view)
             if reason is not None:
-                msg = f"BatchNorm `{bn.name}` not folded: {reason}"
+                where = bn.target if bn.op == "call_module" else bn.name  # the module's path, as users write it
+                msg = f"BatchNorm `{where}` not folded: {reason}"
                 if strict:
                     raise PassError(msg)
                 warnings.warn(msg, stacklevel=2)
