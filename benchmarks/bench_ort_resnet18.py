@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r.speedup_vs_fp32 = results["fp32"].median_ms / r.median_ms
     ratio = results["quantize_static"].median_ms / results["fxquant"].median_ms
     ratio_min = results["quantize_static"].min_ms / results["fxquant"].min_ms
-    ratio_paired = statistics.median(q / f for q, f in zip(times["quantize_static"], times["fxquant"]))
+    ratio_paired = statistics.median(q / f for q, f in zip(times["quantize_static"], times["fxquant"], strict=True))
 
     print(markdown(results, ratio, args))
     print()
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               f"logit error RMS {r.logit_error_rms:.3f}")
         print(f"- {name}: median {r.median_ms:.2f} ms, mean {r.mean_ms:.2f} ms (stdev {r.stdev_ms:.2f}), "
               f"min {r.min_ms:.2f} ms{extra}")
-    print(f"- fxquant vs quantize_static: {ratio_paired:.2f}x as the median of the per-round ratios (the two runs of "
-          f"a round are back to back, so this is the least sensitive to load from other processes), "
+    print(f"- fxquant vs quantize_static: {ratio_paired:.2f}x as the median of the per-round ratios (the runs of a round are "
+          f"close together in time, so this is the least sensitive to load from other processes), "
           f"{ratio_min:.2f}x on the fastest run of each")
     print(f"- fxquant export: ORT (ORT_ENABLE_ALL) vs fake-quant model SQNR {fx_sqnr:.1f} dB")
     print(f"- accuracy is informational only: with random weights the fp32 logits are nearly tied (median top-1 vs "

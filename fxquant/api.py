@@ -107,12 +107,12 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     """
     state = get_state(prepared)
     quantizers = _quantizers(prepared)
+    if state is not None and state.stage == "converted":
+        raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
+                               "model before convert()")
     if state is None or not quantizers:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
-    if state.stage == "converted":
-        raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
-                               "model before convert()")
     if isinstance(batches, torch.Tensor):
         raise TypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
                         "not a single tensor; wrap it: [tensor]")

@@ -297,9 +297,6 @@ def test_convert_twice(prepared_net):
         fxquant.calibrate(converted, [_x()], progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="api.calibrate checks `not quantizers` before `stage == 'converted'`; a "
-                                       "converted model has no TensorQuantizer left, so it gets the plain-module "
-                                       "message telling the user to call prepare()")
 def test_calibrate_converted_model_says_it_is_converted(prepared_net):
     prepared, _, _ = prepared_net
     fxquant.calibrate(prepared, [_x()], progress=False)

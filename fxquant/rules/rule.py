@@ -7,7 +7,7 @@ claimed by one rule is not matched by a later one, so "conv -> relu" can take pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,12 +89,3 @@ def single_user(*names: str) -> Check:
 
     return check
 
-
-def kinds(*names: str) -> frozenset[str]:
-    """Shorthand for a kind set in pattern declarations."""
-    return frozenset(names)
-
-
-def chain(*steps: tuple[str, Sequence[str] | str]) -> Pattern:
-    """Shorthand for Pattern.chain."""
-    return Pattern.chain(*steps)
