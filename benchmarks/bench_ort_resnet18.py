@@ -245,11 +245,11 @@ def markdown(results: dict[str, ModelResult], ratio: float, args: argparse.Names
                      f"{r.median_ms:.2f} | {r.speedup_vs_fp32:.2f}x |")
     lines += ["", f"fxquant vs quantize_static: {ratio:.2f}x (quantize_static median / fxquant median; "
               f">= 1.0 means fxquant is at least as fast)", "",
-              f"resnet18, random weights, batch {args.batch}, ONNX Runtime {ort.__version__} CPU, ORT_ENABLE_ALL, "
-              f"{args.threads} intra-op threads, median of {args.runs} interleaved runs. Both int8 models use "
-              f"7-bit weights (reduce_range / the preset's default: the setting ORT recommends on AVX2 without "
-              f"VNNI) and MinMax calibration on the same {args.calib_batches} x {args.calib_batch_size} random "
-              f"(torch.randn) images: no real image data offline."]
+              f"resnet18, random weights, batch {args.batch}, ONNX Runtime {ort.__version__} CPU ({_cpu_name()}, "
+              f"{_cpu_isa()}), ORT_ENABLE_ALL, {args.threads} intra-op threads, median of {args.runs} interleaved "
+              f"runs. Both int8 models use 7-bit weights (reduce_range / the preset's default: the setting ORT "
+              f"recommends on AVX2 without VNNI) and MinMax calibration on the same {args.calib_batches} x "
+              f"{args.calib_batch_size} random (torch.randn) images: no real image data offline."]
     return "\n".join(lines)
 
 
@@ -271,9 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    load_start = _load()
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     ort.set_default_logger_severity(3)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     out_dir = os.path.dirname(os.path.abspath(args.out))
     model_dir = args.model_dir or os.path.join(out_dir, "ort_resnet18_models")
     os.makedirs(out_dir, exist_ok=True)
@@ -332,9 +332,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               f"logit error RMS {r.logit_error_rms:.3f}")
         print(f"- {name}: median {r.median_ms:.2f} ms, mean {r.mean_ms:.2f} ms (stdev {r.stdev_ms:.2f}), "
               f"min {r.min_ms:.2f} ms{extra}")
-    print(f"- fxquant vs quantize_static: {ratio_paired:.2f}x as the median of the per-round ratios (the runs of a round are "
-          f"close together in time, so this is the least sensitive to load from other processes), "
+    print(f"- fxquant vs quantize_static: {ratio_paired:.2f}x as the median of the per-round ratios (the runs of a "
+          f"round are close together in time, so this is the least sensitive to load from other processes), "
           f"{ratio_min:.2f}x on the fastest run of each")
+    same = results["fxquant"].op_histogram == results["quantize_static"].op_histogram
+    print(f"- ORT-optimized graphs of fxquant and quantize_static {'have the same' if same else 'DIFFER in'} op "
+          f"types and counts" + ("" if same else f": fxquant {results['fxquant'].op_histogram} vs quantize_static "
+                                                 f"{results['quantize_static'].op_histogram}"))
+    load = (load_start, _load())
+    if max(load_start, load[1] - args.threads) >= 1.0:  # this process itself keeps `threads` cores busy
+        print(f"- warning: 1-minute load average {load[0]:.1f} before / {load[1]:.1f} after on {os.cpu_count()} "
+              f"cores: other processes competed for the CPU, so the latencies are noisy; rerun on an idle machine "
+              f"or with more --runs")
     print(f"- fxquant export: ORT (ORT_ENABLE_ALL) vs fake-quant model SQNR {fx_sqnr:.1f} dB")
     print(f"- accuracy is informational only: with random weights the fp32 logits are nearly tied (median top-1 vs "
           f"top-2 margin {margin:.3f}), so top-1 agreement mostly measures which side of a tie the int8 noise falls")
@@ -349,12 +358,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "torchvision": torchvision.__version__, "onnxruntime": ort.__version__,
                         "onnx": onnx.__version__, "fxquant": fxquant.__version__, "cpu": _cpu_name(),
-                        "cpu_count": os.cpu_count(), "platform": platform.platform()},
+                        "isa": _cpu_isa(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "models": {name: asdict(r) for name, r in results.items()},
         "fxquant_export_ort_sqnr_db": fx_sqnr,
         "fxquant_vs_quantize_static": ratio,
         "fxquant_vs_quantize_static_paired": ratio_paired,
         "fxquant_vs_quantize_static_min": ratio_min,
+        "same_optimized_op_histogram": same,
+        "load_average_1min_before_after": load,
         "fp32_top1_top2_margin_median": margin,
         "markdown": markdown(results, ratio, args),
     }
@@ -364,13 +375,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _cpu_name() -> str:
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def _cpuinfo(key: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("model name")), "")
-        return line.split(":", 1)[1].strip() if line else platform.processor()
+            line = next((ln for ln in f if ln.startswith(key)), "")
     except OSError:
-        return platform.processor()
+        return ""
+    return line.split(":", 1)[1].strip() if line else ""
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
+
+
+def _cpu_isa() -> str:
+    flags = set(_cpuinfo("flags").split())
+    if not flags:
+        return "ISA unknown"
+    best = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    vnni = flags & {"avx512_vnni", "avx_vnni"}
+    return f"{best}, {'with VNNI' if vnni else 'no VNNI'}"
 
 
 if __name__ == "__main__":
