@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from fxquant.api import calibrate, convert, prepare, quantize, report_of
+from fxquant.api import calibrate, convert, load_calib_amax, prepare, quantize, report_of
 from fxquant.backends import BACKENDS, Backend
 from fxquant.errors import (
     CalibrationError,
@@ -21,6 +21,6 @@ from fxquant.spec import Override, QuantConfig, QuantSpec
 __all__ = [
     "BACKENDS", "Backend", "CalibrationError", "ConversionError", "ExampleInputError", "ExportResult",
     "FxQuantError", "Override", "PassError", "Pattern", "QuantConfig", "QuantSpec", "Quantize", "Rule",
-    "TensorQuantizer", "TraceError", "calibrate", "convert", "export_onnx", "fake_tensor_quant", "prepare",
-    "quantize", "report_of", "sqnr", "tensor_quant",
+    "TensorQuantizer", "TraceError", "calibrate", "convert", "export_onnx", "fake_tensor_quant", "load_calib_amax",
+    "prepare", "quantize", "report_of", "sqnr", "tensor_quant",
 ]

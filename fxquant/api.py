@@ -146,6 +146,29 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     return prepared
 
 
+def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None = None) -> nn.Module:
+    """Re-derive every quantizer's range with ``method`` from the statistics calibration already collected.
+
+    Quantizers calibrated with a histogram method (percentile, entropy, mse) can switch among those and
+    "max" without running data again; others keep their range and are listed in a warning.
+    """
+    state = get_state(prepared)
+    if state is None or state.stage != "calibrated":
+        raise CalibrationError("load_calib_amax() needs a model that fxquant.calibrate() has run on")
+    kept = []
+    for name, q in _quantizers(prepared).items():
+        if q.spec.amax is not None or method not in q.calibrator.methods:
+            kept.append(name)
+            continue
+        if percentile is not None:
+            q.spec = q.spec.with_(percentile=percentile)
+        q.load_calib_amax(method)
+    if kept:
+        warnings.warn(f"{len(kept)} quantizer(s) keep their range (fixed amax, or statistics that cannot give "
+                      f"{method!r}): {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}", stacklevel=2)
+    return prepared
+
+
 def convert(prepared: nn.Module) -> fx.GraphModule:
     """A copy of the calibrated model with every quantizer frozen into a Q/DQ op (exportable to ONNX)."""
     state = get_state(prepared)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.calib import CALIBRATORS
+from fxquant.calib import make_calibrator
 from fxquant.calib.max import channel_minmax
 from fxquant.spec import QuantSpec
 
@@ -124,7 +124,7 @@ class TensorQuantizer(nn.Module):
             raise TypeError(f"TensorQuantizer takes a QuantSpec, got {type(spec).__name__}")
         self.spec = spec
         self.mode = "quant"
-        self.calibrator = CALIBRATORS[spec.calib_method](spec.axis)
+        self.calibrator = make_calibrator(spec)
         self.register_buffer("_min", None)
         self.register_buffer("_max", None)
         if spec.amax is not None:
@@ -147,11 +147,17 @@ class TensorQuantizer(nn.Module):
         device = next((b.device for b in (self._min, self._max) if b is not None), lo.device)
         self._min, self._max = lo.float().to(device), hi.float().to(device)
 
-    def load_calib_amax(self) -> None:
-        """Turn the calibrator's statistics into this quantizer's range."""
+    def load_calib_amax(self, method: str | None = None) -> None:
+        """Turn the calibrator's statistics into this quantizer's range, with ``method`` (default: the spec's
+        ``calib_method``); any method the calibrator's statistics support works without re-running data."""
         if self.spec.amax is not None:
             return
-        lo, hi = self.calibrator.compute()
+        method = method or self.spec.calib_method
+        if method not in self.calibrator.methods:
+            raise ValueError(f"a {type(self.calibrator).__name__} cannot derive a {method!r} range (it can: "
+                             f"{list(self.calibrator.methods)}); calibrate with calib_method='percentile', "
+                             "'entropy' or 'mse' to keep a histogram that serves all of them")
+        lo, hi = self.calibrator.compute(self.spec, method)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ValueError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
                              "on the calibration data; check the data and the model")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fxquant.calib import CALIBRATORS
+from fxquant.calib import CALIBRATORS, HISTOGRAM_METHODS
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -39,6 +39,9 @@ class QuantSpec:
         scale_amax: multiply the calibrated amax by this factor.
         calib_method: calibrator name; see ``fxquant.calib.CALIBRATORS``.
         symmetric: False gives affine quantization with a zero point over [0, 2^b - 1].
+        percentile: for ``calib_method="percentile"``, the share of |x| (or, for affine specs, of each tail)
+            kept inside the range, in (0, 100].
+        ema_decay: for ``calib_method="ema"``, the decay of the moving averages, in (0, 1).
     """
 
     num_bits: int = 8
@@ -51,6 +54,8 @@ class QuantSpec:
     scale_amax: float | None = None
     calib_method: str = "max"
     symmetric: bool = True
+    percentile: float = 99.99
+    ema_decay: float = 0.9
 
     def __post_init__(self) -> None:
         _check_int("QuantSpec", "num_bits", self.num_bits)
@@ -76,6 +81,16 @@ class QuantSpec:
         if not isinstance(self.calib_method, str) or self.calib_method not in CALIBRATORS:
             raise ValueError(f"QuantSpec.calib_method={self.calib_method!r} is unknown; "
                              f"valid methods: {sorted(CALIBRATORS)}")
+        for name, ok, rule in (("percentile", lambda v: 0 < v <= 100, "in (0, 100], e.g. 99.99"),
+                               ("ema_decay", lambda v: 0 < v < 1, "in (0, 1), e.g. 0.9")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"QuantSpec.{name} must be a number {rule}, got {value!r}")
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"QuantSpec.{name} must be {rule}, got {value}")
+        if self.calib_method in HISTOGRAM_METHODS and self.axis is not None:
+            raise ValueError(f"calib_method={self.calib_method!r} collects one histogram per tensor; per-channel "
+                             "specs (axis set) use calib_method='max' or 'ema'")
         if self.narrow_range and not self.symmetric:
             raise ValueError("QuantSpec.narrow_range applies to symmetric quantization; "
                              "drop it or set symmetric=True")

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from fxquant.spec import QuantSpec
 
 
 class Calibrator:
     """Collects statistics of a tensor over calibration batches and proposes a range.
 
     ``axis`` None means one range for the whole tensor, an int one range per index along that axis.
-    ``compute()`` returns ``(min, max)``: scalars, or 1-D tensors with one entry per channel.
+    ``compute(spec, method)`` returns ``(min, max)``: scalars, or 1-D tensors with one entry per channel.
+    ``methods`` lists the calib methods this calibrator's statistics can answer, so a range can be re-derived
+    with another method without running the data again.
     """
+
+    methods: tuple[str, ...] = ()
 
     def __init__(self, axis: int | None) -> None:
         self.axis = axis
@@ -19,7 +28,7 @@ class Calibrator:
     def collect(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, spec: QuantSpec, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def reset(self) -> None:

@@ -18,6 +18,8 @@ def channel_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, tor
 class MaxCalibrator(Calibrator):
     """Tracks the running min and max; with symmetric specs the range is max(|min|, |max|)."""
 
+    methods = ("max",)
+
     def __init__(self, axis: int | None) -> None:
         super().__init__(axis)
         self._min: torch.Tensor | None = None
@@ -35,7 +37,7 @@ class MaxCalibrator(Calibrator):
             self._max = torch.maximum(self._max, hi)
         self.num_batches += 1
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, spec: object = None, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self._min is None:
             raise RuntimeError("MaxCalibrator.compute() called before any data was collected")
         return self._min, self._max

@@ -1,0 +1,182 @@
+"""Histogram calibrator: one collected histogram serves every histogram method (percentile, entropy, mse).
+
+The histogram is signed, on the tensor's device, over a symmetric range [-2^k, 2^k]. When a batch exceeds the
+range, k grows and the old counts merge exactly into the wider bins (groups of 2^d bins sum into one), so
+earlier data is kept. Power-of-two ranges also make histograms from different processes merge exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fxquant.calib.base import Calibrator
+
+NUM_BINS = 4096  # signed: 2048 bins for each sign
+_MIN_EXP = -24
+
+
+def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
+    """The same counts over a range ``factor`` (a power of two) times wider."""
+    n = hist.numel()
+    out = torch.zeros_like(hist)
+    if factor >= n // 2:
+        out[n // 2 - 1] = hist[: n // 2].sum()
+        out[n // 2] = hist[n // 2:].sum()
+        return out
+    groups = hist.view(n // factor, factor).sum(1)
+    start = (n - n // factor) // 2
+    out[start:start + n // factor] = groups
+    return out
+
+
+class HistogramCalibrator(Calibrator):
+    """Collects a histogram and the exact min/max of one tensor (per tensor only)."""
+
+    methods = ("max", "percentile", "entropy", "mse")
+
+    def __init__(self, axis: int | None) -> None:
+        if axis is not None:
+            raise ValueError("histogram calibration (percentile/entropy/mse) is per tensor; use calib_method='max' "
+                             "or 'ema' for per-channel quantizers")
+        super().__init__(axis)
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.hist: torch.Tensor | None = None
+        self.exponent = _MIN_EXP
+        self._min: torch.Tensor | None = None
+        self._max: torch.Tensor | None = None
+
+    @property
+    def bound(self) -> float:
+        return 2.0 ** self.exponent
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        lo, hi = torch.aminmax(x)
+        amax = max(-lo.item(), hi.item())  # one scalar per batch: histc needs its range on the host
+        if not math.isfinite(amax):
+            raise ValueError("the tensor holds NaN or Inf values")
+        need = max(_MIN_EXP, math.ceil(math.log2(amax))) if amax > 0 else _MIN_EXP
+        if self.hist is None:
+            self.hist = torch.zeros(NUM_BINS, dtype=torch.float64, device=x.device)
+            self.exponent = need
+            self._min, self._max = lo, hi
+        else:
+            if need > self.exponent:
+                self.hist = _rebin(self.hist, 2 ** (need - self.exponent))
+                self.exponent = need
+            self._min, self._max = torch.minimum(self._min, lo), torch.maximum(self._max, hi)
+        self.hist += torch.histc(x, NUM_BINS, -self.bound, self.bound).double()
+        self.num_batches += 1
+
+    def merge_state(self, exponent: int, hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Replace this calibrator's state (used after an all-reduce across processes)."""
+        self.exponent, self.hist, self._min, self._max = exponent, hist, lo, hi
+
+    def widen_to(self, exponent: int) -> None:
+        """Rebin to the range [-2^exponent, 2^exponent] (exponent >= the current one)."""
+        if self.hist is not None and exponent > self.exponent:
+            self.hist = _rebin(self.hist, 2 ** (exponent - self.exponent))
+        self.exponent = max(self.exponent, exponent)
+
+    # ---- methods ------------------------------------------------------------------------------------
+    def compute(self, spec, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hist is None:
+            raise RuntimeError("HistogramCalibrator.compute() called before any data was collected")
+        method = method or spec.calib_method
+        if method == "max":
+            return self._min, self._max
+        if method == "percentile":
+            return self._percentile(spec)
+        if method == "mse" and not spec.symmetric:
+            return self._affine_mse(spec)
+        if method == "mse":
+            threshold = self._symmetric_mse(spec)
+        else:
+            threshold = _entropy_amax(self._folded(), self._width, spec.qmax + 1)
+        amax = torch.clamp(torch.maximum(-self._min, self._max), max=threshold)
+        if spec.symmetric:
+            return -amax, amax
+        return torch.maximum(-amax, self._min), torch.minimum(amax, self._max)
+
+    @property
+    def _width(self) -> float:
+        return 2 * self.bound / NUM_BINS
+
+    def _folded(self) -> torch.Tensor:
+        """Histogram of |x| over [0, 2^k] (NUM_BINS // 2 bins)."""
+        half = NUM_BINS // 2
+        return self.hist[half:] + self.hist[:half].flip(0)
+
+    def _percentile(self, spec) -> tuple[torch.Tensor, torch.Tensor]:
+        p = spec.percentile / 100.0
+        if spec.symmetric:
+            folded = self._folded()
+            cdf = folded.cumsum(0) / folded.sum()
+            idx = int(torch.searchsorted(cdf, torch.tensor([p], dtype=cdf.dtype, device=cdf.device)).clamp(
+                max=folded.numel() - 1))
+            amax = torch.minimum(torch.tensor((idx + 1) * self._width, device=self._max.device),
+                                 torch.maximum(-self._min, self._max))
+            return -amax, amax
+        cdf = self.hist.cumsum(0) / self.hist.sum()
+        edges = torch.searchsorted(cdf, torch.tensor([1 - p, p], dtype=cdf.dtype, device=cdf.device))
+        edges = edges.clamp(max=NUM_BINS - 1)
+        lo = -self.bound + edges[0].item() * self._width
+        hi = -self.bound + (edges[1].item() + 1) * self._width
+        return (torch.maximum(torch.tensor(lo, device=self._min.device), self._min),
+                torch.minimum(torch.tensor(hi, device=self._max.device), self._max))
+
+    def _symmetric_mse(self, spec) -> float:
+        """The amax minimising the expected squared quantization error over the |x| histogram."""
+        counts = self._folded()
+        centers = (torch.arange(counts.numel(), device=counts.device, dtype=torch.float64) + 0.5) * self._width
+        top = float(torch.maximum(-self._min, self._max))
+        candidates = torch.linspace(top / 128, top, 256, device=counts.device, dtype=torch.float64)
+        levels = spec.qmax
+        scale = candidates[:, None] / levels
+        q = torch.clamp(torch.round(centers[None, :] / scale), 0, levels) * scale
+        err = ((centers[None, :] - q) ** 2 * counts[None, :]).sum(1)
+        return float(candidates[int(err.argmin())])
+
+    def _affine_mse(self, spec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shrink [min, max] by the factor minimising the expected squared error over the signed histogram."""
+        lo, hi = float(torch.clamp(self._min, max=0)), float(torch.clamp(self._max, min=0))
+        centers = -self.bound + (torch.arange(NUM_BINS, device=self.hist.device, dtype=torch.float64) + 0.5) * \
+            self._width
+        alphas = torch.linspace(1 / 128, 1.0, 256, device=self.hist.device, dtype=torch.float64)
+        scale = torch.clamp(alphas * (hi - lo) / spec.qmax, min=1e-12)[:, None]
+        zp = torch.clamp(torch.round(-alphas[:, None] * lo / scale), 0, spec.qmax)
+        q = (torch.clamp(torch.round(centers[None, :] / scale) + zp, 0, spec.qmax) - zp) * scale
+        err = ((centers[None, :] - q) ** 2 * self.hist[None, :]).sum(1)
+        a = float(alphas[int(err.argmin())])
+        return (torch.tensor(a * lo, device=self._min.device), torch.tensor(a * hi, device=self._max.device))
+
+
+def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8) -> float:
+    """TensorRT's entropy calibration: the clipping threshold whose ``levels``-level quantization of the |x|
+    histogram has the smallest KL divergence from the clipped histogram."""
+    nonzero = torch.nonzero(hist).flatten()
+    if nonzero.numel() == 0:
+        return 0.0
+    last = int(nonzero[-1]) + 1
+    if last <= levels:
+        return last * width
+    best, best_i = math.inf, last
+    total = hist.sum()
+    for i in range(levels, last + 1, stride):
+        p = hist[:i].clone()
+        p[i - 1] += hist[i:].sum()
+        chunk = torch.div(torch.arange(i, device=hist.device) * levels, i, rounding_mode="floor")
+        sums = torch.zeros(levels, dtype=hist.dtype, device=hist.device).scatter_add_(0, chunk, hist[:i])
+        used = torch.zeros(levels, dtype=hist.dtype, device=hist.device).scatter_add_(0, chunk, (p > 0).double())
+        q = torch.where(p > 0, sums[chunk] / used[chunk].clamp(min=1), torch.zeros_like(p))
+        mask = p > 0
+        pn, qn = p[mask] / total, q[mask] / q.sum()
+        kl = float((pn * torch.log(pn / qn.clamp(min=1e-30))).sum())
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * width
