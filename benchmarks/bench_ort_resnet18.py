@@ -58,6 +58,8 @@ from onnxruntime.quantization import (
 )
 
 import fxquant
+from fxquant.lower.onnx_export import export_float_onnx
+from fxquant.models import random_torchvision
 
 FLOAT_OPS = frozenset({"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"})
 QUANT_OPS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
@@ -90,16 +92,7 @@ class ModelResult:
 # ---- model and data -------------------------------------------------------------------------------------
 def build_model() -> torch.nn.Module:
     """torchvision resnet18 with random weights and randomized BatchNorm statistics, in eval mode."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return model.eval()
+    return random_torchvision("resnet18")
 
 
 def random_batches(count: int, batch: int, seed: int) -> list[torch.Tensor]:
@@ -118,13 +111,9 @@ def quiet() -> Any:
 
 # ---- the three models -----------------------------------------------------------------------------------
 def export_fp32(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
-    """fp32 ONNX through the dynamo exporter; the batch dimension is dynamic (as fxquant exports it), so any
-    calibration batch size works."""
-    dynamic = ({0: torch.export.Dim("batch", min=1)},)
+    """fp32 ONNX through the same dynamo export path fxquant uses (dynamic batch dimension)."""
     with quiet():
-        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=18, dynamic_shapes=dynamic,
-                                    input_names=["input"], verbose=False)
-        program.save(path)
+        export_float_onnx(model, x, path)
 
 
 class Reader(CalibrationDataReader):
@@ -223,9 +212,7 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession], x: np.ndarray, r
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    reference, test = reference.astype(np.float64), test.astype(np.float64)
-    noise = float(np.sum((reference - test) ** 2))
-    return float("inf") if noise == 0 else 10.0 * float(np.log10(np.sum(reference**2) / noise))
+    return fxquant.sqnr(torch.from_numpy(reference), torch.from_numpy(test))
 
 
 # ---- report ---------------------------------------------------------------------------------------------

@@ -15,21 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
 import fxquant
-
-
-def randomized(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
+from fxquant.models import random_torchvision
 
 
 def main() -> None:
@@ -45,7 +33,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            model = randomized(name)
+            model = random_torchvision(name)
             for backend in ("tensorrt", "onnxruntime"):
                 start = time.perf_counter()
                 qmodel = fxquant.quantize(model, x, batches, backend=backend, progress=False)

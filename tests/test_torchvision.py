@@ -8,21 +8,9 @@ from collections import Counter
 import onnx
 import pytest
 import torch
-import torchvision
 
 import fxquant
-
-
-def randomized(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
+from fxquant.models import random_torchvision
 
 
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
@@ -32,7 +20,7 @@ def model_name(request):
 
 @pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
 def test_int8_accuracy_and_ort_agreement(model_name, backend, tmp_path):
-    model = randomized(model_name)
+    model = random_torchvision(model_name)
     before = copy.deepcopy(model.state_dict())
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 3, 224, 224, generator=gen) for _ in range(3)]
@@ -65,7 +53,7 @@ def _through_qdq(name: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodePr
 
 
 def test_resnet18_tensorrt_qdq_on_identity_input_only(tmp_path):
-    model = randomized("resnet18")
+    model = random_torchvision("resnet18")
     x = torch.randn(1, 3, 224, 224)
     qmodel = fxquant.quantize(model, x, [torch.randn(2, 3, 224, 224)], backend="tensorrt", progress=False)
     proto = fxquant.export_onnx(qmodel, x, tmp_path / "r18.onnx").model
