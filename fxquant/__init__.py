@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from fxquant.api import calibrate, convert, load_calib_amax, prepare, quantize, report_of
 from fxquant.backends import BACKENDS, Backend
+from fxquant.encodings import EncodingsError, encodings_of, load_encodings, save_encodings
 from fxquant.errors import (
     CalibrationError,
     ConversionError,
@@ -19,8 +20,34 @@ from fxquant.rules import Pattern, Quantize, Rule
 from fxquant.spec import Override, QuantConfig, QuantSpec
 
 __all__ = [
-    "BACKENDS", "Backend", "CalibrationError", "ConversionError", "ExampleInputError", "ExportResult",
-    "FxQuantError", "Override", "PassError", "Pattern", "QuantConfig", "QuantSpec", "Quantize", "Rule",
-    "TensorQuantizer", "TraceError", "calibrate", "convert", "export_onnx", "fake_tensor_quant", "load_calib_amax",
-    "prepare", "quantize", "report_of", "sqnr", "tensor_quant",
+    "BACKENDS",
+    "Backend",
+    "CalibrationError",
+    "ConversionError",
+    "EncodingsError",
+    "ExampleInputError",
+    "ExportResult",
+    "FxQuantError",
+    "Override",
+    "PassError",
+    "Pattern",
+    "QuantConfig",
+    "QuantSpec",
+    "Quantize",
+    "Rule",
+    "TensorQuantizer",
+    "TraceError",
+    "calibrate",
+    "convert",
+    "encodings_of",
+    "export_onnx",
+    "fake_tensor_quant",
+    "load_calib_amax",
+    "load_encodings",
+    "prepare",
+    "quantize",
+    "report_of",
+    "save_encodings",
+    "sqnr",
+    "tensor_quant",
 ]

@@ -127,6 +127,7 @@ class TensorQuantizer(nn.Module):
         self.calibrator = make_calibrator(spec)
         self.register_buffer("_min", None)
         self.register_buffer("_max", None)
+        self._range_device: torch.device | None = None  # where .to()/.cuda() moved it; see _load_from_state_dict
         if spec.amax is not None:
             self._set_range(-torch.tensor(float(spec.amax)), torch.tensor(float(spec.amax)))
 
@@ -146,6 +147,43 @@ class TensorQuantizer(nn.Module):
             lo, hi = lo * self.spec.scale_amax, hi * self.spec.scale_amax
         device = next((b.device for b in (self._min, self._max) if b is not None), lo.device)
         self._min, self._max = lo.float().to(device), hi.float().to(device)
+
+    def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
+        # Remember the device the module was moved to while it has no range buffers yet, so that a range
+        # loaded from a state dict lands there and not on the state dict's device.
+        try:
+            self._range_device = fn(torch.empty(0, device=getattr(self, "_range_device", None))).device
+        except Exception:  # a function that cannot take a stray tensor: keep the last known device
+            pass
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # An uncalibrated quantizer holds its range buffers as None, which nn.Module neither saves nor loads:
+        # give them the incoming shape first, so a calibrated model's state dict loads (strict) into a fresh
+        # prepare of the same model and the loaded model counts as calibrated.
+        keys = {name: prefix + name for name in ("_min", "_max")}
+        present = {name for name, key in keys.items() if key in state_dict}
+        if present and all(getattr(self, name) is None for name in keys):
+            if len(present) == 1:
+                error_msgs.append(f"{prefix}_min and {prefix}_max are a pair, but the state dict holds only "
+                                  f"{keys[present.pop()]}")
+                return
+            lo, hi = state_dict[keys["_min"]], state_dict[keys["_max"]]
+            dims = 0 if self.spec.axis is None else 1
+            if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)) or lo.shape != hi.shape \
+                    or lo.dim() != dims:
+                error_msgs.append(f"{prefix}_min/_max: expected two {'scalar' if dims == 0 else '1-D per-channel'} "
+                                  f"tensors of the same shape for this {'per-tensor' if dims == 0 else 'per-channel'}"
+                                  f" quantizer, got shapes {tuple(getattr(lo, 'shape', ()))} and "
+                                  f"{tuple(getattr(hi, 'shape', ()))}; load the state dict of the same model "
+                                  "prepared with the same backend and config")
+                return
+            device = getattr(self, "_range_device", None) or lo.device
+            self._min = torch.empty(lo.shape, dtype=torch.float32, device=device)
+            self._max = torch.empty(hi.shape, dtype=torch.float32, device=device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def load_calib_amax(self, method: str | None = None) -> None:
         """Turn the calibrator's statistics into this quantizer's range, with ``method`` (default: the spec's

@@ -1,0 +1,265 @@
+"""Calibrate once, convert elsewhere: a readable JSON file of every quantizer's range.
+
+``save_encodings(prepared, path)`` writes, per TensorQuantizer (keyed by module name), the range it calibrated
+(``min``/``max``), what that range means (``scale``, ``zero_point``, ``amax``) and the spec fields that shape it.
+``load_encodings(prepared, path)`` gives a model prepared from the same model with the same backend and config
+those ranges, checking that the graphs match first, so it converts and exports as the calibrated one does.
+Floats are written by ``repr`` and read back exactly, so a round trip reproduces every scale bit for bit.
+
+(A calibrated prepared model's ``state_dict()`` also loads into a fresh prepare with ``load_state_dict``.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.errors import CalibrationError
+from fxquant.quantizer import TensorQuantizer
+from fxquant.state import get_state
+
+FORMAT_VERSION = 1
+SPEC_FIELDS = ("num_bits", "axis", "symmetric", "unsigned", "narrow_range")  # must match the model's spec
+_REDO = "prepare the same model with the same backend and config as the model the encodings were saved from"
+
+
+class EncodingsError(CalibrationError, ValueError):
+    """An encodings file does not fit the model (or is malformed); the message lists every difference."""
+
+
+def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def _values(t: torch.Tensor, cast: type) -> float | int | list:
+    """A 0-d tensor as a number, a per-channel one as a list (exact float32 -> Python float)."""
+    values = [cast(v) for v in t.detach().cpu().reshape(-1).tolist()]
+    return values[0] if t.dim() == 0 else values
+
+
+def _entry(q: TensorQuantizer) -> dict[str, Any]:
+    spec = q.spec
+    return {
+        "scale": _values(q.scale.float(), float),
+        "zero_point": _values(q.zero_point.round(), int),
+        "amax": _values(q.amax.float(), float),
+        "min": _values(q._min.float(), float),
+        "max": _values(q._max.float(), float),
+        "num_bits": spec.num_bits,
+        "axis": spec.axis,
+        "symmetric": spec.symmetric,
+        "unsigned": spec.unsigned,
+        "narrow_range": spec.narrow_range,
+        "calib_method": spec.calib_method,
+        "qmin": spec.qmin,
+        "qmax": spec.qmax,
+    }
+
+
+def _prepared(model: nn.Module, action: str) -> tuple[Any, dict[str, TensorQuantizer]]:
+    state = get_state(model)
+    quantizers = _quantizers(model)
+    if state is None or state.stage == "converted":
+        raise EncodingsError(f"{action} takes a model returned by fxquant.prepare() (the calibrated one to save, "
+                             "a fresh one to load into); got " +
+                             ("a converted model" if state else "a model that did not come from fxquant"))
+    if not quantizers:
+        raise EncodingsError(f"this model has no fxquant quantizers; {action} has nothing to do")
+    return state, quantizers
+
+
+def encodings_of(model: nn.Module) -> dict[str, Any]:
+    """The encodings of a calibrated prepared model as a JSON-ready dict (what ``save_encodings`` writes)."""
+    from fxquant import __version__
+
+    state, quantizers = _prepared(model, "save_encodings()")
+    missing = [name for name, q in quantizers.items() if not q.is_calibrated]
+    if missing:
+        raise CalibrationError(f"{len(missing)} quantizer(s) have no range yet ({_shown(missing)}); run "
+                               "fxquant.calibrate(prepared, batches) before saving the encodings")
+    return {"fxquant_version": __version__, "format_version": FORMAT_VERSION, "backend": state.backend,
+            "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
+
+
+_NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|Infinity|NaN)"
+_LIST = re.compile(rf"\[\s*({_NUMBER}(?:,\s*{_NUMBER})*)\s*\]")
+
+
+def save_encodings(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Write the ranges of a calibrated prepared model's quantizers to ``path`` as indented JSON; returns the dict.
+
+    Per quantizer (module name -> entry): ``scale``, ``zero_point``, ``amax``, ``min``, ``max`` (numbers for
+    per-tensor quantizers, lists for per-channel ones; ``scale`` is the step size, ``x ~= (q - zero_point) *
+    scale``) and the spec: ``num_bits``, ``axis``, ``symmetric``, ``unsigned``, ``narrow_range``,
+    ``calib_method``, ``qmin``, ``qmax``. Top level: ``fxquant_version``, ``format_version``, ``backend``.
+    """
+    data = encodings_of(model)
+    text = json.dumps(data, indent=2, allow_nan=False)
+    text = _LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)  # one line per list
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return data
+
+
+def _shown(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read(source: str | os.PathLike | Mapping) -> Mapping:
+    if isinstance(source, Mapping):
+        return source
+    path = os.fspath(source)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise EncodingsError(f"{path} is not valid JSON ({exc}); pass a file written by "
+                             "fxquant.save_encodings()") from exc
+
+
+def _channels(model: nn.Module, name: str, q: TensorQuantizer) -> int | None:
+    """How many per-channel values ``q`` needs, or None for per-tensor (or when it cannot be told)."""
+    axis = q.spec.axis
+    if axis is None:
+        return None
+    if q._max is not None:
+        return q._max.numel()
+    if name.endswith("weight_quantizer"):
+        weight = getattr(model.get_submodule(name.rpartition(".")[0]), "weight", None) if "." in name else None
+        if isinstance(weight, torch.Tensor) and -weight.dim() <= axis < weight.dim():
+            return weight.shape[axis]
+    graph = getattr(model, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        meta = node.meta.get("tensor_meta")
+        if node.op == "call_module" and node.target == name and hasattr(meta, "shape"):
+            if -len(meta.shape) <= axis < len(meta.shape):
+                return meta.shape[axis]
+    return None
+
+
+def _as_numbers(value: object, expected: int | None, kind: type) -> list | None:
+    """``value`` as a flat list of ``kind`` numbers with the expected layout, or None when it does not fit."""
+    ok = (lambda v: isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
+        (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    if expected is None:
+        return [value] if ok(value) else None
+    if not isinstance(value, list) or not all(ok(v) for v in value):
+        return None
+    return value if expected < 0 or len(value) == expected else None
+
+
+def _check_entry(name: str, entry: object, q: TensorQuantizer,
+                 channels: int | None) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+    """One entry's structural problems (it belongs to another graph), its value problems, and its range."""
+    if not isinstance(entry, Mapping):
+        return [], [f"{name}: the entry is a {type(entry).__name__}, not an object"], {}
+    spec = q.spec
+    absent = [k for k in (*SPEC_FIELDS, "min", "max") if k not in entry]
+    if absent:
+        return [], [f"{name}: the entry lacks {', '.join(absent)}"], {}
+    diffs = [f"{k} file={entry[k]!r} model={getattr(spec, k)!r}" for k in (*SPEC_FIELDS, "qmin", "qmax")
+             if k in entry and (type(entry[k]) is not type(getattr(spec, k)) or entry[k] != getattr(spec, k))]
+    if diffs:
+        return [f"{name}: spec differs ({'; '.join(diffs)})"], [], {}
+    expected = None if spec.axis is None else (-1 if channels is None else channels)
+    parsed: dict[str, list] = {}
+    for key, kind in (("min", float), ("max", float), ("scale", float), ("zero_point", int), ("amax", float)):
+        if key not in entry:  # scale, zero_point and amax are derived from min/max; checked when present
+            continue
+        values = _as_numbers(entry[key], expected, kind)
+        if values is None:
+            layout = ("a number" if expected is None else "a list of numbers" if expected < 0
+                      else f"a list of {expected} numbers (one per channel)")
+            got = f"a list of {len(entry[key])}" if isinstance(entry[key], list) else repr(entry[key])
+            if isinstance(entry[key], list) and expected is not None and expected >= 0 \
+                    and len(entry[key]) != expected:
+                return [f"{name}: {key} has {len(entry[key])} channel values, the model has {expected}"], [], {}
+            return [], [f"{name}: {key} must be {layout}{' (integers)' if kind is int else ''}, got {got}"], {}
+        if not all(math.isfinite(v) for v in values):
+            return [], [f"{name}: {key} holds NaN or infinite values"], {}
+        parsed[key] = values
+    if len({len(v) for v in parsed.values()}) > 1:
+        return [], [f"{name}: min, max, scale, zero_point and amax have different lengths"], {}
+    problems = []
+    if any(s <= 0 for s in parsed.get("scale", ())):
+        problems.append(f"{name}: scale must be > 0, got {min(parsed['scale'])}")
+    if any(a < 0 for a in parsed.get("amax", ())):
+        problems.append(f"{name}: amax must be >= 0, got {min(parsed['amax'])}")
+    if any(lo > hi for lo, hi in zip(parsed["min"], parsed["max"], strict=True)):
+        problems.append(f"{name}: min exceeds max")
+    if problems:
+        return [], problems, {}
+    shape = () if expected is None else (len(parsed["min"]),)
+    lo, hi = (torch.tensor(parsed[k], dtype=torch.float32).reshape(shape) for k in ("min", "max"))
+    # The range is loaded from min and max: scale, zero_point and amax must be what that range gives.
+    scale, zero_point = q._qparams(lo, hi)
+    derived = {"scale": scale, "zero_point": zero_point.round(), "amax": torch.maximum(lo.abs(), hi.abs())}
+    for key, tensor in derived.items():
+        if key in parsed and not torch.equal(tensor.reshape(-1), torch.tensor(parsed[key], dtype=torch.float32)):
+            problems.append(f"{name}: {key} does not match min/max (ranges load from min and max: edit those and "
+                            "drop scale, zero_point and amax, or save the encodings again)")
+    return [], problems, ({} if problems else {"min": lo, "max": hi})
+
+
+def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.Module:
+    """Give a prepared model the ranges in ``source`` (a file from ``save_encodings``, or its dict) and mark it
+    calibrated, ready for ``fxquant.convert``; returns ``model``.
+
+    Every quantizer of ``model`` gets its range from the entry of the same name (uncalibrated or not), after
+    the whole file is checked: it must hold exactly the model's quantizers, with the same spec and channel
+    counts, for the same backend, and finite values with positive scales. Otherwise an ``EncodingsError``
+    (a ValueError and a CalibrationError) lists every missing, extra and differing quantizer and the model
+    is left unchanged.
+    """
+    state, quantizers = _prepared(model, "load_encodings()")
+    data = _read(source)
+    if not isinstance(data, Mapping) or not isinstance(data.get("quantizers"), Mapping):
+        raise EncodingsError("not an fxquant encodings file: it has no 'quantizers' object; pass a file written "
+                             "by fxquant.save_encodings()")
+    if data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise EncodingsError(f"encodings format_version {data.get('format_version')!r} is not {FORMAT_VERSION}, "
+                             "the one this fxquant reads; save the encodings with this fxquant version")
+    if data.get("backend") != state.backend:
+        raise EncodingsError(f"the encodings were saved for backend {data.get('backend')!r} but this model was "
+                             f"prepared for {state.backend!r}; prepare it with backend={data.get('backend')!r} "
+                             "(the backend decides where quantizers go and their specs)")
+    entries = data["quantizers"]
+    missing = [name for name in quantizers if name not in entries]
+    extra = [name for name in entries if name not in quantizers]
+    structural: list[str] = []
+    problems: list[str] = []
+    ranges: dict[str, dict] = {}
+    for name, q in quantizers.items():
+        if name in entries:
+            graph_diff, bad_values, ranges[name] = _check_entry(name, entries[name], q, _channels(model, name, q))
+            structural += graph_diff
+            problems += bad_values
+    if missing or extra or structural or problems:
+        lines = [f"the encodings do not fit this model ({len(quantizers)} quantizers; the file has "
+                 f"{len(entries)}):"]
+        if missing:
+            lines.append(f"  missing from the file ({len(missing)}): {_shown(missing, 20)}")
+        if extra:
+            lines.append(f"  in the file but not in the model ({len(extra)}): {_shown(extra, 20)}")
+        found = structural + problems
+        lines += [f"  {p}" for p in found[:20]] + ([f"  ... and {len(found) - 20} more"] if len(found) > 20 else [])
+        hint = _REDO if missing or extra or structural else \
+            "fix those values, or save the encodings again with fxquant.save_encodings()"
+        raise EncodingsError("\n".join(lines) + f"\n{hint[0].upper()}{hint[1:]}.")
+    fallback = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    for name, q in quantizers.items():
+        device = next((b.device for b in (q._min, q._max) if b is not None), None) or \
+            getattr(q, "_range_device", None) or fallback
+        q._min = ranges[name]["min"].to(device)  # set as-is: these are the final ranges (scale_amax applied)
+        q._max = ranges[name]["max"].to(device)
+    state.stage = "calibrated"
+    return model
