@@ -12,6 +12,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
+from fxquant.calib import CALIBRATORS
 from fxquant.capture import normalize_inputs, propagate_shapes, trace
 from fxquant.errors import CalibrationError, ConversionError
 from fxquant.lower.frozen import FrozenQuantizer
@@ -104,7 +105,11 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
 
     ``batches``: an iterable of tensors or tuples of tensors (one per forward argument). Returns ``prepared``.
+    Under torch.distributed (initialized), every rank calibrates its own batches and the statistics are merged
+    so that all ranks get the same ranges; see ``fxquant.calib.distributed``.
     """
+    from fxquant.calib import distributed  # local: the distributed hook is part of calibrate only
+
     state = get_state(prepared)
     quantizers = _quantizers(prepared)
     if state is not None and state.stage == "converted":
@@ -128,6 +133,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
             _check_finite(batch, i)
             prepared(*batch)
             count += 1
+        if distributed.is_distributed():  # merge every rank's statistics: all ranks get the same ranges
+            count = distributed.sync_calibrators(quantizers, count, device=distributed.module_device(prepared))
         if count == 0:
             raise CalibrationError("the calibration iterable was empty; pass at least one batch")
         for name, q in quantizers.items():
@@ -155,8 +162,15 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
         raise CalibrationError("load_calib_amax() needs a model that fxquant.calibrate() has run on")
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown calib method {method!r}; valid methods: {sorted(CALIBRATORS)}")
+    quantizers = _quantizers(prepared)
+    if any(q.spec.amax is None and q.calibrator.num_batches == 0 for q in quantizers.values()):
+        raise CalibrationError("load_calib_amax() re-derives ranges from calibration statistics, but this model's "
+                               "ranges were loaded (load_encodings/load_state_dict), not calibrated here; run "
+                               "fxquant.calibrate(prepared, batches) first")
     kept = []
-    for name, q in _quantizers(prepared).items():
+    for name, q in quantizers.items():
         if q.spec.amax is not None or method not in q.calibrator.methods:
             kept.append(name)
             continue

@@ -91,11 +91,17 @@ class _FakeAffineQuant(torch.autograd.Function):
         return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
 
 
+def _safe_step(step: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """A range narrower than _EPS (all-zero data) gets step 1: zero stays exactly zero, and the step stays a
+    sane number for runtimes that derive int32 bias scales from it (a 1e-10 step overflows them)."""
+    return torch.where(span <= _EPS, torch.ones_like(step), step)
+
+
 def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step size and integer zero point for the range [lo, hi], widened to include 0."""
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
-    scale = torch.clamp((hi - lo) / (qmax - qmin), min=_EPS)
+    scale = _safe_step((hi - lo) / (qmax - qmin), hi - lo)
     zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
     return scale, zero_point
 
@@ -212,7 +218,7 @@ class TensorQuantizer(nn.Module):
         spec = self.spec
         if spec.symmetric:
             amax = torch.maximum(lo.abs(), hi.abs())
-            return torch.clamp(amax, min=_EPS) / spec.qmax, torch.zeros_like(amax)
+            return _safe_step(amax / spec.qmax, amax), torch.zeros_like(amax)
         return affine_qparams(lo, hi, spec.qmin, spec.qmax)
 
     @property

@@ -1,8 +1,11 @@
 """Histogram calibrator: one collected histogram serves every histogram method (percentile, entropy, mse).
 
-The histogram is signed, on the tensor's device, over a symmetric range [-2^k, 2^k]. When a batch exceeds the
-range, k grows and the old counts merge exactly into the wider bins (groups of 2^d bins sum into one), so
-earlier data is kept. Power-of-two ranges also make histograms from different processes merge exactly.
+The histogram is signed, on the tensor's device, over a symmetric range [-2^k, 2^k) that holds every value
+strictly inside it. When a batch exceeds the range, k grows and the old counts merge exactly into the wider
+bins (groups of 2^d bins sum into one), so earlier data is kept. A value's bin is ``floor(x * 2^(11 - k))``
+(offset by NUM_BINS / 2), computed without rounding error, so binning at k and then merging to a wider k' gives the
+very bin that binning at k' would: the histogram does not depend on the order of the batches, and histograms
+from different processes merge exactly into the histogram of the union of their data.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from fxquant.calib.base import Calibrator
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
+_HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
 
 
@@ -29,6 +33,26 @@ def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
     start = (n - n // factor) // 2
     out[start:start + n // factor] = groups
     return out
+
+
+def exponent_for(amax: float) -> int:
+    """The smallest k (at least the minimum exponent) with amax < 2^k; exact (frexp, no log2 rounding)."""
+    if amax <= 0:
+        return _MIN_EXP
+    return max(_MIN_EXP, math.frexp(amax)[1])  # amax = m * 2^e with 0.5 <= m < 1, so 2^(e-1) <= amax < 2^e
+
+
+def bin_counts(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """Counts of ``x`` (all |x| < 2^exponent) in NUM_BINS bins over [-2^exponent, 2^exponent), as float64.
+
+    The bin is ``floor(x * 2^(11 - exponent))`` with no rounding error: scaling by a power of two is exact in
+    float32 when the factor is >= 1 (no underflow, and |x * factor| < 2^11); a smaller factor could flush tiny
+    negative values to -0.0 in float32, so that (rare: |x| >= 2048) case scales in float64.
+    """
+    scale = 2.0 ** (_HALF_BITS - exponent)
+    scaled = x.detach().flatten().float() * scale if scale >= 1 else x.detach().flatten().double() * scale
+    index = scaled.floor_().to(torch.int32).add_(NUM_BINS // 2).clamp_(0, NUM_BINS - 1)
+    return torch.bincount(index, minlength=NUM_BINS).double()
 
 
 class HistogramCalibrator(Calibrator):
@@ -57,28 +81,31 @@ class HistogramCalibrator(Calibrator):
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         lo, hi = torch.aminmax(x)
-        amax = max(-lo.item(), hi.item())  # one scalar per batch: histc needs its range on the host
-        if not math.isfinite(amax):
-            raise ValueError("the tensor holds NaN or Inf values")
-        need = max(_MIN_EXP, math.ceil(math.log2(amax))) if amax > 0 else _MIN_EXP
         if self.hist is None:
             self.hist = torch.zeros(NUM_BINS, dtype=torch.float64, device=x.device)
-            self.exponent = need
             self._min, self._max = lo, hi
         else:
-            if need > self.exponent:
-                self.hist = _rebin(self.hist, 2 ** (need - self.exponent))
-                self.exponent = need
             self._min, self._max = torch.minimum(self._min, lo), torch.maximum(self._max, hi)
-        self.hist += torch.histc(x, NUM_BINS, -self.bound, self.bound).double()
         self.num_batches += 1
+        lo_f, hi_f = lo.item(), hi.item()  # one sync per batch: the range must be known on the host
+        if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+            # keep the NaN/Inf in min/max: compute() then returns it and load_calib_amax reports it
+            # (a CalibrationError naming the quantizer), as it does for the other calibrators
+            return
+        self.widen_to(exponent_for(max(-lo_f, hi_f)))
+        self.hist += bin_counts(x, self.exponent)
+
+    @property
+    def is_finite(self) -> bool:
+        """False once a collected tensor held NaN or Inf."""
+        return self._min is None or bool(torch.isfinite(self._min) & torch.isfinite(self._max))
 
     def merge_state(self, exponent: int, hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Replace this calibrator's state (used after an all-reduce across processes)."""
         self.exponent, self.hist, self._min, self._max = exponent, hist, lo, hi
 
     def widen_to(self, exponent: int) -> None:
-        """Rebin to the range [-2^exponent, 2^exponent] (exponent >= the current one)."""
+        """Rebin to the range [-2^exponent, 2^exponent) (a smaller exponent than the current one is a no-op)."""
         if self.hist is not None and exponent > self.exponent:
             self.hist = _rebin(self.hist, 2 ** (exponent - self.exponent))
         self.exponent = max(self.exponent, exponent)
@@ -88,7 +115,7 @@ class HistogramCalibrator(Calibrator):
         if self.hist is None:
             raise RuntimeError("HistogramCalibrator.compute() called before any data was collected")
         method = method or spec.calib_method
-        if method == "max":
+        if method == "max" or not self.is_finite:
             return self._min, self._max
         if method == "percentile":
             return self._percentile(spec)
@@ -123,7 +150,8 @@ class HistogramCalibrator(Calibrator):
                                  torch.maximum(-self._min, self._max))
             return -amax, amax
         cdf = self.hist.cumsum(0) / self.hist.sum()
-        edges = torch.searchsorted(cdf, torch.tensor([1 - p, p], dtype=cdf.dtype, device=cdf.device))
+        tail = (100.0 - spec.percentile) / 100.0  # not 1 - p: 1 - 0.99 is 0.010000000000000009, one bin too far
+        edges = torch.searchsorted(cdf, torch.tensor([tail, p], dtype=cdf.dtype, device=cdf.device))
         edges = edges.clamp(max=NUM_BINS - 1)
         lo = -self.bound + edges[0].item() * self._width
         hi = -self.bound + (edges[1].item() + 1) * self._width

@@ -1,0 +1,248 @@
+"""Distributed calibration: every rank calibrates its own shard, then the calibrators' statistics are merged.
+
+``fxquant.calibrate`` calls :func:`sync_calibrators` by itself whenever ``torch.distributed`` is available and
+initialized, after running the local batches and before turning statistics into ranges. Every rank then ends
+with identical quantization parameters. Run it under ``torchrun``::
+
+    # calib.py -- torchrun --nproc_per_node=2 calib.py
+    import torch, torch.distributed as dist, fxquant
+    dist.init_process_group("gloo")              # or "nccl" after torch.cuda.set_device(local_rank)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model()                        # the same model (same weights) on every rank
+    prepared = fxquant.prepare(model, example, backend="tensorrt")
+    shard = batches[rank::world]                 # or a DataLoader with a DistributedSampler
+    fxquant.calibrate(prepared, shard)           # collective: every rank must call it
+    if rank == 0:
+        fxquant.export_onnx(fxquant.convert(prepared), example, "model.onnx")
+    dist.destroy_process_group()
+
+What the merge gives, per calibrator:
+
+- ``max`` (per tensor or per channel): all-reduce MIN of the minima and MAX of the maxima -- exactly the range
+  one process calibrating the union of the shards finds.
+- histogram methods (``percentile``, ``entropy``, ``mse``): every rank widens its histogram to the largest
+  power-of-two range of any rank (``HistogramCalibrator.widen_to``), the histograms are summed and the exact
+  minima/maxima reduced. Binning is exact (see ``fxquant.calib.histogram``), so the merged histogram is
+  bit-for-bit the one a single process collects from the union, whatever the batch order, and so is every
+  range derived from it -- also later, with ``fxquant.load_calib_amax`` (no communication needed then).
+- ``ema``: an exponential moving average depends on the order of the batches, so no merge equals the union.
+  The merged range is the mean over the ranks that saw data of each rank's bias-corrected EMA, and
+  ``num_batches`` becomes the largest batch count of any rank. With equal batch counts per rank this equals
+  the all-reduce SUM / world size of the un-corrected averages, corrected with that count.
+
+Rules:
+
+- Every rank must call ``calibrate`` (it is a collective) on a model prepared the same way: the ranks
+  all-gather the ordered list of (quantizer name, calib_method, axis) and each quantizer's QuantSpec, and all
+  of them raise ``CalibrationError`` naming the first difference if they disagree.
+- A rank may have zero batches (its calibrators contribute nothing; per-channel shapes come from the other
+  ranks), but if all ranks together have none, ``calibrate`` raises its empty-iterable error on every rank.
+- ``calibrate`` merges over the default (world) process group; to merge within a subgroup, collect with
+  ``TensorQuantizer.set_mode("calib")`` yourself and call ``sync_calibrators(quantizers, n, group=...)``.
+- The merge is deterministic: quantizers are reduced in sorted name order, in three collectives (one
+  ``all_gather_object`` and two ``all_reduce``), on CPU for gloo and on the current CUDA device for NCCL.
+- An exception on one rank before the merge (a NaN batch, a crashing forward) leaves the other ranks waiting in
+  the collective until the process group's timeout, or until torchrun tears the job down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from fxquant.calib.ema import EmaCalibrator
+from fxquant.calib.histogram import NUM_BINS, HistogramCalibrator
+from fxquant.calib.max import MaxCalibrator
+from fxquant.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fxquant.quantizer import TensorQuantizer
+
+
+def is_distributed() -> bool:
+    """True when calibration should merge statistics across ranks (torch.distributed is initialized)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _comm_device(group: Any) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _stats(cal: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(cal, "_min", None), getattr(cal, "_max", None)
+
+
+def _local_info(quantizers: dict[str, TensorQuantizer], local_batches: int) -> dict[str, Any]:
+    """What every rank tells the others: the graph signature, specs and the shape of each local statistic."""
+    entries = []
+    for name, q in quantizers.items():
+        lo, hi = _stats(q.calibrator)
+        has_data = q.spec.amax is None and q.calibrator.num_batches > 0 and lo is not None
+        finite = not has_data or bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+        entries.append({
+            "key": (name, q.spec.calib_method, q.spec.axis),
+            "spec": q.spec,
+            "shape": tuple(lo.shape) if has_data else None,
+            "num_batches": q.calibrator.num_batches if has_data else 0,
+            "exponent": q.calibrator.exponent if has_data and isinstance(q.calibrator, HistogramCalibrator) else None,
+            "finite": finite,
+        })
+    return {"batches": int(local_batches), "entries": entries}
+
+
+def _describe(key: tuple) -> str:
+    name, method, axis = key
+    return f"`{name}` (calib_method={method!r}, axis={axis})"
+
+
+def _check_agreement(infos: list[dict[str, Any]]) -> None:
+    """Raise CalibrationError naming the first difference between rank 0's quantizers and another rank's."""
+    ref = infos[0]["entries"]
+    hint = ("; every rank must prepare the same model with the same backend and QuantConfig before calibrating "
+            "in a distributed run")
+    for rank, info in enumerate(infos[1:], start=1):
+        other = info["entries"]
+        for i, (a, b) in enumerate(zip(ref, other, strict=False)):
+            if a["key"] != b["key"]:
+                raise CalibrationError(f"ranks disagree on the quantized graph at quantizer #{i}: rank 0 has "
+                                       f"{_describe(a['key'])}, rank {rank} has {_describe(b['key'])}{hint}")
+            if a["spec"] != b["spec"]:
+                fields = [f.name for f in dataclasses.fields(a["spec"])
+                          if getattr(a["spec"], f.name) != getattr(b["spec"], f.name)]
+                diffs = ", ".join(f"{f}={getattr(a['spec'], f)!r} on rank 0 but {getattr(b['spec'], f)!r} on rank "
+                                  f"{rank}" for f in fields)
+                raise CalibrationError(f"ranks disagree on the QuantSpec of quantizer `{a['key'][0]}`: {diffs}{hint}")
+        if len(ref) != len(other):
+            longer, extra = (0, ref[len(other)]) if len(ref) > len(other) else (rank, other[len(ref)])
+            raise CalibrationError(f"ranks disagree on the quantized graph: rank 0 has {len(ref)} quantizers, rank "
+                                   f"{rank} has {len(other)}; the first one only rank {longer} has is "
+                                   f"{_describe(extra['key'])}{hint}")
+
+
+def sync_calibrators(quantizers: dict[str, TensorQuantizer], local_batches: int = 0, group: Any = None,
+                     device: torch.device | None = None) -> int:
+    """Merge every quantizer's calibrator statistics across the ranks of ``group`` (default: the world).
+
+    Call it on every rank after collecting the local batches and before ``load_calib_amax``; ``local_batches``
+    is how many batches this rank ran. Returns the total batch count over all ranks (0: nothing was merged).
+    ``device`` is where statistics land on a rank that saw no data (default: the communication device).
+    Raises ``CalibrationError`` on every rank if the ranks disagree on the quantizers or per-channel shapes.
+    """
+    world = dist.get_world_size(group)
+    infos: list[Any] = [None] * world
+    dist.all_gather_object(infos, _local_info(quantizers, local_batches), group=group)
+    _check_agreement(infos)
+    total = sum(info["batches"] for info in infos)
+    if total == 0:
+        return 0
+    comm = _comm_device(group)
+    names = list(quantizers)
+    per_name = {name: [info["entries"][i] for info in infos] for i, name in enumerate(names)}
+
+    # ---- plan: what each quantizer contributes, in sorted name order -------------------------------------
+    plan = []  # (name, shape of min/max, common exponent or None)
+    for name in sorted(names):
+        q, entries = quantizers[name], per_name[name]
+        if q.spec.amax is not None:
+            continue  # a fixed range: nothing was collected
+        if not isinstance(q.calibrator, (MaxCalibrator, HistogramCalibrator, EmaCalibrator)):
+            raise CalibrationError(f"quantizer `{name}` uses a {type(q.calibrator).__name__}, which distributed "
+                                   "calibration cannot merge across ranks")
+        shapes = {e["shape"] for e in entries if e["shape"] is not None}
+        if not shapes:
+            continue  # no rank ran this quantizer: calibrate reports it
+        if len(shapes) > 1:
+            seen = ", ".join(f"{e['shape']} on rank {r}" for r, e in enumerate(entries) if e["shape"] is not None)
+            raise CalibrationError(f"quantizer `{name}` collected statistics of different shapes on different "
+                                   f"ranks ({seen}): the per-channel count must be the same on every rank")
+        exponents = [e["exponent"] for e in entries if e["exponent"] is not None]
+        plan.append((name, shapes.pop(), max(exponents) if exponents else None))
+
+    # ---- pack: minima and negated maxima (one MIN), histograms and EMA sums (one SUM) ---------------------
+    mins, sums = [], []
+    for name, shape, exponent in plan:
+        cal = quantizers[name].calibrator
+        lo, hi = _stats(cal)
+        has_data = cal.num_batches > 0 and lo is not None
+        if isinstance(cal, EmaCalibrator):
+            if has_data:
+                correction = 1 - cal.decay ** cal.num_batches
+                sums += [lo.double().flatten() / correction, hi.double().flatten() / correction]
+            else:
+                sums += [torch.zeros(2 * _numel(shape), dtype=torch.float64)]
+            continue
+        if has_data:
+            mins += [lo.float().flatten(), -hi.float().flatten()]
+        else:
+            mins += [torch.full((2 * _numel(shape),), float("inf"))]
+        if isinstance(cal, HistogramCalibrator):
+            cal.widen_to(exponent)
+            hist = cal.hist if has_data else None
+            sums.append(hist if hist is not None else torch.zeros(NUM_BINS, dtype=torch.float64))
+    packed_min = _all_reduce([t.to(comm) for t in mins], dist.ReduceOp.MIN, group, torch.float32, comm)
+    packed_sum = _all_reduce([t.to(comm) for t in sums], dist.ReduceOp.SUM, group, torch.float64, comm)
+
+    # ---- unpack into every rank's calibrators ------------------------------------------------------------
+    at_min = at_sum = 0
+    for name, shape, exponent in plan:
+        cal, entries = quantizers[name].calibrator, per_name[name]
+        target = _stats(cal)[0].device if _stats(cal)[0] is not None else (device or comm)
+        n = _numel(shape)
+        counts = [e["num_batches"] for e in entries]
+        finite = all(e["finite"] for e in entries)
+        if isinstance(cal, EmaCalibrator):
+            lo, hi = packed_sum[at_sum:at_sum + n], packed_sum[at_sum + n:at_sum + 2 * n]
+            at_sum += 2 * n
+            contributors, steps = sum(c > 0 for c in counts), max(counts)
+            correction = 1 - cal.decay ** steps
+            lo, hi = lo / contributors * correction, hi / contributors * correction
+            cal._min, cal._max = _place(lo, shape, target, finite), _place(hi, shape, target, finite)
+            cal.num_batches = steps
+            continue
+        lo, hi = packed_min[at_min:at_min + n], -packed_min[at_min + n:at_min + 2 * n]
+        at_min += 2 * n
+        lo, hi = _place(lo, shape, target, finite), _place(hi, shape, target, finite)
+        if isinstance(cal, HistogramCalibrator):
+            hist = packed_sum[at_sum:at_sum + NUM_BINS].to(target)
+            at_sum += NUM_BINS
+            cal.merge_state(exponent, hist, lo, hi)
+        else:
+            cal._min, cal._max = lo, hi
+        cal.num_batches = sum(counts)
+    return total
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _place(values: torch.Tensor, shape: tuple[int, ...], device: torch.device, finite: bool) -> torch.Tensor:
+    out = values.float().reshape(shape).to(device)
+    # a NaN/Inf range on any rank becomes NaN on every rank, so all of them report it the same way
+    return out if finite else torch.full_like(out, float("nan"))
+
+
+def _all_reduce(parts: list[torch.Tensor], op: Any, group: Any, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    if not parts:
+        return torch.empty(0, dtype=dtype, device=device)
+    packed = torch.cat([p.to(dtype) for p in parts])
+    dist.all_reduce(packed, op=op, group=group)
+    return packed
