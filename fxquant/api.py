@@ -126,12 +126,16 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     for q in quantizers.values():
         q.calibrator.reset()
         q.set_mode("calib")
+    weight_quantizers = [q for name, q in quantizers.items() if name.endswith("weight_quantizer")]
     count = 0
     try:
         for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
             batch = normalize_inputs(batch)
             _check_finite(batch, i)
             prepared(*batch)
+            if count == 0:  # weights are the same in every batch: their statistics are complete after one
+                for q in weight_quantizers:
+                    q.set_mode("disabled")
             count += 1
         if distributed.is_distributed():  # merge every rank's statistics: all ranks get the same ranges
             count = distributed.sync_calibrators(quantizers, count, device=distributed.module_device(prepared))

@@ -240,7 +240,8 @@ def test_max_equals_single_process_on_the_union_exactly(agree, backend):
     for name in want:
         assert torch.equal(got[name]["scale"], want[name]["scale"]), name
         assert torch.equal(got[name]["zero_point"], want[name]["zero_point"]), name
-        assert got[name]["num_batches"] == 8
+        # weights are looked at once per rank: they do not change between batches
+        assert got[name]["num_batches"] == (WORLD if name.endswith("weight_quantizer") else 8), name
     # the shards really differ: rank 0 alone would get a smaller activation range
     alone = _single(backend, "max", _shard(0))
     act = next(n for n in want if not n.endswith("weight_quantizer"))
@@ -300,7 +301,7 @@ def test_a_rank_with_no_batches_contributes_nothing(agree):
     want = _single("tensorrt", "max", _batches(), axis=1)
     for name in want:
         assert torch.equal(got[name]["scale"], want[name]["scale"]), name
-        assert got[name]["num_batches"] == 8
+        assert got[name]["num_batches"] == (1 if name.endswith("weight_quantizer") else 8)  # rank 1 saw none
     got = _assert_ranks_identical(agree, "rank1-empty-onnxruntime-entropy")
     want = _single("onnxruntime", "entropy", _batches())
     for name in want:

@@ -186,25 +186,35 @@ class HistogramCalibrator(Calibrator):
 
 def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8) -> float:
     """TensorRT's entropy calibration: the clipping threshold whose ``levels``-level quantization of the |x|
-    histogram has the smallest KL divergence from the clipped histogram."""
+    histogram has the smallest KL divergence from the clipped histogram.
+
+    For each candidate i (every ``stride`` bins from ``levels`` to the last non-empty bin): P is hist[:i] with
+    the clipped tail added to bin i-1; Q spreads each of ``levels`` groups of hist[:i] evenly over the group's
+    bins that are non-empty in P. All candidates are evaluated at once, as rows of one matrix.
+    """
     nonzero = torch.nonzero(hist).flatten()
     if nonzero.numel() == 0:
         return 0.0
     last = int(nonzero[-1]) + 1
     if last <= levels:
         return last * width
-    best, best_i = math.inf, last
-    total = hist.sum()
-    for i in range(levels, last + 1, stride):
-        p = hist[:i].clone()
-        p[i - 1] += hist[i:].sum()
-        chunk = torch.div(torch.arange(i, device=hist.device) * levels, i, rounding_mode="floor")
-        sums = torch.zeros(levels, dtype=hist.dtype, device=hist.device).scatter_add_(0, chunk, hist[:i])
-        used = torch.zeros(levels, dtype=hist.dtype, device=hist.device).scatter_add_(0, chunk, (p > 0).double())
-        q = torch.where(p > 0, sums[chunk] / used[chunk].clamp(min=1), torch.zeros_like(p))
-        mask = p > 0
-        pn, qn = p[mask] / total, q[mask] / q.sum()
-        kl = float((pn * torch.log(pn / qn.clamp(min=1e-30))).sum())
-        if kl < best:
-            best, best_i = kl, i
-    return best_i * width
+    dev, dt = hist.device, hist.dtype
+    cand = torch.arange(levels, last + 1, stride, device=dev)
+    if int(cand[-1]) != last:
+        cand = torch.cat([cand, torch.tensor([last], device=dev)])
+    n, j = int(cand[-1]), torch.arange(last, device=dev)
+    inside = j[None, :] < cand[:, None]                                   # [C, n]: bin j belongs to candidate c
+    h = hist[:n][None, :].expand(len(cand), n)
+    p = torch.where(inside, h, torch.zeros((), dtype=dt, device=dev))
+    tail = hist.sum() - torch.cumsum(hist[:n], 0)[cand - 1]               # mass beyond each candidate's range
+    p[torch.arange(len(cand), device=dev), cand - 1] += tail
+    chunk = torch.div(j[None, :] * levels, cand[:, None], rounding_mode="floor").clamp(max=levels - 1)
+    flat = (chunk + torch.arange(len(cand), device=dev)[:, None] * levels).where(inside, 0)
+    sums = torch.zeros(len(cand) * levels, dtype=dt, device=dev).scatter_add_(0, flat.flatten(), (h * inside).flatten())
+    used = torch.zeros(len(cand) * levels, dtype=dt, device=dev).scatter_add_(0, flat.flatten(),
+                                                                            ((p > 0) & inside).to(dt).flatten())
+    q = torch.where(p > 0, sums[flat] / used[flat].clamp(min=1), torch.zeros((), dtype=dt, device=dev))
+    pn = p / p.sum(1, keepdim=True)
+    qn = q / q.sum(1, keepdim=True).clamp(min=1e-300)
+    terms = torch.where(p > 0, pn * torch.log(pn / qn.clamp(min=1e-300)), torch.zeros((), dtype=dt, device=dev))
+    return int(cand[int(terms.sum(1).argmin())]) * width
