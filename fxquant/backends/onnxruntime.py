@@ -25,7 +25,7 @@ ONNXRUNTIME = Backend(
     name="onnxruntime",
     description="ONNX Runtime CPU: uint8 activations, 7-bit int8 per-channel weights, fully fused QDQ",
     weight=QuantSpec(num_bits=7, axis=0, narrow_range=True),
-    activation=QuantSpec(num_bits=8, symmetric=False),
+    activation=QuantSpec(num_bits=8, symmetric=False, calib_method="mse"),
     rules=(
         Rule("weighted_clamp", Pattern.chain(("op", WEIGHTED_KINDS), ("act", CLAMPS)),
              Quantize(inputs="op", weight="op", output="act"),

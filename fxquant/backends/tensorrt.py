@@ -43,7 +43,7 @@ TENSORRT = Backend(
     name="tensorrt",
     description="TensorRT explicit quantization: int8 Q/DQ on weighted-op inputs and residual skip inputs",
     weight=QuantSpec(num_bits=8, axis=0, narrow_range=True),
-    activation=QuantSpec(num_bits=8),
+    activation=QuantSpec(num_bits=8, calib_method="mse"),
     rules=(
         Rule("weighted_input", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op"),
              checks=(quantizable_weight("op"),), priority=20),

@@ -19,6 +19,7 @@ from fxquant.calib.base import Calibrator
 NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
+MSE_CANDIDATES = 128  # ranges tried by the mse search, evenly spaced up to the observed maximum
 
 
 def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
@@ -162,26 +163,42 @@ class HistogramCalibrator(Calibrator):
         """The amax minimising the expected squared quantization error over the |x| histogram."""
         counts = self._folded()
         centers = (torch.arange(counts.numel(), device=counts.device, dtype=torch.float64) + 0.5) * self._width
-        top = float(torch.maximum(-self._min, self._max))
-        candidates = torch.linspace(top / 128, top, 256, device=counts.device, dtype=torch.float64)
+        centers, counts = centers[counts > 0], counts[counts > 0]  # empty bins add no error
         levels = spec.qmax
-        scale = candidates[:, None] / levels
-        q = torch.clamp(torch.round(centers[None, :] / scale), 0, levels) * scale
-        err = ((centers[None, :] - q) ** 2 * counts[None, :]).sum(1)
-        return float(candidates[int(err.argmin())])
+
+        def error(candidates: torch.Tensor) -> torch.Tensor:
+            scale = candidates[:, None] / levels
+            q = torch.clamp(torch.round(centers[None, :] / scale), 0, levels) * scale
+            return ((centers[None, :] - q) ** 2 * counts[None, :]).sum(1)
+
+        top = float(torch.maximum(-self._min, self._max))
+        return _minimize(error, top / 128, top, counts.device)
 
     def _affine_mse(self, spec) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrink [min, max] by the factor minimising the expected squared error over the signed histogram."""
         lo, hi = float(torch.clamp(self._min, max=0)), float(torch.clamp(self._max, min=0))
         centers = -self.bound + (torch.arange(NUM_BINS, device=self.hist.device, dtype=torch.float64) + 0.5) * \
             self._width
-        alphas = torch.linspace(1 / 128, 1.0, 256, device=self.hist.device, dtype=torch.float64)
-        scale = torch.clamp(alphas * (hi - lo) / spec.qmax, min=1e-12)[:, None]
-        zp = torch.clamp(torch.round(-alphas[:, None] * lo / scale), 0, spec.qmax)
-        q = (torch.clamp(torch.round(centers[None, :] / scale) + zp, 0, spec.qmax) - zp) * scale
-        err = ((centers[None, :] - q) ** 2 * self.hist[None, :]).sum(1)
-        a = float(alphas[int(err.argmin())])
+        used = self.hist > 0  # empty bins add no error
+        centers, counts = centers[used], self.hist[used]
+
+        def error(alphas: torch.Tensor) -> torch.Tensor:
+            scale = torch.clamp(alphas * (hi - lo) / spec.qmax, min=1e-12)[:, None]
+            zp = torch.clamp(torch.round(-alphas[:, None] * lo / scale), 0, spec.qmax)
+            q = (torch.clamp(torch.round(centers[None, :] / scale) + zp, 0, spec.qmax) - zp) * scale
+            return ((centers[None, :] - q) ** 2 * counts[None, :]).sum(1)
+
+        a = _minimize(error, 1 / 128, 1.0, counts.device)
         return (torch.tensor(a * lo, device=self._min.device), torch.tensor(a * hi, device=self._max.device))
+
+
+def _minimize(error, lo: float, hi: float, device: torch.device) -> float:
+    """Grid search of ``error`` (vectorized over candidates) on [lo, hi], then a finer grid around the best."""
+    grid = torch.linspace(lo, hi, MSE_CANDIDATES, device=device, dtype=torch.float64)
+    best = int(error(grid).argmin())
+    fine = torch.linspace(float(grid[max(best - 1, 0)]), float(grid[min(best + 1, len(grid) - 1)]), MSE_CANDIDATES // 2,
+                          device=device, dtype=torch.float64)
+    return float(fine[int(error(fine).argmin())])
 
 
 def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8) -> float:
@@ -210,9 +227,9 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8
     p[torch.arange(len(cand), device=dev), cand - 1] += tail
     chunk = torch.div(j[None, :] * levels, cand[:, None], rounding_mode="floor").clamp(max=levels - 1)
     flat = (chunk + torch.arange(len(cand), device=dev)[:, None] * levels).where(inside, 0)
-    sums = torch.zeros(len(cand) * levels, dtype=dt, device=dev).scatter_add_(0, flat.flatten(), (h * inside).flatten())
-    used = torch.zeros(len(cand) * levels, dtype=dt, device=dev).scatter_add_(0, flat.flatten(),
-                                                                            ((p > 0) & inside).to(dt).flatten())
+    zeros = torch.zeros(len(cand) * levels, dtype=dt, device=dev)
+    sums = zeros.clone().scatter_add_(0, flat.flatten(), (h * inside).flatten())
+    used = zeros.scatter_add_(0, flat.flatten(), ((p > 0) & inside).to(dt).flatten())
     q = torch.where(p > 0, sums[flat] / used[flat].clamp(min=1), torch.zeros((), dtype=dt, device=dev))
     pn = p / p.sum(1, keepdim=True)
     qn = q / q.sum(1, keepdim=True).clamp(min=1e-300)
