@@ -208,9 +208,12 @@ def test_encodings_json_is_readable_and_holds_the_quantizers_numbers(calibrated,
                 entry["calib_method"], entry["qmin"], entry["qmax"]) == (
             spec.num_bits, spec.axis, spec.symmetric, spec.unsigned, spec.narrow_range, spec.calib_method,
             spec.qmin, spec.qmax)
-    # the input quantizer's numbers, computed here from the calibration data
+    # the input quantizer's numbers under max calibration, computed here from the calibration data
+    act = fxquant.BACKENDS[backend].activation.with_(calib_method="max")
+    maxed = _prepare(backend, config=QuantConfig(activation=act))
+    fxquant.calibrate(maxed, _data(1), progress=False)
     x = torch.cat(_data(1))
-    entry = data["quantizers"]["x_to_conv1_quantizer"]
+    entry = save_encodings(maxed, tmp_path / "max.json")["quantizers"]["x_to_conv1_quantizer"]
     assert entry["min"] == x.min().item() and entry["max"] == x.max().item()
     if backend == "tensorrt":
         assert entry["amax"] == x.abs().max().item() and entry["zero_point"] == 0
