@@ -123,6 +123,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
                         "not a single tensor; wrap it: [tensor]")
     was_training = prepared.training
     prepared.eval()
+    user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
+    quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled}
     for q in quantizers.values():
         q.calibrator.reset()
         q.set_mode("calib")

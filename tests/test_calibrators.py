@@ -437,3 +437,14 @@ def test_calibrators_refuse_bad_use():
     for cal in (MaxCalibrator(None), EmaCalibrator(None), HistogramCalibrator(None)):
         with pytest.raises(RuntimeError, match="called before any data was collected"):
             cal.compute(QuantSpec())
+
+
+def test_calibrate_keeps_user_disabled_quantizers_disabled():
+    prepared = _prepared("max")
+    name, q = next((n, m) for n, m in prepared.named_modules()
+                   if isinstance(m, TensorQuantizer) and not n.endswith("weight_quantizer"))
+    q.set_mode("disabled")
+    fxquant.calibrate(prepared, _data(), progress=False)
+    assert q.mode == "disabled" and not q.is_calibrated
+    qmodel = fxquant.convert(prepared)
+    assert isinstance(qmodel.get_submodule(name), torch.nn.Identity)

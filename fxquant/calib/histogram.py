@@ -125,7 +125,11 @@ class HistogramCalibrator(Calibrator):
         if method == "mse":
             threshold = self._symmetric_mse(spec)
         else:
-            threshold = _entropy_amax(self._folded(), self._width, spec.qmax + 1)
+            folded = self._folded()
+            if folded[1] > 0:  # flatten the spike of exact zeros (ReLU outputs), as NVIDIA's calibrator does;
+                folded = folded.clone()  # skipped for sparse histograms, where it would leave a lone spike
+                folded[0] = folded[1]
+            threshold = _entropy_amax(folded, self._width, spec.qmax + 1)
         amax = torch.clamp(torch.maximum(-self._min, self._max), max=threshold)
         if spec.symmetric:
             return -amax, amax
@@ -213,10 +217,10 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8
     if nonzero.numel() == 0:
         return 0.0
     last = int(nonzero[-1]) + 1
-    if last <= levels:
+    if last <= max(levels, 128):
         return last * width
     dev, dt = hist.device, hist.dtype
-    cand = torch.arange(levels, last + 1, stride, device=dev)
+    cand = torch.arange(max(levels, 128), last + 1, stride, device=dev)  # TensorRT's first candidate: 128 bins
     if int(cand[-1]) != last:
         cand = torch.cat([cand, torch.tensor([last], device=dev)])
     n, j = int(cand[-1]), torch.arange(last, device=dev)
