@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
 
-STAGES = ("prepared", "calibrated", "converted")
-
 
 @dataclass
 class QuantState:
