@@ -36,6 +36,7 @@ class Request:
     user: fx.Node | None
     spec: QuantSpec
     rule: str
+    unit: str | None = None  # name of the first node of the rule match that made the request (provenance)
 
 
 @dataclass
@@ -159,6 +160,7 @@ def annotate(view: GraphView, backend: Backend, config: QuantConfig) -> Annotati
     """Run the backend's rules (and the config's extra rules) by priority and collect their annotations."""
     ctx = AnnotationContext(view, backend, config)
     claimed: set[fx.Node] = set()
+    order = {n: i for i, n in enumerate(view.kinds)}
     for rule in ordered(backend.rules):
         for match in view.match(rule.pattern):
             nodes = list(match.values())
@@ -176,9 +178,12 @@ def annotate(view: GraphView, backend: Backend, config: QuantConfig) -> Annotati
                     ctx.declined.setdefault(n, reason)
                 continue
             claimed.update(nodes)
+            unit = min(nodes, key=order.__getitem__).name  # one quantized unit, named after its first node
+            for request in ctx.ann.requests[n_requests:]:
+                request.unit = unit
             for n in nodes:
                 ctx.ann.quantized[n] = rule.name
-                n.meta.setdefault("fxquant", {})["rule"] = f"{backend.name}.{rule.name}"
+                n.meta.setdefault("fxquant", {}).update(rule=f"{backend.name}.{rule.name}", unit=unit)
     for n, kind in view.kinds.items():
         if n in claimed or kind in NON_OPS or not _computes_float(n):
             continue

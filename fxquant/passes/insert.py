@@ -31,6 +31,7 @@ class _Slot:
     users: list[fx.Node] = field(default_factory=list)
     all_users: bool = False
     rules: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)  # the quantized units (rule matches) that asked for it
 
 
 class _UnionFind:
@@ -60,6 +61,8 @@ def _slots(ann: Annotations) -> tuple[dict[SlotKey, _Slot], list[SlotKey]]:
             slot.users.append(r.user)
         if r.rule not in slot.rules:
             slot.rules.append(r.rule)
+        if r.unit is not None and r.unit not in slot.units:
+            slot.units.append(r.unit)
         keys.append(key)
     return slots, keys
 
@@ -118,7 +121,8 @@ def insert_quantizers(gm: fx.GraphModule, ann: Annotations) -> PassResult:
             with graph.inserting_after(anchor):
                 q = graph.call_module(modules[root], (value,))
             q.meta["tensor_meta"] = value.meta.get("tensor_meta")
-            q.meta["fxquant"] = {"pass": "insert_quantizers", "rules": list(slot.rules), "quantizes": value.name}
+            q.meta["fxquant"] = {"pass": "insert_quantizers", "rules": list(slot.rules),
+                                 "units": list(slot.units), "quantizes": value.name}
             for user in users:
                 user.replace_input_with(value, q)
     for node, (spec, rule) in ann.weights.items():
