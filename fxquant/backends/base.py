@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fxquant.rules import Rule
+from fxquant.rules.rule import check_rules
 from fxquant.spec import QuantSpec
 
 
@@ -22,3 +23,24 @@ class Backend:
     activation: QuantSpec
     rules: tuple[Rule, ...]
     passthrough: frozenset[str]
+
+    def with_rules(self, *rules: Rule) -> Backend:
+        """This backend plus ``rules``. Rules run by descending priority (the built-in ones use 30 for fused
+        pairs such as conv -> relu, 20 for single ops, 10 for scale-sharing ops); at equal priority the added
+        rules run first. A node taken by one rule is not matched by later ones. Names must not clash with the
+        backend's (drop a built-in rule with ``without_rules`` to replace it)."""
+        rules = check_rules(rules, "with_rules()")
+        clash = sorted({r.name for r in rules} & {r.name for r in self.rules})
+        if clash:
+            raise ValueError(f"rule name(s) {clash} already belong to the {self.name} backend; rename yours, or "
+                             f"replace the built-in one: backend.without_rules({', '.join(map(repr, clash))})"
+                             f".with_rules(...)")
+        return replace(self, rules=(*rules, *self.rules))
+
+    def without_rules(self, *names: str) -> Backend:
+        """This backend without the named built-in rules."""
+        known = [r.name for r in self.rules]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"the {self.name} backend has no rule(s) {unknown}; its rules: {known}")
+        return replace(self, rules=tuple(r for r in self.rules if r.name not in names))

@@ -7,6 +7,7 @@ claimed by one rule is not matched by a later one, so "conv -> relu" can take pr
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,6 +58,16 @@ class Rule:
             raise ValueError(f"Rule {self.name!r} needs exactly one of quantize=Quantize(...) or handler=...")
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"Rule {self.name!r}: pattern must be a Pattern, e.g. Pattern.chain(('conv', 'conv'))")
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Rule name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"Rule {self.name!r}: priority must be an int (higher runs first), got {self.priority!r}")
+        if self.quantize is not None and not isinstance(self.quantize, Quantize):
+            raise TypeError(f"Rule {self.name!r}: quantize must be a Quantize(...), got {type(self.quantize).__name__}")
+        if self.handler is not None and not callable(self.handler):
+            raise TypeError(f"Rule {self.name!r}: handler must be a function (match, ctx) -> reason or None")
+        if not isinstance(self.checks, tuple) or not all(callable(c) for c in self.checks):
+            raise TypeError(f"Rule {self.name!r}: checks must be a tuple of functions (match, ctx) -> reason or None")
         names = set(self.pattern.names)
         if self.quantize is not None:
             for fld in ("inputs", "weight", "output"):
@@ -64,6 +75,13 @@ class Rule:
                 if ref is not None and ref not in names:
                     raise ValueError(f"Rule {self.name!r}: Quantize.{fld}={ref!r} is not a pattern node "
                                      f"(pattern nodes: {sorted(names)})")
+            if self.quantize.weight is not None:
+                from fxquant.ops import WEIGHTED_KINDS
+
+                kinds = dict(self.pattern.nodes)[self.quantize.weight]
+                if all(isinstance(k, str) for k in kinds) and not kinds <= WEIGHTED_KINDS:
+                    raise ValueError(f"Rule {self.name!r}: Quantize.weight={self.quantize.weight!r} can only name a "
+                                     f"node of kinds {sorted(WEIGHTED_KINDS)}, not {sorted(kinds - WEIGHTED_KINDS)}")
 
 
 def ordered(rules: Iterable[Rule]) -> list[Rule]:
@@ -89,3 +107,32 @@ def single_user(*names: str) -> Check:
 
     return check
 
+
+
+def known_kinds() -> set[str]:
+    """Every op-kind name fxquant gives nodes (fxquant.ops), plus "other" for ops it does not know."""
+    from fxquant import ops
+
+    return {*ops.MODULE_KINDS.values(), *ops.FUNCTION_KINDS.values(), *ops.METHOD_KINDS.values(), "other"}
+
+
+def check_rules(rules: object, where: str) -> tuple[Rule, ...]:
+    """Validate user rules: a tuple of Rule with unique names, integer priorities and known kind names."""
+    if isinstance(rules, Rule) or not isinstance(rules, (tuple, list)):
+        raise TypeError(f"{where} must be a tuple of fxquant.Rule, got {type(rules).__name__}")
+    rules = tuple(rules)
+    kinds = known_kinds()
+    seen: set[str] = set()
+    for r in rules:
+        if not isinstance(r, Rule):
+            raise TypeError(f"{where} holds a {type(r).__name__}; build rules with fxquant.Rule(name, pattern, ...)")
+        if r.name in seen:
+            raise ValueError(f"{where}: two rules are named {r.name!r}; rule names must be unique")
+        seen.add(r.name)
+        unknown = sorted(r.pattern.kind_names() - kinds)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, kinds, n=1) for k in unknown}
+            shown = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"rule {r.name!r} uses unknown op kind(s) {shown}; known kinds: {sorted(kinds)}. "
+                             "To match a module class or a function, put the class or function itself in the pattern")
+    return rules
