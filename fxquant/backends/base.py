@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from fxquant.rules import Rule
 from fxquant.rules.rule import check_rules
@@ -15,6 +16,8 @@ class Backend:
 
     passthrough: kinds that need no quantizer of their own on this backend (the runtime fuses them or runs
     them on quantized data); they are not reported as float.
+    float_reasons: kinds this backend deliberately leaves in floating point, with the reason the prepare
+    report gives for each such op (a kind with neither a rule, pass-through nor reason is reported as unknown).
     """
 
     name: str
@@ -23,6 +26,7 @@ class Backend:
     activation: QuantSpec
     rules: tuple[Rule, ...]
     passthrough: frozenset[str]
+    float_reasons: Mapping[str, str] = field(default_factory=dict)
 
     def with_rules(self, *rules: Rule) -> Backend:
         """This backend plus ``rules``. Rules run by descending priority (the built-in ones use 30 for fused

@@ -190,7 +190,7 @@ def annotate(view: GraphView, backend: Backend, config: QuantConfig) -> Annotati
         if kind in backend.passthrough and n not in ctx.declined:
             ctx.ann.passthrough.append(n)
         else:
-            ctx.ann.floats[n] = ctx.excluded(n) or ctx.declined.get(n) or (
+            ctx.ann.floats[n] = ctx.excluded(n) or ctx.declined.get(n) or backend.float_reasons.get(kind) or (
                 f"no {backend.name} rule quantizes `{kind}` ops" if kind != "other"
                 else f"no {backend.name} rule knows `{_target_name(n)}`")
     return ctx.ann
