@@ -1,0 +1,296 @@
+"""Per-layer sensitivity: which quantized layers hurt, measured on a calibrated prepared model.
+
+A *layer* is one quantized unit: one match of a backend rule (a Conv with its input and weight quantizers, a
+Conv+ReLU with its output quantizer, a residual add with its skip quantizer, ...), named after its first node
+and listed in topological order. Every quantizer records the units that asked for it (``node.meta``); a
+quantizer is active when at least one active unit asked for it, which is exactly what excluding the other
+units with ``Override(pattern, exclude=True)`` would leave. The analysis switches quantizers between
+``quant`` and ``disabled`` on the calibrated model itself: nothing is re-prepared or re-calibrated.
+
+For each layer it measures the SQNR (dB) against the float model of
+- the model output with only that layer quantized (``model_only_db``: the ranking key),
+- the model output with that layer and every earlier one quantized (``model_cumulative_db``),
+- the layer's own output, in both settings (``output_only_db``, ``output_cumulative_db``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+from tqdm.auto import tqdm
+
+from fxquant.capture import normalize_inputs
+from fxquant.errors import CalibrationError
+from fxquant.quantizer import TensorQuantizer
+from fxquant.state import get_state
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One quantized unit: its name (module path, or node name for functional ops), the fx node it starts
+    at, its op kind, the TensorQuantizer modules it asks for, and the fx node holding its output."""
+
+    name: str
+    node: str
+    kind: str
+    quantizers: tuple[str, ...]
+    output_node: str
+
+    @property
+    def pattern(self) -> str:
+        """An ``Override`` glob that matches exactly this layer (glob characters escaped)."""
+        return "".join(f"[{c}]" if c in "*?[]" else c for c in self.name)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """SQNRs (dB, against the float model) of one layer; ``rank`` 1 is the most harmful layer."""
+
+    name: str
+    kind: str
+    index: int
+    rank: int
+    model_only_db: float
+    model_cumulative_db: float
+    output_only_db: float
+    output_cumulative_db: float
+    quantizers: tuple[str, ...]
+
+
+@dataclass
+class SensitivityReport:
+    """Result of ``sensitivity()``: layers in topological order, ``ranked()`` most harmful first."""
+
+    backend: str
+    layers: list[LayerSensitivity]
+    full_db: float  # model output with every quantizer on
+    num_batches: int
+    notes: list[str] = field(default_factory=list)
+
+    def ranked(self) -> list[LayerSensitivity]:
+        """Layers sorted by ``model_only_db``, lowest (most harmful) first."""
+        return sorted(self.layers, key=lambda s: s.rank)
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "full_db": self.full_db, "num_batches": self.num_batches,
+                "notes": list(self.notes), "layers": [asdict(s) for s in self.layers]}
+
+    def table(self, limit: int | None = None) -> str:
+        """A plain-text table of the ranked layers."""
+        rows = self.ranked()[:limit]
+        width = max([len("layer"), *(len(s.name) for s in rows)])
+        lines = [f"{'rank':>4}  {'layer':<{width}}  {'kind':<8} {'only dB':>8} {'upto dB':>8} "
+                 f"{'out only':>8} {'out upto':>8}"]
+        lines += [f"{s.rank:>4}  {s.name:<{width}}  {s.kind:<8} {_fmt(s.model_only_db):>8} "
+                  f"{_fmt(s.model_cumulative_db):>8} {_fmt(s.output_only_db):>8} {_fmt(s.output_cumulative_db):>8}"
+                  for s in rows]
+        return "\n".join(lines)
+
+    def write_html(self, path: str, title: str = "fxquant sensitivity report") -> str:
+        """Write a self-contained HTML report (plots embedded as PNG when matplotlib is installed)."""
+        from fxquant.sensitivity_html import write_html
+
+        return write_html(self, path, title)
+
+
+def _fmt(db: float) -> str:
+    return "inf" if math.isinf(db) else f"{db:.1f}"
+
+
+# ---- layers -------------------------------------------------------------------------------------------
+def _quantizer_modules(model: nn.Module) -> dict[str, TensorQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
+    """The quantized units of a prepared model, in topological order, with the quantizers each asks for."""
+    state = get_state(prepared)
+    if state is None or state.stage == "converted":
+        raise TypeError("quantized_layers() takes the model returned by fxquant.prepare() (before convert)")
+    nodes = list(prepared.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    order = {n.name: i for i, n in enumerate(nodes)}
+    kinds = {e.node: e.kind for e in state.report.quantized}
+    quantizers = _quantizer_modules(prepared)
+    asked: dict[str, list[str]] = {}  # unit -> quantizer modules
+    members: dict[str, list[fx.Node]] = {}  # unit -> its op nodes
+    for n in nodes:
+        meta = n.meta.get("fxquant", {})
+        if "unit" in meta:
+            members.setdefault(meta["unit"], []).append(n)
+        if n.op != "call_module":
+            continue
+        if n.target in quantizers:  # an activation quantizer: every unit that asked for it
+            units, target = meta.get("units", []), n.target
+        elif f"{n.target}.weight_quantizer" in quantizers and "unit" in meta:
+            units, target = [meta["unit"]], f"{n.target}.weight_quantizer"
+        else:
+            continue
+        for unit in units:
+            if target not in asked.setdefault(unit, []):
+                asked[unit].append(target)
+    layers = []
+    for unit in sorted(asked, key=lambda u: order.get(u, len(nodes))):
+        node = by_name.get(unit)
+        name = node.target if node is not None and node.op == "call_module" else unit
+        last = max(members.get(unit, [node] if node is not None else []), key=lambda m: order[m.name], default=None)
+        out = _output_of(last, quantizers)
+        layers.append(Layer(name, unit, kinds.get(unit, "?"),
+                            tuple(asked[unit]), out.name if out is not None else ""))
+    return layers
+
+
+def _output_of(last: fx.Node | None, quantizers: dict[str, TensorQuantizer]) -> fx.Node | None:
+    """The value a unit hands on: its last node, or that node's output quantizer when it feeds only that."""
+    if last is None:
+        return None
+    users = list(last.users)
+    if len(users) == 1 and users[0].op == "call_module" and users[0].target in quantizers:
+        return users[0]
+    return last
+
+
+def layer_overrides(layers: Sequence[Layer]):
+    """``Override(pattern, exclude=True)`` for each layer: the config that keeps exactly these layers float."""
+    from fxquant.spec import Override
+
+    return tuple(Override(layer.pattern, exclude=True) for layer in layers)
+
+
+# ---- measurement --------------------------------------------------------------------------------------
+class _Acc:
+    """Running SQNR over many batches: the sums of signal and noise energy."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, ref: torch.Tensor, test: torch.Tensor) -> None:
+        ref, test = ref.detach().double(), test.detach().double()
+        self.signal += ref.pow(2).sum().item()
+        self.noise += (ref - test).pow(2).sum().item()
+
+    @property
+    def db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+
+
+class Probe:
+    """Runs a prepared model with chosen quantizers on and returns its outputs plus the layers' outputs.
+
+    The probe shares the prepared model's modules, so switching quantizer modes switches them in both; the
+    original modes are restored by ``restore()``.
+    """
+
+    def __init__(self, prepared: fx.GraphModule, layers: Sequence[Layer], batches: Iterable) -> None:
+        self.prepared = prepared
+        self.layers = list(layers)
+        self.batches = [normalize_inputs(b) for b in batches]
+        if not self.batches:
+            raise CalibrationError("sensitivity needs at least one batch of data")
+        self.quantizers = _quantizer_modules(prepared)
+        self.modes = {name: q.mode for name, q in self.quantizers.items()}
+        self.enabled = {name for name, mode in self.modes.items() if mode != "disabled"}
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        out = graph.graph_copy(prepared.graph, env)
+        by_name = {n.name: n for n in prepared.graph.nodes}
+        taps = [env[by_name[layer.output_node]] if layer.output_node in by_name else None for layer in self.layers]
+        graph.output((out, tuple(t for t in taps if t is not None)))
+        self.tap_index = {}
+        for i, t in enumerate(taps):
+            if t is not None:
+                self.tap_index[i] = len(self.tap_index)
+        self.module = fx.GraphModule(prepared, graph)
+        self.was_training = prepared.training
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Quantize with exactly the quantizers ``names`` (those the user disabled stay disabled)."""
+        on = set(names) & self.enabled
+        for name, q in self.quantizers.items():
+            q.set_mode("quant" if name in on else "disabled")
+
+    @torch.no_grad()
+    def run(self) -> list[tuple[list[torch.Tensor], tuple]]:
+        """(model output leaves, layer outputs) per batch, with the current quantizer modes."""
+        self.module.eval()
+        results = []
+        for batch in self.batches:
+            out, taps = self.module(*batch)
+            results.append(([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)], taps))
+        return results
+
+    def restore(self) -> None:
+        for name, q in self.quantizers.items():
+            q.set_mode(self.modes[name])
+        self.prepared.train(self.was_training)
+
+
+def _compare(reference: list, test: list, layer: int | None, tap_index: dict[int, int]) -> tuple[float, float]:
+    model_acc, out_acc = _Acc(), _Acc()
+    for (ref_out, ref_taps), (out, taps) in zip(reference, test, strict=True):
+        for r, t in zip(ref_out, out, strict=True):
+            model_acc.add(r, t)
+        if layer is not None and layer in tap_index:
+            r, t = ref_taps[tap_index[layer]], taps[tap_index[layer]]
+            if isinstance(r, torch.Tensor):
+                out_acc.add(r, t)
+    return model_acc.db, (out_acc.db if out_acc.signal or out_acc.noise else math.nan)
+
+
+def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = True) -> SensitivityReport:
+    """Per-layer SQNR of a calibrated prepared model on ``batches`` (tensors or tuples of tensors).
+
+    Runs 2 x (number of layers) + 2 forward passes over the batches; the model's quantizer modes are
+    restored afterwards.
+    """
+    state = get_state(prepared)
+    if state is None or state.stage != "calibrated":
+        raise CalibrationError("sensitivity() takes a prepared model after fxquant.calibrate(prepared, batches)"
+                               + ("" if state is None else f"; this one is {state.stage}"))
+    if isinstance(batches, torch.Tensor):
+        raise TypeError("batches must be an iterable of batches (e.g. a list of tensors), not a single tensor; "
+                        "wrap it: [tensor]")
+    layers = quantized_layers(prepared)
+    if not layers:
+        raise CalibrationError("this model has no quantized layers to analyse")
+    probe = Probe(prepared, layers, batches)
+    rows = []
+    bar = tqdm(total=2 * len(layers) + 2, desc="fxquant sensitivity", unit="run", disable=not progress)
+    try:
+        probe.set_active(())
+        reference = probe.run()
+        bar.update()
+        cumulative: set[str] = set()
+        for i, layer in enumerate(layers):
+            probe.set_active(layer.quantizers)
+            only = _compare(reference, probe.run(), i, probe.tap_index)
+            bar.update()
+            cumulative.update(layer.quantizers)
+            probe.set_active(cumulative)
+            upto = _compare(reference, probe.run(), i, probe.tap_index)
+            bar.update()
+            rows.append((layer, only, upto))
+        probe.set_active(probe.enabled)
+        full_db = _compare(reference, probe.run(), None, {})[0]
+        bar.update()
+    finally:
+        bar.close()
+        probe.restore()
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][1][0], i))
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    result = [LayerSensitivity(layer.name, layer.kind, i, rank[i], only[0], upto[0], only[1], upto[1],
+                               layer.quantizers) for i, (layer, only, upto) in enumerate(rows)]
+    notes = []
+    lone = [q for q in probe.enabled if not any(q in layer.quantizers for layer in layers)]
+    if lone:
+        notes.append(f"{len(lone)} quantizer(s) belong to no layer and are on only in the full model: "
+                     + ", ".join(sorted(lone)[:6]))
+    return SensitivityReport(state.backend, result, full_db, len(probe.batches), notes)

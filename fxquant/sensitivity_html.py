@@ -1,0 +1,124 @@
+"""Render a SensitivityReport as one self-contained HTML file, with the plot embedded as a PNG.
+
+matplotlib is optional (``pip install fxquant[report]``): without it the HTML has the tables and says how to
+get the plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fxquant.sensitivity import SensitivityReport
+
+NO_MATPLOTLIB = "Plots need matplotlib, which is not installed: pip install 'fxquant[report]' (or matplotlib)."
+
+
+def _finite(values: list[float], cap: float) -> list[float]:
+    return [cap if math.isinf(v) and v > 0 else (0.0 if math.isnan(v) else v) for v in values]
+
+
+def plot_png(report: SensitivityReport, worst: int = 3, dpi: int = 80) -> bytes | None:
+    """The report's plot as PNG bytes, or None when matplotlib is missing.
+
+    Left: model-output SQNR with only each layer quantized (the ``worst`` layers in red). Right: SQNR with
+    every layer up to each one quantized, at the model output and at the layer's own output.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    layers = report.layers
+    names = [s.name for s in layers]
+    finite = [v for s in layers for v in (s.model_only_db, s.model_cumulative_db, s.output_cumulative_db)
+              if math.isfinite(v)]
+    cap = max(finite, default=60.0) + 5
+    y = list(range(len(layers)))
+    worst_idx = {s.index for s in report.ranked()[:worst]}
+    fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(9, 1.2 + 0.28 * len(layers)),
+                                      gridspec_kw={"width_ratios": [1, 1]})
+    colors = ["#d62728" if i in worst_idx else "#4c72b0" for i in y]
+    left.barh(y, _finite([s.model_only_db for s in layers], cap), color=colors)
+    low = min([*finite, report.full_db] if math.isfinite(report.full_db) else finite, default=0.0)
+    left.set_xlim(max(0.0, math.floor(low / 5) * 5 - 5), cap)
+    left.set_yticks(y, names, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("model output SQNR (dB), only this layer quantized")
+    left.axvline(report.full_db, color="gray", linestyle="--", linewidth=1)
+    left.text(report.full_db, -0.7, " all quantized", color="gray", fontsize=7, va="bottom")
+    right.plot(_finite([s.model_cumulative_db for s in layers], cap), y, "o-", label="model output", markersize=3)
+    right.plot(_finite([s.output_cumulative_db for s in layers], cap), y, "s--", label="layer output",
+               markersize=3)
+    right.set_xlabel("SQNR (dB), this layer and all before it quantized")
+    right.legend(fontsize=7, loc="lower right")
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"fxquant sensitivity ({report.backend}): red = {worst} most harmful layers", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _cell(value: float) -> str:
+    return "inf" if math.isinf(value) else ("n/a" if math.isnan(value) else f"{value:.1f}")
+
+
+def render_html(report: SensitivityReport, title: str = "fxquant sensitivity report") -> str:
+    """The report as one HTML document (no external files)."""
+    png = plot_png(report)
+    figure = (f'<img alt="sensitivity plot" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+              if png is not None else f'<p class="note">{html.escape(NO_MATPLOTLIB)}</p>')
+    rows = "\n".join(
+        f"<tr><td>{s.rank}</td><td>{s.index}</td><td><code>{html.escape(s.name)}</code></td>"
+        f"<td>{html.escape(s.kind)}</td><td>{_cell(s.model_only_db)}</td><td>{_cell(s.model_cumulative_db)}</td>"
+        f"<td>{_cell(s.output_only_db)}</td><td>{_cell(s.output_cumulative_db)}</td>"
+        f"<td>{html.escape(', '.join(s.quantizers))}</td></tr>" for s in report.ranked())
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in report.notes)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:nth-child(3), td:nth-child(4), td:nth-child(9) {{ text-align: left; }}
+th {{ background: #f0f0f0; }}
+.note {{ color: #a15c00; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Backend <b>{html.escape(report.backend)}</b>; {len(report.layers)} quantized layers; {report.num_batches}
+batch(es). SQNR in dB against the float model (higher is better). Model output with every quantizer on:
+<b>{_cell(report.full_db)} dB</b>.</p>
+{notes}
+{figure}
+<h2>Layers, most harmful first</h2>
+<table>
+<tr><th>rank</th><th>#</th><th>layer</th><th>kind</th><th>model, only this layer</th>
+<th>model, up to this layer</th><th>layer output, only this layer</th><th>layer output, up to this layer</th>
+<th>quantizers</th></tr>
+{rows}
+</table>
+<p>"Only this layer": every other quantizer off. "Up to this layer": this layer and every layer before it in
+topological order quantized (column #). Keep the top-ranked layers in float with
+<code>fxquant.mixed_precision(...)</code> or <code>Override(name, exclude=True)</code>.</p>
+</body></html>
+"""
+
+
+def write_html(report: SensitivityReport, path: str | os.PathLike, title: str = "fxquant sensitivity report") -> str:
+    """Write ``render_html(report)`` to ``path``; returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_html(report, title))
+    return path
