@@ -24,7 +24,7 @@ from fxquant import QuantConfig, QuantSpec
 from fxquant.calib import HistogramCalibrator
 
 WORLD = 2
-_TIMEOUT_S = 120
+_TIMEOUT_S = 300
 HIST_METHODS = ("percentile", "entropy", "mse")
 BACKENDS = ("tensorrt", "onnxruntime")
 
@@ -166,7 +166,7 @@ def _worker(rank: int, port: int, group_name: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=150))
     results = {}
     try:
         for name, setups in (AGREE if group_name == "agree" else DISAGREE).items():

@@ -20,6 +20,7 @@ NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
 MSE_CANDIDATES = 128  # ranges tried by the mse search, evenly spaced up to the observed maximum
+MAX_SAMPLES = 1 << 20  # elements binned per tensor and batch; larger tensors are subsampled (see above)
 
 
 def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
@@ -43,6 +44,22 @@ def exponent_for(amax: float) -> int:
     return max(_MIN_EXP, math.frexp(amax)[1])  # amax = m * 2^e with 0.5 <= m < 1, so 2^(e-1) <= amax < 2^e
 
 
+def sample_stride(numel: int, max_samples: int = MAX_SAMPLES) -> int:
+    """The smallest stride coprime with ``numel`` that leaves at most ``max_samples`` elements (1 if it fits)."""
+    if numel <= max_samples:
+        return 1
+    stride = -(-numel // max_samples)
+    while math.gcd(stride, numel) != 1:
+        stride += 1
+    return stride
+
+
+def subsample(x: torch.Tensor, max_samples: int = MAX_SAMPLES) -> torch.Tensor:
+    """Every ``sample_stride``-th element of ``x`` flattened (a view when ``x`` is contiguous)."""
+    flat = x.detach().reshape(-1)
+    return flat[:: sample_stride(flat.numel(), max_samples)]
+
+
 def bin_counts(x: torch.Tensor, exponent: int) -> torch.Tensor:
     """Counts of ``x`` (all |x| < 2^exponent) in NUM_BINS bins over [-2^exponent, 2^exponent), as float64.
 
@@ -52,7 +69,8 @@ def bin_counts(x: torch.Tensor, exponent: int) -> torch.Tensor:
     """
     scale = 2.0 ** (_HALF_BITS - exponent)
     scaled = x.detach().flatten().float() * scale if scale >= 1 else x.detach().flatten().double() * scale
-    index = scaled.floor_().to(torch.int32).add_(NUM_BINS // 2).clamp_(0, NUM_BINS - 1)
+    # |x| < 2^exponent puts floor(scaled) in [-2^11, 2^11): the index is in range without a clamp
+    index = scaled.floor_().to(torch.int32).add_(NUM_BINS // 2)
     return torch.bincount(index, minlength=NUM_BINS).double()
 
 
@@ -94,7 +112,7 @@ class HistogramCalibrator(Calibrator):
             # (a CalibrationError naming the quantizer), as it does for the other calibrators
             return
         self.widen_to(exponent_for(max(-lo_f, hi_f)))
-        self.hist += bin_counts(x, self.exponent)
+        self.hist += bin_counts(subsample(x), self.exponent)
 
     @property
     def is_finite(self) -> bool:
