@@ -15,12 +15,16 @@ from fxquant.errors import (
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
 from fxquant.metrics import sqnr
+from fxquant.ptq.adaround import adaround
+from fxquant.ptq.bias_correction import correct_bias
+from fxquant.ptq.options import AdaRoundOptions
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
 from fxquant.rules import Pattern, Quantize, Rule
 from fxquant.spec import Override, QuantConfig, QuantSpec
 
 __all__ = [
     "BACKENDS",
+    "AdaRoundOptions",
     "Backend",
     "CalibrationError",
     "ConversionError",
@@ -37,8 +41,10 @@ __all__ = [
     "Rule",
     "TensorQuantizer",
     "TraceError",
+    "adaround",
     "calibrate",
     "convert",
+    "correct_bias",
     "encodings_of",
     "export_onnx",
     "fake_tensor_quant",

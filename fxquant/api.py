@@ -20,6 +20,8 @@ from fxquant.passes.annotate import Annotations, annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassResult, run_passes
+from fxquant.ptq import pipeline as ptq
+from fxquant.ptq.adaround import FIXED_KEY
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import OpEntry, PrepareReport
 from fxquant.rules import GraphView
@@ -54,7 +56,9 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
     propagate_shapes(gm, inputs)
     passes = []
     if config.fold_bn:
+        passes += ptq.before_fold(config)
         passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))
+    passes += ptq.after_fold(config)  # equalization, bias absorption (QuantConfig.equalize / absorb_bias)
     passes += [("annotate", partial(annotate_pass, backend=backend, config=config)),
                ("insert_quantizers", _insert_pass)]
     gm, results = run_passes(gm, passes)
@@ -75,6 +79,7 @@ def _report(gm: fx.GraphModule, backend: Backend, ann: Annotations, results: dic
     report.folded_bn = [n.meta["fxquant"]["folded_bn"]["bn"] for n in gm.graph.nodes
                         if "folded_bn" in n.meta.get("fxquant", {})]
     report.skipped = [note for r in results.values() for note in r.notes]
+    report.ptq.update(gm.meta.pop("fxquant_ptq", {}))
     quantizers = _quantizers(gm)
     report.weight_quantizers = sum(1 for name in quantizers if name.endswith("weight_quantizer"))
     report.activation_quantizers = len(quantizers) - report.weight_quantizers
@@ -107,6 +112,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     ``batches``: an iterable of tensors or tuples of tensors (one per forward argument). Returns ``prepared``.
     Under torch.distributed (initialized), every rank calibrates its own batches and the statistics are merged
     so that all ranks get the same ranges; see ``fxquant.calib.distributed``.
+    When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
+    (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again.
     """
     from fxquant.calib import distributed  # local: the distributed hook is part of calibrate only
 
@@ -121,10 +128,13 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     if isinstance(batches, torch.Tensor):
         raise TypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
                         "not a single tensor; wrap it: [tensor]")
+    if ptq.needs_data(state.config):
+        batches = list(batches)
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
-    quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled}
+    fixed = prepared.meta.get(FIXED_KEY, set())  # weights AdaRound rounded: their range fixes their codes
+    quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled | fixed}
     for q in quantizers.values():
         q.calibrator.reset()
         q.set_mode("calib")
@@ -156,6 +166,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
             q.set_mode("quant")
         prepared.train(was_training)
     state.stage = "calibrated"
+    ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
 
 

@@ -23,6 +23,7 @@ class PrepareReport:
     float_ops: list[OpEntry] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # notes of passes that skipped something
+    ptq: dict = field(default_factory=dict)  # PTQ pass name -> fxquant.ptq.report.PTQReport
     activation_quantizers: int = 0
     weight_quantizers: int = 0
 
@@ -39,6 +40,7 @@ class PrepareReport:
             "skipped": list(self.skipped),
             "activation_quantizers": self.activation_quantizers,
             "weight_quantizers": self.weight_quantizers,
+            "ptq": {name: r.as_dict() for name, r in self.ptq.items()},
             "counts": {"quantized": dict(Counter(e.kind for e in self.quantized)),
                        "float": dict(Counter(e.kind for e in self.float_ops))},
         }
@@ -54,6 +56,8 @@ class PrepareReport:
         ]
         lines += [f"  float  {e.node} ({e.kind}): {e.detail}" for e in self.float_ops]
         lines += [f"  skip   {note}" for note in self.skipped]
+        for r in self.ptq.values():
+            lines += ["  " + line for line in r.summary().splitlines()]
         return "\n".join(lines)
 
     def __str__(self) -> str:

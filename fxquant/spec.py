@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 from fxquant.calib import CALIBRATORS, HISTOGRAM_METHODS
+from fxquant.ptq.options import BIAS_CORRECTION_METHODS, AdaRoundOptions
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -151,6 +152,12 @@ class QuantConfig:
             float and are reported); use it for modules torch.fx cannot trace.
         fold_bn: fold BatchNorm into the preceding Conv/Linear.
         strict: raise instead of warning when a pass must skip something.
+        equalize: cross-layer equalization in prepare, after BN folding (``fxquant.ptq.equalize``).
+        absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
+        bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches), or
+            "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
+        adaround: False, True or an ``AdaRoundOptions``: calibrate() learns the weight rounding on its
+            batches (``fxquant.adaround``).
     """
 
     weight: QuantSpec | None = None
@@ -159,6 +166,10 @@ class QuantConfig:
     leaf_modules: tuple[str, ...] = ()
     fold_bn: bool = True
     strict: bool = False
+    equalize: bool = False
+    absorb_bias: bool = False
+    bias_correction: bool | str = False
+    adaround: bool | AdaRoundOptions = False
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation"):
@@ -174,6 +185,29 @@ class QuantConfig:
         if isinstance(self.leaf_modules, str) or not isinstance(self.leaf_modules, (tuple, list)):
             raise TypeError("QuantConfig.leaf_modules must be a tuple of globs, e.g. ('encoder.*', 'MyBlock')")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        for name in ("fold_bn", "strict"):
+        for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} must be True or False")
+        if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
+            raise ValueError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
+                             f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
+        if not isinstance(self.adaround, (bool, AdaRoundOptions)):
+            raise TypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
+                            f"got {type(self.adaround).__name__}")
+        if (self.equalize or self.absorb_bias or self.bias_correction == "analytical") and not self.fold_bn:
+            raise ValueError("equalize, absorb_bias and analytical bias correction work on folded BatchNorm; "
+                             "keep fold_bn=True")
+
+    @property
+    def bias_correction_method(self) -> str | None:
+        """"empirical", "analytical" or None."""
+        if self.bias_correction is True:
+            return "empirical"
+        return self.bias_correction or None
+
+    @property
+    def adaround_options(self) -> AdaRoundOptions | None:
+        """The AdaRound options in effect, or None when AdaRound is off."""
+        if self.adaround is True:
+            return AdaRoundOptions()
+        return self.adaround or None

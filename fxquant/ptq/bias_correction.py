@@ -1,0 +1,122 @@
+"""Bias correction: cancel the mean output error that weight quantization adds (Nagel et al. 2019, section 4.2;
+the Google quantization white paper, section 3.4).
+
+A quantized weight W + dW shifts a layer's output mean by dW E[x]. Each quantized layer's bias absorbs
+minus that shift:
+
+- ``empirical``: on calibration data, the per-channel output mean of the float model minus that of the
+  quantized model (inputs quantized, earlier layers already corrected), layer by layer in graph order;
+- ``analytical``: from BatchNorm statistics alone, no data: when the layer's input is ReLU(y) (or y) with
+  y ~ N(beta, gamma) per channel read from the folded BatchNorm of the layer before, E[x] is known in closed
+  form, and the correction is -dW E[x]. Layers whose input distribution is unknown are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from fxquant.ptq.chains import find_chains, input_response, out_channels
+from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
+from fxquant.ptq.options import BIAS_CORRECTION_METHODS
+from fxquant.ptq.report import PTQReport, attach
+
+INPUT_KEY = "expected_input"
+
+
+def relu_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """E[ReLU(y)] for y ~ N(mean, std^2): mean * Phi(mean/std) + std * phi(mean/std) (std 0: ReLU(mean))."""
+    safe = std.clamp_min(1e-12)
+    z = mean / safe
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return torch.where(std > 0, mean * cdf + safe * pdf, mean.clamp_min(0.0))
+
+
+def record_expected_inputs(gm: fx.GraphModule) -> None:
+    """Before quantizers go in: store E[input channel] on each layer whose input comes from a folded
+    Conv/Linear -> BatchNorm through ReLU / identity / average pooling / flatten (``node.meta``)."""
+    from fxquant.ptq.bn_stats import bn_stats
+
+    chains, _ = find_chains(gm)
+    for link in (link for chain in chains for link in chain.links):
+        stats = bn_stats(link.a)
+        meta = link.b.meta.setdefault("fxquant", {})
+        if stats is None:
+            meta[INPUT_KEY] = f"`{link.a.target}` has no folded BatchNorm, so its output distribution is unknown"
+        elif "max_pool" in link.kinds:
+            meta[INPUT_KEY] = "max pooling between the layers changes the mean in a way BN statistics cannot tell"
+        else:
+            expected = relu_normal_mean(stats["mean"], stats["std"]) if link.through_relu else stats["mean"]
+            meta[INPUT_KEY] = {"mean": expected.clone(), "repeat": link.repeat}
+
+
+def _bias(module: nn.Module) -> torch.Tensor:
+    """The layer's bias, created as zeros when it has none."""
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(out_channels(module), dtype=module.weight.dtype,
+                                               device=module.weight.device))
+    return module.bias
+
+
+def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirical",
+                 progress: bool = True) -> PTQReport:
+    """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
+    ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
+    ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
+    from fxquant.state import get_state
+
+    if method not in BIAS_CORRECTION_METHODS:
+        raise ValueError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
+    state = get_state(prepared)
+    if state is None or state.stage != "calibrated":
+        raise RuntimeError("correct_bias() needs a model that fxquant.calibrate() has run on")
+    report = PTQReport("bias_correction")
+    layers, notes = quantized_layers(prepared)
+    report.skipped += notes
+    shifts: dict[str, float] = {}
+    was_training = prepared.training
+    prepared.eval()
+    try:
+        if method == "empirical":
+            if batches is None or isinstance(batches, torch.Tensor):
+                raise TypeError("empirical bias correction needs batches: an iterable of calibration batches")
+            batches = list(batches)
+            if not batches:
+                raise ValueError("empirical bias correction needs at least one batch")
+            with float_mode(prepared):  # the float model's means, before any bias changes
+                targets = {}
+                for layer in layers:
+                    parts = capture(prepared, layer.module, batches, "output", reduce=channel_sum(layer.channel_dim))
+                    targets[layer.name] = sum(s for s, _ in parts) / sum(c for _, c in parts)
+            for layer in tqdm(layers, desc="fxquant bias correction", unit="layer", disable=not progress):
+                parts = capture(prepared, layer.module, batches, "output", reduce=channel_sum(layer.channel_dim))
+                shift = sum(s for s, _ in parts) / sum(c for _, c in parts) - targets[layer.name]
+                _apply(layer, shift, report, shifts)
+        else:
+            for layer in layers:
+                info = layer.node.meta.get("fxquant", {}).get(INPUT_KEY)
+                if not isinstance(info, dict):
+                    report.skipped.append(f"`{layer.name}`: " + (info or "its input does not come from a folded "
+                                                                 "Conv/Linear -> BatchNorm (-> ReLU)"))
+                    continue
+                with torch.no_grad():
+                    error = layer.quantizer(layer.module.weight) - layer.module.weight
+                    shift = input_response(layer.module, info["mean"], info["repeat"], weight=error)
+                _apply(layer, shift.double(), report, shifts)
+    finally:
+        prepared.train(was_training)
+    report.data = {"method": method, "max_shift": shifts}
+    attach(prepared, report)
+    return report
+
+
+@torch.no_grad()
+def _apply(layer, shift: torch.Tensor, report: PTQReport, shifts: dict) -> None:
+    bias = _bias(layer.module)
+    bias.sub_(shift.to(bias.dtype))
+    shifts[layer.name] = float(shift.abs().max())
+    report.done.append(f"`{layer.name}`: bias corrected by up to {shifts[layer.name]:.3g}")
