@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
 from fxquant.calib import CALIBRATORS
-from fxquant.capture import normalize_inputs, propagate_shapes, trace
+from fxquant.capture import normalize_inputs, propagate_shapes
 from fxquant.errors import CalibrationError, ConversionError
+from fxquant.hybrid import attach_state, prepare_parts
 from fxquant.lower.frozen import FrozenQuantizer
 from fxquant.passes.annotate import Annotations, annotate_pass
 from fxquant.passes.fold_bn import fold_bn
@@ -34,11 +35,14 @@ def _insert_pass(gm: fx.GraphModule) -> PassResult:
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
-            config: QuantConfig | None = None) -> fx.GraphModule:
+            config: QuantConfig | None = None) -> nn.Module:
     """Trace a copy of ``model`` (in eval mode), fold BatchNorm and insert quantizers for ``backend``.
 
     The user's model is never modified. Returns a GraphModule whose quantizers calibrate with
     ``calibrate``; ``fxquant.report_of(prepared)`` tells what was quantized and what stayed float and why.
+    Code torch.fx cannot trace runs eagerly: the result is then the model's own module tree with its traceable
+    parts as GraphModules and the Conv/Linear layers called from eager code swapped for quantized twins
+    (``QuantConfig.strict=True`` raises a TraceError instead).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
@@ -50,24 +54,34 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
         if spec is not None and not spec.fake_quant:
             raise ValueError("specs used in a model must have fake_quant=True (fake_quant=False returns integer "
                              "codes, which the next layer cannot consume)")
+    if config.rules:
+        backend = backend.with_rules(*config.rules)
     inputs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
-    gm = trace(work, config.leaf_modules)
-    propagate_shapes(gm, inputs)
-    passes = []
-    if config.fold_bn:
-        passes += ptq.before_fold(config)
-        passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))
-    passes += ptq.after_fold(config)  # equalization, bias absorption (QuantConfig.equalize / absorb_bias)
-    passes += [("annotate", partial(annotate_pass, backend=backend, config=config)),
-               ("insert_quantizers", _insert_pass)]
-    gm, results = run_passes(gm, passes)
-    report = _report(gm, backend, gm.meta.pop("fxquant_annotations"), results)
-    gm.meta["fxquant"] = QuantState(backend.name, config, "prepared", report)
+
+    def prepare_graph(gm: fx.GraphModule, unit_inputs: tuple) -> tuple[fx.GraphModule, PrepareReport]:
+        propagate_shapes(gm, unit_inputs)
+        passes = []
+        if config.fold_bn:
+            passes += ptq.before_fold(config)
+            passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))
+        passes += ptq.after_fold(config)  # equalization, bias absorption (QuantConfig.equalize / absorb_bias)
+        passes += [("annotate", partial(annotate_pass, backend=backend, config=config)),
+                   ("insert_quantizers", _insert_pass)]
+        gm, results = run_passes(gm, passes)
+        return gm, _report(gm, backend, gm.meta.pop("fxquant_annotations"), results)
+
+    # the traced parts (the whole model when torch.fx can trace it) and what runs eagerly: fxquant.hybrid
+    root, report = prepare_parts(work, inputs, backend, config, prepare_graph)
+    attach_state(root, QuantState(backend.name, config, "prepared", report))
     if report.float_ops:
         warnings.warn(f"{len(report.float_ops)} op(s) stay float:\n" +
                       "\n".join(f"  {e.node} ({e.kind}): {e.detail}" for e in report.float_ops), stacklevel=2)
-    return gm
+    if report.eager:
+        warnings.warn(f"{len(report.eager)} module(s) run eagerly (not traced); their Conv/Linear layers are "
+                      "quantized by module swap:\n" + "\n".join(f"  {e.node or '<root>'} ({e.kind}): {e.detail}"
+                                                                  for e in report.eager), stacklevel=2)
+    return root
 
 
 def _report(gm: fx.GraphModule, backend: Backend, ann: Annotations, results: dict[str, PassResult]) -> PrepareReport:
@@ -200,8 +214,9 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
     return prepared
 
 
-def convert(prepared: nn.Module) -> fx.GraphModule:
-    """A copy of the calibrated model with every quantizer frozen into a Q/DQ op (exportable to ONNX)."""
+def convert(prepared: nn.Module) -> nn.Module:
+    """A copy of the calibrated model with every quantizer frozen into a Q/DQ op (exportable to ONNX); a
+    GraphModule when the model was traced whole."""
     state = get_state(prepared)
     if state is None:
         raise ConversionError("convert() takes the model returned by fxquant.prepare() (after calibrate())")
@@ -217,7 +232,9 @@ def convert(prepared: nn.Module) -> fx.GraphModule:
         frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, name.endswith("weight_quantizer"))
         qmodel.set_submodule(name, frozen)
     qmodel.meta["fxquant"] = QuantState(state.backend, state.config, "converted", state.report)
-    qmodel.recompile()
+    for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
+        if isinstance(m, fx.GraphModule):
+            m.recompile()
     return qmodel
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import io
 import linecache
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -28,15 +30,18 @@ def matches(name: str, module: nn.Module, globs: Sequence[str]) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """Default leaves plus user globs; remembers which module it is inside for error messages."""
+    """Default leaves plus user globs and exact names; remembers which module it is inside for error messages."""
 
-    def __init__(self, leaf_globs: Sequence[str]) -> None:
+    def __init__(self, leaf_globs: Sequence[str], leaf_names: Collection[str] = ()) -> None:
         super().__init__()
         self.leaf_globs = tuple(leaf_globs)
+        self.leaf_names = frozenset(leaf_names)
         self._module_stack: list[tuple[str, nn.Module]] = []
         self.failed_in: list[tuple[str, nn.Module]] | None = None  # the module stack where tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names:
+            return True
         if self.leaf_globs and matches(module_qualified_name, m, self.leaf_globs):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -61,29 +66,70 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     return frames[-1] if frames else None
 
 
-def trace(model: nn.Module, leaf_globs: Sequence[str] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model``; on failure raise TraceError naming the module and the line."""
-    tracer = _Tracer(leaf_globs)
+@dataclass(frozen=True)
+class TraceFailure:
+    """Where and why torch.fx failed: ``module`` is the failing submodule's name relative to the traced
+    module ("" for the traced module's own code); ``reason`` is one line ending in the user's source line."""
+
+    module: str
+    cls: str
+    reason: str
+    message: str  # the full TraceError message, with what to do
+
+
+def try_trace(model: nn.Module, leaf_globs: Sequence[str] = (), leaf_names: Collection[str] = (),
+              concrete_args: dict[str, object] | None = None) -> tuple[fx.GraphModule | None, TraceFailure | None]:
+    """Symbolically trace ``model``: (GraphModule, None), or (None, where and why it failed)."""
+    tracer = _Tracer(leaf_globs, leaf_names)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
-        stack = tracer.failed_in or tracer._module_stack  # the stack is unwound by the time we get here
-        name, module = stack[-1] if stack else ("", model)
-        where = f"`{name}` ({type(module).__name__})" if name else f"the root module ({type(model).__name__})"
-        frame = _user_frame(exc)
-        line = ""
-        if frame is not None:
-            code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-            line = f" at {os.path.basename(frame.filename)}:{frame.lineno}: `{code}`"
-        if name:
-            fix = (f"To quantize the rest of the model, keep that module whole with "
-                   f"QuantConfig(leaf_modules=({name!r},)) (its insides then stay float and are reported), or "
-                   f"rewrite the line without data-dependent control flow.")
-        else:  # the root cannot be a leaf: nothing would be left to quantize
-            fix = ("Rewrite the line without data-dependent control flow, or move that code into a submodule and "
-                   "keep the submodule whole with QuantConfig(leaf_modules=('<its name>',)).")
-        raise TraceError(f"torch.fx could not trace {where}{line}: {type(exc).__name__}: {exc}. {fix}") from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return None, _failure(tracer, model, exc)
+    if concrete_args:
+        _keep_argument_names(model, graph)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), None
+
+
+def _keep_argument_names(model: nn.Module, graph: fx.Graph) -> None:
+    """torch.fx renames arguments fixed by concrete_args (``flag`` -> ``flag_1``); callers pass them by keyword,
+    so the traced forward keeps the original names."""
+    names = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(names) == len(placeholders):
+        for node, name in zip(placeholders, names, strict=True):
+            node.target = name
+
+
+def _failure(tracer: _Tracer, model: nn.Module, exc: Exception) -> TraceFailure:
+    stack = tracer.failed_in or tracer._module_stack  # the stack is unwound by the time we get here
+    name, module = stack[-1] if stack else ("", model)
+    where = f"`{name}` ({type(module).__name__})" if name else f"the root module ({type(model).__name__})"
+    frame = _user_frame(exc)
+    line = ""
+    if frame is not None:
+        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        line = f" at {os.path.basename(frame.filename)}:{frame.lineno}: `{code}`"
+    text = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {text[0] if text else ''}{line}"
+    if name:
+        fix = (f"To quantize the rest of the model, keep that module whole with "
+               f"QuantConfig(leaf_modules=({name!r},)) (its insides then stay float and are reported), run it "
+               f"eagerly and quantize inside it (the default without strict=True), or "
+               f"rewrite the line without data-dependent control flow.")
+    else:  # the root cannot be a leaf: nothing would be left to quantize
+        fix = ("Rewrite the line without data-dependent control flow, or move that code into a submodule and "
+               "keep the submodule whole with QuantConfig(leaf_modules=('<its name>',)); without strict=True "
+               "prepare() runs such code eagerly and quantizes the submodules it calls.")
+    message = f"torch.fx could not trace {where}{line}: {type(exc).__name__}: {exc}. {fix}"
+    return TraceFailure(name, type(module).__name__, reason, message)
+
+
+def trace(model: nn.Module, leaf_globs: Sequence[str] = (), concrete_args: dict[str, object] | None = None
+          ) -> fx.GraphModule:
+    """Symbolically trace ``model``; on failure raise TraceError naming the module and the line."""
+    gm, failure = try_trace(model, leaf_globs, concrete_args=concrete_args)
+    if failure is not None:
+        raise TraceError(failure.message)
     return gm
 
 

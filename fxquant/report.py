@@ -15,7 +15,12 @@ class OpEntry:
 
 @dataclass
 class PrepareReport:
-    """Filled by prepare(); ``summary()`` renders it, ``as_dict()`` gives it as data."""
+    """Filled by prepare(); ``summary()`` renders it, ``as_dict()`` and ``counts()`` give it as data.
+
+    Node names of parts traced separately (when the root could not be traced whole) are prefixed with the
+    part's module path, e.g. ``encoder.layer_0_output_dense``; layers quantized by module swap in eager code
+    are listed by their module path.
+    """
 
     backend: str
     quantized: list[OpEntry] = field(default_factory=list)
@@ -26,6 +31,34 @@ class PrepareReport:
     ptq: dict = field(default_factory=dict)  # PTQ pass name -> fxquant.ptq.report.PTQReport
     activation_quantizers: int = 0
     weight_quantizers: int = 0
+    traced: list[str] = field(default_factory=list)  # module paths traced as graphs ("" is the root)
+    eager: list[OpEntry] = field(default_factory=list)  # modules run eagerly: (path, class name, reason)
+    notes: list[str] = field(default_factory=list)  # arguments fixed while tracing, modules never called
+
+    def absorb(self, other: PrepareReport, prefix: str) -> None:
+        """Add the report of a part traced at module path ``prefix`` ("" for the root)."""
+        def name(n: str) -> str:
+            return f"{prefix}.{n}" if prefix else n
+
+        def rows(entries: list[OpEntry]) -> list[OpEntry]:
+            return [OpEntry(name(e.node), e.kind, e.detail) for e in entries]
+
+        self.quantized += rows(other.quantized)
+        self.passthrough += rows(other.passthrough)
+        self.float_ops += rows(other.float_ops)
+        self.folded_bn += [name(b) for b in other.folded_bn]
+        self.skipped += [f"`{prefix}`: {note}" if prefix else note for note in other.skipped]
+        for pass_name, r in other.ptq.items():
+            self.ptq[name(pass_name)] = r
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Ops per kind: ``{kind: {"quantized": n, "pass-through": n, "float": n}}`` (zeros included)."""
+        table: dict[str, dict[str, int]] = {}
+        for column, entries in (("quantized", self.quantized), ("pass-through", self.passthrough),
+                                ("float", self.float_ops)):
+            for kind, n in Counter(e.kind for e in entries).items():
+                table.setdefault(kind, {"quantized": 0, "pass-through": 0, "float": 0})[column] = n
+        return dict(sorted(table.items()))
 
     def as_dict(self) -> dict:
         def rows(entries: list[OpEntry]) -> list[dict]:
@@ -41,21 +74,42 @@ class PrepareReport:
             "activation_quantizers": self.activation_quantizers,
             "weight_quantizers": self.weight_quantizers,
             "ptq": {name: r.as_dict() for name, r in self.ptq.items()},
+            "traced": list(self.traced),
+            "eager": [{"module": e.node, "class": e.kind, "reason": e.detail} for e in self.eager],
+            "notes": list(self.notes),
             "counts": {"quantized": dict(Counter(e.kind for e in self.quantized)),
+                       "passthrough": dict(Counter(e.kind for e in self.passthrough)),
                        "float": dict(Counter(e.kind for e in self.float_ops))},
+            "counts_by_kind": self.counts(),
         }
 
-    def summary(self) -> str:
+    def headline(self) -> str:
+        """One line: how many ops were quantized, passed through, left float; quantizers; folded BatchNorms."""
         kinds = Counter(e.kind for e in self.quantized)
-        lines = [
-            f"fxquant prepare ({self.backend}): {len(self.quantized)} ops quantized "
-            f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}), "
-            f"{len(self.passthrough)} pass-through, {len(self.float_ops)} float; "
-            f"{self.activation_quantizers} activation + {self.weight_quantizers} weight quantizers; "
-            f"{len(self.folded_bn)} BatchNorm folded",
-        ]
-        lines += [f"  float  {e.node} ({e.kind}): {e.detail}" for e in self.float_ops]
+        eager = f", {len(self.eager)} module(s) run eagerly" if self.eager else ""
+        return (f"fxquant prepare ({self.backend}): {len(self.quantized)} ops quantized "
+                f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}), "
+                f"{len(self.passthrough)} pass-through, {len(self.float_ops)} float{eager}; "
+                f"{self.activation_quantizers} activation + {self.weight_quantizers} weight quantizers; "
+                f"{len(self.folded_bn)} BatchNorm folded")
+
+    def summary(self, ops: bool = True) -> str:
+        """The headline, a table of ops per kind, then (with ``ops``) every quantized op with its rule, every
+        float op with the reason, every module that ran eagerly with the reason, and notes."""
+        lines = [self.headline()]
+        counts = self.counts()
+        if counts:
+            width = max(len(k) for k in counts) + 2
+            lines.append(f"  {'kind':<{width}}{'quantized':>10}{'pass-through':>14}{'float':>7}")
+            lines += [f"  {kind:<{width}}{c['quantized']:>10}{c['pass-through']:>14}{c['float']:>7}"
+                      for kind, c in counts.items()]
+        if ops:
+            width = max((len(e.node) for e in (*self.quantized, *self.float_ops)), default=0)
+            lines += [f"  quant  {e.node:<{width}}  {e.kind:<12} {e.detail}" for e in self.quantized]
+            lines += [f"  float  {e.node:<{width}}  {e.kind:<12} {e.detail}" for e in self.float_ops]
+        lines += [f"  eager  {e.node or '<root>'} ({e.kind}): {e.detail}" for e in self.eager]
         lines += [f"  skip   {note}" for note in self.skipped]
+        lines += [f"  note   {note}" for note in self.notes]
         for r in self.ptq.values():
             lines += ["  " + line for line in r.summary().splitlines()]
         return "\n".join(lines)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from fxquant.calib import CALIBRATORS, HISTOGRAM_METHODS
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS, AdaRoundOptions
+from fxquant.rules.rule import Rule, check_rules
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -149,7 +150,15 @@ class QuantConfig:
         activation: replaces the backend's default activation spec (None keeps it).
         overrides: per-module specs and exclusions; later entries win.
         leaf_modules: globs on module names or class names that tracing keeps whole (their insides stay
-            float and are reported); use it for modules torch.fx cannot trace.
+            float and are reported).
+        non_traceable: globs on module names or class names that run eagerly (not traced); the modules they
+            call are traced or, for Conv/Linear layers, quantized by module swap. Modules torch.fx fails on are
+            found automatically; this names them up front (or marks code that traces but must not be).
+        concrete_args: values fixed for the root forward's arguments while tracing (``torch.fx``'s
+            ``concrete_args``), e.g. ``{"output_attentions": False}``. Arguments the example inputs leave out
+            that have non-tensor defaults are fixed at their defaults anyway.
+        rules: extra placement rules (``fxquant.Rule``) composed with the backend's by priority; see
+            ``Backend.with_rules``.
         fold_bn: fold BatchNorm into the preceding Conv/Linear.
         strict: raise instead of warning when a pass must skip something.
         equalize: cross-layer equalization in prepare, after BN folding (``fxquant.ptq.equalize``).
@@ -164,6 +173,9 @@ class QuantConfig:
     activation: QuantSpec | None = None
     overrides: tuple[Override, ...] = ()
     leaf_modules: tuple[str, ...] = ()
+    non_traceable: tuple[str, ...] = ()
+    concrete_args: tuple[tuple[str, object], ...] = ()
+    rules: tuple[Rule, ...] = ()
     fold_bn: bool = True
     strict: bool = False
     equalize: bool = False
@@ -185,6 +197,15 @@ class QuantConfig:
         if isinstance(self.leaf_modules, str) or not isinstance(self.leaf_modules, (tuple, list)):
             raise TypeError("QuantConfig.leaf_modules must be a tuple of globs, e.g. ('encoder.*', 'MyBlock')")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        if isinstance(self.non_traceable, str) or not isinstance(self.non_traceable, (tuple, list)):
+            raise TypeError("QuantConfig.non_traceable must be a tuple of globs, e.g. ('detect', 'MyAttention')")
+        object.__setattr__(self, "non_traceable", tuple(self.non_traceable))
+        for field_name in ("leaf_modules", "non_traceable"):
+            for glob in getattr(self, field_name):
+                if not isinstance(glob, str) or not glob:
+                    raise TypeError(f"QuantConfig.{field_name} holds {glob!r}; use non-empty glob strings")
+        object.__setattr__(self, "concrete_args", _pairs(self.concrete_args))
+        object.__setattr__(self, "rules", check_rules(self.rules, "QuantConfig.rules"))
         for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} must be True or False")
@@ -211,3 +232,14 @@ class QuantConfig:
         if self.adaround is True:
             return AdaRoundOptions()
         return self.adaround or None
+
+
+def _pairs(value: object) -> tuple[tuple[str, object], ...]:
+    """concrete_args as (name, value) pairs: a dict at the boundary, a tuple inside the frozen config."""
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
+        raise TypeError("QuantConfig.concrete_args must be a dict of forward argument names to values, "
+                        "e.g. {'output_attentions': False}")
+    return tuple(value)

@@ -148,7 +148,7 @@ def test_untraceable_submodule_names_path_line_and_leaf_modules():
     model = _Untraceable().eval()
     snap = _snapshot(model)
     with pytest.raises(fxquant.TraceError) as info:
-        fxquant.prepare(model, _x())
+        fxquant.prepare(model, _x(), config=QuantConfig(strict=True))
     msg = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert "could not trace `block` (_Gated)" in msg
@@ -169,7 +169,7 @@ def test_untraceable_submodule_names_path_line_and_leaf_modules():
 def test_untraceable_nested_submodule_is_named_by_its_path():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), _Gated()))
     with pytest.raises(fxquant.TraceError, match=r"could not trace `1\.1` \(_Gated\)") as info:
-        fxquant.prepare(model, _x())
+        fxquant.prepare(model, _x(), config=QuantConfig(strict=True))
     assert "QuantConfig(leaf_modules=('1.1',))" in str(info.value)
 
 
@@ -188,7 +188,7 @@ def test_untraceable_root_module_does_not_suggest_making_the_root_a_leaf():
     model = Root().eval()
     snap = _snapshot(model)
     with pytest.raises(fxquant.TraceError) as info:
-        fxquant.prepare(model, _x())
+        fxquant.prepare(model, _x(), config=QuantConfig(strict=True))
     msg = str(info.value)
     assert "could not trace the root module (Root)" in msg
     assert "`if y.mean() > 0:`" in msg

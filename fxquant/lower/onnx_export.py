@@ -20,11 +20,12 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
-from torch.utils._pytree import tree_leaves
 
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
+from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
+from fxquant.lower.specialize import data_dependent_site, export_specialized
 from fxquant.metrics import sqnr
 from fxquant.state import get_state
 
@@ -61,9 +62,18 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
                                   f"pass opset=21")
     inputs = normalize_inputs(example_inputs)
     path = os.fspath(path)
-    proto = _export(model, inputs, opset, dynamic_batch)
+    with torch.no_grad():
+        sample = model(*inputs)
+    wrapped = needs_flattening(sample)  # dicts, dataclasses (ModelOutput-style), None entries: flat, named
+    if wrapped:
+        proto = _export(FlatOutputs(model), inputs, opset, dynamic_batch,
+                        output_names=[name for name, _ in flat_outputs(sample)])
+    else:
+        proto = _export(model, inputs, opset, dynamic_batch)
     fold_weight_quantization(proto)
     name_nodes(proto)
+    if wrapped:
+        strip_wrapper_prefix(proto)
     if state.backend == "onnxruntime":
         quantize_biases(proto)
     _set_metadata(proto, state)
@@ -92,10 +102,11 @@ def export_float_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tup
     return path
 
 
-def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
+            output_names: list[str] | None = None) -> onnx.ModelProto:
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     kwargs = dict(dynamo=True, custom_translation_table=TRANSLATIONS, opset_version=opset, input_names=names,
-                  verbose=False)
+                  output_names=output_names, verbose=False)
     if dynamic_batch:
         try:
             return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": _batch_dims(inputs)})
@@ -111,9 +122,21 @@ def _batch_dims(inputs: tuple) -> tuple:
 
 
 def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.ModelProto:
+    where = None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, inputs, **kwargs)
+        try:
+            program = torch.onnx.export(model, inputs, **kwargs)
+        except Exception as exc:
+            where = data_dependent_site(exc)
+            if where is None:
+                raise
+            program = export_specialized(model, inputs, kwargs)
+    if where is not None:
+        warnings.warn(f"data-dependent control flow ({where}) cannot be expressed in ONNX: the export follows the "
+                      "branch the example inputs took, so the ONNX model matches the torch model only on inputs "
+                      "that take the same branches. Use torch.cond for both branches, or pass example inputs "
+                      "that take the branch you deploy", stacklevel=4)
     return program.model_proto
 
 
@@ -258,7 +281,7 @@ def run_ort(session, inputs: tuple) -> list[np.ndarray]:
 def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str = "all") -> float:
     """Worst SQNR (dB) over the outputs of ONNX Runtime against the fake-quant model's on ``inputs``."""
     with torch.no_grad():
-        expected = [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+        expected = [t for _, t in flat_outputs(model(*inputs))]
     got = run_ort(ort_session(path, level=level), inputs)
     if len(got) != len(expected):
         raise ConversionError(f"the ONNX model has {len(got)} outputs but the torch model returns {len(expected)}")
