@@ -183,10 +183,12 @@ class _Acc:
 
 
 class Probe:
-    """Runs a prepared model with chosen quantizers on and returns its outputs plus the layers' outputs.
+    """Runs a prepared model as if only some layers (units) were quantized; returns its outputs and taps.
 
-    The probe shares the prepared model's modules, so switching quantizer modes switches them in both; the
-    original modes are restored by ``restore()``.
+    ``configure(units)`` builds a GraphModule sharing the prepared model's modules in which each activation
+    quantizer acts only on the edges that an active unit asked for (its other users read the float value) and
+    weight quantizers of inactive units are disabled: what preparing with the other units excluded gives.
+    ``restore()`` puts the original quantizer modes back.
     """
 
     def __init__(self, prepared: fx.GraphModule, layers: Sequence[Layer], batches: Iterable) -> None:
@@ -197,35 +199,65 @@ class Probe:
             raise CalibrationError("sensitivity needs at least one batch of data")
         self.quantizers = _quantizer_modules(prepared)
         self.modes = {name: q.mode for name, q in self.quantizers.items()}
-        self.enabled = {name for name, mode in self.modes.items() if mode != "disabled"}
+        self.weight_units = {f"{n.target}.weight_quantizer": n.meta["fxquant"]["unit"] for n in prepared.graph.nodes
+                             if n.op == "call_module" and f"{n.target}.weight_quantizer" in self.quantizers
+                             and "unit" in n.meta.get("fxquant", {})}
+        self.was_training = prepared.training
+        self.module: fx.GraphModule | None = None
+
+    def configure(self, units: Iterable[str], taps: bool = True) -> fx.GraphModule:
+        """Quantize as the units ``units`` ask (quantizers the user disabled stay disabled). The module
+        returns ``(model output, layer outputs)``, or only the model output with ``taps=False``."""
+        active = set(units)
+        for name, q in self.quantizers.items():
+            if name in self.weight_units:
+                q.set_mode(self.modes[name] if self.weight_units[name] in active else "disabled")
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        out = graph.graph_copy(prepared.graph, env)
-        by_name = {n.name: n for n in prepared.graph.nodes}
-        taps = [env[by_name[layer.output_node]] if layer.output_node in by_name else None for layer in self.layers]
-        graph.output((out, tuple(t for t in taps if t is not None)))
-        self.tap_index = {}
-        for i, t in enumerate(taps):
-            if t is not None:
-                self.tap_index[i] = len(self.tap_index)
-        self.module = fx.GraphModule(prepared, graph)
-        self.was_training = prepared.training
+        source: dict[fx.Node, fx.Node] = {}  # quantizer call -> the value it quantizes (in the new graph)
+        outputs = []
+        by_name = {}
+        for n in self.prepared.graph.nodes:
+            by_name[n.name] = n
 
-    def set_active(self, names: Iterable[str]) -> None:
-        """Quantize with exactly the quantizers ``names`` (those the user disabled stay disabled)."""
-        on = set(names) & self.enabled
-        for name, q in self.quantizers.items():
-            q.set_mode("quant" if name in on else "disabled")
+            def lookup(a: fx.Node, user: fx.Node = n) -> fx.Node:
+                return env[a] if a not in source or self._acts(a, user, active) else source[a]
+
+            if n.op == "output":
+                out = fx.node.map_arg(n.args[0], lookup)
+                continue
+            env[n] = graph.node_copy(n, lookup)
+            if n.op == "call_module" and n.target in self.quantizers and "asks" in n.meta.get("fxquant", {}):
+                source[n] = lookup(n.args[0])
+        for layer in self.layers:
+            node = by_name.get(layer.output_node)
+            if node is not None and node in source and not any(self._acts(node, u, active) for u in node.users):
+                outputs.append(source[node])
+            else:
+                outputs.append(env[node] if node is not None else None)
+        graph.output((out, tuple(outputs)) if taps else out)
+        self.module = fx.GraphModule(self.prepared, graph).eval()
+        self.module.meta["fxquant"] = get_state(self.prepared)
+        return self.module
+
+    @staticmethod
+    def _acts(quantizer: fx.Node, user: fx.Node, active: set[str]) -> bool:
+        asks = quantizer.meta["fxquant"]["asks"]
+        return any(unit in active and (target is None or target == user.name) for unit, target in asks)
 
     @torch.no_grad()
     def run(self) -> list[tuple[list[torch.Tensor], tuple]]:
-        """(model output leaves, layer outputs) per batch, with the current quantizer modes."""
-        self.module.eval()
+        """(model output leaves, layer outputs) per batch, as last configured."""
         results = []
         for batch in self.batches:
             out, taps = self.module(*batch)
             results.append(([t for t in tree_leaves(out) if isinstance(t, torch.Tensor)], taps))
         return results
+
+    @torch.no_grad()
+    def run_one(self, batch: tuple) -> list[torch.Tensor]:
+        """The model output leaves for one batch, as last configured."""
+        return [t for t in tree_leaves(self.module(*batch)[0]) if isinstance(t, torch.Tensor)]
 
     def restore(self) -> None:
         for name, q in self.quantizers.items():
@@ -233,16 +265,14 @@ class Probe:
         self.prepared.train(self.was_training)
 
 
-def _compare(reference: list, test: list, layer: int | None, tap_index: dict[int, int]) -> tuple[float, float]:
+def _compare(reference: list, test: list, layer: int | None) -> tuple[float, float]:
     model_acc, out_acc = _Acc(), _Acc()
     for (ref_out, ref_taps), (out, taps) in zip(reference, test, strict=True):
         for r, t in zip(ref_out, out, strict=True):
             model_acc.add(r, t)
-        if layer is not None and layer in tap_index:
-            r, t = ref_taps[tap_index[layer]], taps[tap_index[layer]]
-            if isinstance(r, torch.Tensor):
-                out_acc.add(r, t)
-    return model_acc.db, (out_acc.db if out_acc.signal or out_acc.noise else math.nan)
+        if layer is not None and isinstance(ref_taps[layer], torch.Tensor):
+            out_acc.add(ref_taps[layer], taps[layer])
+    return model_acc.db, (out_acc.db if layer is not None and (out_acc.signal or out_acc.noise) else math.nan)
 
 
 def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = True) -> SensitivityReport:
@@ -262,24 +292,23 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
     if not layers:
         raise CalibrationError("this model has no quantized layers to analyse")
     probe = Probe(prepared, layers, batches)
+    units = [layer.node for layer in layers]
     rows = []
     bar = tqdm(total=2 * len(layers) + 2, desc="fxquant sensitivity", unit="run", disable=not progress)
     try:
-        probe.set_active(())
+        probe.configure(())
         reference = probe.run()
         bar.update()
-        cumulative: set[str] = set()
         for i, layer in enumerate(layers):
-            probe.set_active(layer.quantizers)
-            only = _compare(reference, probe.run(), i, probe.tap_index)
+            probe.configure((layer.node,))
+            only = _compare(reference, probe.run(), i)
             bar.update()
-            cumulative.update(layer.quantizers)
-            probe.set_active(cumulative)
-            upto = _compare(reference, probe.run(), i, probe.tap_index)
+            probe.configure(units[:i + 1])
+            upto = _compare(reference, probe.run(), i)
             bar.update()
             rows.append((layer, only, upto))
-        probe.set_active(probe.enabled)
-        full_db = _compare(reference, probe.run(), None, {})[0]
+        probe.configure(units)
+        full_db = _compare(reference, probe.run(), None)[0]
         bar.update()
     finally:
         bar.close()
@@ -289,8 +318,9 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
     result = [LayerSensitivity(layer.name, layer.kind, i, rank[i], only[0], upto[0], only[1], upto[1],
                                layer.quantizers) for i, (layer, only, upto) in enumerate(rows)]
     notes = []
-    lone = [q for q in probe.enabled if not any(q in layer.quantizers for layer in layers)]
+    lone = [n.name for n in prepared.graph.nodes if n.op == "call_module" and n.target in probe.quantizers
+            and "asks" not in n.meta.get("fxquant", {})]
     if lone:
-        notes.append(f"{len(lone)} quantizer(s) belong to no layer and are on only in the full model: "
+        notes.append(f"{len(lone)} quantizer call(s) carry no provenance and stay on in every run: "
                      + ", ".join(sorted(lone)[:6]))
     return SensitivityReport(state.backend, result, full_db, len(probe.batches), notes)

@@ -32,6 +32,7 @@ class _Slot:
     all_users: bool = False
     rules: list[str] = field(default_factory=list)
     units: list[str] = field(default_factory=list)  # the quantized units (rule matches) that asked for it
+    asks: list[tuple[str | None, str | None]] = field(default_factory=list)  # (unit, user node or None = all)
 
 
 class _UnionFind:
@@ -63,6 +64,9 @@ def _slots(ann: Annotations) -> tuple[dict[SlotKey, _Slot], list[SlotKey]]:
             slot.rules.append(r.rule)
         if r.unit is not None and r.unit not in slot.units:
             slot.units.append(r.unit)
+        ask = (r.unit, None if r.user is None else r.user.name)
+        if ask not in slot.asks:
+            slot.asks.append(ask)
         keys.append(key)
     return slots, keys
 
@@ -122,7 +126,7 @@ def insert_quantizers(gm: fx.GraphModule, ann: Annotations) -> PassResult:
                 q = graph.call_module(modules[root], (value,))
             q.meta["tensor_meta"] = value.meta.get("tensor_meta")
             q.meta["fxquant"] = {"pass": "insert_quantizers", "rules": list(slot.rules),
-                                 "units": list(slot.units), "quantizes": value.name}
+                                 "units": list(slot.units), "asks": list(slot.asks), "quantizes": value.name}
             for user in users:
                 user.replace_input_with(value, q)
     for node, (spec, rule) in ann.weights.items():
