@@ -3,7 +3,8 @@
 Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
 weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
 onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
-fuse QLinearConv/QGemm); nodes are named after the modules they come from; metadata records the backend.
+fuse QLinearConv/QGemm); nodes are named after the modules they come from; metadata records fxquant's version,
+the backend and the calibration methods; ONNX shape inference fills in every intermediate shape.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if state.backend == "onnxruntime":
         quantize_biases(proto)
     _set_metadata(proto, state)
+    proto = infer_shapes(proto)
     onnx.checker.check_model(proto, full_check=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save(proto, path)
@@ -227,6 +229,12 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
     return done
 
 
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with ONNX shape inference applied (value_info for every intermediate tensor, including
+    those the passes above added), checked strictly: an inconsistent graph fails here, not in a runtime."""
+    return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+
+
 def name_nodes(proto: onnx.ModelProto) -> None:
     """Name each node ``<module path>/<OpType>`` (unique-ified): Q/DQ after the quantizer whose scale they
     read, other nodes from the exporter's scope metadata."""
@@ -240,19 +248,31 @@ def name_nodes(proto: onnx.ModelProto) -> None:
                 parts = ast.literal_eval(scopes) if scopes else []
             except (ValueError, SyntaxError):
                 parts = []
-            prefix = parts[-2] if len(parts) >= 2 else (parts[0] if parts else node.name.removeprefix("node_"))
+            # the innermost module scope; a root-level function gets the exporter's name for it (e.g. view)
+            prefix = next((p for p in reversed(parts[:-1]) if p), parts[-1] if parts else "") \
+                or node.name.removeprefix("node_")
         base = f"{prefix}/{node.op_type}"
         used[base] += 1
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
 def _set_metadata(proto: onnx.ModelProto, state: object) -> None:
+    """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
     from fxquant import __version__
+    from fxquant.backends import get_backend
+
+    backend, config = get_backend(state.backend), state.config
+
+    def methods(role: str) -> str:
+        specs = [getattr(config, role) or getattr(backend, role)]
+        specs += [getattr(o, role) for o in config.overrides if getattr(o, role) is not None]
+        return ",".join(sorted({s.calib_method for s in specs}))
 
     proto.producer_name, proto.producer_version = "fxquant", __version__
-    methods = sorted({s.calib_method for s in (state.config.activation, state.config.weight) if s} or {"max"})
     props = {p.key: p.value for p in proto.metadata_props}
-    props.update({"fxquant.backend": state.backend, "fxquant.calib_method": ",".join(methods)})
+    props.update({"fxquant.version": __version__, "fxquant.backend": state.backend,
+                  "fxquant.calib_method": methods("activation"), "fxquant.weight_calib_method": methods("weight"),
+                  "fxquant.float_ops": ",".join(e.node for e in state.report.float_ops)})
     helper.set_model_props(proto, props)
 
 
