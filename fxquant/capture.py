@@ -86,18 +86,21 @@ def try_trace(model: nn.Module, leaf_globs: Sequence[str] = (), leaf_names: Coll
     except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
         return None, _failure(tracer, model, exc)
     if concrete_args:
-        _keep_argument_names(model, graph)
+        _keep_argument_names(model, graph, concrete_args)
     return fx.GraphModule(tracer.root, graph, type(model).__name__), None
 
 
-def _keep_argument_names(model: nn.Module, graph: fx.Graph) -> None:
+def _keep_argument_names(model: nn.Module, graph: fx.Graph, fixed: dict[str, object]) -> None:
     """torch.fx renames arguments fixed by concrete_args (``flag`` -> ``flag_1``); callers pass them by keyword,
-    so the traced forward keeps the original names."""
+    so the traced forward keeps the original names, with the fixed values as defaults."""
     names = list(inspect.signature(model.forward).parameters)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(names) == len(placeholders):
-        for node, name in zip(placeholders, names, strict=True):
-            node.target = name
+    if len(names) != len(placeholders):
+        return
+    for node, name in zip(placeholders, names, strict=True):
+        node.target = name
+        if name in fixed and isinstance(fixed[name], (bool, int, float, str, type(None))):
+            node.args = (fixed[name],)
 
 
 def _failure(tracer: _Tracer, model: nn.Module, exc: Exception) -> TraceFailure:
@@ -150,6 +153,10 @@ class _ShapeProp(ShapeProp):
 
     current: fx.Node | None = None
 
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
+        # fx hands modules immutable lists; the generated code passes plain ones, which eager code may mutate
+        return super().call_module(target, _mutable(args), _mutable(kwargs))
+
     def run_node(self, n: fx.Node) -> object:
         self.current = n
         buf = io.StringIO()
@@ -158,6 +165,16 @@ class _ShapeProp(ShapeProp):
         if buf.getvalue():  # the node's own output to stderr (e.g. warnings), passed on when it succeeded
             sys.stderr.write(buf.getvalue())
         return result
+
+
+def _mutable(value: object) -> object:
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:

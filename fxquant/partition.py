@@ -98,8 +98,6 @@ class _Partitioner:
         return self._recorder.calls
 
     def eager(self, path: str, module: nn.Module, reason: str) -> None:
-        if self.config.strict:
-            raise TraceError(reason)
         self.result.eager.append((path, type(module).__name__, reason))
         for name, child in module.named_children():
             self.visit(_join(path, name), child)
@@ -159,6 +157,8 @@ class _Partitioner:
             if not failure.module or failure.module in leaves:  # the module's own code: it runs eagerly
                 self.eager(path, module, f"torch.fx failed: {failure.reason}")
                 return
+            for inner in [name for name in leaves if name.startswith(f"{failure.module}.")]:
+                del leaves[inner]  # inside the new leaf: revisited from there
             leaves[failure.module] = (module.get_submodule(failure.module), f"torch.fx failed: {failure.reason}")
         self.result.units.append(Unit(path, gm, values, fixed))
         for name, (child, reason) in leaves.items():

@@ -125,7 +125,9 @@ def _batch_dims(inputs: tuple) -> tuple:
 
 def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.ModelProto:
     where = None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # the exporter prints each failed capture attempt's graph; failures reach the caller as exceptions
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(model, inputs, **kwargs)
