@@ -10,7 +10,9 @@ import operator
 
 import torch
 import torch.nn.functional as F
+import torchvision.ops
 from torch import fx, nn
+from torchvision.models import swin_transformer
 
 MODULE_KINDS: dict[type, str] = {
     nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
@@ -42,6 +44,16 @@ FUNCTION_KINDS: dict[object, str] = {
     F.dropout: "identity",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu", F.hardswish: "hardswish", F.gelu: "gelu",
     F.softmax: "softmax", torch.softmax: "softmax", F.layer_norm: "layer_norm",
+    F.hardsigmoid: "hardsigmoid", torch.tanh: "tanh", torch.mean: "mean",
+    torch.einsum: "matmul",  # the exporter lowers a two-operand einsum to (batched) MatMul
+    torch.transpose: "permute", torch.permute: "permute", torch.swapaxes: "permute",
+    torch.chunk: "split", torch.split: "split", torch.unbind: "split", operator.getitem: "getitem",
+    torch.stack: "cat",
+    # StochasticDepth is the identity in eval mode, which prepare() traces in
+    torchvision.ops.stochastic_depth: "identity",
+    F.pad: "pad", swin_transformer._patch_merging_pad: "pad",
+    # torchvision wraps it with torch.fx.wrap: one opaque call holding Linear layers and attention matmuls
+    swin_transformer.shifted_window_attention: "window_attention",
 }
 
 METHOD_KINDS: dict[str, str] = {
@@ -50,6 +62,7 @@ METHOD_KINDS: dict[str, str] = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "squeeze": "reshape", "unsqueeze": "reshape",
     "contiguous": "identity", "permute": "permute", "transpose": "permute",
     "matmul": "matmul", "bmm": "matmul", "sigmoid": "sigmoid", "softmax": "softmax", "mean": "mean",
+    "swapaxes": "permute", "expand": "reshape", "chunk": "split", "split": "split", "unbind": "split",
 }
 
 WEIGHTED_KINDS = frozenset({"conv", "conv_transpose", "linear"})

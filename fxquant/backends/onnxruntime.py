@@ -8,18 +8,59 @@
 - Q/DQ on the inputs and outputs of Conv, Gemm, MatMul, Add, Mul, Concat and average pooling; a ReLU/Clip
   right after Conv/Gemm/Add is absorbed by the output quantizer (ORT removes it); max-pool, reshapes and
   concat share one scale between input and output so ORT can drop their Q/DQ.
+- Sigmoid and Softmax get Q/DQ on input and output (ORT's QLinearSigmoid / QLinearSoftmax); MatMul has both
+  inputs quantized (QLinearMatMul), so attention's Q @ K^T and softmax @ V run in int8.
+- Add/Mul with a constant tensor operand (a layer scale, a position embedding) quantize the constant too, per
+  tensor with the activation type (QLinearAdd/QLinearMul take one uint8 scale per input), calibrated by max.
+- Ops ORT has no int8 kernel or QDQ fusion for (SiLU, Hardswish, Hardsigmoid, GELU, tanh, LayerNorm, unfolded
+  BatchNorm, ReduceMean, Pad, slicing) stay float between DequantizeLinear and QuantizeLinear, with that reason.
 """
 
 from __future__ import annotations
 
+from torch import fx
+
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import quantizable_weight, two_activation_inputs
 from fxquant.ops import WEIGHTED_KINDS
-from fxquant.rules import Pattern, Quantize, Rule, single_user
+from fxquant.passes.annotate import AnnotationContext, Request
+from fxquant.rules import Match, Pattern, Quantize, Rule, single_user
 from fxquant.spec import QuantSpec
 
 CLAMPS = frozenset({"relu", "relu6", "hardtanh"})
 BINARY = frozenset({"add", "mul"})
+
+
+def binary_with_constant(match: Match, ctx: AnnotationContext) -> str | None:
+    """Add/Mul of one activation and one constant tensor: quantize both inputs and the output (QLinearAdd/Mul)."""
+    op = match["op"]
+    acts = ctx.activation_inputs(op)
+    consts = [a for a in op.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    if len(acts) != 1 or len(consts) != 1:
+        return (f"`{op.name}` combines {len(acts)} activation tensor(s) with {len(consts)} constant tensor(s) "
+                "(a Python number has no tensor to quantize): ORT's QLinearAdd/QLinearMul need two quantized tensors")
+    ctx.request_input(op, acts[0], "binary_constant")
+    spec = ctx.spec(op, "activation").with_(calib_method="max")  # the constant's exact range
+    ctx.ann.requests.append(Request(consts[0], op, spec, "binary_constant"))
+    ctx.request_output(op, "binary_constant")
+    return None
+
+
+def _no_kernel(what: str) -> str:
+    return f"ONNX Runtime has no int8 {what} kernel or QDQ fusion: it runs in float between DequantizeLinear and " \
+           "QuantizeLinear"
+
+
+FLOAT_REASONS = {
+    "silu": _no_kernel("SiLU"), "hardswish": _no_kernel("HardSwish"), "hardsigmoid": _no_kernel("HardSigmoid"),
+    "gelu": _no_kernel("GELU"), "tanh": _no_kernel("Tanh"), "layer_norm": _no_kernel("LayerNormalization"),
+    "batch_norm": _no_kernel("BatchNormalization") + " (a BatchNorm that follows no conv cannot be folded)",
+    "mean": _no_kernel("ReduceMean"), "pad": _no_kernel("Pad"),
+    "split": "ORT fuses Split only with equal Q/DQ on every output; fxquant leaves split/chunk in float",
+    "getitem": "slicing runs in float on the dequantized tensor; the next quantized op requantizes it",
+    "window_attention": ("torchvision wraps shifted_window_attention with torch.fx.wrap (data-dependent padding "
+                         "and shifts), so it is traced as one call: its Linear layers and matmuls run in float"),
+}
 
 ONNXRUNTIME = Backend(
     name="onnxruntime",
@@ -36,11 +77,15 @@ ONNXRUNTIME = Backend(
              checks=(single_user("op"), two_activation_inputs("op")), priority=30),
         Rule("binary", Pattern.chain(("op", BINARY)), Quantize(inputs="op", output="op"),
              checks=(two_activation_inputs("op"),), priority=20),
+        Rule("binary_constant", Pattern.chain(("op", BINARY)), handler=binary_with_constant, priority=15),
         Rule("matmul", Pattern.chain(("op", "matmul")), Quantize(inputs="op", output="op"), priority=20),
+        Rule("sigmoid_softmax", Pattern.chain(("op", {"sigmoid", "softmax"})), Quantize(inputs="op", output="op"),
+             priority=20),
         Rule("avg_pool", Pattern.chain(("op", "avg_pool")), Quantize(inputs="op", output="op"), priority=20),
         Rule("concat", Pattern.chain(("op", "cat")), Quantize(inputs="op", output="op", share=True), priority=20),
         Rule("same_scale", Pattern.chain(("op", {"max_pool", "reshape", "permute", "identity"})),
              Quantize(inputs="op", output="op", share=True), priority=10),
     ),
     passthrough=frozenset(),
+    float_reasons=FLOAT_REASONS,
 )

@@ -4,7 +4,13 @@
 - Quantize the inputs of weighted ops (Conv, ConvTranspose, Linear, MatMul); never their outputs.
 - Residual adds: quantize the skip input only, so TensorRT fuses Conv + Add (+ReLU) on the other input
   (NVIDIA/TensorRT#1992); adds that are not residuals get no quantizer.
-- Concat: all quantizers on its inputs and output share one scale. ReLU, pooling and reshapes pass through.
+- Concat: all quantizers on its inputs and output share one scale. ReLU, pooling, reshapes, permutes,
+  slicing and eval-mode stochastic depth pass through (TensorRT propagates Q/DQ across them).
+- Attention: both inputs of a MatMul (Q @ K^T, softmax @ V) are quantized, as for any weighted op.
+- Pointwise math (SiLU, Hardswish, Hardsigmoid, GELU, sigmoid, tanh, elementwise mul by an SE gate or a layer
+  scale), LayerNorm and Softmax stay in fp32/fp16 on purpose: TensorRT fuses pointwise ops into the producing
+  layer's epilogue and has no int8 normalization or softmax kernel; the next weighted op's input quantizer
+  requantizes their output (TensorRT's Q/DQ placement guidance: quantize the inputs of weighted ops only).
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ def concat_shared_scale(match: Match, ctx: AnnotationContext) -> str | None:
     return None
 
 
+_POINTWISE = ("TensorRT fuses pointwise activations into the producing layer's epilogue and computes them in "
+              "fp32/fp16; the next weighted op's input quantizer requantizes the result")
+FLOAT_REASONS = {
+    **dict.fromkeys(("silu", "hardswish", "hardsigmoid", "gelu", "sigmoid", "tanh"), _POINTWISE),
+    "mul": ("TensorRT computes elementwise multiplies (SE gates, layer scales) in fp32/fp16, fused with their "
+            "producer; Q/DQ goes on the next weighted op's input"),
+    "layer_norm": "TensorRT has no int8 normalization kernel: LayerNorm runs in fp32/fp16",
+    "softmax": "TensorRT runs Softmax in fp32/fp16; the MatMul that reads it quantizes its output",
+    "window_attention": ("torchvision wraps shifted_window_attention with torch.fx.wrap (data-dependent padding "
+                         "and shifts), so it is traced as one call: its Linear layers and matmuls run in float"),
+}
+
 TENSORRT = Backend(
     name="tensorrt",
     description="TensorRT explicit quantization: int8 Q/DQ on weighted-op inputs and residual skip inputs",
@@ -51,6 +69,7 @@ TENSORRT = Backend(
         Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add, priority=10),
         Rule("concat_shared_scale", Pattern.chain(("cat", "cat")), handler=concat_shared_scale, priority=10),
     ),
-    passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "reshape", "permute",
-                           "identity", "batch_norm"}),
+    passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "mean", "pad", "reshape", "permute",
+                           "split", "getitem", "identity", "batch_norm"}),
+    float_reasons=FLOAT_REASONS,
 )

@@ -1,7 +1,9 @@
 """torchvision models with random weights and randomized BatchNorm statistics (no weights download offline).
 
 Randomized running statistics and affine parameters make BatchNorm folding matter, as it does for trained
-models, so these exercise the whole pipeline honestly.
+models, so these exercise the whole pipeline honestly. Parameters that torchvision initializes so that a
+branch contributes (almost) nothing get trained-like values too: ViT's zero-initialized head would make every
+output zero, and ConvNeXt's layer scales (1e-6) would hide each residual block's quantization error.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import torch
 import torchvision
 
 
-def random_torchvision(name: str, seed: int = 0) -> torch.nn.Module:
-    """``torchvision.models.<name>()`` with BN running_mean ~ U(-0.5, 0.5), running_var ~ U(0.5, 2),
-    weight ~ U(0.5, 1.5), bias ~ U(-0.3, 0.3); in eval mode."""
+def random_torchvision(name: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
+    """``torchvision.models.<name>(**kwargs)`` with BN running_mean ~ U(-0.5, 0.5), running_var ~ U(0.5, 2),
+    weight ~ U(0.5, 1.5), bias ~ U(-0.3, 0.3); all-zero weights ~ N(0, 0.02); layer scales ~ U(0.1, 1);
+    in eval mode."""
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)()
+    model = getattr(torchvision.models, name)(**kwargs)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -22,4 +25,29 @@ def random_torchvision(name: str, seed: int = 0) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
+        for pname, p in model.named_parameters():
+            if pname.endswith("layer_scale"):
+                p.uniform_(0.1, 1.0)
+            elif pname.endswith("weight") and p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.02)
     return model.eval()
+
+
+# The zoo of issue 5: every torchvision classification family, with the smallest input the architecture takes
+# (MaxViT's 7x7 partitions need 224; ViT is built for 64x64 via its ``image_size`` argument).
+ZOO: dict[str, dict] = {
+    "resnet18": {}, "resnet50": {}, "resnext50_32x4d": {}, "wide_resnet50_2": {},
+    "mobilenet_v2": {}, "mobilenet_v3_large": {}, "mobilenet_v3_small": {},
+    "efficientnet_b0": {}, "efficientnet_v2_s": {}, "regnet_y_400mf": {}, "shufflenet_v2_x1_0": {},
+    "squeezenet1_0": {}, "densenet121": {}, "googlenet": {}, "inception_v3": {"size": 96},
+    "mnasnet0_5": {}, "convnext_tiny": {}, "vit_b_16": {"kwargs": {"image_size": 64}},
+    "swin_t": {}, "maxvit_t": {"size": 224}, "vgg11": {}, "alexnet": {},
+}
+
+
+def zoo_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, int]:
+    """(random_torchvision model, input side length) for a ZOO entry."""
+    if name not in ZOO:
+        raise ValueError(f"{name!r} is not in the zoo; zoo models: {sorted(ZOO)}")
+    entry = ZOO[name]
+    return random_torchvision(name, seed, **entry.get("kwargs", {})), entry.get("size", 64)
