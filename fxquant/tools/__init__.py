@@ -1,0 +1,1 @@
+"""The command-line subcommands (``fxquant quantize``, ``fxquant report``); ``fxquant.cli`` dispatches to them."""
