@@ -21,6 +21,7 @@ from fxquant.errors import ExampleInputError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
+_MODELS_DIR = os.path.join(_OWN_DIR, "models")  # fxquant's own example models are user code here
 
 
 def matches(name: str, module: nn.Module, globs: Sequence[str]) -> bool:
@@ -62,7 +63,8 @@ class _Tracer(fx.Tracer):
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     """The innermost traceback frame outside torch and fxquant: the user's line that failed."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) and not f.filename.startswith("<")]
+              if (not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) or f.filename.startswith(_MODELS_DIR))
+              and not f.filename.startswith("<")]
     return frames[-1] if frames else None
 
 
