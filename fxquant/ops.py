@@ -62,7 +62,8 @@ METHOD_KINDS: dict[str, str] = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "squeeze": "reshape", "unsqueeze": "reshape",
     "contiguous": "identity", "permute": "permute", "transpose": "permute",
     "matmul": "matmul", "bmm": "matmul", "sigmoid": "sigmoid", "softmax": "softmax", "mean": "mean",
-    "swapaxes": "permute", "expand": "reshape", "chunk": "split", "split": "split", "unbind": "split",
+    "swapaxes": "permute", "expand": "reshape", "unflatten": "reshape",
+    "chunk": "split", "split": "split", "unbind": "split",
 }
 
 WEIGHTED_KINDS = frozenset({"conv", "conv_transpose", "linear"})
