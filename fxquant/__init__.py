@@ -18,6 +18,7 @@ from fxquant.metrics import sqnr
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
 from fxquant.ptq.options import AdaRoundOptions
+from fxquant.qat import QATError, check_optimizer, prepare_qat
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
 from fxquant.rules import Pattern, Quantize, Rule
 from fxquant.spec import Override, QuantConfig, QuantSpec
@@ -35,6 +36,7 @@ __all__ = [
     "Override",
     "PassError",
     "Pattern",
+    "QATError",
     "QuantConfig",
     "QuantSpec",
     "Quantize",
@@ -43,6 +45,7 @@ __all__ = [
     "TraceError",
     "adaround",
     "calibrate",
+    "check_optimizer",
     "convert",
     "correct_bias",
     "encodings_of",
@@ -51,6 +54,7 @@ __all__ = [
     "load_calib_amax",
     "load_encodings",
     "prepare",
+    "prepare_qat",
     "quantize",
     "report_of",
     "save_encodings",

@@ -44,7 +44,13 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
     Code torch.fx cannot trace runs eagerly: the result is then the model's own module tree with its traceable
     parts as GraphModules and the Conv/Linear layers called from eager code swapped for quantized twins
     (``QuantConfig.strict=True`` raises a TraceError instead).
+    For quantization-aware training use ``fxquant.prepare_qat`` (same arguments).
     """
+    return _prepare(model, example_inputs, backend, config, qat=False)
+
+
+def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend,
+             config: QuantConfig | None, qat: bool) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
     backend = get_backend(backend)
@@ -55,6 +61,9 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
         if spec is not None and not spec.fake_quant:
             raise ValueError("specs used in a model must have fake_quant=True (fake_quant=False returns integer "
                              "codes, which the next layer cannot consume)")
+        if spec is not None and spec.learn_amax and not qat:
+            raise ValueError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
+                             "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
     if config.rules:
         backend = backend.with_rules(*config.rules)
     inputs = normalize_inputs(example_inputs)
@@ -77,11 +86,11 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
     attach_state(root, QuantState(backend.name, config, "prepared", report))
     if report.float_ops:
         warnings.warn(f"{len(report.float_ops)} op(s) stay float:\n" +
-                      "\n".join(f"  {e.node} ({e.kind}): {e.detail}" for e in report.float_ops), stacklevel=2)
+                      "\n".join(f"  {e.node} ({e.kind}): {e.detail}" for e in report.float_ops), stacklevel=3)
     if report.eager:
         warnings.warn(f"{len(report.eager)} module(s) run eagerly (not traced); their Conv/Linear layers are "
                       "quantized by module swap:\n" + "\n".join(f"  {e.node or '<root>'} ({e.kind}): {e.detail}"
-                                                                  for e in report.eager), stacklevel=2)
+                                                                  for e in report.eager), stacklevel=3)
     return root
 
 

@@ -37,7 +37,7 @@ class QuantSpec:
         unsigned: symmetric range [0, 2^b - 1] instead of [-(2^(b-1) - 1), 2^(b-1) - 1].
         narrow_range: symmetric signed range without its lowest code (-127..127 at 8 bits).
         fake_quant: output dequantized floats (True) or integer codes (False).
-        learn_amax: train the range (QAT); not supported yet.
+        learn_amax: train the range during quantization-aware training (``fxquant.prepare_qat``; LSQ).
         scale_amax: multiply the calibrated amax by this factor.
         calib_method: calibrator name; see ``fxquant.calib.CALIBRATORS``.
         symmetric: False gives affine quantization with a zero point over [0, 2^b - 1].
@@ -96,9 +96,11 @@ class QuantSpec:
         if self.narrow_range and not self.symmetric:
             raise ValueError("QuantSpec.narrow_range applies to symmetric quantization; "
                              "drop it or set symmetric=True")
-        if self.learn_amax:
-            raise ValueError("QuantSpec.learn_amax=True is not supported yet: ranges come from calibration "
-                             "and stay frozen; set learn_amax=False")
+        if self.learn_amax and not self.symmetric and self.axis is not None:
+            raise ValueError("QuantSpec.learn_amax=True with symmetric=False learns one (min, max) pair per tensor; "
+                             "per-channel affine ranges would learn a zero point per channel, which neither backend "
+                             "runs (ORT and TensorRT take one activation zero point per tensor): set axis=None, or "
+                             "symmetric=True for per-channel learned ranges")
 
     @property
     def qmin(self) -> int:

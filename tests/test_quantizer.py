@@ -228,7 +228,8 @@ def test_quant_spec_qmin_qmax(spec, qmin, qmax):
     ({"unsigned": 1}, TypeError, ["QuantSpec.unsigned must be True or False"]),
     ({"scale_amax": 0}, ValueError, ["QuantSpec.scale_amax must be a finite number > 0"]),
     ({"amax": 1.0, "symmetric": False}, ValueError, ["symmetric=False leave amax=None"]),
-    ({"learn_amax": True}, ValueError, ["learn_amax=True is not supported", "set learn_amax=False"]),
+    ({"learn_amax": True, "symmetric": False, "axis": 1}, ValueError,
+     ["learn_amax=True with symmetric=False", "one activation zero point per tensor", "set axis=None"]),
 ])
 def test_quant_spec_validation(kwargs, exc, fragments):
     with pytest.raises(exc) as info:

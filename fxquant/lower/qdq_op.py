@@ -30,6 +30,17 @@ def _(x, scale, zero_point, axis, qmin, qmax, clip):
     return torch.empty_like(x)
 
 
+def _no_gradient(ctx, grad):
+    from fxquant.errors import ConversionError
+
+    raise ConversionError("a converted model is frozen for export: its Q/DQ ops have fixed scales and no gradient. "
+                          "Train the model returned by fxquant.prepare_qat (after calibrate) and convert it after "
+                          "training")
+
+
+quantize_dequantize.register_autograd(_no_gradient)
+
+
 def quantize_dequantize_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int, clip: bool):
     """QuantizeLinear -> [Clip to a range narrower than the integer type] -> DequantizeLinear."""
     q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
