@@ -1,0 +1,76 @@
+"""Models torch.fx cannot trace whole, quantized unedited: what ran eagerly, what was quantized, how well.
+
+    python benchmarks/untraceable_models.py
+
+For the BERT-style encoder and the YOLO-style detector of ``fxquant.models.untraceable`` (random weights,
+randomized BatchNorm statistics), with both backends: the parts traced as graphs, the modules that ran
+eagerly, Linear/Conv layers quantized (of all), the int8 model against fp32 (the encoder's last hidden state;
+the detector's scores) and ONNX Runtime against the fake-quant model on all outputs (dB).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.models.untraceable import BertStyleModel, Detector, bert_inputs, randomize_bn
+from fxquant.report import OpEntry
+
+
+def _first(out: object) -> torch.Tensor:
+    """The encoder's last hidden state; the detector's objectness and class scores (its decoded box centres
+    are dominated by the grid offsets, which quantization does not touch)."""
+    return out[..., 4:] if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+def _weighted(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def run(name: str, model: nn.Module, example: tuple, batches: list, backend: str, out: Path) -> str:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare(model, example, backend=backend)
+        fxquant.calibrate(prepared, batches, progress=False)
+        qmodel = fxquant.convert(prepared)
+        seconds = time.perf_counter() - start
+        result = fxquant.export_onnx(qmodel, example, out / f"{name}_{backend}.onnx")
+    report = fxquant.report_of(prepared)
+    quantized = sum(1 for m in prepared.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                    and hasattr(m, "weight_quantizer"))
+    with torch.no_grad():
+        db = fxquant.sqnr(_first(model(*example)), _first(qmodel(*example)))
+
+    def names(entries: list[OpEntry] | list[str]) -> str:
+        return ", ".join(f"`{getattr(e, 'node', e) or '<root>'}`" for e in entries)
+
+    return (f"| {name} | {backend} | {names(report.traced)} | {names(report.eager)} | "
+            f"{quantized} / {_weighted(model)} | {db:.1f} | {result.ort_sqnr_db:.1f} | {seconds:.1f} |")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    bert = BertStyleModel().eval()
+    detector = randomize_bn(Detector())
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(4)]
+    print("| model | backend | traced parts | eager modules | Linear/Conv quantized | int8 vs fp32 (dB) | "
+          "ORT vs fake-quant (dB) | prepare+calibrate+convert s |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("tensorrt", "onnxruntime"):
+            print(run("bert_style", bert, bert_inputs(), [bert_inputs(seed=s) for s in range(1, 5)], backend,
+                      Path(tmp)))
+            print(run("yolo_style", detector, (images[0],), images, backend, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
