@@ -30,9 +30,10 @@ from fxquant.lower.onnx_export import ort_session
 from fxquant.models.zoo import ZOO, zoo_model
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "zoo.json")
-QUANTIZED_ORT_OPS = ("QLinear", "QGemm", "QuantizeLinear", "DequantizeLinear", "DynamicQuantize", "MatMulInteger")
+QUANTIZED_ORT_OPS = ("QLinear", "QGemm", "QuantizeLinear", "DequantizeLinear", "DynamicQuantize", "MatMulInteger",
+                     "NhwcMaxPool")  # ORT's NhwcMaxPool is its 8-bit max pool
 DATA_MOVEMENT = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Gather", "Slice", "Concat",
-                 "Split", "Identity", "Expand", "Constant", "ConstantOfShape", "Cast"}
+                 "Split", "Identity", "Expand", "Constant", "ConstantOfShape", "Cast", "GatherND", "GatherElements"}
 
 
 def float_ops_in_ort(path: str) -> Counter:
@@ -83,7 +84,8 @@ def markdown(results: dict) -> str:
     for name in ZOO:
         for backend, r in results.get(name, {}).items():
             fl = ", ".join(f"{k} {v}" for k, v in sorted(r["report_float_ops"].items())) or "-"
-            ort = ", ".join(f"{k} {v}" for k, v in sorted(r.get("ort_float_ops", {}).items())) or "-"
+            ort = ", ".join(f"{k} {v}" for k, v in sorted(r.get("ort_float_ops", {}).items())
+                            if not k.startswith(QUANTIZED_ORT_OPS) and k not in DATA_MOVEMENT) or "-"
             if backend == "tensorrt":
                 ort = "n/a"
             lines.append(f"| {name} | {backend} | {r['input'][-1]} | {r['int8_vs_fp32_db']:.1f} | "

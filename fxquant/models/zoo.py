@@ -14,7 +14,7 @@ import torchvision
 
 def random_torchvision(name: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
     """``torchvision.models.<name>(**kwargs)`` with BN running_mean ~ U(-0.5, 0.5), running_var ~ U(0.5, 2),
-    weight ~ U(0.5, 1.5), bias ~ U(-0.3, 0.3); all-zero weights ~ N(0, 0.02); layer scales ~ U(0.1, 1);
+    weight ~ U(0.5, 1.5), bias ~ U(-0.3, 0.3); all-zero weights ~ N(0, 0.02); layer scales ~ U(0.05, 0.15);
     in eval mode."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(**kwargs)
@@ -27,7 +27,7 @@ def random_torchvision(name: str, seed: int = 0, **kwargs: object) -> torch.nn.M
                 m.bias.uniform_(-0.3, 0.3)
         for pname, p in model.named_parameters():
             if pname.endswith("layer_scale"):
-                p.uniform_(0.1, 1.0)
+                p.uniform_(0.05, 0.15)
             elif pname.endswith("weight") and p.dim() > 1 and not p.any():
                 p.normal_(0.0, 0.02)
     return model.eval()
