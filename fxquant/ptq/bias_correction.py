@@ -98,7 +98,7 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
                 _apply(layer, shift, report, shifts)
         else:
             for layer in layers:
-                info = layer.node.meta.get("fxquant", {}).get(INPUT_KEY)
+                info = layer.node.meta.get("fxquant", {}).get(INPUT_KEY) if layer.node is not None else None
                 if not isinstance(info, dict):
                     report.skipped.append(f"`{layer.name}`: " + (info or "its input does not come from a folded "
                                                                  "Conv/Linear -> BatchNorm (-> ReLU)"))

@@ -18,7 +18,7 @@ from fxquant.quantizer import TensorQuantizer
 @dataclass
 class Layer:
     name: str
-    node: fx.Node
+    node: fx.Node | None  # None in a model that is not one traced graph
     module: nn.Module
 
     @property
@@ -31,28 +31,39 @@ class Layer:
         return -1 if isinstance(self.module, nn.Linear) else 1
 
 
-def quantized_layers(model: fx.GraphModule) -> tuple[list[Layer], list[str]]:
-    """Weighted layers with an active, calibrated weight quantizer, in graph order; plus notes on the rest."""
+def quantized_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
+    """Weighted layers with an active, calibrated weight quantizer, in graph order (module order for a model
+    that is not one traced graph); plus notes on the ones left out and why."""
     modules = dict(model.named_modules())
-    layers, notes = [], []
-    for node in model.graph.nodes:
-        if node.op != "call_module":
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, fx.Graph):
+        calls = [(n.target, n) for n in graph.nodes if n.op == "call_module"]
+    else:
+        calls = [(name, None) for name in modules]
+    sites: dict[str, int] = {}
+    for name, _ in calls:
+        sites[name] = sites.get(name, 0) + 1
+    layers, notes, seen = [], [], set()
+    for name, node in calls:
+        q = getattr(modules[name], "weight_quantizer", None)
+        if not isinstance(q, TensorQuantizer) or name in seen:
             continue
-        module = modules[node.target]
-        q = getattr(module, "weight_quantizer", None)
-        if not isinstance(q, TensorQuantizer):
-            continue
+        seen.add(name)
         if q.mode == "disabled":
-            notes.append(f"`{node.target}`: its weight quantizer is disabled")
+            notes.append(f"`{name}`: its weight quantizer is disabled")
         elif not q.is_calibrated:
-            notes.append(f"`{node.target}`: its weight quantizer has no range (calibrate first)")
+            notes.append(f"`{name}`: its weight quantizer has no range (calibrate first)")
+        elif sites[name] > 1:
+            notes.append(f"`{name}`: called at {sites[name]} places; its weight serves several inputs")
         else:
-            layers.append(Layer(node.target, node, module))
+            layers.append(Layer(name, node, modules[name]))
     return layers, notes
 
 
-def followed_by_relu(model: fx.GraphModule, node: fx.Node) -> bool:
+def followed_by_relu(model: nn.Module, node: fx.Node | None) -> bool:
     """True when ``node``'s only consumer (looking through quantizers) is a ReLU."""
+    if node is None:
+        return False
     modules = dict(model.named_modules())
     while len(node.users) == 1:
         node = next(iter(node.users))
