@@ -5,6 +5,8 @@ at W4A8 and its codes survive ONNX export exactly; bias correction recovers W4 p
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ import fxquant
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.models import accuracy, load_digits_split
 from fxquant.models.mobilenet_digits import train_mobilenet_digits, unbalance_channels
+from fxquant.ptq.bias_correction import relu_normal_mean
+from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
 
 W8_PER_TENSOR = fxquant.QuantSpec(num_bits=8, axis=None, narrow_range=True)
 W4_PER_CHANNEL = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
@@ -114,3 +118,54 @@ def test_bias_correction_recovers_w4_per_tensor(digits):
     assert report.skipped == ["`features.0`: its input does not come from a folded Conv/Linear -> BatchNorm "
                               "(-> ReLU)"]
     assert len(fxquant.report_of(empirical).ptq["bias_correction"].done) == 8
+
+
+def test_empirical_bias_correction_zeroes_every_layers_mean_error(digits):
+    model, data, batches = digits
+    config = fxquant.QuantConfig(weight=W4_PER_TENSOR, equalize=True)
+    prepared = fxquant.prepare(model, data[2][:1], config=config)
+    fxquant.calibrate(prepared, batches, progress=False)
+
+    layers, _ = quantized_layers(prepared)
+
+    def means(ctx):  # per layer and channel, the output mean over the calibration batches
+        with ctx:
+            return {layer.name: _mean(capture(prepared, layer.module, batches, "output",
+                                              reduce=channel_sum(layer.channel_dim))) for layer in layers}
+
+    reference = means(float_mode(prepared))  # the float model, before biases change
+    before = means(contextlib.nullcontext())
+    fxquant.correct_bias(prepared, batches, "empirical", progress=False)
+    after = means(contextlib.nullcontext())
+    err_before = {n: float((before[n] - reference[n]).abs().max()) for n in reference}
+    err_after = {n: float((after[n] - reference[n]).abs().max()) for n in reference}
+    assert max(err_before.values()) > 0.05
+    assert all(err_after[n] < 1e-4 for n in err_after), err_after
+
+
+def _mean(parts):
+    return sum(s for s, _ in parts) / sum(c for _, c in parts)
+
+
+def test_adaround_codes_are_exact_in_onnx_for_the_onnxruntime_preset(digits, tmp_path):
+    model, data, batches = digits
+    x_test = data[2]
+    prepared = fxquant.prepare(model, x_test[:1], backend="onnxruntime", config=fxquant.QuantConfig(
+        equalize=True, adaround=fxquant.AdaRoundOptions(iterations=30)))
+    fxquant.calibrate(prepared, batches, progress=False)
+    codes = fxquant.report_of(prepared).ptq["adaround"].data["codes"]
+    result = fxquant.export_onnx(fxquant.convert(prepared), x_test[:32], tmp_path / "ort_adaround.onnx")
+    assert result.ort_sqnr_db >= 30.0
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert len(codes) == 8
+    for name, layer_codes in codes.items():  # 7-bit weights of the onnxruntime preset, int8 storage
+        assert int(layer_codes.abs().max()) <= 63
+        np.testing.assert_array_equal(inits[f"{name}.weight_quantized"], layer_codes.numpy())
+
+
+def test_relu_of_normal_mean_matches_sampling():
+    mean = torch.tensor([-2.0, -0.5, 0.0, 0.7, 3.0, 1.0])
+    std = torch.tensor([1.0, 0.3, 2.0, 1.5, 0.5, 0.0])
+    g = torch.Generator().manual_seed(0)
+    samples = torch.relu(mean + std * torch.randn(400_000, 6, generator=g)).mean(0)
+    torch.testing.assert_close(relu_normal_mean(mean, std), samples, atol=6e-3, rtol=0)
