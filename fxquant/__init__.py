@@ -15,12 +15,14 @@ from fxquant.errors import (
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
 from fxquant.metrics import sqnr
+from fxquant.mixed_precision import MixedPrecisionResult, mixed_precision
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.qat import QATError, check_optimizer, prepare_qat
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
 from fxquant.rules import Pattern, Quantize, Rule
+from fxquant.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from fxquant.spec import Override, QuantConfig, QuantSpec
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "ExampleInputError",
     "ExportResult",
     "FxQuantError",
+    "LayerSensitivity",
+    "MixedPrecisionResult",
     "Override",
     "PassError",
     "Pattern",
@@ -41,6 +45,7 @@ __all__ = [
     "QuantSpec",
     "Quantize",
     "Rule",
+    "SensitivityReport",
     "TensorQuantizer",
     "TraceError",
     "adaround",
@@ -53,11 +58,13 @@ __all__ = [
     "fake_tensor_quant",
     "load_calib_amax",
     "load_encodings",
+    "mixed_precision",
     "prepare",
     "prepare_qat",
     "quantize",
     "report_of",
     "save_encodings",
+    "sensitivity",
     "sqnr",
     "tensor_quant",
 ]
