@@ -70,4 +70,4 @@ def equalize(gm: fx.GraphModule, tol: float = 1e-4) -> PassResult:
                                   f"(tol {tol}); the result is still function-preserving")
     report.data = {"chains": [[n.target for n in c.layers] for c in chains], "layers": per_layer}
     gm.meta.setdefault("fxquant_ptq", {})["equalize"] = report
-    return PassResult(gm, bool(chains), [f"equalize: {n}" for n in notes])
+    return PassResult(gm, bool(chains), [])  # skips are in the PTQ report (report_of(prepared).ptq)

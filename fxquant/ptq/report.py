@@ -16,8 +16,9 @@ class PTQReport:
     data: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """JSON-ready: tensors (e.g. AdaRound's codes) and option objects are left out of ``data``."""
         return {"name": self.name, "done": list(self.done), "skipped": list(self.skipped),
-                "data": {k: v for k, v in self.data.items() if isinstance(v, (int, float, str, list, dict))}}
+                "data": _plain(self.data)}
 
     def summary(self) -> str:
         lines = [f"{self.name}: {len(self.done)} done, {len(self.skipped)} skipped"]
@@ -27,6 +28,17 @@ class PTQReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if _plain(v) is not _DROP}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value if _plain(v) is not _DROP]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else _DROP
+
+
+_DROP = object()
 
 
 def attach(model: object, report: PTQReport) -> None:
