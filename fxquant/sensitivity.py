@@ -112,6 +112,10 @@ def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
     state = get_state(prepared)
     if state is None or state.stage == "converted":
         raise TypeError("quantized_layers() takes the model returned by fxquant.prepare() (before convert)")
+    if not isinstance(prepared, fx.GraphModule):
+        raise TypeError("per-layer analysis needs a model torch.fx traced whole; this one was prepared in parts "
+                        "(some code runs eagerly, see fxquant.report_of); keep layers float by hand with "
+                        "Override(pattern, exclude=True)")
     nodes = list(prepared.graph.nodes)
     by_name = {n.name: n for n in nodes}
     order = {n.name: i for i, n in enumerate(nodes)}
