@@ -54,6 +54,7 @@ FUNCTION_KINDS: dict[object, str] = {
     F.pad: "pad", swin_transformer._patch_merging_pad: "pad",
     # torchvision wraps it with torch.fx.wrap: one opaque call holding Linear layers and attention matmuls
     swin_transformer.shifted_window_attention: "window_attention",
+    swin_transformer._get_relative_position_bias: "position_bias",  # a gather from parameters only
 }
 
 METHOD_KINDS: dict[str, str] = {

@@ -56,8 +56,12 @@ FLOAT_REASONS = {
     "gelu": _no_kernel("GELU"), "tanh": _no_kernel("Tanh"), "layer_norm": _no_kernel("LayerNormalization"),
     "batch_norm": _no_kernel("BatchNormalization") + " (a BatchNorm that follows no conv cannot be folded)",
     "mean": _no_kernel("ReduceMean"), "pad": _no_kernel("Pad"),
+    **dict.fromkeys(("relu", "relu6", "hardtanh"), "ORT folds a ReLU/Clip only into the QuantizeLinear after a fused "
+                    "Conv/Gemm/Add; after a float op (e.g. an unfolded BatchNorm) it runs in float"),
     "split": "ORT fuses Split only with equal Q/DQ on every output; fxquant leaves split/chunk in float",
     "getitem": "slicing runs in float on the dequantized tensor; the next quantized op requantizes it",
+    "position_bias": ("computed from parameters only (the same tensor for every input): runs in float and "
+                      "ORT folds it into a constant"),
     "window_attention": ("torchvision wraps shifted_window_attention with torch.fx.wrap (data-dependent padding "
                          "and shifts), so it is traced as one call: its Linear layers and matmuls run in float"),
 }
@@ -66,7 +70,7 @@ ONNXRUNTIME = Backend(
     name="onnxruntime",
     description="ONNX Runtime CPU: uint8 activations, 7-bit int8 per-channel weights, fully fused QDQ",
     weight=QuantSpec(num_bits=7, axis=0, narrow_range=True),
-    activation=QuantSpec(num_bits=8, symmetric=False, calib_method="mse"),
+    activation=QuantSpec(num_bits=8, symmetric=False, calib_method="percentile", percentile=99.99),
     rules=(
         Rule("weighted_clamp", Pattern.chain(("op", WEIGHTED_KINDS), ("act", CLAMPS)),
              Quantize(inputs="op", weight="op", output="act"),
