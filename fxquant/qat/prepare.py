@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxquant.backends import Backend
 from fxquant.errors import FxQuantError
@@ -21,7 +21,7 @@ class QATError(FxQuantError, ValueError):
 
 @dataclass(frozen=True)
 class QATOptions:
-    """How the ranges behave during training (recorded in ``gm.meta['fxquant_qat']``)."""
+    """How the ranges behave during training (validated arguments of ``prepare_qat``)."""
 
     ranges: str = "fixed"
     ema_decay: float = 0.99
@@ -49,7 +49,7 @@ def _count_steps(module: nn.Module, args: tuple) -> None:
 
 def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
                 config: QuantConfig | None = None, *, ranges: str = "fixed", ema_decay: float = 0.99,
-                freeze_ranges_after: int | None = None) -> fx.GraphModule:
+                freeze_ranges_after: int | None = None) -> nn.Module:
     """``fxquant.prepare`` for quantization-aware training; calibrate it, then train it like any nn.Module.
 
     BatchNorm is folded into the preceding Conv/Linear with its running statistics (see README, "BatchNorm
@@ -79,5 +79,4 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend:
             twin.set_mode(q.mode)
             gm.set_submodule(name, twin.train(q.training))
     gm.register_forward_pre_hook(_count_steps)
-    gm.meta["fxquant_qat"] = options
     return gm
