@@ -6,6 +6,7 @@ import base64
 import math
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -145,3 +146,31 @@ def test_sensitivity_rejects_uncalibrated_models_and_single_tensors(two_layer):
         sensitivity(fresh, [x], progress=False)
     with pytest.raises(TypeError, match="wrap it"):
         sensitivity(prepared, x, progress=False)
+
+
+class DataDependent(nn.Module):
+    """torch.fx cannot trace the root (a branch on data), so fxquant prepares it in parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.fc2(h)
+
+
+def test_models_prepared_in_parts_are_refused_with_a_reason():
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare(DataDependent().eval(), x[:1])
+    if isinstance(prepared, torch.fx.GraphModule):
+        pytest.skip("this torch traced the model whole")
+    fxquant.calibrate(prepared, [x], progress=False)
+    with pytest.raises(TypeError, match="prepared in parts"):
+        sensitivity(prepared, [x], progress=False)
