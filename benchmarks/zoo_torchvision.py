@@ -77,6 +77,13 @@ def run(name: str, backend: str, workdir: str) -> dict:
     return row
 
 
+def _load() -> dict:
+    if not os.path.exists(RESULTS):
+        return {}
+    with open(RESULTS) as f:
+        return json.load(f)
+
+
 def markdown(results: dict) -> str:
     lines = ["| model | backend | input | int8 vs fp32 dB | ORT vs fake-quant dB | Q / DQ | float ops (report) | "
              "float compute ops in ORT graph | export s |",
@@ -99,23 +106,28 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(ZOO))
     parser.add_argument("--backends", default="tensorrt,onnxruntime")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rerun", action="store_true", help="measure models already in the results file again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             for backend in args.backends.split(","):
+                size = zoo_model(name)[1]
+                done = _load().get(name, {}).get(backend)
+                if not args.rerun and done is not None and done["input"][-1] == size:
+                    continue  # measured already at this input size (--rerun measures again)
                 try:
                     row = run(name, backend, workdir)
                 except Exception as exc:  # one failing model must not hide the others' figures
-                    row = None
                     print(f"{name} {backend}: FAILED {type(exc).__name__}: {exc}", flush=True)
-                if row is not None:
-                    results.setdefault(name, {})[backend] = row
-                    print(f"{name} {backend}: {json.dumps(row)}", flush=True)
-                    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-                    with open(RESULTS, "w") as f:
-                        json.dump(results, f, indent=1)
+                    continue
+                print(f"{name} {backend}: {json.dumps(row)}", flush=True)
+                results = _load()  # merge: another run may have written meanwhile
+                results.setdefault(name, {})[backend] = row
+                os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+                with open(RESULTS, "w") as f:
+                    json.dump(results, f, indent=1)
+    results = _load()
     print(markdown(results))
 
 

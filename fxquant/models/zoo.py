@@ -41,7 +41,7 @@ ZOO: dict[str, dict] = {
     "mobilenet_v2": {}, "mobilenet_v3_large": {}, "mobilenet_v3_small": {},
     "efficientnet_b0": {}, "efficientnet_v2_s": {}, "regnet_y_400mf": {}, "shufflenet_v2_x1_0": {},
     "squeezenet1_0": {}, "densenet121": {}, "googlenet": {}, "inception_v3": {},
-    "mnasnet0_5": {}, "convnext_tiny": {}, "vit_b_16": {"kwargs": {"image_size": 64}},
+    "mnasnet0_5": {}, "convnext_tiny": {}, "vit_b_16": {"size": 64, "kwargs": {"image_size": 64}},
     "swin_t": {}, "maxvit_t": {"size": 224}, "vgg11": {}, "alexnet": {},
 }
 
