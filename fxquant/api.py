@@ -22,6 +22,7 @@ from fxquant.passes.decompose_attention import decompose_attention
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassResult, run_passes
+from fxquant.passes.window_attention import inline_window_attention
 from fxquant.ptq import pipeline as ptq
 from fxquant.ptq.adaround import FIXED_KEY
 from fxquant.quantizer import TensorQuantizer
@@ -71,7 +72,8 @@ def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: st
 
     def prepare_graph(gm: fx.GraphModule, unit_inputs: tuple) -> tuple[fx.GraphModule, PrepareReport]:
         propagate_shapes(gm, unit_inputs)
-        passes = [("decompose_attention", partial(decompose_attention, example_inputs=unit_inputs))]
+        passes = [("decompose_attention", partial(decompose_attention, example_inputs=unit_inputs)),
+                  ("inline_window_attention", partial(inline_window_attention, example_inputs=unit_inputs))]
         if config.fold_bn:
             passes += ptq.before_fold(config)
             passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))

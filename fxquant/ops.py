@@ -51,7 +51,7 @@ FUNCTION_KINDS: dict[object, str] = {
     torch.stack: "cat",
     # StochasticDepth is the identity in eval mode, which prepare() traces in
     torchvision.ops.stochastic_depth: "identity",
-    F.pad: "pad", swin_transformer._patch_merging_pad: "pad",
+    F.pad: "pad", swin_transformer._patch_merging_pad: "pad", torch.roll: "roll",
     # torchvision wraps it with torch.fx.wrap: one opaque call holding Linear layers and attention matmuls
     swin_transformer.shifted_window_attention: "window_attention",
     swin_transformer._get_relative_position_bias: "position_bias",  # a gather from parameters only

@@ -56,6 +56,7 @@ FLOAT_REASONS = {
     "gelu": _no_kernel("GELU"), "tanh": _no_kernel("Tanh"), "layer_norm": _no_kernel("LayerNormalization"),
     "batch_norm": _no_kernel("BatchNormalization") + " (a BatchNorm that follows no conv cannot be folded)",
     "mean": _no_kernel("ReduceMean"), "pad": _no_kernel("Pad"),
+    "roll": "a roll exports as Slice + Concat, which runs on the dequantized tensor",
     **dict.fromkeys(("relu", "relu6", "hardtanh"), "ORT folds a ReLU/Clip only into the QuantizeLinear after a fused "
                     "Conv/Gemm/Add; after a float op (e.g. an unfolded BatchNorm) it runs in float"),
     "split": "ORT fuses Split only with equal Q/DQ on every output; fxquant leaves split/chunk in float",

@@ -71,7 +71,7 @@ TENSORRT = Backend(
         Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add, priority=10),
         Rule("concat_shared_scale", Pattern.chain(("cat", "cat")), handler=concat_shared_scale, priority=10),
     ),
-    passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "mean", "pad", "reshape", "permute",
-                           "split", "getitem", "identity", "batch_norm"}),
+    passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "mean", "pad", "roll", "reshape",
+                           "permute", "split", "getitem", "identity", "batch_norm"}),
     float_reasons=FLOAT_REASONS,
 )
