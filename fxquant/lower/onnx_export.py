@@ -234,7 +234,10 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model with ONNX shape inference applied (value_info for every intermediate tensor, including
     those the passes above added), checked strictly: an inconsistent graph fails here, not in a runtime."""
-    return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    try:  # data propagation also types the outputs of shape arithmetic (Reshape targets with a dynamic batch)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
 
 
 def name_nodes(proto: onnx.ModelProto) -> None:
