@@ -89,7 +89,10 @@ class QATQuantizer(TensorQuantizer):
         return isinstance(self._max, nn.Parameter)
 
     def _learning_ready(self) -> bool:
-        return self.spec.learn_amax and self._max is not None and not bool(self.ranges_frozen)
+        """A learned range that is still held in buffers (during __init__ the flags do not exist yet)."""
+        frozen = self.__dict__.get("_buffers", {}).get("ranges_frozen")
+        return (self.spec.learn_amax and frozen is not None and not bool(frozen) and self._max is not None
+                and self._min is not None and not self.learns_range)
 
     def _to_parameters(self, symmetrize: bool) -> None:
         lo, hi = self._min.detach().clone(), self._max.detach().clone()
@@ -98,6 +101,21 @@ class QATQuantizer(TensorQuantizer):
             lo, hi = -amax, amax
         del self._buffers["_min"], self._buffers["_max"]
         self._min, self._max = nn.Parameter(lo), nn.Parameter(hi)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Code that sets a range directly (load_encodings) keeps a learned range a parameter: copy into it, or
+        # turn the range into parameters once both ends are set.
+        params = self.__dict__.get("_parameters", {})
+        if name in ("_min", "_max") and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            if isinstance(params.get(name), nn.Parameter):
+                with torch.no_grad():
+                    params[name].copy_(value)
+                return
+            super().__setattr__(name, value)
+            if self._learning_ready():
+                self._to_parameters(symmetrize=False)
+            return
+        super().__setattr__(name, value)
 
     def _set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.learns_range:  # a new calibration of a learned range: start from it
@@ -110,9 +128,10 @@ class QATQuantizer(TensorQuantizer):
                 self._min.copy_(lo)
                 self._max.copy_(hi)
             return
-        super()._set_range(lo, hi)
-        if self._learning_ready():
-            self._to_parameters(symmetrize=True)
+        if self.spec.learn_amax and self.spec.symmetric:  # a learned amax starts as a symmetric range
+            amax = torch.maximum(lo.abs(), hi.abs())
+            lo, hi = -amax, amax
+        super()._set_range(lo, hi)  # __setattr__ makes a learned range parameters
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -121,11 +140,12 @@ class QATQuantizer(TensorQuantizer):
             if self.learns_range:
                 self.freeze()
             elif "learned_min" not in self._parameters and prefix + "learned_min" in state_dict:
+                self.ranges_frozen.fill_(True)  # the range loads into buffers
                 self.learned_min = nn.Parameter(torch.empty_like(state_dict[prefix + "learned_min"]))
                 self.learned_max = nn.Parameter(torch.empty_like(state_dict[prefix + "learned_max"]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if self._learning_ready() and not self.learns_range:
+        if self._learning_ready():
             self._to_parameters(symmetrize=False)
 
     def freeze(self) -> None:
