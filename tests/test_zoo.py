@@ -181,3 +181,23 @@ def test_mobilenet_v3_hardswish_and_hardsigmoid_are_deliberately_float():
             counts[e.kind] = counts.get(e.kind, 0) + 1
         expected = {"hardswish": 19, "hardsigmoid": 9} | ({"mul": 9} if backend == "tensorrt" else {})
         assert counts == expected
+
+
+@pytest.mark.zoo  # swin_t traces to ~1,000 nodes: too slow for the default run on 2 cores
+def test_swin_window_attention_is_inlined_exactly_and_quantized():
+    from fxquant.capture import propagate_shapes
+    from fxquant.passes.window_attention import inline_window_attention
+
+    model, size = zoo_model("swin_t")
+    x = torch.randn(2, 3, size, size)
+    gm = trace(model)
+    propagate_shapes(gm, (x,))
+    result = inline_window_attention(gm, (x,))
+    assert result.modified and not result.notes
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    prepared = prepare_quiet(model, x, "tensorrt")
+    matmuls = [n for n in prepared.graph.nodes if n.target is torch.matmul]
+    assert len(matmuls) == 24 and all(all(quantized_inputs(prepared, m)) for m in matmuls)  # 12 blocks x 2
+    report = fxquant.report_of(prepared)
+    assert not [e for e in report.float_ops if e.detail.startswith(GENERIC) or e.kind == "window_attention"]
