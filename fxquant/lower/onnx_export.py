@@ -111,7 +111,10 @@ def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bo
                   output_names=output_names, verbose=False)
     if dynamic_batch:
         try:
-            return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": _batch_dims(inputs)})
+            dims = _batch_dims(inputs)
+            if isinstance(model, FlatOutputs):  # its forward takes *args: one entry holding all inputs' dims
+                dims = (dims,)
+            return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": dims})
         except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
             warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
                           "exporting with the example batch size instead", stacklevel=3)
