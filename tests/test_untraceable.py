@@ -72,6 +72,7 @@ def test_bert_style_encoder_every_linear_quantized_and_onnx_agrees(backend, tmp_
     result = fxquant.export_onnx(qmodel, example, tmp_path / "bert.onnx")
     assert result.ort_sqnr_db > 30.0
     assert [o.name for o in result.model.graph.output] == ["last_hidden_state", "pooler_output"]
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch
     producers = {o: n for n in result.model.graph.node for o in n.output}
     weighted = [n for n in result.model.graph.node if n.op_type in ("MatMul", "Gemm")
                 and n.input[1] in producers and producers[n.input[1]].op_type in ("DequantizeLinear", "Transpose")]
