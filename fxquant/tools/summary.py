@@ -42,9 +42,10 @@ def quiet_warnings() -> Iterator[list[str]]:
             for w in caught:
                 if issubclass(w.category, (DeprecationWarning, FutureWarning)):
                     continue
-                first = str(w.message).strip().splitlines()[0] if str(w.message).strip() else w.category.__name__
-                if first not in notes:
-                    notes.append(first)
+                text = " ".join(str(w.message).split()) or w.category.__name__
+                text = text if len(text) <= 240 else text[:237] + "..."
+                if text not in notes:
+                    notes.append(text)
 
 
 def print_table(title: str, rows: list[tuple[str, str]], notes: list[str] | None = None) -> None:
