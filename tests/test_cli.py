@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
+from fxquant import BACKENDS
+
 FACTORY = textwrap.dedent("""
     import torch
     from torch import nn
@@ -60,7 +62,8 @@ def test_quantize_from_an_image_folder(factory, tmp_path):
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["fxquant.backend"] == "onnxruntime" and meta["fxquant.calib_method"] == "mse"
+    assert meta["fxquant.backend"] == "onnxruntime" and meta["fxquant.calib_method"] == \
+        BACKENDS["onnxruntime"].activation.calib_method
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= 4
 
 
