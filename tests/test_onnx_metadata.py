@@ -11,6 +11,7 @@ from torch import nn
 
 import fxquant
 from fxquant import Override, QuantConfig, QuantSpec
+from fxquant.backends import get_backend
 
 
 class Named(nn.Module):
@@ -76,4 +77,4 @@ def test_tensorrt_metadata_defaults(tmp_path):
     proto, _ = export(tmp_path, "tensorrt")
     meta = {p.key: p.value for p in proto.metadata_props}
     assert (meta["fxquant.backend"], meta["fxquant.calib_method"], meta["fxquant.float_ops"]) == (
-        "tensorrt", "mse", "")
+        "tensorrt", get_backend("tensorrt").activation.calib_method, "")

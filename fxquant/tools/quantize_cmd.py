@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_args(parser)
     parser.add_argument("--calib-method", choices=("max", "ema", "percentile", "entropy", "mse"), default=None,
-                        help="activation calibration method (default: the backend's, mse)")
+                        help="activation calibration method (default: the backend's)")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="ONNX file to write (default: <model>_<backend>.onnx)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 13; default: 18)")
