@@ -208,3 +208,33 @@ def test_swin_window_attention_is_inlined_exactly_and_quantized():
     assert len(matmuls) == 24 and all(all(quantized_inputs(prepared, m)) for m in matmuls)  # 12 blocks x 2
     report = fxquant.report_of(prepared)
     assert not [e for e in report.float_ops if e.detail.startswith(GENERIC) or e.kind == "window_attention"]
+
+
+def test_einsum_attention_becomes_matmul_with_both_inputs_quantized():
+    from fxquant.passes.einsum_matmul import _as_matmul
+
+    assert _as_matmul("B G H I D, B G H J D -> B G H I J") is True  # MaxViT's q @ k^T
+    assert _as_matmul("B G H I J, B G H J D -> B G H I D") is False  # MaxViT's attn @ v
+    assert _as_matmul("bij,bjk->bki") is None and _as_matmul("ii->i") is None and _as_matmul("...ij,...jk") is None
+
+    class EinsumAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x):
+            q, k, v = torch.chunk(self.qkv(x), 3, dim=-1)
+            a = torch.einsum("b i d, b j d -> b i j", q, k).softmax(-1)
+            return self.proj(torch.einsum("b i j, b j d -> b i d", a, v))
+
+    torch.manual_seed(0)
+    model, x = EinsumAttention().eval(), torch.randn(2, 5, 8)
+    for backend in BACKENDS:
+        prepared = prepare_quiet(model, x, backend)
+        matmuls = [n for n in prepared.graph.nodes if n.target is torch.matmul]
+        assert len(matmuls) == 2 and all(all(quantized_inputs(prepared, m)) for m in matmuls)
+        assert not any(n.target is torch.einsum for n in prepared.graph.nodes)
+        for q in (m for m in prepared.modules() if isinstance(m, TensorQuantizer)):
+            q.set_mode("disabled")
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
