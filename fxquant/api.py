@@ -109,7 +109,7 @@ def _report(gm: fx.GraphModule, backend: Backend, ann: Annotations, results: dic
     report.skipped = [note for r in results.values() for note in r.notes]
     report.ptq.update(gm.meta.pop("fxquant_ptq", {}))
     quantizers = _quantizers(gm)
-    report.weight_quantizers = sum(1 for name in quantizers if name.endswith("weight_quantizer"))
+    report.weight_quantizers = sum(1 for q in quantizers.values() if q.constant)
     report.activation_quantizers = len(quantizers) - report.weight_quantizers
     return report
 
@@ -166,15 +166,15 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     for q in quantizers.values():
         q.calibrator.reset()
         q.set_mode("calib")
-    weight_quantizers = [q for name, q in quantizers.items() if name.endswith("weight_quantizer")]
+    constants = [q for q in quantizers.values() if q.constant]  # weights, layer scales: the same every batch
     count = 0
     try:
         for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
             batch = normalize_inputs(batch)
             _check_finite(batch, i)
             prepared(*batch)
-            if count == 0:  # weights are the same in every batch: their statistics are complete after one
-                for q in weight_quantizers:
+            if count == 0:  # constants are the same in every batch: their statistics are complete after one
+                for q in constants:
                     q.set_mode("disabled")
             count += 1
         if distributed.is_distributed():  # merge every rank's statistics: all ranks get the same ranges
@@ -243,7 +243,7 @@ def convert(prepared: nn.Module) -> nn.Module:
                               "fxquant.calibrate(prepared, batches) before convert()")
     qmodel = copy.deepcopy(prepared).eval()
     for name, q in list(_quantizers(qmodel).items()):
-        frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, name.endswith("weight_quantizer"))
+        frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, q.constant)
         qmodel.set_submodule(name, frozen)
     qmodel.meta["fxquant"] = QuantState(state.backend, state.config, "converted", state.report)
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole

@@ -98,7 +98,7 @@ def swap_layer(root: nn.Module, path: str, inputs: tuple, backend: Backend, conf
         return OpEntry(path, kind, f"rule `{rule}` leaves its weight float; eager layers are quantized with their "
                                    "weight or not at all")
     spec, _ = ann.weights[node]
-    twin = with_weight_quantizer(module, TensorQuantizer(spec).train(module.training))
+    twin = with_weight_quantizer(module, TensorQuantizer(spec, constant=True).train(module.training))
     twin.__class__ = EAGER_CLASSES[type(twin)]
     for request in ann.requests:
         if request.value is node:

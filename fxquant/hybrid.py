@@ -72,9 +72,9 @@ def prepare_parts(work: nn.Module, inputs: tuple, backend: Backend, config: Quan
         else:
             report.float_ops.append(OpEntry(path, kind, "called from eager code (not traced)"))
     report.notes += [f"`{path}` is never called on the example inputs: not quantized" for path in parts.uncalled]
-    quantizer_names = [name for name, m in root.named_modules() if isinstance(m, TensorQuantizer)]
-    report.weight_quantizers = sum(1 for name in quantizer_names if name.endswith("weight_quantizer"))
-    report.activation_quantizers = len(quantizer_names) - report.weight_quantizers
+    quantizers = [m for m in root.modules() if isinstance(m, TensorQuantizer)]
+    report.weight_quantizers = sum(1 for q in quantizers if q.constant)
+    report.activation_quantizers = len(quantizers) - report.weight_quantizers
     return root, report
 
 

@@ -121,14 +121,20 @@ class TensorQuantizer(nn.Module):
     Modes: ``"quant"`` (default), ``"calib"`` (collect statistics, return the input unchanged) and
     ``"disabled"``. Without a range (no fixed amax, not calibrated) quant mode uses the range of the current
     input, as pytorch_quantization does.
+
+    ``constant`` is True for a quantizer of a parameter or buffer (a module's weight, a layer scale): its
+    statistics are complete after one batch, and it never sees values outside its calibrated range.
     """
 
-    def __init__(self, spec: QuantSpec | None = None) -> None:
+    constant = False
+
+    def __init__(self, spec: QuantSpec | None = None, constant: bool = False) -> None:
         super().__init__()
         spec = QuantSpec() if spec is None else spec
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"TensorQuantizer takes a QuantSpec, got {type(spec).__name__}")
         self.spec = spec
+        self.constant = constant
         self.mode = "quant"
         self.calibrator = make_calibrator(spec)
         self.register_buffer("_min", None)

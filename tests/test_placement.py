@@ -293,3 +293,30 @@ def test_inserted_nodes_record_provenance():
     assert set(q.meta["fxquant"]["rules"]) == {"weighted_input", "residual_add"}
     add = next(n for n in gm.graph.nodes if n.name == "add")
     assert add.meta["fxquant"]["rule"] == "tensorrt.residual_add"
+
+
+class FunctionalConv(nn.Module):
+    """A conv written with F.conv2d and the module's own parameters (no nn.Conv2d to swap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+
+    def forward(self, x):
+        return torch.relu(nn.functional.conv2d(x, self.weight, self.bias, padding=1)).mean((2, 3))
+
+
+def test_functional_conv_weight_is_a_constant_quantizer(tmp_path):
+    # its weight quantizer is calibrated once, counted as a weight, and exported without a Clip on its codes
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    prepared = fxquant.prepare(FunctionalConv().eval(), batches[0], backend="onnxruntime")
+    fxquant.calibrate(prepared, batches, progress=False)
+    weight_q = [q for n, q in prepared.named_modules() if isinstance(q, TensorQuantizer) and q.constant]
+    assert len(weight_q) == 1 and weight_q[0].calibrator.num_batches == 1
+    assert weight_q[0].spec.num_bits == 7 and weight_q[0].spec.axis == 0  # the backend's weight spec
+    assert fxquant.report_of(prepared).weight_quantizers == 1
+    result = fxquant.export_onnx(fxquant.convert(prepared), batches[0], tmp_path / "functional.onnx")
+    assert not [n for n in result.model.graph.node if n.op_type == "Clip"]
+    assert result.ort_sqnr_db > 35

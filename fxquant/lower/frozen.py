@@ -24,14 +24,14 @@ def storage_type(qmin: int, qmax: int) -> tuple[torch.dtype, int, int]:
 class FrozenQuantizer(nn.Module):
     """Quantize-dequantize with fixed scale and zero point: what a TensorQuantizer becomes in convert()."""
 
-    def __init__(self, quantizer: TensorQuantizer, is_weight: bool) -> None:
+    def __init__(self, quantizer: TensorQuantizer, is_constant: bool) -> None:
         super().__init__()
         spec = quantizer.spec
         self.qmin, self.qmax = spec.qmin, spec.qmax
         dtype, lo, hi = storage_type(self.qmin, self.qmax)
         self.axis = spec.axis if spec.axis is not None else 0
-        # A weight never leaves its calibrated range, so a narrow range needs no clip in ONNX.
-        self.clip = not is_weight and (lo, hi) != (self.qmin, self.qmax)
+        # A constant (weight) never leaves its calibrated range, so a narrow range needs no clip in ONNX.
+        self.clip = not is_constant and (lo, hi) != (self.qmin, self.qmax)
         self.num_bits = spec.num_bits
         self.register_buffer("scale", quantizer.scale.detach().clone().float())
         self.register_buffer("zero_point", quantizer.zero_point.detach().round().to(dtype))

@@ -120,7 +120,7 @@ def insert_quantizers(gm: fx.GraphModule, ann: Annotations) -> PassResult:
                 rs = slots[root]
                 suffix = "" if rs.all_users or len(rs.users) != 1 else f"_to_{rs.users[0].name}"
                 name = _free_name(gm, f"{rs.value.name}{suffix}_quantizer")
-                gm.add_submodule(name, TensorQuantizer(rs.spec).train(gm.training))
+                gm.add_submodule(name, TensorQuantizer(rs.spec, constant=rs.value.op == "get_attr").train(gm.training))
                 modules[root] = name
             with graph.inserting_after(anchor):
                 q = graph.call_module(modules[root], (value,))
@@ -132,7 +132,7 @@ def insert_quantizers(gm: fx.GraphModule, ann: Annotations) -> PassResult:
     for node, (spec, rule) in ann.weights.items():
         module = gm.get_submodule(node.target)
         if not hasattr(module, "weight_quantizer"):
-            quantizer = TensorQuantizer(spec).train(module.training)
+            quantizer = TensorQuantizer(spec, constant=True).train(module.training)
             gm.set_submodule(node.target, with_weight_quantizer(module, quantizer))
         node.meta.setdefault("fxquant", {})["weight_rule"] = rule
     return PassResult(gm, modified=bool(slots or ann.weights))
