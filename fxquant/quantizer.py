@@ -3,7 +3,10 @@
 ``tensor_quant`` / ``fake_tensor_quant`` keep the semantics of NVIDIA pytorch_quantization: the returned
 ``scale`` is the multiplier ``max_bound / amax`` (codes = round(x * scale)), and ``outputs / scale``
 dequantizes. TensorQuantizer's ``scale`` property instead follows the ONNX / torch convention that the rest
-of the stack uses, the step size: ``x ~= (q - zero_point) * scale``.
+of the stack uses, the step size: ``x ~= (q - zero_point) * scale``, and its forward computes exactly what
+QuantizeLinear -> DequantizeLinear (and ``convert``'s frozen op) compute, ``round(x / step)``: ``x * (max_bound /
+amax)`` can round the other way at ties (``x * (1 / s)`` and ``x / s`` differ in the last bit), which on
+discrete inputs flips whole pixel values between the prepared and the converted model.
 """
 
 from __future__ import annotations
@@ -84,6 +87,23 @@ class _FakeAffineQuant(torch.autograd.Function):
         ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
         q = torch.clamp(codes, qmin, qmax)
         return ((q - zero_point) * scale).to(inputs.dtype) if fake else q
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
+
+
+class _FakeSymmetricQuant(torch.autograd.Function):
+    """Symmetric quantize(-dequantize) by the step size, as ONNX computes it; the seed's straight-through
+    gradient (passes where |x| <= amax); an amax of 0 quantizes to zero, like ``tensor_quant``."""
+
+    @staticmethod
+    def forward(ctx, inputs, step, amax, qmin, qmax, fake):
+        ctx.save_for_backward(inputs.abs() <= amax)
+        codes = torch.clamp(torch.round(inputs.float() / step), qmin, qmax)
+        codes = torch.where(amax <= _EPS, torch.zeros_like(codes), codes)
+        return (codes * step).to(inputs.dtype) if fake else codes
 
     @staticmethod
     def backward(ctx, grad_outputs):
@@ -260,10 +280,10 @@ class TensorQuantizer(nn.Module):
             lo, hi = self._min, self._max
         spec = self.spec
         if spec.symmetric:
-            amax = broadcast_shape(x, axis, torch.maximum(lo.abs(), hi.abs()))
-            if spec.fake_quant:
-                return fake_tensor_quant(x, amax, spec.num_bits, spec.unsigned, spec.narrow_range)
-            return tensor_quant(x, amax, spec.num_bits, spec.unsigned, spec.narrow_range)[0]
+            amax = torch.maximum(lo.abs(), hi.abs()).float()
+            step = _safe_step(amax / spec.qmax, amax)  # the `scale` property, as convert freezes it
+            return _FakeSymmetricQuant.apply(x, broadcast_shape(x, axis, step), broadcast_shape(x, axis, amax),
+                                             spec.qmin, spec.qmax, spec.fake_quant)
         scale, zero_point = affine_qparams(lo, hi, spec.qmin, spec.qmax)
         scale, zero_point = broadcast_shape(x, axis, scale), broadcast_shape(x, axis, zero_point)
         return _FakeAffineQuant.apply(x, scale, zero_point, spec.qmin, spec.qmax, spec.fake_quant)

@@ -250,3 +250,23 @@ def test_quant_spec_with_revalidates():
 def test_tensor_quantizer_rejects_non_spec():
     with pytest.raises(TypeError, match="TensorQuantizer takes a QuantSpec, got dict"):
         TensorQuantizer({"num_bits": 8})
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(num_bits=4), QuantSpec(narrow_range=True),
+                                  QuantSpec(num_bits=4, unsigned=True), QuantSpec(axis=0),
+                                  QuantSpec(symmetric=False), QuantSpec(num_bits=4, symmetric=False)],
+                         ids=["int8", "int4", "narrow", "uint4", "per-channel", "affine8", "affine4"])
+def test_prepared_quantizer_equals_its_frozen_op_bit_for_bit(spec):
+    # discrete data (digits-like pixel values k/16) lands on rounding ties; x * (qmax / amax) rounds some of them
+    # the other way than x / step, the ONNX arithmetic convert freezes: the two must agree exactly
+    from fxquant.lower.frozen import FrozenQuantizer
+
+    x = (torch.arange(17.0) / 16).repeat(3, 1) * torch.tensor([[1.0], [0.7], [3.0]])
+    q = TensorQuantizer(spec)
+    q.set_mode("calib")
+    q(x)
+    q.load_calib_amax()
+    q.set_mode("quant")
+    frozen = FrozenQuantizer(q, is_constant=False)
+    for data in (x, x * 1.37, -x):
+        assert torch.equal(q(data), frozen(data)), data

@@ -74,7 +74,7 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend:
     gm = _prepare(model, example_inputs, backend, config, qat=True)
     for name, q in list(gm.named_modules()):
         if isinstance(q, TensorQuantizer):
-            twin = QATQuantizer(q.spec, name.endswith("weight_quantizer"), options.ranges, options.ema_decay,
+            twin = QATQuantizer(q.spec, q.constant, options.ranges, options.ema_decay,
                                 options.freeze_ranges_after)
             twin.set_mode(q.mode)
             gm.set_submodule(name, twin.train(q.training))

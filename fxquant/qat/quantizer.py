@@ -72,7 +72,7 @@ class QATQuantizer(TensorQuantizer):
 
     def __init__(self, spec: QuantSpec, is_weight: bool, ranges: str = "fixed", ema_decay: float = 0.99,
                  freeze_after: int | None = None) -> None:
-        super().__init__(spec)
+        super().__init__(spec, constant=is_weight)
         self.is_weight = is_weight
         self.ranges = ranges
         self.ema_decay = ema_decay
