@@ -72,6 +72,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     else:
         proto = _export(model, inputs, opset, dynamic_batch)
     fold_weight_quantization(proto)
+    global_average_pools(proto)
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
@@ -232,6 +233,35 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             graph.initializer.remove(inits[base])
         done += 1
     return done
+
+
+def global_average_pools(proto: onnx.ModelProto) -> int:
+    """Rewrite ``ReduceMean`` over every spatial axis with ``keepdims=1`` (how the dynamo exporter writes
+    adaptive average pooling to 1x1 and ``x.mean((2, 3), keepdim=True)``) as ``GlobalAveragePool``, the same
+    values, which ONNX Runtime fuses with its Q/DQ into QLinearGlobalAveragePool (it has no int8 ReduceMean) and
+    TensorRT runs as a pooling layer. Returns how many were rewritten."""
+    graph = proto.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in onnx.shape_inference.infer_shapes(proto).graph.value_info if v.type.tensor_type.HasField("shape")}
+    ranks.update((v.name, len(v.type.tensor_type.shape.dim)) for v in graph.input)
+    inits = _initializers(proto)
+    rewritten = 0
+    for node in graph.node:
+        rank = ranks.get(node.input[0]) if node.op_type == "ReduceMean" else None
+        if rank is None or rank < 3 or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = {int(a) % rank for a in np.atleast_1d(_array(inits, node.input[1]))}
+        if attrs.get("keepdims", 1) != 1 or axes != set(range(2, rank)):
+            continue
+        axes_input = node.input[1]
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        if not any(axes_input in n.input for n in graph.node):
+            graph.initializer.remove(inits[axes_input])
+        rewritten += 1
+    return rewritten
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
