@@ -60,13 +60,11 @@ class DigitsNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def train_digits(epochs: int = 12, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
-                 data: tuple[torch.Tensor, ...] | None = None) -> DigitsNet:
-    """Train DigitsNet on the digits training split (a few seconds on a laptop CPU); returned in eval mode."""
-    x_train, y_train, _, _ = data if data is not None else load_digits_split()
+def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, seed: int, batch_size: int,
+        lr: float) -> nn.Module:
+    """AdamW + one-cycle schedule, shuffled with a generator seeded by ``seed``; returns ``model`` in eval mode.
+    Call ``torch.manual_seed(seed)`` before building ``model`` for reproducible weights."""
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = DigitsNet()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(y_train) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -81,6 +79,14 @@ def train_digits(epochs: int = 12, seed: int = 0, batch_size: int = 32, lr: floa
             opt.step()
             sched.step()
     return model.eval()
+
+
+def train_digits(epochs: int = 12, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
+                 data: tuple[torch.Tensor, ...] | None = None) -> DigitsNet:
+    """Train DigitsNet on the digits training split (a few seconds on a laptop CPU); returned in eval mode."""
+    x_train, y_train, _, _ = data if data is not None else load_digits_split()
+    torch.manual_seed(seed)
+    return fit(DigitsNet(), x_train, y_train, epochs, seed, batch_size, lr)
 
 
 @torch.no_grad()

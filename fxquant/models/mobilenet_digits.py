@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.models.digits import load_digits_split
+from fxquant.models.digits import fit, load_digits_split
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -40,23 +40,8 @@ def train_mobilenet_digits(epochs: int = 10, seed: int = 0, batch_size: int = 32
                            data: tuple[torch.Tensor, ...] | None = None) -> MobileNetDigits:
     """Train MobileNetDigits on the digits training split (a few seconds on CPU); returned in eval mode."""
     x_train, y_train, _, _ = data if data is not None else load_digits_split()
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = MobileNetDigits()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(y_train) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y_train), generator=generator)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            opt.zero_grad()
-            loss_fn(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    return fit(MobileNetDigits(), x_train, y_train, epochs, seed, batch_size, lr)
 
 
 @torch.no_grad()
