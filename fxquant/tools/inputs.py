@@ -188,3 +188,14 @@ def load_calibration(args: argparse.Namespace, default_shape: tuple[int, ...] | 
         raise CLIError(f"--calib {spec} holds no samples")
     samples = sum(len(b) for b in batches)
     return batches, f"{spec}: {len(batches)} batch(es), {samples} sample(s) of shape {tuple(batches[0].shape[1:])}"
+
+
+def load_model_and_data(args: argparse.Namespace, clock) -> tuple[nn.Module, str, list[torch.Tensor], str]:
+    """Seed, then load ``args.model`` and its calibration batches, timing both on ``clock`` (a Stopwatch).
+    Torchvision names default to 3x224x224 random data; file factories need the data to say its shape."""
+    torch.manual_seed(args.seed)
+    with clock("load model"):
+        model, name = load_model(args.model, args.seed)
+    with clock("load data"):
+        batches, data_note = load_calibration(args, None if is_file_spec(args.model) else (3, 224, 224))
+    return model, name, batches, data_note

@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from fxquant.tools.inputs import add_model_and_data_args, is_file_spec, load_calibration, load_model
+from fxquant.tools.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.tools.summary import Stopwatch, config_from_args, print_table, quiet_warnings
 
 DESCRIPTION = """Quantize a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
@@ -36,12 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import fxquant
 
-    torch.manual_seed(args.seed)
     clock = Stopwatch()
-    with clock("load model"):
-        model, name = load_model(args.model, args.seed)
-    with clock("load data"):
-        batches, data_note = load_calibration(args, None if is_file_spec(args.model) else (3, 224, 224))
+    model, name, batches, data_note = load_model_and_data(args, clock)
     example = batches[0]
     config = config_from_args(args)
     out = args.out or f"{name}_{args.backend}.onnx"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
-from fxquant.tools.inputs import add_model_and_data_args, is_file_spec, load_calibration, load_model
+from fxquant.tools.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.tools.summary import Stopwatch, config_from_args, print_table, quiet_warnings
 
 DESCRIPTION = """Sensitivity report: prepare and calibrate MODEL, then for every quantized layer measure the
@@ -42,12 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eval_batches < 1:
         raise CLIError(f"--eval-batches must be at least 1, got {args.eval_batches}")
-    torch.manual_seed(args.seed)
     clock = Stopwatch()
-    with clock("load model"):
-        model, name = load_model(args.model, args.seed)
-    with clock("load data"):
-        batches, data_note = load_calibration(args, None if is_file_spec(args.model) else (3, 224, 224))
+    model, name, batches, data_note = load_model_and_data(args, clock)
     out = args.out or f"{name}_{args.backend}_sensitivity.html"
     with quiet_warnings() as notes:
         with clock("prepare"):
