@@ -26,6 +26,7 @@ import fxquant
 import fxquant.qat
 from fxquant import QuantConfig, QuantSpec
 from fxquant.models import accuracy, load_digits_split, train_digits
+from fxquant.models.digits import run_epochs
 
 EPOCHS, LR, BATCH = 3, 5e-4, 32
 WEIGHT = QuantSpec(num_bits=4, axis=0, narrow_range=True)
@@ -52,17 +53,7 @@ def train_epochs(model: nn.Module, data: tuple, seed: int, epochs: int = EPOCHS,
     opt = torch.optim.Adam(params, lr=LR)
     if check is not None:
         check(model, opt)
-    generator = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y_train), generator=generator)
-        for i in range(0, len(perm), BATCH):
-            idx = perm[i:i + BATCH]
-            opt.zero_grad()
-            loss_fn(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-    model.eval()
+    run_epochs(model, opt, x_train, y_train, epochs, seed, BATCH)
 
 
 def run_fxquant(model: nn.Module, data: tuple, calib: list, seed: int, kwargs: dict,

@@ -17,6 +17,7 @@ import fxquant.qat
 from fxquant import QATError, QuantConfig, QuantSpec
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.models import DigitsNet, accuracy, load_digits_split, train_digits
+from fxquant.models.digits import run_epochs
 from fxquant.qat import QATQuantizer, lsq_fake_quant
 
 W4 = QuantSpec(num_bits=4, axis=0, narrow_range=True)
@@ -32,16 +33,7 @@ def _prepare_qat(model: nn.Module, example: torch.Tensor, config: QuantConfig = 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, seed: int,
            epochs: int = 1, batch: int = 32) -> None:
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(perm), batch):
-            idx = perm[i:i + batch]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+    run_epochs(model, opt, x, y, epochs, seed, batch)
 
 
 @pytest.fixture(scope="module")

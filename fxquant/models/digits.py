@@ -60,25 +60,34 @@ class DigitsNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, seed: int, batch_size: int,
-        lr: float) -> nn.Module:
-    """AdamW + one-cycle schedule, shuffled with a generator seeded by ``seed``; returns ``model`` in eval mode.
-    Call ``torch.manual_seed(seed)`` before building ``model`` for reproducible weights."""
+def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
+               seed: int, batch_size: int = 32, sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """Cross-entropy training in shuffled mini-batches (a generator seeded by ``seed``); leaves ``model`` in eval
+    mode. ``sched`` steps after every optimizer step."""
     generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(y_train) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(y_train), generator=generator)
+        perm = torch.randperm(len(y), generator=generator)
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             opt.zero_grad()
-            loss_fn(model(x_train[idx]), y_train[idx]).backward()
+            loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
-            sched.step()
-    return model.eval()
+            if sched is not None:
+                sched.step()
+    model.eval()
+
+
+def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, seed: int, batch_size: int,
+        lr: float) -> nn.Module:
+    """AdamW + one-cycle schedule over ``run_epochs``; returns ``model`` in eval mode. Call
+    ``torch.manual_seed(seed)`` before building ``model`` for reproducible weights."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(y_train) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    run_epochs(model, opt, x_train, y_train, epochs, seed, batch_size, sched)
+    return model
 
 
 def train_digits(epochs: int = 12, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
