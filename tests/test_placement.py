@@ -320,3 +320,56 @@ def test_functional_conv_weight_is_a_constant_quantizer(tmp_path):
     result = fxquant.export_onnx(fxquant.convert(prepared), batches[0], tmp_path / "functional.onnx")
     assert not [n for n in result.model.graph.node if n.op_type == "Clip"]
     assert result.ort_sqnr_db > 35
+
+
+# ---- residual streams read only by float ops ----------------------------------------------------------------
+class PreNormBlocks(nn.Module):
+    """Two pre-norm transformer blocks and a final LayerNorm: the residual stream is read only by LayerNorms
+    (and by the next add), and one block reads its width from x.shape."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d, d)
+        self.lns = nn.ModuleList(nn.LayerNorm(d) for _ in range(5))
+        self.fcs = nn.ModuleList(nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for i in range(4):
+            x = x + self.fcs[i](self.lns[i](x)).reshape(-1, x.shape[1], x.shape[-1])
+        return self.head(self.lns[4](x))
+
+
+class PostNormBlock(nn.Module):
+    """BERT-style post-norm: LayerNorm(x + f(x)), then a Linear; and a ResNet-style add -> ReLU -> Linear."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.f, self.g, self.ln = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d)
+        self.out, self.out2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.out(self.ln(x + self.f(x)))
+        return self.out2(torch.relu(y + self.g(y)))
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+def test_adds_read_only_by_float_ops_stay_float_with_reason(backend):
+    tokens = torch.randn(2, 5, 16)
+    gm = prep(PreNormBlocks(), tokens, backend=backend)
+    report = fxquant.report_of(gm)
+    adds = {e.node: e.detail for e in report.float_ops if e.kind == "add"}
+    assert sorted(adds) == ["add", "add_1", "add_2", "add_3"]
+    assert not [e for e in report.quantized if e.kind == "add"]
+    assert "layer_norm `lns_1`" in adds["add"] and "feeds only ops that run in floating point" in adds["add"]
+    assert "layer_norm `lns_4`" in adds["add_3"]
+    # every Linear keeps its input quantizer; none sits on the residual stream itself
+    streams = {"embed", "add", "add_1", "add_2", "add_3"}
+    assert not [q for q in placements(gm) if q[0] in streams and backend == "tensorrt"]
+
+    gm = prep(PostNormBlock(), tokens, backend=backend)
+    report = fxquant.report_of(gm)
+    floats = {e.node: e.detail for e in report.float_ops if e.kind == "add"}
+    assert list(floats) == ["add"] and "layer_norm `ln`" in floats["add"]
+    assert [e.node for e in report.quantized if e.kind == "add"] == ["add_1"]  # add -> ReLU -> Linear: int8

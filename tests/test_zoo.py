@@ -55,14 +55,7 @@ def test_zoo_model_exports_and_agrees_in_ort(name, backend, tmp_path):
         assert fxquant.sqnr(model(x), qmodel(x)) >= 10.0  # random weights: a floor that catches broken graphs
     result = fxquant.export_onnx(qmodel, x, tmp_path / f"{name}.onnx", dynamic_batch=False)
     assert result.op_counts["QuantizeLinear"] > 0
-    if result.ort_sqnr_db < 30.0:
-        # Deep random transformers amplify float rounding differences at the quantizers (each flip becomes a
-        # full step): then ORT must agree with the fake-quant model as well as that model agrees with itself
-        # evaluated in float64 instead of float32, within 3 dB.
-        with torch.no_grad():
-            expected = qmodel(x)
-            self_agreement = fxquant.sqnr(expected, qmodel.double()(x.double()).float())
-        assert result.ort_sqnr_db >= self_agreement - 3.0, (result.ort_sqnr_db, self_agreement)
+    assert result.ort_sqnr_db >= 30.0
 
 
 # ---- cheap representative cases (default run) -----------------------------------------------------------
@@ -142,8 +135,21 @@ def test_tiny_vit_attention_matmuls_have_both_inputs_quantized(backend, tmp_path
     assert len(linears) == 8  # patch conv, q/k/v/out projections, two MLP layers, head
     report = fxquant.report_of(prepared)
     assert not [e for e in report.float_ops if e.detail.startswith(GENERIC)]
-    if backend == "onnxruntime":  # softmax -> QLinearSoftmax; the position-embedding add -> QLinearAdd
-        assert {"softmax", "add"} <= {e.kind for e in report.quantized}
+    if backend == "onnxruntime":  # softmax -> QLinearSoftmax
+        assert "softmax" in {e.kind for e in report.quantized}
+    # The residual stream of a pre-norm block feeds LayerNorms (float on both runtimes) and, here, the head
+    # through a slice: ORT slices in float, so its adds (position embedding, two residuals) stay float with that
+    # reason instead of requantizing the stream; TensorRT carries Q/DQ through the slice into the head's GEMM,
+    # so both residual adds keep their skip quantizer (the position-embedding add adds a constant).
+    adds = {e.node: e.detail for e in report.float_ops if e.kind == "add"}
+    if backend == "onnxruntime":
+        assert sorted(adds) == ["add", "add_1", "add_2"]
+        assert all("feeds only ops that run in floating point" in d for d in adds.values())
+        assert "layer_norm `ln1`" in adds["add"] and "layer_norm `ln2`" in adds["add_1"]
+        assert "getitem `getitem_3`" in adds["add_2"]
+    else:
+        assert sorted(adds) == ["add"] and "adds a constant" in adds["add"]
+        assert sorted(e.node for e in report.quantized if e.kind == "add") == ["add_1", "add_2"]
     fxquant.calibrate(prepared, [torch.randn(4, 3, 16, 16, generator=gen)], progress=False)
     qmodel = fxquant.convert(prepared)
     with torch.no_grad():

@@ -34,3 +34,70 @@ def two_activation_inputs(name: str) -> Check:
         return None if n == 2 else f"`{match[name].name}` combines {n} activation tensor(s) with constants"
 
     return check
+
+
+# Ops that hand a quantized value on unchanged in meaning (the runtime keeps it in int8 or shares its scale):
+# whether an add's output is consumed in int8 is decided past them.
+_CARRY = frozenset({"relu", "relu6", "hardtanh", "identity", "reshape", "permute", "max_pool", "cat"})
+# Ops whose own quantization is decided by this same check: they consume in int8 when they are quantized.
+_ELEMENTWISE = frozenset({"add", "mul"})
+
+
+def _float_consumer(view, backend, user) -> str | None:
+    """The reason ``user`` reads its input in floating point, or None."""
+    kind = view.kinds[user]
+    if kind in backend.float_reasons and kind not in _CARRY and kind not in _ELEMENTWISE:
+        return f"{kind} `{user.name}`"
+    return None
+
+
+def int8_consumers(view, backend) -> dict:
+    """For every node: None when its output reaches an op that reads it in int8, else the float consumers
+    it reaches (walking through pass-through ops and adds/muls that reach no int8 consumer themselves).
+    The model output decides nothing: a backbone's output may feed int8 layers in another engine, so an op
+    whose output only leaves the model is placed as it would be inside a network.
+    Computed once per graph and backend, in reverse graph order (linear in graph size)."""
+    cache = view.__dict__.setdefault("_int8_consumers", {})
+    if backend.name in cache:
+        return cache[backend.name]
+    result: dict = {}
+    carry = _CARRY | backend.passthrough
+    for node in reversed(list(view.kinds)):
+        floats: list[str] = []
+        for user in node.users:
+            if user.op == "output" or user.meta.get("tensor_meta") is None:
+                continue  # the model output decides nothing (above); shape queries (x.shape, x.dim()) read no values
+            kind = view.kinds.get(user)
+            reason = _float_consumer(view, backend, user)
+            if reason is not None:
+                floats.append(reason)
+            elif kind in carry or kind in _ELEMENTWISE:
+                if result.get(user) is None:
+                    break
+                floats.extend(r for r in result[user] if r not in floats)
+            else:
+                break  # a quantized consumer
+        else:
+            result[node] = floats[:3] or None  # three name the case in a report; memory stays linear
+            continue
+        result[node] = None
+    cache[backend.name] = result
+    return result
+
+
+def output_reaches_int8(name: str) -> Check:
+    """Decline an add/mul whose output only reaches ops that run in floating point (LayerNorm, GELU), directly
+    or through pass-through ops and adds in the same position: quantizing it feeds no int8 kernel and only adds
+    rounding error. This is the residual stream of a pre-norm transformer; a ResNet's
+    adds feed the next convolution and stay quantized."""
+
+    def check(match: Match, ctx: AnnotationContext) -> str | None:
+        node = match[name]
+        floats = int8_consumers(ctx.view, ctx.backend).get(node)
+        if floats is None:
+            return None
+        return (f"`{node.name}` feeds only ops that run in floating point ({', '.join(floats)}), directly or "
+                f"through other "
+                f"such adds: quantizing it would add rounding error and enable no int8 kernel")
+
+    return check

@@ -10,6 +10,9 @@
   concat share one scale between input and output so ORT can drop their Q/DQ.
 - Sigmoid and Softmax get Q/DQ on input and output (ORT's QLinearSigmoid / QLinearSoftmax); MatMul has both
   inputs quantized (QLinearMatMul), so attention's Q @ K^T and softmax @ V run in int8.
+- An Add/Mul whose output only reaches ops ORT runs in float (the residual stream of a pre-norm transformer,
+  read by LayerNorms) stays float: a QLinearAdd there would requantize the stream at every block and feed
+  no int8 kernel.
 - Add/Mul with a constant tensor operand (a layer scale, a position embedding) quantize the constant too, per
   tensor with the activation type (QLinearAdd/QLinearMul take one uint8 scale per input), calibrated by max.
 - Ops ORT has no int8 kernel or QDQ fusion for (SiLU, Hardswish, Hardsigmoid, GELU, tanh, LayerNorm, unfolded
@@ -21,7 +24,7 @@ from __future__ import annotations
 from torch import fx
 
 from fxquant.backends.base import Backend
-from fxquant.backends.checks import quantizable_weight, two_activation_inputs
+from fxquant.backends.checks import output_reaches_int8, quantizable_weight, two_activation_inputs
 from fxquant.ops import WEIGHTED_KINDS
 from fxquant.passes.annotate import AnnotationContext, Request
 from fxquant.rules import Match, Pattern, Quantize, Rule, single_user
@@ -79,10 +82,11 @@ ONNXRUNTIME = Backend(
         Rule("weighted", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op", output="op"),
              checks=(quantizable_weight("op"),), priority=20),
         Rule("binary_clamp", Pattern.chain(("op", BINARY), ("act", CLAMPS)), Quantize(inputs="op", output="act"),
-             checks=(single_user("op"), two_activation_inputs("op")), priority=30),
+             checks=(output_reaches_int8("act"), single_user("op"), two_activation_inputs("op")), priority=30),
         Rule("binary", Pattern.chain(("op", BINARY)), Quantize(inputs="op", output="op"),
-             checks=(two_activation_inputs("op"),), priority=20),
-        Rule("binary_constant", Pattern.chain(("op", BINARY)), handler=binary_with_constant, priority=15),
+             checks=(output_reaches_int8("op"), two_activation_inputs("op")), priority=20),
+        Rule("binary_constant", Pattern.chain(("op", BINARY)), handler=binary_with_constant,
+             checks=(output_reaches_int8("op"),), priority=15),
         Rule("matmul", Pattern.chain(("op", "matmul")), Quantize(inputs="op", output="op"), priority=20),
         Rule("sigmoid_softmax", Pattern.chain(("op", {"sigmoid", "softmax"})), Quantize(inputs="op", output="op"),
              priority=20),

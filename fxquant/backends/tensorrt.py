@@ -3,7 +3,9 @@
 - Symmetric int8; weights per output channel (narrow range), activations per tensor.
 - Quantize the inputs of weighted ops (Conv, ConvTranspose, Linear, MatMul); never their outputs.
 - Residual adds: quantize the skip input only, so TensorRT fuses Conv + Add (+ReLU) on the other input
-  (NVIDIA/TensorRT#1992); adds that are not residuals get no quantizer.
+  (NVIDIA/TensorRT#1992); adds that are not residuals get no quantizer, nor do residual adds whose output only
+  reaches ops TensorRT runs in fp32/fp16 (the LayerNorms on a pre-norm transformer's residual stream): no
+  int8 output to fuse into, only rounding added.
 - Concat: all quantizers on its inputs and output share one scale. ReLU, pooling, reshapes, permutes,
   slicing and eval-mode stochastic depth pass through (TensorRT propagates Q/DQ across them).
 - Attention: both inputs of a MatMul (Q @ K^T, softmax @ V) are quantized, as for any weighted op.
@@ -16,7 +18,7 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend
-from fxquant.backends.checks import quantizable_weight
+from fxquant.backends.checks import output_reaches_int8, quantizable_weight
 from fxquant.ops import WEIGHTED_KINDS
 from fxquant.passes.annotate import AnnotationContext
 from fxquant.rules import Match, Pattern, Quantize, Rule
@@ -68,7 +70,8 @@ TENSORRT = Backend(
         Rule("weighted_input", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op"),
              checks=(quantizable_weight("op"),), priority=20),
         Rule("matmul_inputs", Pattern.chain(("op", "matmul")), Quantize(inputs="op"), priority=20),
-        Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add, priority=10),
+        Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add,
+             checks=(output_reaches_int8("add"),), priority=10),
         Rule("concat_shared_scale", Pattern.chain(("cat", "cat")), handler=concat_shared_scale, priority=10),
     ),
     passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "mean", "pad", "roll", "reshape",
