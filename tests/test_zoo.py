@@ -1,6 +1,6 @@
 """Issue 5, part 1: the torchvision zoo through prepare -> calibrate -> convert -> export with both backends.
 
-The full zoo is marked ``zoo`` (run with ``pytest -m zoo tests/test_zoo.py``; about an hour on 2 cores, the
+The full zoo is marked ``zoo`` (run with ``pytest -m zoo``; about 13 minutes on 2 cores, run by .ci/run; the
 ONNX export dominates). The default run keeps the cheap, representative cases: attention in a tiny ViT
 (decomposed nn.MultiheadAttention, both matmul inputs quantized, exported and checked in ORT), the SE block
 and SiLU/Hardswish placements of EfficientNet/MobileNetV3, and the decomposition's float equivalence.
