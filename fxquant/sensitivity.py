@@ -186,33 +186,12 @@ class _Acc:
         return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
 
 
-def _attr(root: nn.Module, target: str) -> object:
-    """The submodule, parameter or buffer at dotted path ``target``."""
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-class _Gate(nn.Module):
-    """Hands on the quantized value or the value before the quantizer, as the probe's configuration says."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on = True
-
-    def forward(self, quantized: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return quantized if self.on else source
-
-
 class Probe:
     """Runs a prepared model as if only some layers (units) were quantized; returns its outputs and taps.
 
-    The probe's GraphModule shares the prepared model's modules; every edge out of an activation quantizer
-    goes through a gate that hands on the quantized value when an active unit asked for that quantizer on
-    that edge, and the quantizer's input otherwise; weight quantizers of inactive units are disabled: what
-    preparing with the other units excluded gives. The graph is built once; ``configure(units)`` only sets
-    gates and modes, so a sweep over every layer costs forward passes, not recompilations.
+    ``configure(units)`` builds a GraphModule sharing the prepared model's modules in which each activation
+    quantizer acts only on the edges that an active unit asked for (its other users read the float value) and
+    weight quantizers of inactive units are disabled: what preparing with the other units excluded gives.
     ``restore()`` puts the original quantizer modes back.
     """
 
@@ -228,8 +207,6 @@ class Probe:
                              if n.op == "call_module" and f"{n.target}.weight_quantizer" in self.quantizers
                              and "unit" in n.meta.get("fxquant", {})}
         self.was_training = prepared.training
-        self.gates: dict[tuple, tuple[_Gate, fx.Node, fx.Node | None]] = {}  # key -> (gate, quantizer, user)
-        self.built: dict[bool, fx.GraphModule] = {}
         self.module: fx.GraphModule | None = None
 
     def configure(self, units: Iterable[str], taps: bool = True) -> fx.GraphModule:
@@ -239,58 +216,33 @@ class Probe:
         for name, q in self.quantizers.items():
             if name in self.weight_units:
                 q.set_mode(self.modes[name] if self.weight_units[name] in active else "disabled")
-        if taps not in self.built:
-            self.built[taps] = self._build(taps)
-        for gate, quantizer, user in self.gates.values():
-            gate.on = (self._acts(quantizer, user, active) if user is not None
-                       else any(self._acts(quantizer, u, active) for u in quantizer.users))
-        self.module = self.built[taps]
-        return self.module
-
-    def _build(self, taps: bool) -> fx.GraphModule:
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         source: dict[fx.Node, fx.Node] = {}  # quantizer call -> the value it quantizes (in the new graph)
-        gated: dict[tuple, fx.Node] = {}
-        modules: dict[str, object] = {}
-
-        def gate(key: tuple, quantizer: fx.Node, user: fx.Node | None) -> fx.Node:
-            if key not in gated:
-                g = self.gates.setdefault(key, (_Gate(), quantizer, user))[0]
-                target = f"_probe_gate_{len(gated)}"
-                modules[target] = g
-                gated[key] = graph.call_module(target, (env[quantizer], source[quantizer]))
-            return gated[key]
-
-        out = None
+        outputs = []
         by_name = {}
         for n in self.prepared.graph.nodes:
             by_name[n.name] = n
 
             def lookup(a: fx.Node, user: fx.Node = n) -> fx.Node:
-                return gate((a.name, user.name), a, user) if a in source else env[a]
+                return env[a] if a not in source or self._acts(a, user, active) else source[a]
 
             if n.op == "output":
                 out = fx.node.map_arg(n.args[0], lookup)
                 continue
             env[n] = graph.node_copy(n, lookup)
-            if n.op in ("call_module", "get_attr"):
-                modules[n.target] = _attr(self.prepared, n.target)
             if n.op == "call_module" and n.target in self.quantizers and "asks" in n.meta.get("fxquant", {}):
                 source[n] = lookup(n.args[0])
-        outputs = []
         for layer in self.layers:
             node = by_name.get(layer.output_node)
-            if node is None:
-                outputs.append(None)
-            elif node in source:
-                outputs.append(gate(("tap", node.name), node, None))
+            if node is not None and node in source and not any(self._acts(node, u, active) for u in node.users):
+                outputs.append(source[node])
             else:
-                outputs.append(env[node])
+                outputs.append(env[node] if node is not None else None)
         graph.output((out, tuple(outputs)) if taps else out)
-        module = fx.GraphModule(modules, graph).eval()
-        module.meta["fxquant"] = get_state(self.prepared)
-        return module
+        self.module = fx.GraphModule(self.prepared, graph).eval()
+        self.module.meta["fxquant"] = get_state(self.prepared)
+        return self.module
 
     @staticmethod
     def _acts(quantizer: fx.Node, user: fx.Node, active: set[str]) -> bool:
