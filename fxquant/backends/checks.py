@@ -66,7 +66,7 @@ def int8_consumers(view, backend) -> dict:
         floats: list[str] = []
         for user in node.users:
             if user.op == "output" or user.meta.get("tensor_meta") is None:
-                continue  # the model output decides nothing (above); shape queries (x.shape, x.dim()) read no values
+                continue  # the model output decides nothing (above); shape queries (x.shape) read no values
             kind = view.kinds.get(user)
             reason = _float_consumer(view, backend, user)
             if reason is not None:
@@ -88,8 +88,8 @@ def int8_consumers(view, backend) -> dict:
 def output_reaches_int8(name: str) -> Check:
     """Decline an add/mul whose output only reaches ops that run in floating point (LayerNorm, GELU), directly
     or through pass-through ops and adds in the same position: quantizing it feeds no int8 kernel and only adds
-    rounding error. This is the residual stream of a pre-norm transformer; a ResNet's
-    adds feed the next convolution and stay quantized."""
+    rounding error. This is the residual stream of a pre-norm transformer; a ResNet's adds feed the next
+    convolution and stay quantized."""
 
     def check(match: Match, ctx: AnnotationContext) -> str | None:
         node = match[name]
@@ -97,7 +97,6 @@ def output_reaches_int8(name: str) -> Check:
         if floats is None:
             return None
         return (f"`{node.name}` feeds only ops that run in floating point ({', '.join(floats)}), directly or "
-                f"through other "
-                f"such adds: quantizing it would add rounding error and enable no int8 kernel")
+                "through other such adds: quantizing it would add rounding error and enable no int8 kernel")
 
     return check
