@@ -7,9 +7,6 @@ the process group has a short timeout and the parent kills the workers after ``_
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import warnings
 from datetime import timedelta
@@ -17,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gloo_workers import spawn
 from torch import nn
 
 import fxquant
@@ -179,31 +177,10 @@ def _worker(rank: int, port: int, group_name: str, out: str) -> None:
 # ---- parent side -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(group_name: str, tmp: Path) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    port = _free_port()
     outs = [tmp / f"{group_name}-rank{r}.pt" for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), group_name, str(outs[r])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed workers ({group_name}) did not finish in {_TIMEOUT_S} s: a collective hung")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(o, weights_only=False) for o in outs]
+    return spawn(__file__, WORLD, lambda r, port, out: [str(r), str(port), group_name, str(out)], outs,
+                 _TIMEOUT_S, f"distributed workers ({group_name})")
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ OUT``); the parent kills them after ``_TIMEOUT_S`` so a hung collective cannot b
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
+from gloo_workers import spawn
 from torch import nn
 
 import fxquant
@@ -69,33 +66,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("qat_ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    port = _free_port()
     outs = [tmp / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(outs[r])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"QAT DDP workers did not finish in {_TIMEOUT_S} s: a collective hung")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(o, weights_only=False) for o in outs]
+    return spawn(__file__, WORLD, lambda r, port, out: [str(r), str(port), str(out)], outs, _TIMEOUT_S,
+                 "QAT DDP workers")
 
 
 def test_ddp_ranks_agree_and_match_one_process_on_the_union(ranks):
