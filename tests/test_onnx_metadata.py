@@ -78,3 +78,23 @@ def test_tensorrt_metadata_defaults(tmp_path):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert (meta["fxquant.backend"], meta["fxquant.calib_method"], meta["fxquant.float_ops"]) == (
         "tensorrt", get_backend("tensorrt").activation.calib_method, "")
+
+
+@pytest.mark.parametrize(("backend", "config", "cause"), [
+    ("onnxruntime", QuantConfig(weight=QuantSpec(4, axis=0, narrow_range=True),
+                                activation=QuantSpec(4, symmetric=False)), "With 4-bit quantizers"),
+    ("onnxruntime", QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True)), "u8s8 saturation"),
+    ("tensorrt", None, "int8-vs-fp32 SQNR"),
+])
+def test_low_agreement_warning_names_the_likely_cause(tmp_path, monkeypatch, backend, config, cause):
+    """The warning's advice fits the model: narrow widths, 8-bit weights on ORT without VNNI, or neither."""
+    monkeypatch.setattr("fxquant.lower.onnx_export.MIN_AGREEMENT_DB", float("inf"))  # always warn
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxquant.quantize(Named().eval(), x[:1], [x], backend=backend, config=config, progress=False)
+    with pytest.warns(UserWarning, match="agrees with the fake-quant model at only") as record:
+        fxquant.export_onnx(qmodel, x[:4], tmp_path / "m.onnx")
+    messages = [str(w.message) for w in record if "agrees with" in str(w.message)]
+    assert len(messages) == 1 and cause in messages[0], messages
