@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.models import random_torchvision
+from fxquant.tools.torchvision_models import random_torchvision
 
 
 def main() -> None:

@@ -20,7 +20,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fxquant.demo import run_demo
+    try:  # imported here: the demo needs the optional scikit-learn, which the other commands must not require
+        from fxquant.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "sklearn":
+            raise
+        raise ImportError('the demo needs scikit-learn (its digits data): pip install "fxquant[demo]"') from exc
 
     run_demo(out_dir=args.out, seed=args.seed)
     return 0

@@ -107,7 +107,7 @@ def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, str]:
         return model.eval(), spec.rpartition(":")[2]
     import torchvision
 
-    from fxquant.models import random_torchvision
+    from fxquant.tools.torchvision_models import random_torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
     if spec not in names:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.models.mobilenet_digits import MobileNetDigits
 from fxquant.ptq.chains import input_ranges, output_ranges
 from fxquant.ptq.layers import float_mode
+from tests.models.mobilenet_digits import MobileNetDigits
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

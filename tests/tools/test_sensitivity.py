@@ -15,7 +15,7 @@ from torch import nn
 
 import fxquant
 from fxquant import Override, QuantConfig, QuantSpec
-from fxquant.models import DigitsNet
+from fxquant.demo_model import DigitsNet
 from fxquant.sensitivity import quantized_layers, sensitivity
 from fxquant.sensitivity_html import NO_MATPLOTLIB, render_html
 

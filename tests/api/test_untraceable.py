@@ -9,7 +9,7 @@ from torch import nn
 import fxquant
 from fxquant import QuantConfig
 from fxquant.eager_quant import EagerQuantConv2d, EagerQuantLinear
-from fxquant.models.untraceable import (
+from tests.models.untraceable import (
     BertStyleModel,
     Detect,
     Detector,

@@ -1,7 +1,7 @@
 """QAT under DistributedDataParallel: two gloo ranks on CPU train a prepare_qat model (learned ranges that freeze
 mid-run) and end with the parameters of one process training on the union of their batches.
 
-The ranks are two subprocesses running this file as a script (``python tests/test_qat_distributed.py RANK PORT
+The ranks are two subprocesses running this file as a script (``python tests/qat/test_qat_distributed.py RANK PORT
 OUT``); the parent kills them after ``_TIMEOUT_S`` so a hung collective cannot block the suite.
 """
 
@@ -13,12 +13,12 @@ from datetime import timedelta
 
 import pytest
 import torch
-from gloo_workers import spawn
 from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
-from fxquant.models import DigitsNet
+from fxquant.demo_model import DigitsNet
+from tests.gloo_workers import spawn
 
 WORLD, STEPS, BATCH, FREEZE_AFTER = 2, 4, 16, 2
 _TIMEOUT_S = 120

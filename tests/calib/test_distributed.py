@@ -1,6 +1,6 @@
 """Distributed calibration: two gloo ranks on CPU (loopback) end with the ranges of one process on the union.
 
-The ranks are two subprocesses running this file as a script (``python tests/test_distributed.py RANK ...``);
+The ranks are two subprocesses running this file as a script (``python tests/calib/test_distributed.py RANK ...``);
 each runs a list of scenarios and saves what it got to a file. A scenario that hangs cannot block the suite:
 the process group has a short timeout and the parent kills the workers after ``_TIMEOUT_S``.
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from gloo_workers import spawn
 from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
 from fxquant.calib import HistogramCalibrator
+from tests.gloo_workers import spawn
 
 WORLD = 2
 _TIMEOUT_S = 300

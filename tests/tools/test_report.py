@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.models.zoo import random_torchvision
+from fxquant.tools.torchvision_models import random_torchvision
 
 torch.set_num_threads(1)
 

@@ -12,18 +12,10 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.demo_model import accuracy
 from fxquant.lower.onnx_export import ort_session, run_ort
-from fxquant.models import accuracy, load_digits_split, train_digits
 
 FLOAT_WEIGHTED = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(2)
-    data = load_digits_split(seed=0)
-    model = train_digits(seed=0, data=data)
-    return model, data
 
 
 @pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])

@@ -14,19 +14,12 @@ from onnx import numpy_helper
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
+from fxquant.demo_model import accuracy
 from fxquant.lower.onnx_export import ort_session
 from fxquant.mixed_precision import mixed_precision
-from fxquant.models import accuracy, load_digits_split, train_digits
 
 W4A4 = QuantConfig(weight=QuantSpec(4, axis=0, narrow_range=True),
                    activation=QuantSpec(4, symmetric=False, calib_method="mse"))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(2)
-    data = load_digits_split(seed=0)
-    return train_digits(seed=0, data=data), data
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from torch import nn
 import fxquant
 from fxquant import BACKENDS, Pattern, QuantConfig, Quantize, Rule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ORT = BACKENDS["onnxruntime"]
 
 

@@ -16,9 +16,9 @@ from torch import nn
 
 import fxquant
 from fxquant.capture import trace
-from fxquant.models.zoo import ZOO, zoo_model
 from fxquant.passes.decompose_attention import decompose_attention
 from fxquant.quantizer import TensorQuantizer
+from tests.models.zoo import ZOO, zoo_model
 
 BACKENDS = ("tensorrt", "onnxruntime")
 GENERIC = ("no tensorrt rule", "no onnxruntime rule")  # the report's words for an op nobody decided about

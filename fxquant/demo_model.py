@@ -1,6 +1,9 @@
-"""A small residual, depthwise-separable CNN with BatchNorm, trained in seconds on scikit-learn's digits.
+"""The demo's model: a small residual, depthwise-separable CNN with BatchNorm, trained in seconds on
+scikit-learn's digits, and its training loop.
 
-The data (1,797 8x8 handwritten digits) ships inside scikit-learn, so everything here runs offline.
+The data (1,797 8x8 handwritten digits) ships inside scikit-learn, so everything here runs offline. scikit-learn
+is the optional extra ``fxquant[demo]``: only the demo (and the tests and examples that reuse this model) import
+this module.
 """
 
 from __future__ import annotations
@@ -8,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test); images (N, 1, 8, 8) scaled to [-1, 1], stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     y = torch.tensor(data.target, dtype=torch.long)

@@ -15,9 +15,8 @@ from torch import nn
 import fxquant
 import fxquant.qat
 from fxquant import QATError, QuantConfig, QuantSpec
+from fxquant.demo_model import DigitsNet, accuracy, load_digits_split, run_epochs, train_digits
 from fxquant.lower.onnx_export import ort_session, run_ort
-from fxquant.models import DigitsNet, accuracy, load_digits_split, train_digits
-from fxquant.models.digits import run_epochs
 from fxquant.qat import QATQuantizer, lsq_fake_quant
 
 W4 = QuantSpec(num_bits=4, axis=0, narrow_range=True)
