@@ -16,6 +16,7 @@ from fxquant import BACKENDS, Pattern, QuantConfig, Quantize, Rule
 
 ROOT = Path(__file__).resolve().parents[1]
 ORT = BACKENDS["onnxruntime"]
+TRT = BACKENDS["tensorrt"]
 
 
 class _ConvReLU(nn.Module):
@@ -47,13 +48,6 @@ def test_priority_decides_between_user_and_backend_rules(priority, winner):
     assert len(quantizers) == (2 if winner == "weighted_clamp" else 1)
 
 
-def test_config_rules_compose_like_with_rules():
-    x = torch.randn(1, 3, 8, 8)
-    a = fxquant.prepare(_ConvReLU().eval(), x, backend=ORT.with_rules(_conv_only(40)))
-    b = fxquant.prepare(_ConvReLU().eval(), x, backend="onnxruntime", config=QuantConfig(rules=(_conv_only(40),)))
-    assert fxquant.report_of(a).as_dict() == fxquant.report_of(b).as_dict()
-
-
 def test_without_rules_then_with_rules_replaces_a_builtin_rule():
     backend = ORT.without_rules("weighted_clamp", "weighted").with_rules(_conv_only(20, name="weighted"))
     assert [r.name for r in backend.rules][:1] == ["weighted"]
@@ -81,8 +75,9 @@ class _WithGate(nn.Module):
 def test_patterns_match_module_classes_and_functions():
     rules = (Rule("gate_io", Pattern.chain(("g", _Gate)), Quantize(inputs="g", output="g"), priority=40),
              Rule("erf_out", Pattern.chain(("f", torch.erf)), Quantize(output="f"), priority=40))
-    config = QuantConfig(leaf_modules=("_Gate",), rules=rules)
-    prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend="tensorrt", config=config)
+    config = QuantConfig(leaf_modules=("_Gate",))
+    prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend=TRT.with_rules(*rules),
+                               config=config)
     by_node = _rules_by_node(prepared)
     assert by_node["gate"] == "gate_io" and by_node["erf"] == "erf_out"
     quantized = {n.args[0].name for n in prepared.graph.nodes if n.op == "call_module" and "quantizer" in n.target}
@@ -97,9 +92,10 @@ def _declines_small(match, ctx):
 def test_a_declining_check_is_the_reported_reason():
     rule = Rule("gate_io", Pattern.chain(("g", _Gate)), Quantize(inputs="g", output="g"), checks=(_declines_small,),
                 priority=40)
-    config = QuantConfig(leaf_modules=("_Gate",), rules=(rule,))
+    config = QuantConfig(leaf_modules=("_Gate",))
     with pytest.warns(UserWarning, match="too small to bother"):
-        prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend="tensorrt", config=config)
+        prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend=TRT.with_rules(rule),
+                                   config=config)
     floats = {e.node: e.detail for e in fxquant.report_of(prepared).float_ops}
     assert floats["gate"] == "`gate` is 6 pixels wide; too small to bother"
 
@@ -108,11 +104,11 @@ def test_bad_rules_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"unknown op kind\(s\) 'slu' \(did you mean 'silu'\?\)"):
         ORT.with_rules(Rule("x", Pattern.chain(("a", "slu")), Quantize(inputs="a")))
     with pytest.raises(ValueError, match=r"unknown op kind"):
-        QuantConfig(rules=(Rule("x", Pattern.chain(("a", "convv")), Quantize(inputs="a")),))
+        TRT.with_rules(Rule("x", Pattern.chain(("a", "convv")), Quantize(inputs="a")))
     with pytest.raises(ValueError, match=r"already belong to the onnxruntime backend.*without_rules\('weighted'\)"):
         ORT.with_rules(_conv_only(10, name="weighted"))
     with pytest.raises(ValueError, match="two rules are named 'a'"):
-        QuantConfig(rules=(_conv_only(1, "a"), _conv_only(2, "a")))
+        TRT.with_rules(_conv_only(1, "a"), _conv_only(2, "a"))
     with pytest.raises(ValueError, match=r"has no rule\(s\) \['nope'\]; its rules: \['weighted_input'"):
         BACKENDS["tensorrt"].without_rules("nope")
     with pytest.raises(ValueError, match=r"Quantize\.weight='act' can only name a node of kinds"):
@@ -125,8 +121,8 @@ def test_bad_rules_say_what_is_wrong():
         Rule("r", Pattern.chain(("conv", "conv")))
     with pytest.raises(ValueError, match=r"pattern edge \('a', 'c'\) names a node that is not in the pattern"):
         Pattern((("a", frozenset({"conv"})), ("b", frozenset({"relu"}))), (("a", "c"),))
-    with pytest.raises(TypeError, match=r"QuantConfig\.rules must be a tuple of fxquant\.Rule"):
-        QuantConfig(rules=_conv_only(1))
+    with pytest.raises(TypeError, match=r"with_rules\(\) holds a list"):
+        TRT.with_rules([_conv_only(1)])
     with pytest.raises(TypeError, match="checks must be a tuple of functions"):
         Rule("r", Pattern.chain(("conv", "conv")), Quantize(inputs="conv"), checks=("single_user",))
 
@@ -134,7 +130,6 @@ def test_bad_rules_say_what_is_wrong():
 def test_custom_pattern_example_runs():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pattern.py")], capture_output=True,
                          text=True, timeout=600, check=True).stdout
-    assert "with_rules and QuantConfig(rules=...) place the same quantizers: True" in out
     pattern = (r"(\w+): (\d+) activation quantizers; ops by conv_silu (\d+), by attention_io (\d+); "
                r"ONNX QuantizeLinear (\d+); int8 vs fp32 ([\d.]+) dB; ORT vs fake-quant ([\d.]+) dB")
     rows = {m[0]: [float(v) for v in m[1:]] for m in re.findall(pattern, out)}

@@ -26,15 +26,15 @@ from torch import fx
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight, two_activation_inputs
 from fxquant.ops import WEIGHTED_KINDS
-from fxquant.passes.annotate import AnnotationContext, Request
 from fxquant.rules import Match, Pattern, Quantize, Rule, single_user
+from fxquant.rules.context import RuleContext
 from fxquant.spec import QuantSpec
 
 CLAMPS = frozenset({"relu", "relu6", "hardtanh"})
 BINARY = frozenset({"add", "mul"})
 
 
-def binary_with_constant(match: Match, ctx: AnnotationContext) -> str | None:
+def binary_with_constant(match: Match, ctx: RuleContext) -> str | None:
     """Add/Mul of one activation and one constant tensor: quantize both inputs and the output (QLinearAdd/Mul)."""
     op = match["op"]
     acts = ctx.activation_inputs(op)
@@ -44,7 +44,7 @@ def binary_with_constant(match: Match, ctx: AnnotationContext) -> str | None:
                 "(a Python number has no tensor to quantize): ORT's QLinearAdd/QLinearMul need two quantized tensors")
     ctx.request_input(op, acts[0], "binary_constant")
     spec = ctx.spec(op, "activation").with_(calib_method="max")  # the constant's exact range
-    ctx.ann.requests.append(Request(consts[0], op, spec, "binary_constant"))
+    ctx.request_input(op, consts[0], "binary_constant", spec=spec)
     ctx.request_output(op, "binary_constant")
     return None
 
@@ -97,4 +97,6 @@ ONNXRUNTIME = Backend(
     ),
     passthrough=frozenset(),
     float_reasons=FLOAT_REASONS,
+    int32_bias=True,  # ORT fuses QLinearConv/QGemm only with an int32 bias
+    verify_level="all",  # verified as deployed: ORT's fused int8 kernels
 )

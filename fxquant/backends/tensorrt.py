@@ -20,13 +20,14 @@ from __future__ import annotations
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight
 from fxquant.ops import WEIGHTED_KINDS
-from fxquant.passes.annotate import AnnotationContext
+from fxquant.provenance import info
 from fxquant.rules import Match, Pattern, Quantize, Rule
+from fxquant.rules.context import RuleContext
 from fxquant.rules.residual import skip_input
 from fxquant.spec import QuantSpec
 
 
-def residual_add(match: Match, ctx: AnnotationContext) -> str | None:
+def residual_add(match: Match, ctx: RuleContext) -> str | None:
     """Quantize the skip input of a residual add; decline (add stays float) otherwise."""
     add = match["add"]
     inputs = ctx.activation_inputs(add)
@@ -36,11 +37,11 @@ def residual_add(match: Match, ctx: AnnotationContext) -> str | None:
     if skip is None:
         return why
     ctx.request_input(add, skip, "residual_add")
-    add.meta.setdefault("fxquant", {})["residual"] = why
+    info(add).residual = why
     return None
 
 
-def concat_shared_scale(match: Match, ctx: AnnotationContext) -> str | None:
+def concat_shared_scale(match: Match, ctx: RuleContext) -> str | None:
     """Every quantizer on a concat's inputs or output shares one scale, so TensorRT concatenates in int8."""
     cat = match["cat"]
     ctx.share_values([*ctx.activation_inputs(cat), cat])

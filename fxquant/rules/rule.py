@@ -10,15 +10,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from fxquant import ops
+from fxquant.ops import WEIGHTED_KINDS
+from fxquant.rules.context import RuleContext
 from fxquant.rules.pattern import Match, Pattern
 
-if TYPE_CHECKING:
-    from fxquant.passes.annotate import AnnotationContext
-
-Check = Callable[[Match, "AnnotationContext"], "str | None"]
-Handler = Callable[[Match, "AnnotationContext"], "str | None"]
+Check = Callable[[Match, RuleContext], "str | None"]
+"""A rule's legality check: None accepts the match, a string declines it with that reason."""
+Handler = Callable[[Match, RuleContext], "str | None"]
+"""A rule's action in code: annotate through the context, return None, or a reason to decline."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ class Rule:
                     raise ValueError(f"Rule {self.name!r}: Quantize.{fld}={ref!r} is not a pattern node "
                                      f"(pattern nodes: {sorted(names)})")
             if self.quantize.weight is not None:
-                from fxquant.ops import WEIGHTED_KINDS
-
                 kinds = dict(self.pattern.nodes)[self.quantize.weight]
                 if all(isinstance(k, str) for k in kinds) and not kinds <= WEIGHTED_KINDS:
                     raise ValueError(f"Rule {self.name!r}: Quantize.weight={self.quantize.weight!r} can only name a "
@@ -98,7 +97,7 @@ def ordered(rules: Iterable[Rule]) -> list[Rule]:
 def single_user(*names: str) -> Check:
     """Check: each named node's output is used by exactly one node (so it can be fused with it)."""
 
-    def check(match: Match, ctx: AnnotationContext) -> str | None:
+    def check(match: Match, ctx: RuleContext) -> str | None:
         for name in names:
             users = len(match[name].users)
             if users != 1:
@@ -111,8 +110,6 @@ def single_user(*names: str) -> Check:
 
 def known_kinds() -> set[str]:
     """Every op-kind name fxquant gives nodes (fxquant.ops), plus "other" for ops it does not know."""
-    from fxquant import ops
-
     return {*ops.MODULE_KINDS.values(), *ops.FUNCTION_KINDS.values(), *ops.METHOD_KINDS.values(), "other"}
 
 
