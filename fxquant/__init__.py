@@ -19,7 +19,7 @@ from fxquant.ptq.bias_correction import correct_bias
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.qat import QATError, check_optimizer, prepare_qat
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
-from fxquant.rules import Pattern, Quantize, Rule
+from fxquant.rules import Pattern, Rule, RuleContext, Targets
 from fxquant.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from fxquant.spec import Override, QuantConfig, QuantSpec
 from fxquant.version import __version__
@@ -42,9 +42,10 @@ __all__ = [
     "QATError",
     "QuantConfig",
     "QuantSpec",
-    "Quantize",
     "Rule",
+    "RuleContext",
     "SensitivityReport",
+    "Targets",
     "TensorQuantizer",
     "TraceError",
     "__version__",

@@ -211,7 +211,7 @@ class Probe:
         self.module: fx.GraphModule | None = None
 
     def configure(self, units: Iterable[str], taps: bool = True) -> fx.GraphModule:
-        """Quantize as the units ``units`` ask (quantizers the user disabled stay disabled). The module
+        """Targets as the units ``units`` ask (quantizers the user disabled stay disabled). The module
         returns ``(model output, layer outputs)``, or only the model output with ``taps=False``."""
         active = set(units)
         for name, q in self.quantizers.items():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant import BACKENDS, Pattern, QuantConfig, Quantize, Rule
+from fxquant import BACKENDS, Pattern, QuantConfig, Rule, Targets
 
 ROOT = Path(__file__).resolve().parents[1]
 ORT = BACKENDS["onnxruntime"]
@@ -30,7 +30,7 @@ class _ConvReLU(nn.Module):
 
 
 def _conv_only(priority: int, name: str = "conv_only") -> Rule:
-    return Rule(name, Pattern.chain(("conv", "conv")), Quantize(inputs="conv", weight="conv"), priority=priority)
+    return Rule(name, Pattern.chain(("conv", "conv")), Targets(inputs="conv", weight="conv"), priority=priority)
 
 
 def _rules_by_node(prepared) -> dict[str, str]:
@@ -73,8 +73,8 @@ class _WithGate(nn.Module):
 
 
 def test_patterns_match_module_classes_and_functions():
-    rules = (Rule("gate_io", Pattern.chain(("g", _Gate)), Quantize(inputs="g", output="g"), priority=40),
-             Rule("erf_out", Pattern.chain(("f", torch.erf)), Quantize(output="f"), priority=40))
+    rules = (Rule("gate_io", Pattern.chain(("g", _Gate)), Targets(inputs="g", output="g"), priority=40),
+             Rule("erf_out", Pattern.chain(("f", torch.erf)), Targets(output="f"), priority=40))
     config = QuantConfig(leaf_modules=("_Gate",))
     prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend=TRT.with_rules(*rules),
                                config=config)
@@ -90,7 +90,7 @@ def _declines_small(match, ctx):
 
 
 def test_a_declining_check_is_the_reported_reason():
-    rule = Rule("gate_io", Pattern.chain(("g", _Gate)), Quantize(inputs="g", output="g"), checks=(_declines_small,),
+    rule = Rule("gate_io", Pattern.chain(("g", _Gate)), Targets(inputs="g", output="g"), checks=(_declines_small,),
                 priority=40)
     config = QuantConfig(leaf_modules=("_Gate",))
     with pytest.warns(UserWarning, match="too small to bother"):
@@ -102,19 +102,19 @@ def test_a_declining_check_is_the_reported_reason():
 
 def test_bad_rules_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"unknown op kind\(s\) 'slu' \(did you mean 'silu'\?\)"):
-        ORT.with_rules(Rule("x", Pattern.chain(("a", "slu")), Quantize(inputs="a")))
+        ORT.with_rules(Rule("x", Pattern.chain(("a", "slu")), Targets(inputs="a")))
     with pytest.raises(ValueError, match=r"unknown op kind"):
-        TRT.with_rules(Rule("x", Pattern.chain(("a", "convv")), Quantize(inputs="a")))
+        TRT.with_rules(Rule("x", Pattern.chain(("a", "convv")), Targets(inputs="a")))
     with pytest.raises(ValueError, match=r"already belong to the onnxruntime backend.*without_rules\('weighted'\)"):
         ORT.with_rules(_conv_only(10, name="weighted"))
     with pytest.raises(ValueError, match="two rules are named 'a'"):
         TRT.with_rules(_conv_only(1, "a"), _conv_only(2, "a"))
     with pytest.raises(ValueError, match=r"has no rule\(s\) \['nope'\]; its rules: \['weighted_input'"):
         BACKENDS["tensorrt"].without_rules("nope")
-    with pytest.raises(ValueError, match=r"Quantize\.weight='act' can only name a node of kinds"):
-        Rule("r", Pattern.chain(("conv", "conv"), ("act", "silu")), Quantize(weight="act"))
-    with pytest.raises(ValueError, match=r"Quantize.output='out' is not a pattern node"):
-        Rule("r", Pattern.chain(("conv", "conv")), Quantize(output="out"))
+    with pytest.raises(ValueError, match=r"Targets\.weight='act' can only name a node of kinds"):
+        Rule("r", Pattern.chain(("conv", "conv"), ("act", "silu")), Targets(weight="act"))
+    with pytest.raises(ValueError, match=r"Targets.output='out' is not a pattern node"):
+        Rule("r", Pattern.chain(("conv", "conv")), Targets(output="out"))
     with pytest.raises(TypeError, match="priority must be an int"):
         _conv_only("high")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs exactly one of quantize"):
@@ -124,7 +124,7 @@ def test_bad_rules_say_what_is_wrong():
     with pytest.raises(TypeError, match=r"with_rules\(\) holds a list"):
         TRT.with_rules([_conv_only(1)])
     with pytest.raises(TypeError, match="checks must be a tuple of functions"):
-        Rule("r", Pattern.chain(("conv", "conv")), Quantize(inputs="conv"), checks=("single_user",))
+        Rule("r", Pattern.chain(("conv", "conv")), Targets(inputs="conv"), checks=("single_user",))
 
 
 def test_custom_pattern_example_runs():
@@ -142,3 +142,23 @@ def test_custom_pattern_example_runs():
     assert custom[4] > 30.0 and base[4] > 30.0  # int8 vs fp32
     assert custom[5] > 35.0 and base[5] > 35.0  # ORT vs fake-quant
     assert "0 float" in out.splitlines()[0]
+
+
+def test_custom_backends_export_and_run_in_ort():
+    """A backend made with dataclasses.replace and one built from scratch (with a handler rule) both go through
+    quantize -> export_onnx -> ONNX Runtime; the backend object, not its name, drives export."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_backend.py")], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    pattern = (r"(\w+): metadata backend (\w+); (\d+) activation \+ (\d+) weight quantizers; conv_silu units (\d+); "
+               r"ONNX QuantizeLinear (\d+), DequantizeLinear (\d+); int8 vs fp32 ([\d.]+) dB; "
+               r"ORT vs fake-quant ([\d.]+|inf) dB")
+    rows = {m[0]: m[1:] for m in re.findall(pattern, out)}
+    assert set(rows) == {"my_trt", "edge_npu"}
+    for name, (meta, acts, weights, units, q, dq, db, ort_db) in rows.items():
+        assert meta == name and int(weights) == 4 and int(dq) == int(q) + 4  # weights: integer initializers + DQ
+        assert float(db) > 30.0 and float(ort_db) > 30.0
+    # TensorRT's placement: the stem, two block convs and the head read quantized inputs; residual adds whose
+    # skip input already feeds a quantized conv share that quantizer
+    assert rows["my_trt"][1:5] == ("4", "4", "0", "4")
+    # the handler's units: conv input + SiLU output each, the stem conv in/out, the adds' outputs, the head in/out
+    assert rows["edge_npu"][1:5] == ("9", "4", "2", "9")

@@ -3,7 +3,20 @@ the context a rule's checks and handlers receive (``RuleContext``)."""
 
 from fxquant.rules.context import Annotations, Policy, Request, RuleContext
 from fxquant.rules.pattern import GraphView, Match, Pattern
-from fxquant.rules.rule import Check, Handler, Quantize, Rule, ordered, single_user
+from fxquant.rules.rule import Check, Handler, Rule, Targets, ordered, single_user
 
-__all__ = ["Annotations", "Check", "GraphView", "Handler", "Match", "Pattern", "Policy", "Quantize", "Request",
-           "Rule", "RuleContext", "ordered", "single_user"]
+__all__ = [
+           "Annotations",
+           "Check",
+           "GraphView",
+           "Handler",
+           "Match",
+           "Pattern",
+           "Policy",
+           "Request",
+           "Rule",
+           "RuleContext",
+           "Targets",
+           "ordered",
+           "single_user",
+]

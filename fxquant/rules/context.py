@@ -44,7 +44,7 @@ class Policy(Protocol):
 
 @dataclass
 class Request:
-    """Quantize ``value`` with ``spec``: for all its users (``user`` None) or on the edge into ``user``."""
+    """Targets ``value`` with ``spec``: for all its users (``user`` None) or on the edge into ``user``."""
 
     value: fx.Node
     user: fx.Node | None
@@ -127,13 +127,13 @@ class RuleContext:
     # ---- annotations -------------------------------------------------------------------------------
     def request_input(self, user: fx.Node, value: fx.Node, rule: str, role: str = "activation",
                       spec: QuantSpec | None = None) -> int:
-        """Quantize ``value`` where it enters ``user`` (with ``spec``, or the spec in force for ``role`` at
+        """Targets ``value`` where it enters ``user`` (with ``spec``, or the spec in force for ``role`` at
         ``user``); returns the request's index."""
         self.ann.requests.append(Request(value, user, spec or self.spec(user, role), rule))
         return len(self.ann.requests) - 1
 
     def request_output(self, node: fx.Node, rule: str) -> int:
-        """Quantize the output of ``node`` for all of its users; returns the request's index."""
+        """Targets the output of ``node`` for all of its users; returns the request's index."""
         self.ann.requests.append(Request(node, None, self.spec(node, "activation"), rule))
         return len(self.ann.requests) - 1
 

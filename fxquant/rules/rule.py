@@ -23,8 +23,9 @@ Handler = Callable[[Match, RuleContext], "str | None"]
 
 
 @dataclass(frozen=True)
-class Quantize:
-    """The declarative action of a rule; each field names a pattern node.
+class Targets:
+    """What a declarative rule quantizes (``Rule(name, pattern, quantize=Targets(...))``); each field names a
+    pattern node.
 
     inputs: its activation inputs get activation quantizers (on the edges into it).
     weight: its weight gets the weight spec (a Conv/ConvTranspose/Linear module, or the constant weight
@@ -49,22 +50,22 @@ class Rule:
 
     name: str
     pattern: Pattern
-    quantize: Quantize | None = None
+    quantize: Targets | None = None
     handler: Handler | None = None
     checks: tuple[Check, ...] = ()
     priority: int = 0
 
     def __post_init__(self) -> None:
         if (self.quantize is None) == (self.handler is None):
-            raise ValueError(f"Rule {self.name!r} needs exactly one of quantize=Quantize(...) or handler=...")
+            raise ValueError(f"Rule {self.name!r} needs exactly one of quantize=Targets(...) or handler=...")
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"Rule {self.name!r}: pattern must be a Pattern, e.g. Pattern.chain(('conv', 'conv'))")
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"Rule name must be a non-empty string, got {self.name!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"Rule {self.name!r}: priority must be an int (higher runs first), got {self.priority!r}")
-        if self.quantize is not None and not isinstance(self.quantize, Quantize):
-            raise TypeError(f"Rule {self.name!r}: quantize must be a Quantize(...), got {type(self.quantize).__name__}")
+        if self.quantize is not None and not isinstance(self.quantize, Targets):
+            raise TypeError(f"Rule {self.name!r}: quantize must be a Targets(...), got {type(self.quantize).__name__}")
         if self.handler is not None and not callable(self.handler):
             raise TypeError(f"Rule {self.name!r}: handler must be a function (match, ctx) -> reason or None")
         if not isinstance(self.checks, tuple) or not all(callable(c) for c in self.checks):
@@ -74,12 +75,12 @@ class Rule:
             for fld in ("inputs", "weight", "output"):
                 ref = getattr(self.quantize, fld)
                 if ref is not None and ref not in names:
-                    raise ValueError(f"Rule {self.name!r}: Quantize.{fld}={ref!r} is not a pattern node "
+                    raise ValueError(f"Rule {self.name!r}: Targets.{fld}={ref!r} is not a pattern node "
                                      f"(pattern nodes: {sorted(names)})")
             if self.quantize.weight is not None:
                 kinds = dict(self.pattern.nodes)[self.quantize.weight]
                 if all(isinstance(k, str) for k in kinds) and not kinds <= WEIGHTED_KINDS:
-                    raise ValueError(f"Rule {self.name!r}: Quantize.weight={self.quantize.weight!r} can only name a "
+                    raise ValueError(f"Rule {self.name!r}: Targets.weight={self.quantize.weight!r} can only name a "
                                      f"node of kinds {sorted(WEIGHTED_KINDS)}, not {sorted(kinds - WEIGHTED_KINDS)}")
 
 
