@@ -1,4 +1,4 @@
-"""Generate docs/architecture.md: the house top-down, then one model walked through every pass.
+"""Generate docs/architecture.md: the house top-down (architecture_intro.md), then one model through every pass.
 
 The graphs are printed by the pipeline itself (``fxquant.pipeline.prepare_graph``'s observer), so the page shows
 what the code does today. Regenerate: ``python docs/make_architecture.py`` (tests/test_docs_architecture.py
@@ -24,32 +24,7 @@ from fxquant.capture import trace
 from fxquant.pipeline import prepare_graph
 from fxquant.spec import QuantConfig
 
-HOUSE = """# Architecture
-
-fxquant reads top-down; each layer imports only the layers below it (tests/test_imports.py checks that there is
-no import cycle, TYPE_CHECKING imports included).
-
-| layer | files | job |
-|---|---|---|
-| entry points | `api.py`, `qat/prepare.py`, `cli.py` + `tools/` | prepare / calibrate / convert / quantize, prepare_qat, the command line: argument checks, then one call down |
-| pipeline | `pipeline.py` | the prepare pass order, in one function (`prepare_graph`), and `prepare_model` (capture, each traced part, eager layers, state) |
-| capture | `capture.py`, `partition.py`, `hybrid.py`, `eager_quant.py` | torch.fx tracing; partial traces with eager code; Conv/Linear in eager code swapped for quantized twins |
-| passes | `passes/` (manager, fold_bn, annotate, insert, decompose_attention, window_attention, einsum_matmul), `ptq/` (bn_stats, equalize, bias_absorption, bias_correction, adaround) | one pass per file: `(gm, ...) -> PassResult(gm, modified, notes, product)`; `PassRunner` lints after each and names the pass that failed |
-| rules and backends | `rules/` (pattern, rule, context, residual), `backends/` (base, tensorrt, onnxruntime, checks) | placement rules as data (`Rule`, `Targets`, `Pattern`), the rule-writer API (`RuleContext`), each backend one frozen `Backend` object (specs, rules, pass-through kinds, float reasons, export policy) |
-| quantizer and calibration | `spec.py`, `quantizer.py`, `quant_modules.py`, `calib/`, `qat/quantizer.py` | `QuantSpec`/`QuantConfig`, `TensorQuantizer`, calibrators (max, ema, percentile, entropy, mse), QAT quantizers |
-| lowering | `lower/` (frozen, qdq_op, outputs, specialize, onnx_export) | convert's frozen Q/DQ op, the QDQ ONNX export and its ONNX passes, ORT verification |
-| records | `provenance.py`, `report.py`, `state.py`, `errors.py` | one typed record per node, the prepare report, the state a prepared model carries (the `Backend` object itself), the exception hierarchy |
-
-What carries what:
-- A pass hands its product to the next by return value (`PassResult.product`): `annotate` returns the
-  `Annotations` that `insert_quantizers` acts on; `equalize` and `absorb_high_bias` return their PTQ reports.
-- What must outlive prepare sits on the graph in one typed record per node (`fxquant.provenance.NodeInfo`,
-  `node.meta["fxquant"]`): the rule and unit that claimed a node, the BatchNorm folded into a layer, its output
-  statistics for the data-free PTQ passes, the requests behind each inserted quantizer (sensitivity reads them).
-- The prepared model carries a `QuantState` (`model.meta["fxquant"]`): the `Backend` object (custom ones
-  included: export reads `Backend.int32_bias` and `Backend.verify_level` from it), the config, the stage
-  (prepared / calibrated / converted) and the report.
-"""
+INTRO = Path(__file__).with_name("architecture_intro.md")  # the hand-written part: the house top-down
 
 
 class Block(nn.Module):
@@ -106,8 +81,8 @@ def walk(backend_name: str) -> str:
     config = QuantConfig(equalize=True)
     parts = [f"## One model through every pass ({backend_name} backend)\n",
              "A residual block with BatchNorm (`docs/make_architecture.py`, `TinyResNet`), "
-             "`QuantConfig(equalize=True)`. After each pass, the graph's generated forward (weight quantizers sit inside "
-             "the Conv/Linear modules, so they do not show in the code):\n",
+             "`QuantConfig(equalize=True)`. After each pass, the graph's generated forward (weight quantizers sit "
+             "inside the Conv/Linear modules, so they do not show in the code):\n",
              "### capture (`capture.trace`)\n", "```python", _code(trace(copy.deepcopy(model))), "```\n"]
 
     last = [_code(trace(copy.deepcopy(model)))]
@@ -137,7 +112,7 @@ def walk(backend_name: str) -> str:
 
 
 def render() -> str:
-    return HOUSE + "\n" + walk("tensorrt")
+    return INTRO.read_text() + "\n" + walk("tensorrt")
 
 
 def main(argv: list[str] | None = None) -> int:
