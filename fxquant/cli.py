@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:  # imported here: the demo needs the optional scikit-learn, which the other commands must not require
+    try:  # lazy: the demo needs the optional scikit-learn, which the other commands must not require
         from fxquant.demo import run_demo
     except ModuleNotFoundError as exc:
         if exc.name != "sklearn":

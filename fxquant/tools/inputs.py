@@ -109,7 +109,7 @@ def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, str]:
         return model.eval(), spec.rpartition(":")[2]
     import torchvision
 
-    from fxquant.tools.torchvision_models import random_torchvision
+    from fxquant.tools.torchvision_models import random_torchvision  # lazy: imports torchvision (start-up time)
 
     names = torchvision.models.list_models(module=torchvision.models)
     if spec not in names:
