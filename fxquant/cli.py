@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:  # lazy: the demo needs the optional scikit-learn, which the other commands must not require
         from fxquant.demo import run_demo
     except ModuleNotFoundError as exc:
-        if exc.name != "sklearn":
+        if (exc.name or "").partition(".")[0] != "sklearn":
             raise
         raise ImportError('the demo needs scikit-learn (its digits data): pip install "fxquant[demo]"') from exc
 
