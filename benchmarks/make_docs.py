@@ -60,7 +60,7 @@ SECTIONS: dict[str, t.Section] = {
         "flow (`HistogramObserver`) in the same run.", t.calibration_speed),
     "ptq_digits": t.Section(
         "PTQ passes on the MobileNet-style digits CNN", "python benchmarks/ptq_digits.py",
-        "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, 3 training seeds; tensorrt "
+        "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, one model per seed; tensorrt "
         "preset, per-tensor int8 `mse` activations, 8 calibration batches of 64; \"unbalanced\" is the same function "
         "with BatchNorm channels rescaled by 10^U(-1, 1) (inverse CLE). ORT column: the exported QDQ model in ONNX "
         "Runtime.", t.ptq_digits),
