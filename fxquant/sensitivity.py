@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fxquant.capture import normalize_inputs
 from fxquant.errors import CalibrationError
+from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
 from fxquant.state import get_state
 
@@ -124,15 +125,15 @@ def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
     asked: dict[str, list[str]] = {}  # unit -> quantizer modules
     members: dict[str, list[fx.Node]] = {}  # unit -> its op nodes
     for n in nodes:
-        meta = n.meta.get("fxquant", {})
-        if "unit" in meta:
-            members.setdefault(meta["unit"], []).append(n)
+        record = read(n)
+        if record.unit:
+            members.setdefault(record.unit, []).append(n)
         if n.op != "call_module":
             continue
         if n.target in quantizers:  # an activation quantizer: every unit that asked for it
-            units, target = meta.get("units", []), n.target
-        elif f"{n.target}.weight_quantizer" in quantizers and "unit" in meta:
-            units, target = [meta["unit"]], f"{n.target}.weight_quantizer"
+            units, target = (record.quantizer.units if record.quantizer else []), n.target
+        elif f"{n.target}.weight_quantizer" in quantizers and record.unit:
+            units, target = [record.unit], f"{n.target}.weight_quantizer"
         else:
             continue
         for unit in units:
@@ -203,14 +204,14 @@ class Probe:
             raise CalibrationError("sensitivity needs at least one batch of data")
         self.quantizers = _quantizer_modules(prepared)
         self.modes = {name: q.mode for name, q in self.quantizers.items()}
-        self.weight_units = {f"{n.target}.weight_quantizer": n.meta["fxquant"]["unit"] for n in prepared.graph.nodes
+        self.weight_units = {f"{n.target}.weight_quantizer": read(n).unit for n in prepared.graph.nodes
                              if n.op == "call_module" and f"{n.target}.weight_quantizer" in self.quantizers
-                             and "unit" in n.meta.get("fxquant", {})}
+                             and read(n).unit}
         self.was_training = prepared.training
         self.module: fx.GraphModule | None = None
 
     def configure(self, units: Iterable[str], taps: bool = True) -> fx.GraphModule:
-        """Quantize as the units ``units`` ask (quantizers the user disabled stay disabled). The module
+        """Targets as the units ``units`` ask (quantizers the user disabled stay disabled). The module
         returns ``(model output, layer outputs)``, or only the model output with ``taps=False``."""
         active = set(units)
         for name, q in self.quantizers.items():
@@ -231,7 +232,7 @@ class Probe:
                 out = fx.node.map_arg(n.args[0], lookup)
                 continue
             env[n] = graph.node_copy(n, lookup)
-            if n.op == "call_module" and n.target in self.quantizers and "asks" in n.meta.get("fxquant", {}):
+            if n.op == "call_module" and n.target in self.quantizers and read(n).quantizer is not None:
                 source[n] = lookup(n.args[0])
         for layer in self.layers:
             node = by_name.get(layer.output_node)
@@ -246,7 +247,7 @@ class Probe:
 
     @staticmethod
     def _acts(quantizer: fx.Node, user: fx.Node, active: set[str]) -> bool:
-        asks = quantizer.meta["fxquant"]["asks"]
+        asks = read(quantizer).quantizer.asks
         return any(unit in active and (target is None or target == user.name) for unit, target in asks)
 
     @torch.no_grad()
@@ -323,8 +324,8 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
                                layer.quantizers) for i, (layer, only, upto) in enumerate(rows)]
     notes = []
     lone = [n.name for n in prepared.graph.nodes if n.op == "call_module" and n.target in probe.quantizers
-            and "asks" not in n.meta.get("fxquant", {})]
+            and read(n).quantizer is None]
     if lone:
         notes.append(f"{len(lone)} quantizer call(s) carry no provenance and stay on in every run: "
                      + ", ".join(sorted(lone)[:6]))
-    return SensitivityReport(state.backend, result, full_db, len(probe.batches), notes)
+    return SensitivityReport(state.backend.name, result, full_db, len(probe.batches), notes)
