@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from doc_tables import UNTRACEABLE_HEADER, untraceable_row
 from results_meta import write_results
 from torch import nn
 
@@ -58,15 +59,6 @@ def run(name: str, model: nn.Module, example: tuple, batches: list, backend: str
             "ort_vs_fakequant_db": result.ort_sqnr_db, "compile_s": seconds}
 
 
-def markdown_row(r: dict) -> str:
-    def code(names: list[str]) -> str:
-        return ", ".join(f"`{n}`" for n in names)
-
-    return (f"| {r['model']} | {r['backend']} | {code(r['traced'])} | {code(r['eager'])} | "
-            f"{r['quantized']} / {r['weighted']} | {r['int8_vs_fp32_db']:.1f} | {r['ort_vs_fakequant_db']:.1f} | "
-            f"{r['compile_s']:.1f} |")
-
-
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -74,17 +66,15 @@ def main() -> None:
     detector = randomize_bn(Detector())
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(4)]
-    print("| model | backend | traced parts | eager modules | Linear/Conv quantized | int8 vs fp32 (dB) | "
-          "ORT vs fake-quant (dB) | prepare+calibrate+convert s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(UNTRACEABLE_HEADER)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("tensorrt", "onnxruntime"):
             rows.append(run("bert_style", bert, bert_inputs(), [bert_inputs(seed=s) for s in range(1, 5)], backend,
                             Path(tmp)))
-            print(markdown_row(rows[-1]), flush=True)
+            print(untraceable_row(rows[-1]), flush=True)
             rows.append(run("yolo_style", detector, (images[0],), images, backend, Path(tmp)))
-            print(markdown_row(rows[-1]), flush=True)
+            print(untraceable_row(rows[-1]), flush=True)
     print(f"wrote {write_results('untraceable_models', rows, {'threads': 1, 'calib_batches': 4})}")
 
 
