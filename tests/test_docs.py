@@ -59,6 +59,15 @@ def test_readme_is_a_short_router() -> None:
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move depth to docs/"
 
 
+def test_readme_figures_come_from_the_benchmark_tables() -> None:
+    figures = README.read_text().split("## Figures", 1)[1].split("\n## ", 1)[0]
+    tables = "\n".join((ROOT / "docs" / name).read_text() for name in ("benchmarks.md", "benchmarks_manual.md"))
+    decimals = re.findall(r"(?<![\w.])\d+\.\d+x?", figures)
+    assert len(decimals) >= 10
+    stale = [d for d in decimals if not re.search(rf"(?<![\w.]){re.escape(d)}(?![\d])", tables)]
+    assert not stale, f"README figures not in docs/benchmarks*.md: {stale}"
+
+
 def test_every_public_name_is_documented() -> None:
     text = "\n".join(p.read_text() for p in [README, *DOCS])
     missing = [n for n in fxquant.__all__ if not re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text)]
