@@ -21,7 +21,7 @@ from fxquant.ptq import calibrate_passes as ptq
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
 from fxquant.spec import CALIB_METHODS, QuantConfig
-from fxquant.state import get_state
+from fxquant.state import attach_state, get_state
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
@@ -187,7 +187,7 @@ def convert(prepared: nn.Module) -> nn.Module:
     for name, q in list(_quantizers(qmodel).items()):
         frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, q.constant)
         qmodel.set_submodule(name, frozen)
-    qmodel.meta["fxquant"] = dataclasses.replace(state, stage="converted")
+    attach_state(qmodel, dataclasses.replace(state, stage="converted"))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):
             m.recompile()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -28,6 +28,7 @@ from fxquant.capture import normalize_inputs
 from fxquant.errors import CalibrationError
 from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
+from fxquant.sensitivity_report import LayerSensitivity, SensitivityReport
 from fxquant.state import get_state
 
 
@@ -46,61 +47,6 @@ class Layer:
     def pattern(self) -> str:
         """An ``Override`` glob that matches exactly this layer (glob characters escaped)."""
         return "".join(f"[{c}]" if c in "*?[]" else c for c in self.name)
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    """SQNRs (dB, against the float model) of one layer; ``rank`` 1 is the most harmful layer."""
-
-    name: str
-    kind: str
-    index: int
-    rank: int
-    model_only_db: float
-    model_cumulative_db: float
-    output_only_db: float
-    output_cumulative_db: float
-    quantizers: tuple[str, ...]
-
-
-@dataclass
-class SensitivityReport:
-    """Result of ``sensitivity()``: layers in topological order, ``ranked()`` most harmful first."""
-
-    backend: str
-    layers: list[LayerSensitivity]
-    full_db: float  # model output with every quantizer on
-    num_batches: int
-    notes: list[str] = field(default_factory=list)
-
-    def ranked(self) -> list[LayerSensitivity]:
-        """Layers sorted by ``model_only_db``, lowest (most harmful) first."""
-        return sorted(self.layers, key=lambda s: s.rank)
-
-    def as_dict(self) -> dict:
-        return {"backend": self.backend, "full_db": self.full_db, "num_batches": self.num_batches,
-                "notes": list(self.notes), "layers": [asdict(s) for s in self.layers]}
-
-    def table(self, limit: int | None = None) -> str:
-        """A plain-text table of the ranked layers."""
-        rows = self.ranked()[:limit]
-        width = max([len("layer"), *(len(s.name) for s in rows)])
-        lines = [f"{'rank':>4}  {'layer':<{width}}  {'kind':<8} {'only dB':>8} {'upto dB':>8} "
-                 f"{'out only':>8} {'out upto':>8}"]
-        lines += [f"{s.rank:>4}  {s.name:<{width}}  {s.kind:<8} {_fmt(s.model_only_db):>8} "
-                  f"{_fmt(s.model_cumulative_db):>8} {_fmt(s.output_only_db):>8} {_fmt(s.output_cumulative_db):>8}"
-                  for s in rows]
-        return "\n".join(lines)
-
-    def write_html(self, path: str, title: str = "fxquant sensitivity report") -> str:
-        """Write a self-contained HTML report (plots embedded as PNG when matplotlib is installed)."""
-        from fxquant.sensitivity_html import write_html
-
-        return write_html(self, path, title)
-
-
-def _fmt(db: float) -> str:
-    return "inf" if math.isinf(db) else f"{db:.1f}"
 
 
 # ---- layers -------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_custom_backends_export_and_run_in_ort():
                r"ORT vs fake-quant ([\d.]+|inf) dB")
     rows = {m[0]: m[1:] for m in re.findall(pattern, out)}
     assert set(rows) == {"my_trt", "edge_npu"}
-    for name, (meta, acts, weights, units, q, dq, db, ort_db) in rows.items():
+    for name, (meta, _, weights, _, q, dq, db, ort_db) in rows.items():
         assert meta == name and int(weights) == 4 and int(dq) == int(q) + 4  # weights: integer initializers + DQ
         assert float(db) > 30.0 and float(ort_db) > 30.0
     # TensorRT's placement: the stem, two block convs and the head read quantized inputs; residual adds whose
