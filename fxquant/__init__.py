@@ -10,7 +10,9 @@ from fxquant.errors import (
     ConversionError,
     ExampleInputError,
     FxQuantError,
+    NegativeInputError,
     PassError,
+    QuantRangeError,
     TraceError,
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
@@ -37,11 +39,13 @@ __all__ = [
     "FxQuantError",
     "LayerSensitivity",
     "MixedPrecisionResult",
+    "NegativeInputError",
     "Override",
     "PassError",
     "Pattern",
     "QATError",
     "QuantConfig",
+    "QuantRangeError",
     "QuantSpec",
     "Quantize",
     "Rule",

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fxquant import qmath
 from fxquant.calib.base import Calibrator
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
@@ -189,8 +190,7 @@ class HistogramCalibrator(Calibrator):
         levels = spec.qmax
 
         def error(candidates: torch.Tensor) -> torch.Tensor:
-            scale = candidates[:, None] / levels
-            q = (centers[None, :] / scale).round_().clamp_(0, levels).mul_(scale)
+            q = qmath.fake_quantize(centers[None, :], candidates[:, None] / levels, 0.0, 0, levels)
             return q.sub_(centers[None, :]).square_() @ counts  # in place + matmul: ~10x faster than **2 and sum
 
         top = float(torch.maximum(-self._min, self._max))
@@ -207,7 +207,7 @@ class HistogramCalibrator(Calibrator):
         def error(alphas: torch.Tensor) -> torch.Tensor:
             scale = torch.clamp(alphas * (hi - lo) / spec.qmax, min=1e-12)[:, None]
             zp = torch.clamp(torch.round(-alphas[:, None] * lo / scale), 0, spec.qmax)
-            q = (centers[None, :] / scale).round_().add_(zp).clamp_(0, spec.qmax).sub_(zp).mul_(scale)
+            q = qmath.fake_quantize(centers[None, :], scale, zp, 0, spec.qmax)
             return q.sub_(centers[None, :]).square_() @ counts
 
         a = _minimize(error, 1 / 128, 1.0, counts.device)
