@@ -22,6 +22,8 @@ _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
 MSE_CANDIDATES = 128  # ranges tried by the mse search, evenly spaced up to the observed maximum
 MAX_SAMPLES = 1 << 20  # elements binned per tensor and batch; larger tensors are subsampled (see above)
+ENTROPY_START_BIN = 128  # the entropy search's first candidate (|x| bins), as pytorch_quantization documents
+ENTROPY_STRIDE = 1  # the entropy search tries every bin from the start bin on, as pytorch_quantization does
 
 
 def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
@@ -170,7 +172,8 @@ class HistogramCalibrator(Calibrator):
             cdf = folded.cumsum(0) / folded.sum()
             idx = int(torch.searchsorted(cdf, torch.tensor([p], dtype=cdf.dtype, device=cdf.device)).clamp(
                 max=folded.numel() - 1))
-            amax = torch.minimum(torch.tensor((idx + 1) * self._width, device=self._max.device),
+            # the left edge of the bin where the cdf reaches p, as pytorch_quantization returns it
+            amax = torch.minimum(torch.tensor(idx * self._width, device=self._max.device),
                                  torch.maximum(-self._min, self._max))
             return -amax, amax
         cdf = self.hist.cumsum(0) / self.hist.sum()
@@ -223,11 +226,13 @@ def _minimize(error, lo: float, hi: float, device: torch.device) -> float:
     return float(fine[int(error(fine).argmin())])
 
 
-def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8) -> float:
+def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = ENTROPY_STRIDE,
+                  start_bin: int = ENTROPY_START_BIN) -> float:
     """TensorRT's entropy calibration: the clipping threshold whose ``levels``-level quantization of the |x|
-    histogram has the smallest KL divergence from the clipped histogram.
+    histogram has the smallest KL divergence from the clipped histogram (the last of equal minima, as
+    pytorch_quantization picks it).
 
-    For each candidate i (every ``stride`` bins from max(levels, 128) to the last non-empty bin): P is hist[:i]
+    For each candidate i (every ``stride`` bins from ``start_bin`` to the last non-empty bin): P is hist[:i]
     with the clipped tail added to bin i-1; Q spreads each of ``levels`` groups of hist[:i] (bins j with
     floor(j * levels / i) = g) evenly over the group's bins that are non-empty in P. Within a group Q is
     constant, so with T = sum(P), H = sum(Q) and per-group sums P_g, S_g and non-empty counts U_g,
@@ -240,10 +245,10 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8
     if nonzero.numel() == 0:
         return 0.0
     last = int(nonzero[-1]) + 1
-    if last <= max(levels, 128):
+    if last <= start_bin:
         return last * width
     dev, dt = hist.device, hist.dtype
-    cand = torch.arange(max(levels, 128), last + 1, stride, device=dev)  # TensorRT's first candidate: 128 bins
+    cand = torch.arange(start_bin, last + 1, stride, device=dev)
     if int(cand[-1]) != last:
         cand = torch.cat([cand, torch.tensor([last], device=dev)])
     h = hist[:last]
@@ -258,10 +263,12 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8
     bounds = torch.div(groups[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")  # [C, levels+1]
     s = counts[bounds[:, 1:]] - counts[bounds[:, :-1]]           # S_g: the group's counts in hist[:i]
     u = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]       # U_g: its bins non-empty in P ...
-    u[:, -1] += ((h[cand - 1] == 0) & (p_last > 0)).to(dt)       # ... where bin i-1 may be filled by the tail
+    rows = torch.arange(cand.numel(), device=dev)
+    g_last = torch.div((cand - 1) * levels, cand, rounding_mode="floor")  # bin i-1's group (not the last one
+    u[rows, g_last] += ((h[cand - 1] == 0) & (p_last > 0)).to(dt)  # when levels > i): bin i-1 may hold the tail
     p = s.clone()
-    p[:, -1] += tail
+    p[rows, g_last] += tail
     q = (s / u.clamp(min=1)).clamp(min=1e-300)
     plogp = hlogh[cand - 1] + torch.xlogy(p_last, p_last)
     kl = plogp / total - torch.log(total) + torch.log(counts[cand]) - torch.xlogy(p, q).sum(1) / total
-    return int(cand[int(kl.argmin())]) * width
+    return int(cand[len(kl) - 1 - int(kl.flip(0).argmin())]) * width
