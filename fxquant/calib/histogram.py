@@ -150,7 +150,10 @@ class HistogramCalibrator(Calibrator):
             if folded[1] > 0:  # flatten the spike of exact zeros (ReLU outputs), as NVIDIA's calibrator does;
                 folded = folded.clone()  # skipped for sparse histograms, where it would leave a lone spike
                 folded[0] = folded[1]
-            threshold = _entropy_amax(folded, self._width, spec.qmax + 1)
+            # affine specs (no pytorch_quantization counterpart) keep their first candidate at 2^b bins: from
+            # 128 bins the KL search takes a sparse histogram's lowest spike alone (KL 0) and clips the rest
+            start = ENTROPY_START_BIN if spec.symmetric else max(ENTROPY_START_BIN, spec.qmax + 1)
+            threshold = _entropy_amax(folded, self._width, spec.qmax + 1, start_bin=start)
         amax = torch.clamp(torch.maximum(-self._min, self._max), max=threshold)
         if spec.symmetric:
             return -amax, amax
@@ -271,4 +274,5 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = E
     q = (s / u.clamp(min=1)).clamp(min=1e-300)
     plogp = hlogh[cand - 1] + torch.xlogy(p_last, p_last)
     kl = plogp / total - torch.log(total) + torch.log(counts[cand]) - torch.xlogy(p, q).sum(1) / total
+    kl = torch.where(counts[cand] > 0, kl, torch.inf)  # a candidate below every value has no Q to compare
     return int(cand[len(kl) - 1 - int(kl.flip(0).argmin())]) * width
