@@ -16,6 +16,7 @@ import torch
 
 from fxquant import qmath
 from fxquant.calib.base import Calibrator
+from fxquant.errors import CalibrationError
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
@@ -135,7 +136,8 @@ class HistogramCalibrator(Calibrator):
     # ---- methods ------------------------------------------------------------------------------------
     def compute(self, spec, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hist is None:
-            raise RuntimeError("HistogramCalibrator.compute() called before any data was collected")
+            raise CalibrationError(f"{type(self).__name__}.compute() called before any data was collected: run "
+                                   "the model on calibration batches in 'calib' mode (fxquant.calibrate) first")
         method = method or spec.calib_method
         if method == "max" or not self.is_finite:
             return self._min, self._max
@@ -237,7 +239,8 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = E
 
     For each candidate i (every ``stride`` bins from ``start_bin`` to the last non-empty bin): P is hist[:i]
     with the clipped tail added to bin i-1; Q spreads each of ``levels`` groups of hist[:i] (bins j with
-    floor(j * levels / i) = g) evenly over the group's bins that are non-empty in P. Within a group Q is
+    floor(j * levels / i) = g) evenly over the group's non-empty bins (a candidate whose empty bin i-1 would hold
+    the tail has infinite KL and is skipped, as in pytorch_quantization). Within a group Q is
     constant, so with T = sum(P), H = sum(Q) and per-group sums P_g, S_g and non-empty counts U_g,
 
         KL(P/T || Q/H) = (sum_j P_j log P_j) / T - log T + log H - (sum_g P_g log(S_g / U_g)) / T,
@@ -265,14 +268,15 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = E
     groups = torch.arange(levels + 1, device=dev)
     bounds = torch.div(groups[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")  # [C, levels+1]
     s = counts[bounds[:, 1:]] - counts[bounds[:, :-1]]           # S_g: the group's counts in hist[:i]
-    u = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]       # U_g: its bins non-empty in P ...
+    u = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]       # U_g: its bins non-empty in hist[:i]
     rows = torch.arange(cand.numel(), device=dev)
     g_last = torch.div((cand - 1) * levels, cand, rounding_mode="floor")  # bin i-1's group (not the last one
-    u[rows, g_last] += ((h[cand - 1] == 0) & (p_last > 0)).to(dt)  # when levels > i): bin i-1 may hold the tail
-    p = s.clone()
+    p = s.clone()                                                          # when levels > i)
     p[rows, g_last] += tail
     q = (s / u.clamp(min=1)).clamp(min=1e-300)
     plogp = hlogh[cand - 1] + torch.xlogy(p_last, p_last)
     kl = plogp / total - torch.log(total) + torch.log(counts[cand]) - torch.xlogy(p, q).sum(1) / total
-    kl = torch.where(counts[cand] > 0, kl, torch.inf)  # a candidate below every value has no Q to compare
+    # Q is 0 where hist is empty: a candidate whose empty last bin would hold the tail (KL infinite, as
+    # pytorch_quantization finds), or that lies below every value, is never chosen
+    kl = torch.where((counts[cand] > 0) & ((h[cand - 1] > 0) | (tail == 0)), kl, torch.inf)
     return int(cand[len(kl) - 1 - int(kl.flip(0).argmin())]) * width
