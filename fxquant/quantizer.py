@@ -172,6 +172,7 @@ class TensorQuantizer(nn.Module):
             self._range_device = fn(torch.empty(0, device=getattr(self, "_range_device", None))).device
         except Exception:  # a function that cannot take a stray tensor: keep the last known device
             pass
+        self._input_range = None  # the last forward's own range stays where it was computed: forget it
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -238,7 +239,7 @@ class TensorQuantizer(nn.Module):
         self._store_range(-amax, amax)
 
     def _current_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self._min, self._max) if self._max is not None else self._input_range
+        return (self._min, self._max) if self._max is not None else getattr(self, "_input_range", None)
 
     def _qparams_now(self, index: int) -> torch.Tensor | None:
         current = self._current_range()
