@@ -12,6 +12,7 @@ import torch
 from onnxscript import opset18 as op
 
 from fxquant import qmath
+from fxquant.errors import ConversionError
 
 
 @torch.library.custom_op("fxquant::quantize_dequantize", mutates_args=())
@@ -30,8 +31,6 @@ def _(x, scale, zero_point, axis, qmin, qmax, clip):
 
 
 def _no_gradient(ctx, grad):
-    from fxquant.errors import ConversionError
-
     raise ConversionError("a converted model is frozen for export: its Q/DQ ops have fixed scales and no gradient. "
                           "Train the model returned by fxquant.prepare_qat (after calibrate) and convert it after "
                           "training")
