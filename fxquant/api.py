@@ -13,7 +13,10 @@ from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
 from fxquant.calib import CALIBRATORS
+from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
 from fxquant.capture import normalize_inputs, propagate_shapes
+from fxquant.checks.config import check_before_trace, check_overrides
+from fxquant.checks.model import check_model, freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import CalibrationError, ConversionError
 from fxquant.hybrid import attach_state, prepare_parts
 from fxquant.lower.frozen import FrozenQuantizer
@@ -68,8 +71,11 @@ def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: st
                              "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
     if config.rules:
         backend = backend.with_rules(*config.rules)
+    check_model(model)  # not fxquant's own output, no pruning hooks (fxquant.checks)
+    check_before_trace(model, config)
     inputs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
+    frozen = freeze_parametrizations(work, qat)
 
     def prepare_graph(gm: fx.GraphModule, unit_inputs: tuple) -> tuple[fx.GraphModule, PrepareReport]:
         propagate_shapes(gm, unit_inputs)
@@ -87,6 +93,9 @@ def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: st
 
     # the traced parts (the whole model when torch.fx can trace it) and what runs eagerly: fxquant.hybrid
     root, report = prepare_parts(work, inputs, backend, config, prepare_graph)
+    report.skipped += [f"{name}: parametrization frozen to its current value" for name in frozen]
+    check_overrides(model, root, config)
+    warn_dropped_hooks(model, root, report.folded_bn)
     attach_state(root, QuantState(backend.name, config, "prepared", report))
     if report.float_ops:
         warnings.warn(f"{len(report.float_ops)} op(s) stay float:\n" +
@@ -126,18 +135,17 @@ def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def _check_finite(batch: tuple, index: int) -> None:
-    for t in batch:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise CalibrationError(f"calibration batch {index} contains NaN or Inf values; clean the data "
-                                   "(every batch is checked before it reaches the quantizers)")
-
-
 @torch.no_grad()
-def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
+def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inputs: Selector = None) -> nn.Module:
     """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
 
-    ``batches``: an iterable of tensors or tuples of tensors (one per forward argument). Returns ``prepared``.
+    ``batches``: an iterable of tensors, tuples of tensors (one per forward argument), NumPy arrays or dicts
+    keyed by the forward's argument names. ``inputs`` selects the model inputs from each batch: an index
+    (``inputs=0`` for the ``(x, y)`` pairs of ``DataLoader(TensorDataset(x, y))``), a dict key, a tuple of
+    those, or a function ``batch -> inputs``; a batch with more items than the forward takes raises instead of
+    being cut down. Every batch is checked (0 samples, NaN/Inf, the example's dtype; a failing forward names
+    the batch index), and all-zero data raises. If calibration fails, the model's ranges are cleared (convert
+    then asks for a calibration) rather than left from an earlier run. Returns ``prepared``.
     Under torch.distributed (initialized), every rank calibrates its own batches and the statistics are merged
     so that all ranks get the same ranges; see ``fxquant.calib.distributed``.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
@@ -153,9 +161,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     if state is None or not quantizers:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
-    if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-                        "not a single tensor; wrap it: [tensor]")
+    batches = ModelBatches(batches, prepared, inputs)
+    checked = batches
     if ptq.needs_data(state.config):
         batches = list(batches)
     was_training = prepared.training
@@ -170,9 +177,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     count = 0
     try:
         for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
-            batch = normalize_inputs(batch)
-            _check_finite(batch, i)
-            prepared(*batch)
+            run_batch(prepared, batch, i, checked.expected)
             if count == 0:  # constants are the same in every batch: their statistics are complete after one
                 for q in constants:
                     q.set_mode("disabled")
@@ -181,6 +186,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
             count = distributed.sync_calibrators(quantizers, count, device=distributed.module_device(prepared))
         if count == 0:
             raise CalibrationError("the calibration iterable was empty; pass at least one batch")
+        checked.check_all_zero()
         for name, q in quantizers.items():
             if q.spec.amax is None and q.calibrator.num_batches == 0:
                 raise CalibrationError(f"quantizer `{name}` saw no data during calibration: the branch it sits "
@@ -189,6 +195,9 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
                 q.load_calib_amax()
             except ValueError as exc:
                 raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
+    except BaseException:
+        clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
+        raise
     finally:
         for q in quantizers.values():
             q.set_mode("quant")

@@ -21,5 +21,21 @@ class ConversionError(FxQuantError):
     """convert() or export_onnx() got a model it cannot lower."""
 
 
-class ExampleInputError(ValueError):
+class ExampleInputError(FxQuantError, ValueError):
     """The example inputs do not fit the model."""
+
+
+class CalibrationDataError(CalibrationError, ValueError):
+    """A calibration batch cannot be used (empty, wrong type, shape or dtype); the message names the batch."""
+
+
+class ModelError(FxQuantError, TypeError):
+    """The model cannot be prepared as given (already prepared/converted, pruning hooks, ...)."""
+
+
+class ConfigError(FxQuantError, ValueError):
+    """A QuantConfig entry does not fit the model (a glob that matches nothing, an unknown argument name)."""
+
+
+class ExportError(ConversionError, ValueError):
+    """export_onnx() got arguments it cannot honour (example inputs, dtype, path, opset)."""
