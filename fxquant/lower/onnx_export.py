@@ -24,6 +24,15 @@ from onnx import helper, numpy_helper
 
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
+from fxquant.lower.export_checks import (
+    atomic_file,
+    check_dtypes,
+    clones,
+    export_path,
+    honour_opset,
+    run_example,
+    warn_static_batch,
+)
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized
@@ -62,15 +71,15 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
             raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "
                                   f"pass opset=21")
     inputs = normalize_inputs(example_inputs)
-    path = os.fspath(path)
-    with torch.no_grad():
-        sample = model(*inputs)
+    path = export_path(path)
+    check_dtypes(model, inputs)
+    sample = run_example(model, inputs)  # on a copy: the user's example is never edited
     wrapped = needs_flattening(sample)  # dicts, dataclasses (ModelOutput-style), None entries: flat, named
     if wrapped:
-        proto = _export(FlatOutputs(model), inputs, opset, dynamic_batch,
+        proto = _export(FlatOutputs(model), clones(inputs), opset, dynamic_batch,
                         output_names=[name for name, _ in flat_outputs(sample)])
     else:
-        proto = _export(model, inputs, opset, dynamic_batch)
+        proto = _export(model, clones(inputs), opset, dynamic_batch)
     fold_weight_quantization(proto)
     global_average_pools(proto)
     name_nodes(proto)
@@ -79,14 +88,16 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if state.backend == "onnxruntime":
         quantize_biases(proto)
     _set_metadata(proto, state)
-    proto = infer_shapes(proto)
+    proto = honour_opset(infer_shapes(proto), opset)
+    warn_static_batch(proto, dynamic_batch, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)
+                                                  and x.dim() > 0), None))
     onnx.checker.check_model(proto, full_check=True)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(proto, path)
     # The onnxruntime preset is verified as deployed (all fusions). A tensorrt-preset model is meant for
     # TensorRT: ORT checks the meaning of its graph without fusing it into ORT's own int8 CPU kernels.
     level = "all" if state.backend == "onnxruntime" else "basic"
-    agreement = verify_in_ort(model, inputs, path, level) if verify else None
+    with atomic_file(path) as tmp:  # the file appears only once the export and its check succeeded
+        onnx.save(proto, tmp)
+        agreement = verify_in_ort(model, inputs, tmp, level) if verify else None
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
@@ -353,7 +364,7 @@ def run_ort(session, inputs: tuple) -> list[np.ndarray]:
 def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str = "all") -> float:
     """Worst SQNR (dB) over the outputs of ONNX Runtime against the fake-quant model's on ``inputs``."""
     with torch.no_grad():
-        expected = [t for _, t in flat_outputs(model(*inputs))]
+        expected = [t for _, t in flat_outputs(model(*clones(inputs)))]
     got = run_ort(ort_session(path, level=level), inputs)
     if len(got) != len(expected):
         raise ConversionError(f"the ONNX model has {len(got)} outputs but the torch model returns {len(expected)}")
