@@ -228,8 +228,8 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
         if q.spec.amax is not None or method not in q.calibrator.methods:
             kept.append(name)
             continue
-        if percentile is not None:
-            q.spec = q.spec.with_(percentile=percentile)
+        # the spec records the method (and percentile) in use: save_encodings and the ONNX metadata report it
+        q.spec = q.spec.with_(calib_method=method, **({} if percentile is None else {"percentile": percentile}))
         q.load_calib_amax(method)
     if kept:
         warnings.warn(f"{len(kept)} quantizer(s) keep their range (fixed amax, or statistics that cannot give "

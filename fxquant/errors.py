@@ -29,6 +29,10 @@ class CalibrationDataError(CalibrationError, ValueError):
     """A calibration batch cannot be used (empty, wrong type, shape or dtype); the message names the batch."""
 
 
+class CalibrationTypeError(CalibrationDataError, TypeError):
+    """calibrate() got something that is not an iterable of batches (None, a single tensor, a dict)."""
+
+
 class ModelError(FxQuantError, TypeError):
     """The model cannot be prepared as given (already prepared/converted, pruning hooks, ...)."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxquant.errors import CalibrationDataError, FxQuantError
+from fxquant.errors import CalibrationDataError, CalibrationTypeError, FxQuantError
 
 Selector = int | str | Sequence[int | str] | Callable[[Any], Any] | None
 
@@ -58,13 +58,13 @@ class ModelBatches:
 
     def __init__(self, batches: Iterable, model: nn.Module, inputs: Selector = None) -> None:
         if batches is None:
-            raise CalibrationDataError("calibrate() got batches=None; pass an iterable of batches, e.g. a "
+            raise CalibrationTypeError("calibrate() got batches=None; pass an iterable of batches, e.g. a "
                                        "DataLoader or a list of tensors")
         if isinstance(batches, torch.Tensor):
-            raise CalibrationDataError("batches must be an iterable of batches (e.g. a DataLoader or a list of "
+            raise CalibrationTypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of "
                                        "tensors), not a single tensor; wrap it: [tensor]")
         if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
-            raise CalibrationDataError(f"batches must be an iterable of batches (a DataLoader, a list of tensors), "
+            raise CalibrationTypeError(f"batches must be an iterable of batches (a DataLoader, a list of tensors), "
                                        f"got {type(batches).__name__}")
         if not (inputs is None or callable(inputs) or isinstance(inputs, (int, str))
                 or (isinstance(inputs, Sequence) and all(isinstance(k, (int, str)) for k in inputs))):

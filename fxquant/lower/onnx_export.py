@@ -33,6 +33,7 @@ from fxquant.lower.export_checks import (
     run_example,
     warn_static_batch,
 )
+from fxquant.lower.frozen import FrozenQuantizer
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized
@@ -87,7 +88,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         strip_wrapper_prefix(proto)
     if state.backend == "onnxruntime":
         quantize_biases(proto)
-    _set_metadata(proto, state)
+    _set_metadata(proto, state, model)
     proto = honour_opset(infer_shapes(proto), opset)
     warn_static_batch(proto, dynamic_batch, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)
                                                   and x.dim() > 0), None))
@@ -319,14 +320,19 @@ def name_nodes(proto: onnx.ModelProto) -> None:
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
-def _set_metadata(proto: onnx.ModelProto, state: object) -> None:
+def _set_metadata(proto: onnx.ModelProto, state: object, model: torch.nn.Module | None = None) -> None:
     """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
     from fxquant import __version__
     from fxquant.backends import get_backend
 
     backend, config = get_backend(state.backend), state.config
 
+    frozen = [m for m in model.modules() if isinstance(m, FrozenQuantizer)] if model is not None else []
+
     def methods(role: str) -> str:
+        used = {m.calib_method for m in frozen if m.constant == (role == "weight")}
+        if used:  # what the quantizers used (load_calib_amax may have switched methods after calibrate)
+            return ",".join(sorted(used))
         specs = [getattr(config, role) or getattr(backend, role)]
         specs += [getattr(o, role) for o in config.overrides if getattr(o, role) is not None]
         return ",".join(sorted({s.calib_method for s in specs}))
