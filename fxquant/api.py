@@ -136,7 +136,8 @@ def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
 
 
 @torch.no_grad()
-def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inputs: Selector = None) -> nn.Module:
+def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inputs: Selector = None,
+              distributed: bool | None = None) -> nn.Module:
     """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
 
     ``batches``: an iterable of tensors, tuples of tensors (one per forward argument), NumPy arrays or dicts
@@ -147,11 +148,13 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     the batch index), and all-zero data raises. If calibration fails, the model's ranges are cleared (convert
     then asks for a calibration) rather than left from an earlier run. Returns ``prepared``.
     Under torch.distributed (initialized), every rank calibrates its own batches and the statistics are merged
-    so that all ranks get the same ranges; see ``fxquant.calib.distributed``.
+    so that all ranks get the same ranges; see ``fxquant.calib.distributed``. ``distributed=False`` calibrates
+    on this rank alone (e.g. under ``if rank == 0:``); a rank that calls calibrate while the others do not raises
+    after ``FXQUANT_ARRIVAL_TIMEOUT_S`` seconds instead of hanging.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
     (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again.
     """
-    from fxquant.calib import distributed  # local: the distributed hook is part of calibrate only
+    from fxquant.calib import distributed as dist_calib  # local: the distributed hook is part of calibrate only
 
     state = get_state(prepared)
     quantizers = _quantizers(prepared)
@@ -162,6 +165,10 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
     batches = ModelBatches(batches, prepared, inputs)
+    merge = dist_calib.is_distributed() if distributed is None else bool(distributed)
+    if merge and not dist_calib.is_distributed():
+        raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
+                               "(dist.init_process_group) on every rank")
     checked = batches
     if ptq.needs_data(state.config):
         batches = list(batches)
@@ -176,14 +183,16 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     constants = [q for q in quantizers.values() if q.constant]  # weights, layer scales: the same every batch
     count = 0
     try:
+        if merge:
+            dist_calib.await_ranks()  # every rank must be here: detect a calibrate on one rank only
         for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
             run_batch(prepared, batch, i, checked.expected)
             if count == 0:  # constants are the same in every batch: their statistics are complete after one
                 for q in constants:
                     q.set_mode("disabled")
             count += 1
-        if distributed.is_distributed():  # merge every rank's statistics: all ranks get the same ranges
-            count = distributed.sync_calibrators(quantizers, count, device=distributed.module_device(prepared))
+        if merge:  # merge every rank's statistics: all ranks get the same ranges
+            count = dist_calib.sync_calibrators(quantizers, count, device=dist_calib.module_device(prepared))
         if count == 0:
             raise CalibrationError("the calibration iterable was empty; pass at least one batch")
         checked.check_all_zero()
