@@ -125,6 +125,9 @@ def _read(source: str | os.PathLike | Mapping) -> Mapping:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EncodingsError(f"{path} is not valid JSON ({exc}); pass a file written by "
                              "fxquant.save_encodings()") from exc
+    except OSError as exc:
+        raise EncodingsError(f"cannot read encodings from {path}: {exc.strerror or exc}; pass the path "
+                             "fxquant.save_encodings() wrote") from exc
     except RecursionError as exc:  # json nests one Python call per level: a hostile file exhausts the stack
         raise EncodingsError(f"{path} nests JSON too deeply to be an encodings file; pass a file written by "
                              "fxquant.save_encodings()") from exc

@@ -25,6 +25,10 @@ class ExampleInputError(FxQuantError, ValueError):
     """The example inputs do not fit the model."""
 
 
+class ExampleTypeError(ExampleInputError, TypeError):
+    """The example inputs are not a tensor or a tuple of tensors."""
+
+
 class CalibrationDataError(CalibrationError, ValueError):
     """A calibration batch cannot be used (empty, wrong type, shape or dtype); the message names the batch."""
 

@@ -84,3 +84,9 @@ def test_a_binary_file_is_an_encodings_error(tmp_path):
     _, prepared = _prepare()
     with pytest.raises(EncodingsError, match="is not valid JSON"):
         load_encodings(prepared, path)
+
+
+def test_a_missing_file_is_an_encodings_error(tmp_path):
+    _, prepared = _prepare()
+    with pytest.raises(EncodingsError, match=r"cannot read encodings from .*nope\.json: No such file or directory"):
+        load_encodings(prepared, tmp_path / "nope.json")

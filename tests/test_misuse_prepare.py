@@ -15,7 +15,7 @@ from torch.nn.utils import weight_norm as legacy_weight_norm
 
 import fxquant
 from fxquant import Override, QuantConfig
-from fxquant.errors import ConfigError, ModelError
+from fxquant.errors import ConfigError, ExampleTypeError, ModelError
 
 
 class _Net(nn.Module):
@@ -132,3 +132,17 @@ def test_unknown_concrete_args_name_the_forward_arguments():
     with pytest.raises(ConfigError, match=r"concrete_args names 'flag', which _Net.forward does not take \(its "
                                           r"arguments: x\)"):
         fxquant.prepare(_net(), _x(), config=QuantConfig(concrete_args={"flag": True}))
+
+
+def test_numpy_examples_work_and_other_types_are_named():
+    from_numpy = fxquant.report_of(_quiet_prepare_with(_x().numpy()))
+    from_tensor = fxquant.report_of(_quiet_prepare_with(_x()))
+    assert from_numpy.as_dict() == from_tensor.as_dict() and from_tensor.weight_quantizers == 2
+    with pytest.raises(ExampleTypeError, match="example_inputs must be a tensor or a tuple of tensors, got NoneType"):
+        fxquant.prepare(_net(), None)
+
+
+def _quiet_prepare_with(example):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxquant.prepare(_net(), example)
