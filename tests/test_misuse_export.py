@@ -14,7 +14,7 @@ from torch import nn
 import fxquant
 from fxquant.errors import ExportError, FxQuantError
 from fxquant.lower.export_checks import atomic_file
-from fxquant.lower.onnx_export import ort_session, run_ort
+from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
 
 
 class _Net(nn.Module):
@@ -171,3 +171,13 @@ def test_load_calib_amax_method_reaches_the_onnx_metadata(tmp_path):
 
 def test_export_errors_are_fxquant_value_errors():
     assert issubclass(ExportError, FxQuantError) and issubclass(ExportError, ValueError)
+
+
+def test_the_float_export_honours_the_opset_and_the_example(tmp_path):
+    torch.manual_seed(0)
+    model, x = _InPlace().eval(), _x()
+    path = export_float_onnx(model, x, os.fsencode(tmp_path / "f.onnx"), opset=17)
+    assert torch.equal(x, _x()) and _opset(onnx.load(path)) == 17
+    got = torch.from_numpy(run_ort(ort_session(path), (x,))[0])
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x.clone()), got) > 60

@@ -123,11 +123,11 @@ def _low_agreement_cause(model: torch.nn.Module, backend: str) -> str:
 def export_float_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, path: str | os.PathLike,
                       opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> str:
     """Export a float model the same way (the fp32 baseline beside a QDQ model); returns the path."""
-    proto = _export(model.eval(), normalize_inputs(example_inputs), opset, dynamic_batch)
+    inputs, path = normalize_inputs(example_inputs), export_path(path)
+    proto = honour_opset(_export(model.eval(), clones(inputs), opset, dynamic_batch), opset)
     onnx.checker.check_model(proto, full_check=True)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(proto, path)
+    with atomic_file(path) as tmp:
+        onnx.save(proto, tmp)
     return path
 
 
