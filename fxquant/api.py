@@ -272,8 +272,8 @@ def convert(prepared: nn.Module) -> nn.Module:
 
 def quantize(model: nn.Module, example_inputs: torch.Tensor | tuple, batches: Iterable,
              backend: str | Backend = "tensorrt", config: QuantConfig | None = None,
-             progress: bool = True) -> fx.GraphModule:
-    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule."""
+             progress: bool = True, inputs: Selector = None) -> fx.GraphModule:
+    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule (``inputs``: as calibrate's)."""
     prepared = prepare(model, example_inputs, backend=backend, config=config)
-    calibrate(prepared, batches, progress=progress)
+    calibrate(prepared, batches, progress=progress, inputs=inputs)
     return convert(prepared)

@@ -143,3 +143,16 @@ def test_load_calib_amax_method_is_what_the_specs_say():
 
 def test_every_error_is_an_fxquant_error():
     assert issubclass(CalibrationDataError, FxQuantError) and issubclass(CalibrationDataError, ValueError)
+
+
+def test_quantize_takes_the_inputs_selector_too():
+    xs = torch.cat(_data())
+    loader = DataLoader(TensorDataset(xs, torch.arange(len(xs))), batch_size=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxquant.quantize(_Net().eval(), xs[:2], loader, progress=False, inputs=0)
+    torch.manual_seed(0)
+    model = _Net().eval()
+    with torch.no_grad():
+        assert fxquant.sqnr(model(xs), qmodel(xs)) > 30
