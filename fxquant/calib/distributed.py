@@ -169,17 +169,19 @@ def _check_agreement(infos: list[dict[str, Any]]) -> None:
                 diffs = ", ".join(f"{f}={getattr(a['spec'], f)!r} on rank 0 but {getattr(b['spec'], f)!r} on rank "
                                   f"{rank}" for f in fields)
                 raise CalibrationError(f"ranks disagree on the QuantSpec of quantizer `{a['key'][0]}`: {diffs}{hint}")
+        if len(ref) != len(other):
+            longer, extra = (0, ref[len(other)]) if len(ref) > len(other) else (rank, other[len(ref)])
+            raise CalibrationError(f"ranks disagree on the quantized graph: rank 0 has {len(ref)} quantizers, rank "
+                                   f"{rank} has {len(other)}; the first one only rank {longer} has is "
+                                   f"{_describe(extra['key'])}{hint}")
+    for rank, info in enumerate(infos[1:], start=1):  # the same graph: now the same weights
+        for a, b in zip(ref, info["entries"], strict=True):
             if a["weights"] and b["weights"] and a["weights"][0] != b["weights"][0]:
                 raise CalibrationError(f"ranks hold different weights: `{a['key'][0]}` sees a weight of amax "
                                        f"{a['weights'][1]:.6g} on rank 0 but {b['weights'][1]:.6g} on rank {rank}; "
                                        "merging their statistics would calibrate no model. Load the same weights on "
                                        "every rank (seed before building the model, or load one checkpoint) before "
                                        "calibrate")
-        if len(ref) != len(other):
-            longer, extra = (0, ref[len(other)]) if len(ref) > len(other) else (rank, other[len(ref)])
-            raise CalibrationError(f"ranks disagree on the quantized graph: rank 0 has {len(ref)} quantizers, rank "
-                                   f"{rank} has {len(other)}; the first one only rank {longer} has is "
-                                   f"{_describe(extra['key'])}{hint}")
 
 
 def sync_calibrators(quantizers: dict[str, TensorQuantizer], local_batches: int = 0, group: Any = None,
