@@ -1,4 +1,4 @@
-"""fxquant's exceptions: each is a ValueError/TypeError/RuntimeError subclass with a message that says what to do."""
+"""fxquant's exceptions: every one derives from FxQuantError; each message says what is wrong and what to do."""
 
 
 class FxQuantError(RuntimeError):

@@ -15,9 +15,9 @@ from fxquant.state import get_state
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise ModelError for a model fxquant already prepared/converted, or one with pruning/weight_norm hooks
-    (which ``copy.deepcopy`` cannot copy)."""
+def check_model(model: nn.Module, qat: bool = False) -> None:
+    """Raise ModelError for a model fxquant already prepared/converted, one with pruning/weight_norm hooks
+    (which ``copy.deepcopy`` cannot copy), or, for QAT, one with parametrized weights."""
     state = get_state(model)
     quantized = next((n for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, FrozenQuantizer))),
                      None)
@@ -36,21 +36,21 @@ def check_model(model: nn.Module) -> None:
             raise ModelError(f"{where} uses the legacy torch.nn.utils.weight_norm (a forward pre-hook); fold it into "
                              "the weight first: torch.nn.utils.remove_weight_norm(module), or use "
                              "torch.nn.utils.parametrizations.weight_norm, which prepare() freezes by itself")
+        if qat and parametrize.is_parametrized(m):  # QAT would train the underlying parameters
+            raise ModelError(f"`{name}` has parametrized {', '.join(m.parametrizations.keys())} (e.g. weight_norm); "
+                             "quantization-aware training quantizes plain weights: call torch.nn.utils.parametrize."
+                             "remove_parametrizations(module, 'weight', leave_parametrized=True) first")
 
 
-def freeze_parametrizations(work: nn.Module, qat: bool) -> list[str]:
+def freeze_parametrizations(work: nn.Module) -> list[str]:
     """Replace each parametrized tensor (``parametrizations.weight_norm``, ``spectral_norm``, ...) of ``work``
     (prepare's own copy) by its current value, as PTQ quantizes the weight the model computes with; returns
-    the names. QAT would train the underlying parameters, so there it raises with the fix instead."""
+    the names (QAT models are refused by ``check_model``)."""
     frozen = []
     for name, m in list(work.named_modules()):
         if not parametrize.is_parametrized(m):
             continue
         tensors = list(m.parametrizations.keys())
-        if qat:
-            raise ModelError(f"`{name}` has parametrized {', '.join(tensors)} (e.g. weight_norm); quantization-aware "
-                             "training quantizes plain weights: call torch.nn.utils.parametrize."
-                             "remove_parametrizations(module, 'weight', leave_parametrized=True) first")
         _freeze(m, tensors)
         frozen += [f"{name}.{t}" if name else t for t in tensors]
     return frozen
