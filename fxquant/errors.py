@@ -47,3 +47,11 @@ class ConfigError(FxQuantError, ValueError):
 
 class ExportError(ConversionError, ValueError):
     """export_onnx() got arguments it cannot honour (example inputs, dtype, path, opset)."""
+
+
+class QuantRangeError(FxQuantError, ValueError):
+    """A quantization range or scale that cannot be used (a negative amax, a scale beyond float16)."""
+
+
+class NegativeInputError(FxQuantError, TypeError):
+    """Negative values reached an unsigned quantizer (a TypeError, as in pytorch_quantization)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxquant import qmath
 from fxquant.quantizer import TensorQuantizer
 
 
@@ -33,7 +34,7 @@ def weight_mismatches(model: nn.Module, quantizers: dict[str, TensorQuantizer],
         lo, hi = ranges[name]["min"], ranges[name]["max"]
         if lo.shape != probe._min.shape:
             continue  # channel counts are checked with the spec
-        step = probe._qparams(lo, hi)[0]
+        step = qmath.qparams(lo, hi, q.spec.qmin, q.spec.qmax, q.spec.symmetric)[0]
         off = torch.maximum((lo - probe._min).abs(), (hi - probe._max).abs())
         if bool((off > step * 1.01 + 1e-12).any()):
             found.append(f"{name}: the file's weight range (amax {float(torch.maximum(lo.abs(), hi.abs()).max()):.4g})"

@@ -62,7 +62,7 @@ def absorb_high_bias(gm: fx.GraphModule, sigmas: float = 3.0) -> PassResult:
                                   f"{sigmas:g} std > 0")
             continue
         if b.bias is None:
-            b.bias = nn.Parameter(torch.zeros(b.weight.shape[0], dtype=b.weight.dtype))
+            b.bias = nn.Parameter(torch.zeros(b.weight.shape[0], dtype=b.weight.dtype, device=b.weight.device))
         b.bias.add_(input_response(b, amount, link.repeat).to(b.bias.dtype))
         a.bias.sub_(amount.to(a.bias.dtype))
         shift_stats(link.a, -amount)
