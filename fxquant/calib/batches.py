@@ -150,7 +150,8 @@ class ModelBatches:
                                                "data (every batch is checked before it reaches the quantizers)")
                 self.any_nonzero = self.any_nonzero or bool(x.any())
             meta = self.expected[pos] if pos < len(self.expected) else None
-            if meta is not None and hasattr(meta, "dtype") and meta.dtype != x.dtype:
+            if meta is not None and hasattr(meta, "dtype") and meta.dtype != x.dtype \
+                    and (meta.dtype.is_floating_point or x.is_floating_point()):  # int32 ids for int64 are fine
                 raise CalibrationDataError(
                     f"calibration batch {index} input {pos} is {_describe(x)} but the model was prepared with a "
                     f"{str(meta.dtype).replace('torch.', '')}{list(meta.shape)} example; give the batches the "
