@@ -312,7 +312,9 @@ def test_encodings_of_a_wider_model_name_the_channel_counts(saved):
     message = str(info.value)
     for name in ("conv1", "conv2", "conv3"):
         assert f"{name}.weight_quantizer: min has 8 channel values, the model has 16" in message
-    assert "fc.weight_quantizer" not in message and REDO in message  # fc still has 5 output channels
+    # fc still has 5 output channels, but its weight (5x16, not 5x8) is not the one the file's range came from
+    assert "fc.weight_quantizer: the file's weight range" in message and "shape [5, 16]" in message
+    assert REDO in message
     _assert_untouched(wider)
 
 
