@@ -19,6 +19,7 @@ from fxquant.hybrid import attach_state, prepare_parts
 from fxquant.lower.frozen import FrozenQuantizer
 from fxquant.passes.annotate import Annotations, annotate_pass
 from fxquant.passes.decompose_attention import decompose_attention
+from fxquant.passes.decompose_sdpa import decompose_sdpa
 from fxquant.passes.einsum_matmul import einsum_to_matmul
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.insert import insert_quantizers
@@ -74,6 +75,7 @@ def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: st
     def prepare_graph(gm: fx.GraphModule, unit_inputs: tuple) -> tuple[fx.GraphModule, PrepareReport]:
         propagate_shapes(gm, unit_inputs)
         passes = [("decompose_attention", partial(decompose_attention, example_inputs=unit_inputs)),
+                  ("decompose_sdpa", partial(decompose_sdpa, example_inputs=unit_inputs)),
                   ("inline_window_attention", partial(inline_window_attention, example_inputs=unit_inputs)),
                   ("einsum_to_matmul", partial(einsum_to_matmul, example_inputs=unit_inputs))]
         if config.fold_bn:

@@ -71,6 +71,7 @@ def prepare_parts(work: nn.Module, inputs: tuple, backend: Backend, config: Quan
             report.passthrough.append(OpEntry(path, kind, "pass-through (eager code)"))
         else:
             report.float_ops.append(OpEntry(path, kind, "called from eager code (not traced)"))
+    report.notes += parts.notes
     report.notes += [f"`{path}` is never called on the example inputs: not quantized" for path in parts.uncalled]
     quantizers = [m for m in root.modules() if isinstance(m, TensorQuantizer)]
     report.weight_quantizers = sum(1 for q in quantizers if q.constant)

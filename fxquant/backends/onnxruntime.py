@@ -62,6 +62,8 @@ FLOAT_REASONS = {
     "roll": "a roll exports as Slice + Concat, which runs on the dequantized tensor",
     **dict.fromkeys(("relu", "relu6", "hardtanh"), "ORT folds a ReLU/Clip only into the QuantizeLinear after a fused "
                     "Conv/Gemm/Add; after a float op (e.g. an unfolded BatchNorm) it runs in float"),
+    "masked_softmax": ("softmax over masked attention scores (-inf where masked) runs in float: no 8-bit scale "
+                       "holds the mask; the matmuls around it stay int8"),
     "split": "ORT fuses Split only with equal Q/DQ on every output; fxquant leaves split/chunk in float",
     "getitem": "slicing runs in float on the dequantized tensor; the next quantized op requantizes it",
     "position_bias": ("computed from parameters only (the same tensor for every input): runs in float and "
