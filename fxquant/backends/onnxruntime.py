@@ -5,6 +5,8 @@
   16 bits, which saturate with full 8-bit weights (255 * 127 * 2 > 32767). torch.ao's fbgemm configs and
   ORT's ``reduce_range`` do the same. Pass ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))``
   on VNNI/ARM machines.
+- A Linear whose output only reaches float ops (a transformer's FFN/attention output projection, read by the
+  residual add before LayerNorm) keeps a float output: DQ -> MatMul runs as MatMulIntegerToFloat.
 - Q/DQ on the inputs and outputs of Conv, Gemm, MatMul, Add, Mul, Concat and average pooling; a ReLU/Clip
   right after Conv/Gemm/Add is absorbed by the output quantizer (ORT removes it); max-pool, reshapes and
   concat share one scale between input and output so ORT can drop their Q/DQ.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from torch import fx
 
 from fxquant.backends.base import Backend
-from fxquant.backends.checks import output_reaches_int8, quantizable_weight, two_activation_inputs
+from fxquant.backends.checks import int8_consumers, output_reaches_int8, quantizable_weight, two_activation_inputs
 from fxquant.ops import WEIGHTED_KINDS
 from fxquant.passes.annotate import AnnotationContext, Request
 from fxquant.rules import Match, Pattern, Quantize, Rule, single_user
@@ -47,6 +49,19 @@ def binary_with_constant(match: Match, ctx: AnnotationContext) -> str | None:
     ctx.ann.requests.append(Request(consts[0], op, spec, "binary_constant"))
     ctx.request_output(op, "binary_constant")
     return None
+
+
+def output_stays_float(name: str):
+    """Take a Linear whose output only reaches float ops (the residual add before a LayerNorm): its inputs are
+    quantized but not its output, which ORT runs as MatMulIntegerToFloat. A uint8 output there would have to
+    hold the residual branch's outlier channels with one scale."""
+
+    def check(match: Match, ctx: AnnotationContext) -> str | None:
+        if int8_consumers(ctx.view, ctx.backend).get(match[name]) is None:
+            return f"`{match[name].name}` output reaches an int8 op"
+        return None
+
+    return check
 
 
 def _no_kernel(what: str) -> str:
@@ -81,6 +96,8 @@ ONNXRUNTIME = Backend(
         Rule("weighted_clamp", Pattern.chain(("op", WEIGHTED_KINDS), ("act", CLAMPS)),
              Quantize(inputs="op", weight="op", output="act"),
              checks=(quantizable_weight("op"), single_user("op")), priority=30),
+        Rule("linear_float_output", Pattern.chain(("op", "linear")), Quantize(inputs="op", weight="op"),
+             checks=(quantizable_weight("op"), output_stays_float("op")), priority=25),
         Rule("weighted", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op", output="op"),
              checks=(quantizable_weight("op"),), priority=20),
         Rule("binary_clamp", Pattern.chain(("op", BINARY), ("act", CLAMPS)), Quantize(inputs="op", output="act"),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import fx
+from torch import fx, nn
 
 from fxquant.passes.manager import PassResult
+from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
 
 
@@ -39,8 +40,19 @@ def after_fold(config: QuantConfig) -> list[tuple[str, Callable]]:
 
 
 def needs_data(config: QuantConfig) -> bool:
-    """True when calibrate() re-reads its batches after calibration (so it keeps them in a list)."""
-    return bool(config.adaround_options) or config.bias_correction_method == "empirical"
+    """True when calibrate() reads its batches more than once (so it keeps them in a list)."""
+    return bool(config.adaround_options) or config.bias_correction_method == "empirical" or bool(config.smoothquant)
+
+
+def before_calibrate(prepared: nn.Module, batches: list, config: QuantConfig, report: PrepareReport) -> None:
+    """SmoothQuant on the calibration batches, before ranges are calibrated (once per prepared model)."""
+    from fxquant.ptq.smoothquant import smoothquant
+
+    if not config.smoothquant or "smoothquant" in report.ptq:
+        return
+    result = smoothquant(prepared, batches)
+    if result.done or config.smoothquant is True:  # "auto" says nothing where there is nothing to smooth
+        report.ptq["smoothquant"] = result
 
 
 def after_calibrate(prepared: fx.GraphModule, batches: list, config: QuantConfig, progress: bool) -> None:
