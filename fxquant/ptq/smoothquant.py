@@ -164,6 +164,7 @@ def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
             user.replace_input_with(g.norm, restored)
 
 
+@torch.no_grad()
 def smoothquant(model: nn.Module, batches: list) -> PTQReport:
     """Smooth every eligible LayerNorm -> Linear group of ``model``'s traced parts in place (float-exact)."""
     report = PTQReport("smoothquant")
