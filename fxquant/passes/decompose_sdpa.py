@@ -23,6 +23,7 @@ from fxquant.capture import propagate_shapes
 from fxquant.ops import node_kind
 from fxquant.passes.manager import PassResult
 
+TARGET = F.scaled_dot_product_attention
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _THROUGH = frozenset({"reshape", "permute", "identity"})
 
