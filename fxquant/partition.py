@@ -157,7 +157,8 @@ class _Partitioner:
             gm, failure = try_trace(module, (), opaque | leaves.keys(), fixed)
             if failure is None:
                 break
-            if not path and not opaque and not leaves and self.exported(module, values, fixed, failure.reason):
+            if not path and not failure.module and not opaque and not leaves \
+                    and self.exported(module, values, fixed, failure.reason):
                 return
             if self.config.strict:
                 raise TraceError(failure.message)
