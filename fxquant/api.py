@@ -109,6 +109,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
                                "(dist.init_process_group) on every rank")
     if ptq.needs_data(state.config):
         batches = list(batches)
+        ptq.before_calibrate(prepared, [normalize_inputs(b) for b in batches], state.config, state.report)
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled

@@ -23,7 +23,7 @@ from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import ExampleInputError, PassError
 from fxquant.hybrid import quantize_eager_code, unit_notes
 from fxquant.partition import Unit, partition
-from fxquant.passes import decompose_attention, einsum_matmul, window_attention
+from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.insert import insert_quantizers
@@ -48,6 +48,8 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
     # graph rewrites that expose quantizable ops, each only where its target op is present
     if _calls(gm, decompose_attention.TARGET):
         run(decompose_attention.decompose_attention, inputs)
+    if _calls(gm, decompose_sdpa.TARGET):
+        run(decompose_sdpa.decompose_sdpa, inputs)
     if _calls(gm, window_attention.TARGET):
         run(window_attention.inline_window_attention, inputs)
     if _calls(gm, einsum_matmul.TARGET):
