@@ -107,9 +107,9 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     if merge and not dist_calib.is_distributed():
         raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
                                "(dist.init_process_group) on every rank")
-    if ptq.needs_data(state.config):
-        batches = list(batches)
-        ptq.before_calibrate(prepared, [normalize_inputs(b) for b in batches], state.config, state.report)
+    if ptq.needs_data(prepared, state.config, state.report):
+        batches = list(batches)  # the model's inputs per batch, as selected and checked
+        ptq.before_calibrate(prepared, batches, state.config, state.report)
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled

@@ -165,6 +165,11 @@ def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def smoothable(model: nn.Module) -> bool:
+    """Whether a traced part of ``model`` has a LayerNorm -> Linear group SmoothQuant can smooth."""
+    return any(find_groups(gm)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
+
+
 def smoothquant(model: nn.Module, batches: list) -> PTQReport:
     """Smooth every eligible LayerNorm -> Linear group of ``model``'s traced parts in place (float-exact)."""
     report = PTQReport("smoothquant")

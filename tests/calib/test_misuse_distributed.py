@@ -14,10 +14,10 @@ from datetime import timedelta
 
 import pytest
 import torch
-from gloo_workers import spawn
 from torch import nn
 
 import fxquant
+from tests.gloo_workers import spawn
 
 WORLD = 2
 _ARRIVAL_S = 3.0
