@@ -17,7 +17,7 @@ from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batc
 from fxquant.checks.config import check_before_trace
 from fxquant.checks.model import check_model
 from fxquant.errors import CalibrationError, ConversionError
-from fxquant.lower.frozen import FrozenQuantizer
+from fxquant.lower.frozen import freeze
 from fxquant.pipeline import prepare_model
 from fxquant.ptq import calibrate_passes as ptq
 from fxquant.quantizer import TensorQuantizer
@@ -114,7 +114,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
     fixed = state.fixed_weights  # weights AdaRound rounded: their range fixes their codes
-    quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled | fixed}
+    # dynamic quantizers take each forward's own range: nothing to calibrate, they quantize as deployed meanwhile
+    quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled | fixed and not q.spec.dynamic}
     for q in quantizers.values():
         q.calibrator.reset()
         q.set_mode("calib")
@@ -199,8 +200,7 @@ def convert(prepared: nn.Module) -> nn.Module:
                               "fxquant.calibrate(prepared, batches) before convert()")
     qmodel = copy.deepcopy(prepared).eval()
     for name, q in list(_quantizers(qmodel).items()):
-        frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, q.constant)
-        qmodel.set_submodule(name, frozen)
+        qmodel.set_submodule(name, freeze(q))
     attach_state(qmodel, dataclasses.replace(state, stage="converted"))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):

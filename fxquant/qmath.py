@@ -155,3 +155,31 @@ def fake_quant_affine(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Ten
     with torch.no_grad():
         codes = torch.round(x.float() / step) + zero_point
     return _FakeQuant.apply(x, step, zero_point, qmin, qmax, None, (codes >= qmin) & (codes <= qmax), fake)
+
+
+# ---- dynamic (per-forward) uint8 ranges, as ONNX DynamicQuantizeLinear ----------------------------------------
+DYNAMIC_QMIN, DYNAMIC_QMAX = 0, 255
+
+
+def dynamic_qparams(x: torch.Tensor, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of ``x``'s own range, as ONNX Runtime's DynamicQuantizeLinear computes them:
+    the range widened to hold 0, ``step = (max - min) / 255`` (1 when the range is empty), ``zero_point =
+    round(clamp(-min / step, 0, 255))`` (half to even). ``per_token``: one range per row (all but the last axis),
+    shaped to broadcast against ``x``; else one per tensor."""
+    x = x.detach().float()
+    if per_token:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    else:
+        lo, hi = x.min(), x.max()
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    step = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / (DYNAMIC_QMAX - DYNAMIC_QMIN))
+    zero_point = torch.round(torch.clamp(DYNAMIC_QMIN - lo / step, DYNAMIC_QMIN, DYNAMIC_QMAX))
+    return step, zero_point
+
+
+def fake_quant_dynamic(x: torch.Tensor, per_token: bool = False, fake: bool = True) -> torch.Tensor:
+    """uint8 quantize(-dequantize) of ``x`` with its own range (``dynamic_qparams``); straight-through gradient
+    everywhere (the range always holds the data)."""
+    step, zero_point = dynamic_qparams(x, per_token)
+    inside = torch.ones_like(x, dtype=torch.bool)
+    return _FakeQuant.apply(x, step, zero_point, DYNAMIC_QMIN, DYNAMIC_QMAX, None, inside, fake)

@@ -151,8 +151,8 @@ class TensorQuantizer(nn.Module):
 
     @property
     def is_calibrated(self) -> bool:
-        """True when the range is known (a fixed amax or a finished calibration)."""
-        return self._max is not None
+        """True when the range is known (a fixed amax or a finished calibration) or needs none (dynamic)."""
+        return self._max is not None or self.spec.dynamic
 
     def _scaled(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         factor = self.spec.scale_amax
@@ -269,6 +269,9 @@ class TensorQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "disabled":
             return x
+        if self.spec.dynamic:  # each forward's own range: nothing to calibrate
+            return x if self.mode == "calib" else qmath.fake_quant_dynamic(x, self.spec.per_token,
+                                                                            self.spec.fake_quant)
         axis = self._axis(x)
         if self.mode == "calib":
             if self.spec.amax is None:
@@ -294,4 +297,6 @@ class TensorQuantizer(nn.Module):
         kind = "sym" if spec.symmetric else "affine"
         axis = "per-tensor" if spec.axis is None else f"axis={spec.axis}"
         state = "calibrated" if self.is_calibrated else "uncalibrated"
+        if spec.dynamic:
+            return f"8-bit affine [0, 255] dynamic {'per-token' if spec.per_token else 'per-tensor'} {self.mode}"
         return f"{spec.num_bits}-bit {kind} [{spec.qmin}, {spec.qmax}] {axis} {spec.calib_method} {self.mode} {state}"

@@ -48,6 +48,10 @@ class QuantSpec:
         percentile: for ``calib_method="percentile"``, the share of |x| (or, for affine specs, of each tail)
             kept inside the range, in (0, 100].
         ema_decay: for ``calib_method="ema"``, the decay of the moving averages, in (0, 1).
+        dynamic: the range is computed from each forward's own data (no calibration), uint8 affine as ONNX
+            DynamicQuantizeLinear; needs ``num_bits=8, symmetric=False`` and no axis/amax/learned range.
+        per_token: with ``dynamic``, one range per row (every position of all but the last axis: per token in a
+            transformer) instead of one per tensor. Fake quant only: ONNX has no per-row DynamicQuantizeLinear.
     """
 
     num_bits: int = 8
@@ -62,6 +66,8 @@ class QuantSpec:
     symmetric: bool = True
     percentile: float = 99.99
     ema_decay: float = 0.9
+    dynamic: bool = False
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         _check_int("QuantSpec", "num_bits", self.num_bits)
@@ -69,7 +75,7 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.num_bits must be between 2 and 16, got {self.num_bits}")
         if self.axis is not None:
             _check_int("QuantSpec", "axis", self.axis)
-        for name in ("unsigned", "narrow_range", "fake_quant", "learn_amax", "symmetric"):
+        for name in ("unsigned", "narrow_range", "fake_quant", "learn_amax", "symmetric", "dynamic", "per_token"):
             _check_bool(name, getattr(self, name))
         if self.amax is not None:
             if isinstance(self.amax, bool) or not isinstance(self.amax, (int, float)):
@@ -105,6 +111,22 @@ class QuantSpec:
                              "per-channel affine ranges would learn a zero point per channel, which neither backend "
                              "runs (ORT and TensorRT take one activation zero point per tensor): set axis=None, or "
                              "symmetric=True for per-channel learned ranges")
+
+        self._check_dynamic()
+
+    def _check_dynamic(self) -> None:
+        if self.per_token and not self.dynamic:
+            raise ValueError("QuantSpec.per_token=True is a kind of dynamic range: set dynamic=True too")
+        if not self.dynamic:
+            return
+        wrong = [f"{name}={getattr(self, name)!r}" for name, ok in (
+            ("num_bits", self.num_bits == 8), ("symmetric", not self.symmetric), ("axis", self.axis is None),
+            ("amax", self.amax is None), ("learn_amax", not self.learn_amax), ("scale_amax", self.scale_amax is None),
+            ("unsigned", not self.unsigned)) if not ok]
+        if wrong:
+            raise ValueError(f"QuantSpec.dynamic=True is uint8 affine with the range of each forward's data (ONNX "
+                             f"DynamicQuantizeLinear), which {', '.join(wrong)} contradicts: use "
+                             "QuantSpec(dynamic=True, symmetric=False) (add per_token=True for one range per row)")
 
     @property
     def qmin(self) -> int:

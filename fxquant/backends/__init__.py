@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fxquant.backends.base import Backend
 from fxquant.backends.onnxruntime import ONNXRUNTIME
+from fxquant.backends.onnxruntime_dynamic import ONNXRUNTIME_DYNAMIC
 from fxquant.backends.tensorrt import TENSORRT
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TENSORRT, ONNXRUNTIME)}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TENSORRT, ONNXRUNTIME, ONNXRUNTIME_DYNAMIC)}
 
 
 def get_backend(backend: str | Backend) -> Backend:

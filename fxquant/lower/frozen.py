@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxquant import qmath
 from fxquant.errors import ConversionError
 from fxquant.lower import qdq_op  # noqa: F401  (registers torch.ops.fxquant.quantize_dequantize)
 from fxquant.quantizer import TensorQuantizer
@@ -44,3 +45,30 @@ class FrozenQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.scale.dim() == 0 else f"axis={self.axis}"
         return f"{self.zero_point.dtype} [{self.qmin}, {self.qmax}] {kind}"
+
+
+class FrozenDynamicQuantizer(nn.Module):
+    """A dynamic quantizer in a converted model: uint8 with each forward's own range (DynamicQuantizeLinear)."""
+
+    calib_method, constant = "dynamic", False  # recorded in the ONNX metadata
+
+    def __init__(self, quantizer: TensorQuantizer) -> None:
+        super().__init__()
+        self.per_token = quantizer.spec.per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_token:  # no ONNX op for it: export_onnx refuses it with the reason
+            return qmath.fake_quant_dynamic(x, per_token=True).to(x.dtype)
+        return torch.ops.fxquant.dynamic_quantize_dequantize(x)
+
+    def extra_repr(self) -> str:
+        return f"uint8 dynamic {'per-token' if self.per_token else 'per-tensor'}"
+
+
+def freeze(quantizer: TensorQuantizer) -> nn.Module:
+    """The converted form of a quantizer: fixed Q/DQ, dynamic Q/DQ, or nothing when it is disabled."""
+    if quantizer.mode == "disabled":
+        return nn.Identity()
+    if quantizer.spec.dynamic:
+        return FrozenDynamicQuantizer(quantizer)
+    return FrozenQuantizer(quantizer, quantizer.constant)

@@ -26,6 +26,7 @@ from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
+from fxquant.lower.dynamic_matmul import dynamic_matmuls
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -35,7 +36,7 @@ from fxquant.lower.export_checks import (
     run_example,
     warn_static_batch,
 )
-from fxquant.lower.frozen import FrozenQuantizer
+from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized
@@ -74,6 +75,10 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         if getattr(m, "num_bits", 8) > 8 and opset < 21:
             raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "
                                   f"pass opset=21")
+    if any(getattr(m, "per_token", False) for m in model.modules() if isinstance(m, FrozenDynamicQuantizer)):
+        raise ConversionError("per-token dynamic activations (QuantSpec(per_token=True)) have no ONNX op: "
+                              "DynamicQuantizeLinear takes one range per tensor; use QuantSpec(dynamic=True) "
+                              "without per_token to export")
     inputs = normalize_inputs(example_inputs)
     path = export_path(path)
     check_dtypes(model, inputs)
@@ -85,6 +90,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     else:
         proto = _export(model, clones(inputs), opset, dynamic_batch)
     fold_weight_quantization(proto)
+    dynamic_matmuls(proto)
     global_average_pools(proto)
     name_nodes(proto)
     if wrapped:
@@ -321,7 +327,8 @@ def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Mod
     """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
     backend, config = state.backend, state.config
 
-    frozen = [m for m in model.modules() if isinstance(m, FrozenQuantizer)] if model is not None else []
+    frozen = [] if model is None else [m for m in model.modules()
+                                       if isinstance(m, (FrozenQuantizer, FrozenDynamicQuantizer))]
 
     def methods(role: str) -> str:
         used = {m.calib_method for m in frozen if m.constant == (role == "weight")}

@@ -30,6 +30,17 @@ def _(x, scale, zero_point, axis, qmin, qmax, clip):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("fxquant::dynamic_quantize_dequantize", mutates_args=())
+def dynamic_quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 quantize-dequantize with the tensor's own range: DynamicQuantizeLinear -> DequantizeLinear."""
+    return qmath.fake_quant_dynamic(x).to(x.dtype)
+
+
+@dynamic_quantize_dequantize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def _no_gradient(ctx, grad):
     raise ConversionError("a converted model is frozen for export: its Q/DQ ops have fixed scales and no gradient. "
                           "Train the model returned by fxquant.prepare_qat (after calibrate) and convert it after "
@@ -37,6 +48,7 @@ def _no_gradient(ctx, grad):
 
 
 quantize_dequantize.register_autograd(_no_gradient)
+dynamic_quantize_dequantize.register_autograd(_no_gradient)
 
 
 def quantize_dequantize_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int, clip: bool):
@@ -47,4 +59,13 @@ def quantize_dequantize_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: i
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
-TRANSLATIONS = {torch.ops.fxquant.quantize_dequantize.default: quantize_dequantize_onnx}
+def dynamic_quantize_dequantize_onnx(x):
+    """DynamicQuantizeLinear -> DequantizeLinear (export's ``dynamic_matmuls`` pass turns it, with the weight's
+    DequantizeLinear and the MatMul/Gemm after it, into MatMulInteger, the pattern ORT runs as
+    DynamicQuantizeMatMul)."""
+    q, scale, zero_point = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(q, scale, zero_point)
+
+
+TRANSLATIONS = {torch.ops.fxquant.quantize_dequantize.default: quantize_dequantize_onnx,
+                torch.ops.fxquant.dynamic_quantize_dequantize.default: dynamic_quantize_dequantize_onnx}

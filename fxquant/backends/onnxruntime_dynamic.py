@@ -1,0 +1,46 @@
+"""ONNX Runtime (CPU) with dynamic activations: the recipe for transformers (``onnxruntime_dynamic``).
+
+- Every Linear: its input quantized to uint8 with the range of each forward's own data
+  (``QuantSpec(dynamic=True)``, ONNX DynamicQuantizeLinear), its weight int8 symmetric per output channel, its
+  output float. Export writes DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) ->
+  Add(bias), which ORT fuses into DynamicQuantizeMatMul: an integer kernel for every Linear, no calibration
+  for activations (calibration only runs SmoothQuant and sets the weight ranges).
+- Weights use 7 bits ([-63, 63]): without VNNI, ORT's u8s8 kernels add pairs of u8*s8 products in 16 bits,
+  which saturate with full 8-bit weights (255 * 127 * 2 > 32767); dynamic ranges always fill all 256 uint8 codes.
+  Pass ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))`` on VNNI/ARM machines.
+- Everything else runs in float (as ORT's ``quantize_dynamic`` leaves it): attention's matmuls, softmax, GELU,
+  LayerNorm and the residual adds, each reported with its reason.
+"""
+
+from __future__ import annotations
+
+from fxquant.backends.base import Backend
+from fxquant.backends.checks import quantizable_weight
+from fxquant.rules import Pattern, Rule, Targets
+from fxquant.spec import QuantSpec
+
+_FLOAT = "the onnxruntime_dynamic recipe quantizes only Linear layers (DynamicQuantizeMatMul); {} runs in float"
+FLOAT_REASONS = {
+    kind: _FLOAT.format(what) for kind, what in (
+        ("matmul", "a matmul of two activations (attention scores and context)"), ("softmax", "softmax"),
+        ("masked_softmax", "softmax"), ("add", "an add"), ("mul", "a mul"), ("gelu", "GELU"), ("silu", "SiLU"),
+        ("tanh", "tanh"), ("sigmoid", "sigmoid"), ("layer_norm", "LayerNorm"), ("conv", "a convolution"),
+        ("conv_transpose", "a transposed convolution"), ("relu", "ReLU"), ("cat", "a concat"),
+        ("mean", "a mean"), ("avg_pool", "pooling"), ("max_pool", "pooling"), ("batch_norm", "BatchNorm"),
+        ("hardswish", "HardSwish"), ("hardsigmoid", "HardSigmoid"), ("pad", "a pad"), ("split", "a split"),
+        ("getitem", "slicing"))
+}
+
+ONNXRUNTIME_DYNAMIC = Backend(
+    name="onnxruntime_dynamic",
+    description="ONNX Runtime CPU: dynamic uint8 inputs and 7-bit int8 per-channel weights for Linear layers "
+                "(DynamicQuantizeMatMul), everything else float",
+    weight=QuantSpec(num_bits=7, axis=0, narrow_range=True),
+    activation=QuantSpec(num_bits=8, symmetric=False, dynamic=True),
+    rules=(Rule("linear_dynamic", Pattern.chain(("op", "linear")), Targets(inputs="op", weight="op"),
+                checks=(quantizable_weight("op"),), priority=20),),
+    passthrough=frozenset({"reshape", "permute", "identity"}),
+    float_reasons=FLOAT_REASONS,
+    int32_bias=False,  # the bias is added in float after MatMulInteger's rescale
+    verify_level="all",  # verified as deployed: DynamicQuantizeMatMul
+)
