@@ -7,6 +7,7 @@ For each sequence length (padding to it, batch 1, one thread), in one run:
 - ORT ``quantize_static`` (QDQ, per-channel int8 weights, reduce_range, MinMax) on the calibration sentences;
 - fxquant ``onnxruntime`` preset with no config (SmoothQuant runs by default), exported with ``export_onnx``;
 - the same plus the opt-in rule ``LINEAR_FLOAT_OUTPUT`` (residual-branch Linears keep a float output);
+- fxquant ``onnxruntime_dynamic`` preset (dynamic uint8 Linear inputs, int8 weights, DynamicQuantizeMatMul);
 - fxquant ``tensorrt`` preset: cosine of the fake-quant torch model only (no TensorRT here).
 
 Accuracy: cosine between each model's mean-pooled, normalized sentence embedding and fp32's, over EVAL
@@ -195,7 +196,9 @@ def main() -> None:
     quantized = {"fxquant_onnxruntime": fxquant.quantize(model, calib[0], calib, backend="onnxruntime",
                                                           progress=False),
                  "fxquant_ort_float_residual": fxquant.quantize(model, calib[0], calib, backend=FLOAT_RESIDUAL,
-                                                                 progress=False)}
+                                                                 progress=False),
+                 "fxquant_ort_dynamic": fxquant.quantize(model, calib[0], calib, backend="onnxruntime_dynamic",
+                                                          progress=False)}
     args.torch_only = {"fxquant_tensorrt": fxquant.quantize(model, calib[0], calib, backend="tensorrt",
                                                             progress=False)}
     out_dir = os.path.join(HERE, "results", "transformer_minilm_models")
