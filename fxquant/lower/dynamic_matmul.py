@@ -102,3 +102,70 @@ def prune(proto: onnx.ModelProto) -> None:
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
+
+
+def merge_shared_input(proto: onnx.ModelProto) -> int:
+    """Merge the rewritten Linears that read one DynamicQuantizeLinear (attention's q, k and v projections) into
+    one MatMulInteger over their concatenated weights, bias Add and a Split: one wider integer GEMM (ORT's
+    DynamicQuantizeMatMul) instead of several narrow ones, the same values. Returns how many groups merged."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    merged = 0
+    for dql in [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]:
+        chains = [c for c in (_chain(m, consumers, inits) for m in consumers.get(dql.output[0], [])) if c]
+        if len(chains) < 2 or len(chains) != len(consumers.get(dql.output[0], [])):
+            continue
+        arrays = [[numpy_helper.to_array(inits[n]) for n in c[-1]] for c in chains]  # weight, zp, scale, bias
+        if len({a[0].shape[0] for a in arrays}) != 1:
+            continue
+        base = f"{chains[0][0].input[1]}_merged"
+        weight, zp, scale, bias = (np.concatenate([a[k] for a in arrays], axis=-1) for k in range(4))
+        graph.initializer.extend(numpy_helper.from_array(v, f"{base}_{k}") for k, v in
+                                 (("kn", weight), ("zp", zp), ("scale", scale), ("bias", bias),
+                                  ("split", np.array([a[0].shape[1] for a in arrays], np.int64))))
+        names = [f"{base}_{k}" for k in ("int32", "float", "product", "unbiased")]
+        new = [helper.make_node("MatMulInteger", [dql.output[0], f"{base}_kn", dql.output[2], f"{base}_zp"],
+                                [names[0]]),
+               helper.make_node("Cast", [names[0]], [names[1]], to=TensorProto.FLOAT),
+               helper.make_node("Mul", [dql.output[1], f"{base}_scale"], [names[2]]),
+               helper.make_node("Mul", [names[1], names[2]], [names[3]]),
+               helper.make_node("Add", [names[3], f"{base}_bias"], [f"{base}_biased"]),
+               helper.make_node("Split", [f"{base}_biased", f"{base}_split"], [c[4].output[0] for c in chains],
+                                axis=-1)]
+        at = min(list(graph.node).index(c[0]) for c in chains)
+        for c in chains:
+            for n in c[:5]:
+                graph.node.remove(n)
+        for offset, n in enumerate(new):
+            graph.node.insert(at + offset, n)
+        merged += 1
+    prune(proto)
+    return merged
+
+
+def _only(consumers: dict, name: str, op_type: str) -> onnx.NodeProto | None:
+    users = consumers.get(name, [])
+    return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+
+def _chain(matmul: onnx.NodeProto, consumers: dict, inits: dict) -> tuple | None:
+    """(MatMulInteger, Cast, scale Mul, rescale Mul, bias Add, initializer names) of one rewritten Linear."""
+    if matmul.op_type != "MatMulInteger" or matmul.input[1] not in inits or matmul.input[3] not in inits:
+        return None
+    cast = _only(consumers, matmul.output[0], "Cast")
+    rescale = _only(consumers, cast.output[0], "Mul") if cast else None
+    add = _only(consumers, rescale.output[0], "Add") if rescale else None
+    if add is None or add.input[1] not in inits:
+        return None
+    producer = [n for ns in consumers.values() for n in ns if rescale.input[1] in n.output]
+    scale_mul = producer[0] if producer and producer[0].op_type == "Mul" else None
+    if scale_mul is None or scale_mul.input[1] not in inits or len(consumers.get(scale_mul.output[0], [])) != 1:
+        return None
+    if numpy_helper.to_array(inits[add.input[1]]).ndim != 1 or numpy_helper.to_array(
+            inits[scale_mul.input[1]]).ndim != 1:  # per-channel weight scales and a bias: concatenable
+        return None
+    return matmul, cast, scale_mul, rescale, add, (matmul.input[1], matmul.input[3], scale_mul.input[1], add.input[1])

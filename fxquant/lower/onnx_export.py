@@ -26,7 +26,7 @@ from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
-from fxquant.lower.dynamic_matmul import dynamic_matmuls
+from fxquant.lower.dynamic_matmul import dynamic_matmuls, merge_shared_input
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -90,7 +90,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     else:
         proto = _export(model, clones(inputs), opset, dynamic_batch)
     fold_weight_quantization(proto)
-    dynamic_matmuls(proto)
+    if dynamic_matmuls(proto):
+        merge_shared_input(proto)
     global_average_pools(proto)
     name_nodes(proto)
     if wrapped:
