@@ -56,6 +56,30 @@ def test_exported_linears_run_in_integer_kernels_and_agree(tmp_path, shape):
     assert sqnr(expected, torch.from_numpy(run_ort(session, (other,))[0])) >= 30.0
 
 
+class QKV(nn.Module):
+    """Three Linears reading one tensor, as attention's q, k and v projections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x) * self.k(x), self.v(x)], dim=-1)
+
+
+def test_linears_sharing_an_input_merge_into_one_integer_gemm(tmp_path):
+    torch.manual_seed(0)
+    model, x = QKV().eval(), torch.randn(2, 7, 32)
+    q = fxquant.quantize(model, x, [x], backend="onnxruntime_dynamic", progress=False)
+    result = fxquant.export_onnx(q, x, tmp_path / "m.onnx")
+    counts = result.op_counts
+    assert counts["DynamicQuantizeLinear"] == counts["MatMulInteger"] == counts["Split"] == 1
+    assert result.ort_sqnr_db >= 30.0
+    ort_session(str(result.path), optimized_path=str(tmp_path / "opt.onnx"))
+    fused = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert fused["DynamicQuantizeMatMul"] == 1 and fused["MatMul"] == fused["Gemm"] == 0
+
+
 def test_dynamic_recipe_is_close_to_float():
     torch.manual_seed(1)
     x = torch.randn(4, 9, 32)
