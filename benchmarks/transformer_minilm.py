@@ -7,7 +7,9 @@ For each sequence length (padding to it, batch 1, one thread), in one run:
 - ORT ``quantize_static`` (QDQ, per-channel int8 weights, reduce_range, MinMax) on the calibration sentences;
 - fxquant ``onnxruntime`` preset with no config (SmoothQuant runs by default), exported with ``export_onnx``;
 - the same plus the opt-in rule ``LINEAR_FLOAT_OUTPUT`` (residual-branch Linears keep a float output);
-- fxquant ``onnxruntime_dynamic`` preset (dynamic uint8 Linear inputs, int8 weights, DynamicQuantizeMatMul);
+- fxquant ``onnxruntime_dynamic`` preset (dynamic uint8 Linear inputs, 7-bit int8 weights, DynamicQuantizeMatMul);
+  the same with 8-bit uint8 weights (``U8_WEIGHTS``: no u8s8 saturation, ORT's slower u8u8 kernel); and the preset
+  with the Linears ``fxquant.mixed_precision`` keeps float for a 22 dB output-SQNR target on the calibration data;
 - fxquant ``tensorrt`` preset: cosine of the fake-quant torch model only (no TensorRT here).
 
 Accuracy: cosine between each model's mean-pooled, normalized sentence embedding and fp32's, over EVAL
@@ -41,10 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxquant
 from fxquant.backends.onnxruntime import LINEAR_FLOAT_OUTPUT, ONNXRUNTIME
 from fxquant.lower.onnx_export import export_float_onnx
+from fxquant.mixed_precision import mixed_precision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # opt-in rule: residual-branch Linears (attention output / FFN down-projection) keep a float output
 FLOAT_RESIDUAL = ONNXRUNTIME.with_rules(LINEAR_FLOAT_OUTPUT)
+U8_WEIGHTS = fxquant.QuantConfig(weight=fxquant.QuantSpec(8, axis=0, symmetric=False))  # per-channel uint8 weights
 CALIB = [
     "The quick brown fox jumps over the lazy dog.", "Machine learning models need a lot of data.",
     "She opened the window to let the fresh air in.", "What time does the last train leave tonight?",
@@ -198,7 +202,11 @@ def main() -> None:
                  "fxquant_ort_float_residual": fxquant.quantize(model, calib[0], calib, backend=FLOAT_RESIDUAL,
                                                                  progress=False),
                  "fxquant_ort_dynamic": fxquant.quantize(model, calib[0], calib, backend="onnxruntime_dynamic",
-                                                          progress=False)}
+                                                          progress=False),
+                 "fxquant_ort_dynamic_u8w": fxquant.quantize(model, calib[0], calib, backend="onnxruntime_dynamic",
+                                                              config=U8_WEIGHTS, progress=False),
+                 "fxquant_ort_dynamic_mixed": mixed_precision(model, calib[0], calib, backend="onnxruntime_dynamic",
+                                                              target_sqnr=22.0, progress=False).model}
     args.torch_only = {"fxquant_tensorrt": fxquant.quantize(model, calib[0], calib, backend="tensorrt",
                                                             progress=False)}
     out_dir = os.path.join(HERE, "results", "transformer_minilm_models")
