@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
@@ -344,8 +345,6 @@ def ort_session(path: str, optimized_path: str | None = None, threads: int | Non
                 level: str = "all"):
     """An ONNX Runtime CPU session; ``level`` "all" (every fusion, as deployed) or "basic" (the reference
     semantics of the ONNX ops: constant folding and redundancy removal, no quantized-kernel fusion)."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     options.graph_optimization_level = levels[level]
