@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from fxquant.capture import normalize_inputs
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigTypeError
 from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
@@ -60,11 +60,11 @@ def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
     """The quantized units of a prepared model, in topological order, with the quantizers each asks for."""
     state = get_state(prepared)
     if state is None or state.stage == "converted":
-        raise TypeError("quantized_layers() takes the model returned by fxquant.prepare() (before convert)")
+        raise ConfigTypeError("quantized_layers() takes the model returned by fxquant.prepare() (before convert)")
     if not isinstance(prepared, fx.GraphModule):
-        raise TypeError("per-layer analysis needs a model torch.fx traced whole; this one was prepared in parts "
-                        "(some code runs eagerly, see fxquant.report_of); keep layers float by hand with "
-                        "Override(pattern, exclude=True)")
+        raise ConfigTypeError("per-layer analysis needs a model torch.fx traced whole; this one was prepared in parts "
+                              "(some code runs eagerly, see fxquant.report_of); keep layers float by hand with "
+                              "Override(pattern, exclude=True)")
     nodes = list(prepared.graph.nodes)
     by_name = {n.name: n for n in nodes}
     order = {n.name: i for i, n in enumerate(nodes)}
@@ -218,8 +218,8 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
         raise CalibrationError("sensitivity() takes a prepared model after fxquant.calibrate(prepared, batches)"
                                + ("" if state is None else f"; this one is {state.stage}"))
     if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches (e.g. a list of tensors), not a single tensor; "
-                        "wrap it: [tensor]")
+        raise ConfigTypeError("batches must be an iterable of batches (e.g. a list of tensors), not a single tensor; "
+                              "wrap it: [tensor]")
     layers = quantized_layers(prepared)
     if not layers:
         raise CalibrationError("this model has no quantized layers to analyse")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fxquant.backends.base import Backend
 from fxquant.backends.onnxruntime import ONNXRUNTIME
 from fxquant.backends.tensorrt import TENSORRT
+from fxquant.errors import ConfigError
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TENSORRT, ONNXRUNTIME)}
 
@@ -14,7 +15,7 @@ def get_backend(backend: str | Backend) -> Backend:
     if isinstance(backend, Backend):
         return backend
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {sorted(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}; valid backends: {sorted(BACKENDS)}")
     return BACKENDS[backend]
 
 

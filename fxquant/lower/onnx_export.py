@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
-from fxquant.errors import ConversionError
+from fxquant.errors import ConfigError, ConversionError
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -70,7 +70,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
     if not isinstance(opset, int) or opset < 13:
-        raise ValueError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
+        raise ConfigError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
     for name, m in model.named_modules():
         if getattr(m, "num_bits", 8) > 8 and opset < 21:
             raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "

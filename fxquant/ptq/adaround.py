@@ -21,7 +21,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant import qmath
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.ptq.report import PTQReport, attach
@@ -61,10 +61,10 @@ def _check(prepared: nn.Module, batches: object) -> tuple[QuantState, list]:
         raise CalibrationError("adaround() needs a model that fxquant.calibrate() has run on (weights and "
                                "activations need ranges first)")
     if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches, not a single tensor; wrap it: [tensor]")
+        raise ConfigTypeError("batches must be an iterable of batches, not a single tensor; wrap it: [tensor]")
     batches = list(batches)
     if not batches:
-        raise ValueError("adaround() needs at least one calibration batch")
+        raise ConfigError("adaround() needs at least one calibration batch")
     return state, batches
 
 
@@ -77,7 +77,7 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
     """
     options = AdaRoundOptions() if options is None else options
     if not isinstance(options, AdaRoundOptions):
-        raise TypeError(f"options must be an AdaRoundOptions, got {type(options).__name__}")
+        raise ConfigTypeError(f"options must be an AdaRoundOptions, got {type(options).__name__}")
     state, batches = _check(prepared, batches)
     report = PTQReport("adaround")
     layers, notes = quantized_layers(prepared)

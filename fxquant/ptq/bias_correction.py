@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
@@ -72,10 +73,10 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
     ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
     ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
     if method not in BIAS_CORRECTION_METHODS:
-        raise ValueError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
+        raise ConfigError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
-        raise RuntimeError("correct_bias() needs a model that fxquant.calibrate() has run on")
+        raise CalibrationError("correct_bias() needs a model that fxquant.calibrate() has run on")
     report = PTQReport("bias_correction")
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
@@ -85,10 +86,10 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
     try:
         if method == "empirical":
             if batches is None or isinstance(batches, torch.Tensor):
-                raise TypeError("empirical bias correction needs batches: an iterable of calibration batches")
+                raise ConfigTypeError("empirical bias correction needs batches: an iterable of calibration batches")
             batches = list(batches)
             if not batches:
-                raise ValueError("empirical bias correction needs at least one batch")
+                raise ConfigError("empirical bias correction needs at least one batch")
             with float_mode(prepared):  # the float model's means, before any bias changes
                 targets = {}
                 for layer in layers:
