@@ -27,7 +27,7 @@ from fxquant.api import calibrate, convert, prepare
 from fxquant.backends import Backend
 from fxquant.errors import ConfigError
 from fxquant.metrics import SqnrAccumulator
-from fxquant.sensitivity import Probe, SensitivityReport, layer_overrides, quantized_layers, sensitivity
+from fxquant.sensitivity import Probe, SensitivityReport, layer_overrides, quantized_units, sensitivity
 from fxquant.spec import QuantConfig
 
 Metric = Callable[[nn.Module], float]
@@ -110,7 +110,7 @@ def mixed_precision(model: nn.Module, example_inputs: torch.Tensor | tuple, batc
     calibrate(prepared, batches, progress=progress)
     eval_batches = batches if eval_batches is None else list(eval_batches)
     report = sensitivity(prepared, eval_batches, progress=progress)
-    layers = quantized_layers(prepared)
+    layers = quantized_units(prepared)
     by_name = {layer.name: layer for layer in layers}
     ranking = [by_name[s.name] for s in report.ranked()]
     limit = len(ranking) if max_float is None else max(0, min(int(max_float), len(ranking)))

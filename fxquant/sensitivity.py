@@ -35,7 +35,7 @@ from fxquant.state import get_state
 
 
 @dataclass(frozen=True)
-class Layer:
+class QuantUnit:
     """One quantized unit: its name (module path, or node name for functional ops), the fx node it starts
     at, its op kind, the TensorQuantizer modules it asks for, and the fx node holding its output."""
 
@@ -56,11 +56,11 @@ def _quantizer_modules(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
+def quantized_units(prepared: fx.GraphModule) -> list[QuantUnit]:
     """The quantized units of a prepared model, in topological order, with the quantizers each asks for."""
     state = get_state(prepared)
     if state is None or state.stage == "converted":
-        raise ConfigTypeError("quantized_layers() takes the model returned by fxquant.prepare() (before convert)")
+        raise ConfigTypeError("quantized_units() takes the model returned by fxquant.prepare() (before convert)")
     if not isinstance(prepared, fx.GraphModule):
         raise ConfigTypeError("per-layer analysis needs a model torch.fx traced whole; this one was prepared in parts "
                               "(some code runs eagerly, see fxquant.report_of); keep layers float by hand with "
@@ -93,7 +93,7 @@ def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
         name = node.target if node is not None and node.op == "call_module" else unit
         last = max(members.get(unit, [node] if node is not None else []), key=lambda m: order[m.name], default=None)
         out = _output_of(last, quantizers)
-        layers.append(Layer(name, unit, kinds.get(unit, "?"),
+        layers.append(QuantUnit(name, unit, kinds.get(unit, "?"),
                             tuple(asked[unit]), out.name if out is not None else ""))
     return layers
 
@@ -108,7 +108,7 @@ def _output_of(last: fx.Node | None, quantizers: dict[str, TensorQuantizer]) -> 
     return last
 
 
-def layer_overrides(layers: Sequence[Layer]):
+def layer_overrides(layers: Sequence[QuantUnit]):
     """``Override(pattern, exclude=True)`` for each layer: the config that keeps exactly these layers float."""
     return tuple(Override(layer.pattern, exclude=True) for layer in layers)
 
@@ -123,7 +123,7 @@ class Probe:
     ``restore()`` puts the original quantizer modes back.
     """
 
-    def __init__(self, prepared: fx.GraphModule, layers: Sequence[Layer], batches: Iterable) -> None:
+    def __init__(self, prepared: fx.GraphModule, layers: Sequence[QuantUnit], batches: Iterable) -> None:
         self.prepared = prepared
         self.layers = list(layers)
         self.batches = [normalize_inputs(b) for b in batches]
@@ -220,7 +220,7 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
     if isinstance(batches, torch.Tensor):
         raise ConfigTypeError("batches must be an iterable of batches (e.g. a list of tensors), not a single tensor; "
                               "wrap it: [tensor]")
-    layers = quantized_layers(prepared)
+    layers = quantized_units(prepared)
     if not layers:
         raise CalibrationError("this model has no quantized layers to analyse")
     probe = Probe(prepared, layers, batches)
