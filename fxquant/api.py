@@ -150,9 +150,11 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     if state is not None and state.stage == "converted":
         raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
                                "model before convert()")
-    if state is None or not quantizers:
+    if state is None:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
+    if not quantizers:
+        raise CalibrationError(_nothing_to_calibrate(state.report))
     if isinstance(batches, torch.Tensor):
         raise TypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
                         "not a single tensor; wrap it: [tensor]")
@@ -196,6 +198,15 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     state.stage = "calibrated"
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
+
+
+def _nothing_to_calibrate(report: PrepareReport) -> str:
+    ops = [*report.passthrough, *report.float_ops]
+    shown = ", ".join(f"{e.node} ({e.kind})" for e in ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
+    return (f"prepare() put no quantizer in this model: no op is quantized for the {report.backend} backend "
+            f"({shown or 'the model has no ops'} pass through or stay float; fxquant.report_of(prepared) says why), "
+            "so there is nothing to calibrate. Quantize a model with ops the backend quantizes (Conv, Linear, "
+            "MatMul, ...), or check the config's Override exclusions")
 
 
 def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None = None) -> nn.Module:
