@@ -201,12 +201,13 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
 
 
 def _nothing_to_calibrate(report: PrepareReport) -> str:
-    ops = [*report.passthrough, *report.float_ops]
+    ops = [*report.quantized, *report.passthrough, *report.float_ops]
     shown = ", ".join(f"{e.node} ({e.kind})" for e in ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
-    return (f"prepare() put no quantizer in this model: no op is quantized for the {report.backend} backend "
-            f"({shown or 'the model has no ops'} pass through or stay float; fxquant.report_of(prepared) says why), "
-            "so there is nothing to calibrate. Quantize a model with ops the backend quantizes (Conv, Linear, "
-            "MatMul, ...), or check the config's Override exclusions")
+    return (f"prepare() put no quantizer in this model: for the {report.backend} backend none of its ops "
+            f"({shown or 'it has none'}) needs one (pass-through, float, or scale-sharing ops with no quantized "
+            "neighbour; fxquant.report_of(prepared) lists each with its rule or reason), so there is nothing to "
+            "calibrate. Quantize a model with ops the backend quantizes (Conv, Linear, MatMul, ...), or check the "
+            "config's Override exclusions")
 
 
 def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None = None) -> nn.Module:

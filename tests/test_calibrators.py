@@ -465,8 +465,8 @@ def test_calibrate_a_model_without_quantizers():
         prepared = fxquant.prepare(nn.Sequential(nn.ReLU()), torch.zeros(1, 2), backend="tensorrt")
     assert not any(isinstance(m, TensorQuantizer) for m in prepared.modules())
     # a prepared model is not told to call prepare(): the error names its ops and why none is quantized
-    with pytest.raises(fxquant.CalibrationError, match=r"no op is quantized for the tensorrt backend \(_0 \(relu\) "
-                       r"pass through or stay float"):
+    with pytest.raises(fxquant.CalibrationError, match=r"for the tensorrt backend none of its ops \(_0 \(relu\)\) "
+                       r"needs one"):
         fxquant.calibrate(prepared, [torch.zeros(1, 2)], progress=False)
 
 

@@ -26,7 +26,7 @@ from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
-from fxquant.lower.specialize import data_dependent_site, export_specialized
+from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
 from fxquant.metrics import sqnr
 from fxquant.state import get_state
 
@@ -130,6 +130,8 @@ def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bo
             if isinstance(model, FlatOutputs):  # its forward takes *args: one entry holding all inputs' dims
                 dims = (dims,)
             return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": dims})
+        except ConversionError:  # fails with a static batch too (an op without ONNX translation)
+            raise
         except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
             warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
                           "exporting with the example batch size instead", stacklevel=3)
@@ -151,6 +153,11 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
             program = torch.onnx.export(model, inputs, **kwargs)
         except Exception as exc:
             where = data_dependent_site(exc)
+            if (op := untranslated_op(exc)) is not None:
+                raise ConversionError(f"torch.onnx has no ONNX translation for `{op}` with these arguments (a "
+                                      "float model with this op fails the same way; e.g. adaptive pooling exports "
+                                      "only when the output size divides the input size): change the op, or "
+                                      "register a translation with torch.onnx") from exc
             if where is None:
                 raise
             program = export_specialized(model, inputs, kwargs)
