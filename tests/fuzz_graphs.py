@@ -155,8 +155,9 @@ class Builder:
         return [i for i, s in enumerate(self.shapes) if pred(s) and i not in self.dead]
 
     def pick(self, candidates: list[int]) -> int:
-        # prefer recent values (deep chains); shrinking moves toward the newest value
-        return candidates[-1 - self.draw(st.integers(0, len(candidates) - 1))]
+        """The newest candidate (a chain) or, half of the time, any candidate (a branch, a residual)."""
+        back = self.draw(st.integers(0, len(candidates) - 1)) if self.draw(st.booleans()) else 0
+        return candidates[-1 - back]
 
     def add(self, step: Step, shape: Shape) -> int:
         self.program.steps.append(step)
@@ -324,7 +325,9 @@ def _activation(b: Builder) -> None:
     if form == "module":
         cls = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid,
                "hardswish": nn.Hardswish}[act]
-        b.add(Step(act, (i,), "module", b.module("act", cls())), b.shapes[i])
+        shared = [n for n, m in b.program.modules.items() if type(m) is cls]  # one self.relu called everywhere
+        name = shared[0] if shared and b.draw(st.booleans()) else b.module("act", cls())
+        b.add(Step(act, (i,), "module", name), b.shapes[i])
     else:
         b.add(Step(act, (i,), form), b.shapes[i])
 
@@ -384,6 +387,8 @@ OPS: dict[str, tuple[Callable[[Builder], None], Callable[[Shape], bool]]] = {
     "batch_norm": (_batch_norm, _image),
 }
 
+WEIGHTS = {"conv": 3, "activation": 2, "binary": 2}  # how much more often than the other ops
+
 
 @st.composite
 def programs(draw: st.DrawFn, max_steps: int = MAX_STEPS) -> Program:
@@ -392,7 +397,7 @@ def programs(draw: st.DrawFn, max_steps: int = MAX_STEPS) -> Program:
                                         (BATCH, 12)]))
     b = Builder(draw, input_shape, draw(st.integers(0, 2**16)))
     for _ in range(draw(st.integers(1, max_steps))):
-        possible = [name for name, (_, ok) in OPS.items() if b.live(ok)]
+        possible = [name for name, (_, ok) in OPS.items() for _ in range(WEIGHTS.get(name, 1)) if b.live(ok)]
         OPS[draw(st.sampled_from(possible))][0](b)
     b.program.outputs = tuple(i for i in range(1, len(b.shapes)) if i not in b.used)
     return b.program

@@ -105,7 +105,8 @@ def op_names(model: torch.nn.Module, program: Program) -> set[str]:
     return names | {n.replace("_", ".", 1) for n in names}
 
 
-def run_backend(model: torch.nn.Module, program: Program, backend: str, workdir: str) -> None:
+def run_backend(model: torch.nn.Module, program: Program, backend: str, workdir: str) -> float | None:
+    """Run the pipeline on ``model`` and assert the properties; returns ORT's agreement in dB (None: an error)."""
     gen = torch.Generator().manual_seed(len(program.steps))
     x = torch.randn(program.input_shape, generator=gen)
     batches = [torch.randn(program.input_shape, generator=gen) for _ in range(3)]
@@ -120,7 +121,7 @@ def run_backend(model: torch.nn.Module, program: Program, backend: str, workdir:
     except fxquant.FxQuantError as exc:
         names = op_names(model, program)
         assert any(n in str(exc) for n in names), f"{type(exc).__name__} names no op of the model: {exc}"
-        return
+        return None
     finally:
         assert_unchanged(model, before, x)
         assert torch.equal(x, x_before), "the example input changed"
@@ -128,6 +129,7 @@ def run_backend(model: torch.nn.Module, program: Program, backend: str, workdir:
     if not result.ort_sqnr_db >= MIN_AGREEMENT_DB:
         reason = low_agreement_reason(qmodel, x, backend)
         assert reason is not None, f"ORT agrees with the fake-quant model at only {result.ort_sqnr_db:.1f} dB"
+    return result.ort_sqnr_db
 
 
 def check_program(program: Program) -> None:
