@@ -3,8 +3,10 @@
 For every generated model (tests/fuzz_graphs.py) and both backends: prepare -> calibrate -> convert ->
 export_onnx either works or raises an FxQuantError that names an op of the model; ONNX Runtime agrees with the
 fake-quant model (``ExportResult.ort_sqnr_db >= 30`` dB, or one of ``ACCEPTED_LOW_AGREEMENT``); the user's
-model is unchanged (state_dict, parameters, buffers, mode and forward output bit-identical); the prepare
-report accounts for every op of the traced model (quantized, pass-through, float with a reason, or folded).
+model is unchanged (state_dict, parameters, buffers, mode and forward output bit-identical) and so is the
+example input; the prepare report accounts for every op of the traced model (quantized, pass-through, float
+with a reason, or folded); the prepared model with its quantizers disabled computes the float function
+(>= 80 dB: BatchNorm folding and rewrites change nothing but float rounding).
 
 The default run is short and deterministic (derandomized, no example database). The long run is marked
 ``fuzz`` and excluded by default: ``FXQUANT_FUZZ_EXAMPLES=500 pytest -m fuzz tests/test_fuzz.py`` (random
