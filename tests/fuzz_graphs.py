@@ -64,10 +64,6 @@ class Program:
         return "\n".join(lines)
 
 
-def _linear_fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w)
-
-
 FUNCTIONS: dict[str, Callable] = {
     "relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
     "hardswish": F.hardswish, "max_pool": F.max_pool2d, "avg_pool": F.avg_pool2d,
@@ -196,10 +192,6 @@ class Builder:
         name = self.new_name(prefix)
         self.program.params[name] = t
         return name
-
-
-def rank(n: int) -> Callable[[Shape], bool]:
-    return lambda s: len(s) == n
 
 
 def _image(s: Shape) -> bool:
