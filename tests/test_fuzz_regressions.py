@@ -46,3 +46,27 @@ def test_op_without_onnx_translation_is_a_conversion_error(tmp_path):
         with pytest.raises(fxquant.ConversionError, match=r"no ONNX translation for `aten\.adaptive_max_pool2d"):
             fxquant.export_onnx(qmodel, x, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class SharedBiasConv(nn.Module):
+    """One Conv with a bias called twice (on inputs of different ranges): ORT gives each call an int32 bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
+def test_shared_conv_bias_gets_one_int32_bias_per_call(tmp_path):
+    """The ORT bias pass named both int32 copies `conv.bias_quantized`: onnx.checker refused the duplicate."""
+    x = torch.randn(2, 4, 6, 6)
+    prepared = _prepared(SharedBiasConv().eval(), x, "onnxruntime")
+    fxquant.calibrate(prepared, [x], progress=False)
+    result = fxquant.export_onnx(fxquant.convert(prepared), x, tmp_path / "m.onnx")
+    names = [t.name for t in result.model.graph.initializer]
+    assert len(names) == len(set(names))
+    biases = sorted(t.name for t in result.model.graph.initializer if t.data_type == 6 and "zero_point" not in t.name)
+    assert biases == ["conv.bias_1_quantized", "conv.bias_quantized"]  # int32, one per call
+    assert result.ort_sqnr_db >= 30

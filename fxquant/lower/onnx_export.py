@@ -237,7 +237,8 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
         q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
         q = q.numpy().astype(np.int32)
-        base = node.input[2]
+        bias_name = node.input[2]
+        base = _unused_stem(graph, bias_name)  # a shared Conv's bias: one int32 copy per call (its input scale)
         graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
                                   numpy_helper.from_array(scale, f"{base}_quantizer.scale"),
                                   numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.array(0, np.int32),
@@ -247,10 +248,21 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
                               [f"{base}_dequantized"], name=f"{base}_quantizer/DequantizeLinear", axis=0)
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{base}_dequantized"
+        base = bias_name
         if sum(1 for n in graph.node for i in n.input if i == base) == 0:
             graph.initializer.remove(inits[base])
         done += 1
     return done
+
+
+def _unused_stem(graph: onnx.GraphProto, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... : the first whose ``_quantized`` initializer does not exist yet."""
+    taken = {t.name for t in graph.initializer}
+    stem, k = name, 0
+    while f"{stem}_quantized" in taken:
+        k += 1
+        stem = f"{name}_{k}"
+    return stem
 
 
 def global_average_pools(proto: onnx.ModelProto) -> int:
