@@ -30,6 +30,7 @@ from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
 from fxquant.sensitivity_report import LayerSensitivity, SensitivityReport
+from fxquant.spec import Override
 from fxquant.state import get_state
 
 
@@ -109,8 +110,6 @@ def _output_of(last: fx.Node | None, quantizers: dict[str, TensorQuantizer]) -> 
 
 def layer_overrides(layers: Sequence[Layer]):
     """``Override(pattern, exclude=True)`` for each layer: the config that keeps exactly these layers float."""
-    from fxquant.spec import Override
-
     return tuple(Override(layer.pattern, exclude=True) for layer in layers)
 
 
