@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fuzz_graphs import FuzzModel, Program, programs
 from hypothesis import HealthCheck, given, settings
 from torch import fx
 
 import fxquant
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
+from tests.fuzz_graphs import FuzzModel, Program, programs
 
 BACKENDS = ("tensorrt", "onnxruntime")
 MIN_AGREEMENT_DB = 30.0
