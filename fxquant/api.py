@@ -98,9 +98,11 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     if state is not None and state.stage == "converted":
         raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
                                "model before convert()")
-    if state is None or not quantizers:
+    if state is None:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
+    if not quantizers:
+        raise CalibrationError(_nothing_to_calibrate(state.report))
     batches = ModelBatches(batches, prepared, inputs)
     checked = batches
     merge = dist_calib.is_distributed() if distributed is None else bool(distributed)
@@ -152,6 +154,16 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     state.stage = "calibrated"
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
+
+
+def _nothing_to_calibrate(report: PrepareReport) -> str:
+    ops = [*report.quantized, *report.passthrough, *report.float_ops]
+    shown = ", ".join(f"{e.node} ({e.kind})" for e in ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
+    return (f"prepare() put no quantizer in this model: for the {report.backend} backend none of its ops "
+            f"({shown or 'it has none'}) needs one (pass-through, float, or scale-sharing ops with no quantized "
+            "neighbour; fxquant.report_of(prepared) lists each with its rule or reason), so there is nothing to "
+            "calibrate. Quantize a model with ops the backend quantizes (Conv, Linear, MatMul, ...), or check the "
+            "config's Override exclusions")
 
 
 def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None = None) -> nn.Module:

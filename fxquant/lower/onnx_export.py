@@ -39,7 +39,7 @@ from fxquant.lower.export_checks import (
 from fxquant.lower.frozen import FrozenQuantizer
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
-from fxquant.lower.specialize import data_dependent_site, export_specialized
+from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
 from fxquant.version import __version__
@@ -145,6 +145,8 @@ def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bo
             if isinstance(model, FlatOutputs):  # its forward takes *args: one entry holding all inputs' dims
                 dims = (dims,)
             return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": dims})
+        except ConversionError:  # fails with a static batch too (an op without ONNX translation)
+            raise
         except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
             warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
                           "exporting with the example batch size instead", stacklevel=3)
@@ -166,6 +168,11 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
             program = torch.onnx.export(model, inputs, **kwargs)
         except Exception as exc:
             where = data_dependent_site(exc)
+            if (op := untranslated_op(exc)) is not None:
+                raise ConversionError(f"torch.onnx has no ONNX translation for `{op}` with these arguments (a "
+                                      "float model with this op fails the same way; e.g. adaptive pooling exports "
+                                      "only when the output size divides the input size): change the op, or "
+                                      "register a translation with torch.onnx") from exc
             if where is None:
                 raise
             program = export_specialized(model, inputs, kwargs)
@@ -243,7 +250,8 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
         q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
         q = q.numpy().astype(np.int32)
-        base = node.input[2]
+        bias_name = node.input[2]
+        base = _unused_stem(graph, bias_name)  # a shared Conv's bias: one int32 copy per call (its input scale)
         graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
                                   numpy_helper.from_array(scale, f"{base}_quantizer.scale"),
                                   numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.array(0, np.int32),
@@ -253,10 +261,21 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
                               [f"{base}_dequantized"], name=f"{base}_quantizer/DequantizeLinear", axis=0)
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{base}_dequantized"
+        base = bias_name
         if sum(1 for n in graph.node for i in n.input if i == base) == 0:
             graph.initializer.remove(inits[base])
         done += 1
     return done
+
+
+def _unused_stem(graph: onnx.GraphProto, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... : the first whose ``_quantized`` initializer does not exist yet."""
+    taken = {t.name for t in graph.initializer}
+    stem, k = name, 0
+    while f"{stem}_quantized" in taken:
+        k += 1
+        stem = f"{name}_{k}"
+    return stem
 
 
 def global_average_pools(proto: onnx.ModelProto) -> int:
