@@ -21,6 +21,7 @@ from fxquant.passes.annotate import Annotations, annotate_pass
 from fxquant.passes.decompose_attention import decompose_attention
 from fxquant.passes.einsum_matmul import einsum_to_matmul
 from fxquant.passes.fold_bn import fold_bn
+from fxquant.passes.fold_pad import fold_pad
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassResult, run_passes
 from fxquant.passes.window_attention import inline_window_attention
@@ -76,10 +77,11 @@ def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: st
         passes = [("decompose_attention", partial(decompose_attention, example_inputs=unit_inputs)),
                   ("inline_window_attention", partial(inline_window_attention, example_inputs=unit_inputs)),
                   ("einsum_to_matmul", partial(einsum_to_matmul, example_inputs=unit_inputs))]
+        passes.append(("fold_pad", fold_pad))  # explicit zero pads into the convolutions they feed
         if config.fold_bn:
             passes += ptq.before_fold(config)
             passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))
-        passes += ptq.after_fold(config)  # equalization, bias absorption (QuantConfig.equalize / absorb_bias)
+        passes += ptq.after_fold(config, unit_inputs)  # equalization, bias absorption (QuantConfig.equalize...)
         passes += [("annotate", partial(annotate_pass, backend=backend, config=config)),
                    ("insert_quantizers", _insert_pass)]
         gm, results = run_passes(gm, passes)

@@ -353,7 +353,7 @@ def _plain_forward(graph: fx.Graph) -> tuple[str | None, bool]:
     why = ("its forward does more than one convolution/linear of `self.weight` and `self.bias` (after an optional "
            "zero pad); fxquant traces into such subclasses unless they are listed in leaf_modules")
     ops = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    if not ops or ops[-1].target not in _FUNCTIONAL or list(ops[-1].users)[0].op != "output":
+    if not ops or ops[-1].target not in _FUNCTIONAL or next(iter(ops[-1].users)).op != "output":
         return why, False
     op, pads = ops[-1], ops[:-1]
     if any(p.target is not F.pad or _arg(p, 3, "value", 0) not in (0, None, 0.0) or

@@ -164,6 +164,9 @@ class QuantConfig:
         fold_bn: fold BatchNorm into the preceding Conv/Linear.
         strict: raise instead of warning when a pass must skip something.
         equalize: cross-layer equalization in prepare, after BN folding (``fxquant.ptq.equalize``).
+        equalize_relu6: with ``equalize``, also equalize through ReLU6 / Hardtanh(0, m) by turning them into ReLU
+            (the DFQ paper's recipe for MobileNetV2); changes the float function where activations exceed the
+            clip, measured on the example inputs and reported (``report_of(m).ptq['equalize']``).
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
         bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches), or
             "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
@@ -181,6 +184,7 @@ class QuantConfig:
     fold_bn: bool = True
     strict: bool = False
     equalize: bool = False
+    equalize_relu6: bool = False
     absorb_bias: bool = False
     bias_correction: bool | str = False
     adaround: bool | AdaRoundOptions = False
@@ -208,7 +212,7 @@ class QuantConfig:
                     raise TypeError(f"QuantConfig.{field_name} holds {glob!r}; use non-empty glob strings")
         object.__setattr__(self, "concrete_args", _pairs(self.concrete_args))
         object.__setattr__(self, "rules", check_rules(self.rules, "QuantConfig.rules"))
-        for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
+        for name in ("fold_bn", "strict", "equalize", "equalize_relu6", "absorb_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} must be True or False")
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import fx
 
@@ -19,15 +20,17 @@ def before_fold(config: QuantConfig) -> list[tuple[str, Callable]]:
     return []
 
 
-def after_fold(config: QuantConfig) -> list[tuple[str, Callable]]:
-    """Data-free passes on the folded float graph, before quantizers go in."""
+def after_fold(config: QuantConfig, example_inputs: object = None) -> list[tuple[str, Callable]]:
+    """Data-free passes on the folded float graph, before quantizers go in (``example_inputs`` measure what
+    ``equalize_relu6`` changes)."""
     from fxquant.ptq.bias_absorption import absorb_high_bias
     from fxquant.ptq.bias_correction import record_expected_inputs
     from fxquant.ptq.equalize import equalize
 
     passes: list[tuple[str, Callable]] = []
     if config.equalize:
-        passes.append(("equalize", equalize))
+        passes.append(("equalize", partial(equalize, relu6_as_relu=config.equalize_relu6,
+                                           example_inputs=example_inputs)))
     if config.absorb_bias:
         passes.append(("bias_absorption", absorb_high_bias))
     if config.bias_correction_method == "analytical":
