@@ -196,7 +196,8 @@ def test_shared_weight_is_declined_with_the_reason():
 
 def test_computed_weight_is_declined_with_the_reason():
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), _bn(4)).eval()
-    with pytest.warns(UserWarning, match=r"BatchNorm `1` not folded: `0` \(ParametrizedConv2d\): its weight is computed"):
+    why = r"BatchNorm `1` not folded: `0` \(ParametrizedConv2d\): its weight is computed"
+    with pytest.warns(UserWarning, match=why):
         prepared = fxquant.prepare(model, X[:2], backend="onnxruntime")
     assert fxquant.report_of(prepared).folded_bn == []
     with float_mode(prepared), torch.no_grad():
