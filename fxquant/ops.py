@@ -297,6 +297,16 @@ def _getattr_or_none(gm: fx.GraphModule, target: str) -> object:
     return obj
 
 
+def parameter_arg(gm: fx.GraphModule, node: fx.Node, role: str = "weight") -> fx.Node | None:
+    """The ``get_attr`` node a functional weighted op reads its ``role`` ("weight" or "bias") from, or None when
+    that argument is computed (or absent)."""
+    value = _arg(node, 1 if role == "weight" else 2, role, None)
+    if isinstance(value, fx.Node) and value.op == "get_attr" and \
+            isinstance(_getattr_or_none(gm, value.target), torch.Tensor):
+        return value
+    return None
+
+
 def _weighted_op(gm: fx.GraphModule, node: fx.Node) -> WeightedOp | str | None:
     """The node as a WeightedOp; a reason when it is a weighted op whose weights cannot be rewritten; None when it
     is not a weighted op."""
@@ -314,11 +324,8 @@ def _weighted_op(gm: fx.GraphModule, node: fx.Node) -> WeightedOp | str | None:
         return None
     kind, groups_index, _ = _FUNCTIONAL[node.target]
     weight, bias = _arg(node, 1, "weight", None), _arg(node, 2, "bias", None)
-    for role, value in (("weight", weight), ("bias", bias)):
-        if value is None and role == "bias":
-            continue
-        if not isinstance(value, fx.Node) or value.op != "get_attr" or \
-                not isinstance(_getattr_or_none(gm, value.target), torch.Tensor):
+    for role in ("weight", "bias"):
+        if parameter_arg(gm, node, role) is None and (role == "weight" or bias is not None):
             return f"`{node.name}` takes its {role} from a computed tensor, not a parameter"
     path, weight_name = _split(weight.target)
     if bias is not None and _split(bias.target)[0] != path:

@@ -249,3 +249,17 @@ def test_relu6_chains_are_equalized_on_request_and_the_change_is_measured():
         out = prepared(X)
     assert eq.data["relu6_sqnr_db"] == pytest.approx(fxquant.metrics.sqnr(model(X), out), abs=0.01)
     assert any("SQNR" in line for line in eq.done)
+
+
+def test_sensitivity_sees_the_same_layers_in_every_style():
+    reports = {}
+    for style, model in MODELS.items():
+        prepared = _prepare(model)
+        fxquant.calibrate(prepared, [X], progress=False)
+        reports[style] = fxquant.sensitivity(prepared, [X], progress=False)
+    kinds = {style: [layer.kind for layer in r.layers] for style, r in reports.items()}
+    assert kinds["module"].count("conv") == len(WIDTHS)
+    assert kinds["same"] == kinds["functional"] == kinds["module"]
+    for style in ("same", "functional"):  # the same weights, quantized alike: the same per-layer SQNRs
+        for a, b in zip(reports[style].layers, reports["module"].layers, strict=True):
+            assert a.model_only_db == pytest.approx(b.model_only_db, abs=0.05), (style, a.name)
