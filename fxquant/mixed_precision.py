@@ -89,7 +89,7 @@ def mixed_precision(model: nn.Module, example_inputs: torch.Tensor | tuple, batc
                     target_sqnr: float | None = None, metric: Metric | None = None, target: float | None = None,
                     eval_batches: Iterable | None = None, max_float: int | None = None,
                     progress: bool = True) -> MixedPrecisionResult:
-    """Quantize ``model`` keeping the fewest most-sensitive layers float that reach a target.
+    """Targets ``model`` keeping the fewest most-sensitive layers float that reach a target.
 
     Give either ``target_sqnr`` (dB, model output against the float model on ``eval_batches``, default the
     calibration ``batches``) or ``metric`` (a callable taking a model and returning a score, higher is better,

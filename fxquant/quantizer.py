@@ -56,7 +56,7 @@ def tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int
 
 
 class _FakeTensorQuant(torch.autograd.Function):
-    """Quantize then dequantize; straight-through gradient where |x| <= amax, zero outside."""
+    """Targets then dequantize; straight-through gradient where |x| <= amax, zero outside."""
 
     @staticmethod
     def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):

@@ -23,6 +23,9 @@ from fxquant.passes.manager import PassResult
 _PARAMS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
            "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
 
+TARGET = swin_transformer.shifted_window_attention
+"""The op this pass rewrites: the pipeline runs it only when the graph calls it."""
+
 
 def inline_window_attention(gm: fx.GraphModule, example_inputs: tuple) -> PassResult:
     """Inline every Swin V1 shifted-window attention call whose input shape is known."""

@@ -57,7 +57,7 @@ def absorb_high_bias(gm: fx.GraphModule, sigmas: float = 3.0) -> PassResult:
             continue
         a, b = ops[link.a], ops[link.b]
         stats = bn_stats(link.a)
-        amount = torch.clamp(stats["mean"] - sigmas * stats["std"], min=0.0)
+        amount = torch.clamp(stats.mean - sigmas * stats.std, min=0.0)
         if not bool((amount > 0).any()):
             report.skipped.append(f"`{a.name}` -> `{b.name}`: no channel has mean - {sigmas:g} std > 0")
             continue
@@ -69,5 +69,4 @@ def absorb_high_bias(gm: fx.GraphModule, sigmas: float = 3.0) -> PassResult:
         report.done.append(f"`{a.name}` -> `{b.name}`: moved bias of {int((amount > 0).sum())} "
                            f"channel(s) (up to {float(amount.max()):.3g}) into `{b.name}`")
     report.data = {"absorbed_max": absorbed}
-    gm.meta.setdefault("fxquant_ptq", {})["bias_absorption"] = report
-    return PassResult(gm, bool(absorbed), [])
+    return PassResult(gm, bool(absorbed), product=report)

@@ -54,8 +54,8 @@ def equalize_chain(chain: Chain, ops: dict[fx.Node, WeightedOp], tol: float = 1e
 
 
 def equalize(gm: fx.GraphModule, tol: float = 1e-4, relu6_as_relu: bool = False,
-             example_inputs: object = None) -> PassResult:
-    """Cross-layer equalize every chain of ``gm`` in place; the report is in ``gm.meta['fxquant_ptq']``.
+             example_inputs: object = None) -> PassResult[PTQReport]:
+    """Cross-layer equalize every chain of ``gm`` in place; the product is the PTQ report.
 
     ``relu6_as_relu`` also equalizes through ReLU6 / Hardtanh(0, m), replacing them by ReLU; with
     ``example_inputs`` the change in float output is measured (``report.data['relu6_sqnr_db']``)."""
@@ -92,8 +92,7 @@ def equalize(gm: fx.GraphModule, tol: float = 1e-4, relu6_as_relu: bool = False,
             report.data["relu6_sqnr_db"] = db
             line += f"; float output vs before on the example inputs: SQNR {db:.1f} dB"
         report.done.append(line)
-    gm.meta.setdefault("fxquant_ptq", {})["equalize"] = report
-    return PassResult(gm, bool(chains), [])  # skips are in the PTQ report (report_of(prepared).ptq)
+    return PassResult(gm, bool(chains), product=report)  # skips are in the PTQ report (report_of(prepared).ptq)
 
 
 def _unclip(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
