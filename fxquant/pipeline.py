@@ -30,7 +30,7 @@ from fxquant.passes.manager import PassRunner
 from fxquant.ptq.bias_absorption import absorb_high_bias
 from fxquant.ptq.bias_correction import record_expected_inputs
 from fxquant.ptq.bn_stats import record_bn_stats
-from fxquant.ptq.equalize import equalize
+from fxquant.ptq.equalize import equalize, through_relu6
 from fxquant.report import PrepareReport, graph_report
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState, attach_state
@@ -58,7 +58,7 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
             run(record_bn_stats)  # BatchNorm statistics, kept past folding for the data-free PTQ passes
         run(fold_bn, strict=config.strict)
     if config.equalize:
-        ptq["equalize"] = run(equalize, relu6_as_relu=config.equalize_relu6, example_inputs=inputs)
+        ptq["equalize"] = run(equalize, relu6_as_relu=through_relu6(config, backend), example_inputs=inputs)
     if config.absorb_bias:
         ptq["bias_absorption"] = run(absorb_high_bias)
     if config.bias_correction_method == "analytical":

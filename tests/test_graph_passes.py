@@ -16,6 +16,7 @@ from torch import nn
 import fxquant
 from fxquant.lower.onnx_export import ort_session
 from fxquant.ptq.layers import float_mode
+from fxquant.ptq.report import PTQReport
 
 torch.manual_seed(0)
 X = torch.randn(16, 3, 12, 12)
@@ -237,18 +238,31 @@ class ReLU6Net(nn.Module):
         return x
 
 
+def _relu6_report(model: nn.Module, **config) -> tuple[nn.Module, PTQReport]:
+    prepared = fxquant.prepare(model, X, backend="onnxruntime", config=fxquant.QuantConfig(equalize=True, **config))
+    return prepared, fxquant.report_of(prepared).ptq["equalize"]
+
+
 def test_relu6_chains_are_equalized_on_request_and_the_change_is_measured():
     model = ReLU6Net().eval()
-    off = fxquant.report_of(fxquant.prepare(model, X, config=fxquant.QuantConfig(equalize=True))).ptq["equalize"]
+    _, off = _relu6_report(model, equalize_relu6=False)
     assert off.data["chains"] == [] and any("ReLU6 is not positively homogeneous" in s for s in off.skipped)
-    prepared = fxquant.prepare(model, X, config=fxquant.QuantConfig(equalize=True, equalize_relu6=True))
-    eq = fxquant.report_of(prepared).ptq["equalize"]
+    prepared, eq = _relu6_report(model, equalize_relu6=True)
     assert [len(c) for c in eq.data["chains"]] == [N_BN]
     assert len(eq.data["relu6_replaced"]) == N_BN - 1  # the last ReLU6 is outside the chain and stays
     with float_mode(prepared), torch.no_grad():
         out = prepared(X)
     assert eq.data["relu6_sqnr_db"] == pytest.approx(fxquant.metrics.sqnr(model(X), out), abs=0.01)
-    assert any("SQNR" in line for line in eq.done)
+    assert 0 < eq.data["relu6_sqnr_db"] < 200 and any("SQNR" in line for line in eq.done)
+
+
+def test_relu6_default_follows_the_weight_granularity():
+    """Default (None): through ReLU6 with per-tensor weights (where equalization pays), not per channel."""
+    model = ReLU6Net().eval()
+    _, per_channel = _relu6_report(model)  # the onnxruntime preset quantizes weights per channel
+    assert per_channel.data["chains"] == []
+    _, per_tensor = _relu6_report(model, weight=fxquant.QuantSpec(axis=None))
+    assert [len(c) for c in per_tensor.data["chains"]] == [N_BN]
 
 
 def test_sensitivity_sees_the_same_layers_in_every_style():
