@@ -24,7 +24,7 @@ from fxquant.partition import Unit, partition
 from fxquant.passes import decompose_attention, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
-from fxquant.passes.fold_pad import fold_pad
+from fxquant.passes.fold_pad import fold_pad, has_pads
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassRunner
 from fxquant.ptq.bias_absorption import absorb_high_bias
@@ -52,7 +52,8 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
     if _calls(gm, einsum_matmul.TARGET):
         run(einsum_matmul.einsum_to_matmul, inputs)
     ptq = {}
-    run(fold_pad)  # explicit zero pads into the convolutions they feed, where the conv's padding can say it
+    if has_pads(gm):
+        run(fold_pad)  # explicit zero pads into the convolutions they feed, where the conv's padding can say it
     if config.fold_bn:
         if config.equalize or config.absorb_bias or config.bias_correction_method == "analytical":
             run(record_bn_stats)  # BatchNorm statistics, kept past folding for the data-free PTQ passes

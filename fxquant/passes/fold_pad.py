@@ -34,6 +34,12 @@ def _zero_pad(node: fx.Node, gm: fx.GraphModule) -> tuple[int, ...] | None:
     return tuple(pad)
 
 
+def has_pads(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls ``F.pad`` or a zero/constant pad module (the pass has something to look at)."""
+    return any((n.op == "call_function" and n.target is F.pad) or
+               (n.op == "call_module" and type(gm.get_submodule(n.target)) in _PAD_MODULES) for n in gm.graph.nodes)
+
+
 def _why_not(op: WeightedOp, pad: tuple[int, ...], spatial: int) -> str | None:
     if op.kind != "conv":
         return f"`{op.name}` is a {op.kind}, not a convolution"
