@@ -277,3 +277,11 @@ def test_sensitivity_sees_the_same_layers_in_every_style():
     for style in ("same", "functional"):  # the same weights, quantized alike: the same per-layer SQNRs
         for a, b in zip(reports[style].layers, reports["module"].layers, strict=True):
             assert a.model_only_db == pytest.approx(b.model_only_db, abs=0.05), (style, a.name)
+    # mixed precision keeps a layer float by name: a functional conv is named by its node
+    worst = reports["functional"].ranked()[0]
+    config = fxquant.QuantConfig(overrides=(fxquant.Override(worst.name, exclude=True),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the excluded layer is reported as float
+        report = fxquant.report_of(fxquant.prepare(MODELS["functional"], X[:4], backend="onnxruntime", config=config))
+    assert worst.name in {e.node for e in report.float_ops}
+    assert report.weight_quantizers == len(WIDTHS)  # one fewer
