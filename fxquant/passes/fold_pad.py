@@ -13,6 +13,7 @@ from torch import fx, nn
 from fxquant.ops import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 
 
@@ -53,8 +54,10 @@ def _why_not(op: WeightedOp, pad: tuple[int, ...], spatial: int) -> str | None:
         return f"`{op.name}` pads {op.padding!r} already"
     if op.node.op == "call_module":
         module = op.gm.get_submodule(op.node.target)
-        if getattr(module, "padding_mode", "zeros") != "zeros" or op.pads_inside:
-            return f"`{op.name}` pads in its own way (padding_mode {module.padding_mode!r} or inside its forward)"
+        if type(module) not in _CONVS:
+            return f"`{op.name}` is a {type(module).__name__}, whose forward may not use its `padding` attribute"
+        if module.padding_mode != "zeros":
+            return f"`{op.name}` pads with padding_mode {module.padding_mode!r}"
     return None
 
 
