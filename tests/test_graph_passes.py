@@ -223,6 +223,17 @@ def test_asymmetric_pad_stays_with_the_reason():
         assert torch.equal(prepared(X), model(X))
 
 
+def test_a_zero_pad_module_folds_into_the_conv():
+    """EfficientNet's TF-ported Conv2dStaticSamePadding: nn.ZeroPad2d then F.conv2d on the module's weight."""
+    model = nn.Sequential(nn.ZeroPad2d(2), nn.Conv2d(3, 4, 5), nn.ZeroPad2d((1, 1, 1, 1)), nn.Conv2d(4, 4, 3,
+                                                                                                  padding=1)).eval()
+    prepared = fxquant.prepare(model, X[:2], backend="onnxruntime")
+    assert not any(isinstance(m, nn.ZeroPad2d) for m in prepared.modules())
+    assert [m.padding for m in prepared.modules() if isinstance(m, nn.Conv2d)] == [(2, 2), (2, 2)]
+    with float_mode(prepared), torch.no_grad():
+        assert torch.allclose(prepared(X), model(X), atol=1e-6)
+
+
 class ReLU6Net(nn.Module):
     """Depthwise-separable ReLU6 blocks (MobileNetV2-style activations)."""
 

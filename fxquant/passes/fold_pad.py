@@ -98,5 +98,7 @@ def fold_pad(gm: fx.GraphModule) -> PassResult:
             op.set_padding(padding)
         conv.replace_input_with(src, src.args[0])
         gm.graph.erase_node(src)
+        if src.op == "call_module" and not any(n.target == src.target for n in gm.graph.nodes):
+            gm.delete_submodule(src.target)  # a pad module called nowhere else
         modified = True
     return PassResult(gm, modified, notes)
