@@ -8,7 +8,9 @@ from fxquant.errors import (
     ConversionError,
     ExampleInputError,
     FxQuantError,
+    NegativeInputError,
     PassError,
+    QuantRangeError,
     TraceError,
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
@@ -36,11 +38,13 @@ __all__ = [
     "FxQuantError",
     "LayerSensitivity",
     "MixedPrecisionResult",
+    "NegativeInputError",
     "Override",
     "PassError",
     "Pattern",
     "QATError",
     "QuantConfig",
+    "QuantRangeError",
     "QuantSpec",
     "Rule",
     "RuleContext",

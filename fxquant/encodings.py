@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxquant import qmath
 from fxquant.errors import CalibrationError
 from fxquant.quantizer import TensorQuantizer
 from fxquant.state import get_state
@@ -201,7 +202,7 @@ def _check_entry(name: str, entry: object, q: TensorQuantizer,
     shape = () if expected is None else (len(parsed["min"]),)
     lo, hi = (torch.tensor(parsed[k], dtype=torch.float32).reshape(shape) for k in ("min", "max"))
     # The range is loaded from min and max: scale, zero_point and amax must be what that range gives.
-    scale, zero_point = q._qparams(lo, hi)
+    scale, zero_point = qmath.qparams(lo, hi, q.spec.qmin, q.spec.qmax, q.spec.symmetric)
     derived = {"scale": scale, "zero_point": zero_point.round(), "amax": torch.maximum(lo.abs(), hi.abs())}
     for key, tensor in derived.items():
         if key in parsed and not torch.equal(tensor.reshape(-1), torch.tensor(parsed[key], dtype=torch.float32)):

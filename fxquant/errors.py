@@ -23,3 +23,11 @@ class ConversionError(FxQuantError):
 
 class ExampleInputError(FxQuantError, ValueError):
     """The example inputs do not fit the model."""
+
+
+class QuantRangeError(FxQuantError, ValueError):
+    """A quantization range or scale that cannot be used (a negative amax, a scale beyond float16)."""
+
+
+class NegativeInputError(FxQuantError, TypeError):
+    """Negative values reached an unsigned quantizer (a TypeError, as in pytorch_quantization)."""

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from fxquant.api import calibrate, convert, prepare
 from fxquant.backends import Backend
-from fxquant.sensitivity import Probe, SensitivityReport, _Acc, layer_overrides, quantized_layers, sensitivity
+from fxquant.metrics import SqnrAccumulator
+from fxquant.sensitivity import Probe, SensitivityReport, layer_overrides, quantized_layers, sensitivity
 from fxquant.spec import QuantConfig
 
 Metric = Callable[[nn.Module], float]
@@ -76,7 +77,7 @@ class _SqnrMeter:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
-        acc = _Acc()
+        acc = SqnrAccumulator()
         for batch, ref in zip(self.batches, self.reference, strict=True):
             out = [t for t in tree_leaves(model(*batch)) if isinstance(t, torch.Tensor)]
             for r, t in zip(ref, out, strict=True):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fxquant.capture import normalize_inputs
 from fxquant.errors import CalibrationError
+from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
 from fxquant.sensitivity_report import LayerSensitivity, SensitivityReport
@@ -114,25 +115,6 @@ def layer_overrides(layers: Sequence[Layer]):
 
 
 # ---- measurement --------------------------------------------------------------------------------------
-class _Acc:
-    """Running SQNR over many batches: the sums of signal and noise energy."""
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def add(self, ref: torch.Tensor, test: torch.Tensor) -> None:
-        ref, test = ref.detach().double(), test.detach().double()
-        self.signal += ref.pow(2).sum().item()
-        self.noise += (ref - test).pow(2).sum().item()
-
-    @property
-    def db(self) -> float:
-        if self.noise == 0:
-            return math.inf
-        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
-
-
 class Probe:
     """Runs a prepared model as if only some layers (units) were quantized; returns its outputs and taps.
 
@@ -217,7 +199,7 @@ class Probe:
 
 
 def _compare(reference: list, test: list, layer: int | None) -> tuple[float, float]:
-    model_acc, out_acc = _Acc(), _Acc()
+    model_acc, out_acc = SqnrAccumulator(), SqnrAccumulator()
     for (ref_out, ref_taps), (out, taps) in zip(reference, test, strict=True):
         for r, t in zip(ref_out, out, strict=True):
             model_acc.add(r, t)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS, AdaRoundOptions
+from fxquant.qmath import qrange
 
 HISTOGRAM_METHODS = frozenset({"percentile", "entropy", "mse"})
 """Calibration methods that derive a range from one histogram per tensor (one calibrator serves them all)."""
@@ -108,16 +109,12 @@ class QuantSpec:
     @property
     def qmin(self) -> int:
         """Smallest integer code."""
-        if self.unsigned or not self.symmetric:
-            return 0
-        return -self.qmax if self.narrow_range else -self.qmax - 1
+        return qrange(self.num_bits, self.unsigned, self.narrow_range, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
         """Largest integer code."""
-        if not self.symmetric:
-            return 2**self.num_bits - 1
-        return 2 ** (self.num_bits - 1 + int(self.unsigned)) - 1
+        return qrange(self.num_bits, self.unsigned, self.narrow_range, self.symmetric)[1]
 
     def with_(self, **changes: object) -> QuantSpec:
         """A copy with some fields changed (validated again)."""

@@ -22,6 +22,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
@@ -172,14 +173,6 @@ def _array(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
 
 
-def _broadcast(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    if values.ndim == 0:
-        return values
-    shape = [1] * rank
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
 def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
@@ -198,8 +191,10 @@ def fold_weight_quantization(proto: onnx.ModelProto) -> int:
             continue
         axis = _axis(node) % w.ndim if scale.ndim else 0
         info = np.iinfo(zp.dtype)
-        q = np.round(w / _broadcast(scale, axis, w.ndim)) + _broadcast(zp.astype(np.int64), axis, w.ndim)
-        q = np.clip(q, info.min, info.max).astype(zp.dtype)
+        per_axis = axis if scale.ndim else None
+        step = qmath.along_axis(torch.tensor(scale), w.ndim, per_axis)
+        zero_point = qmath.along_axis(torch.tensor(zp, dtype=torch.float32), w.ndim, per_axis)
+        q = qmath.quantize(torch.tensor(w), step, zero_point, info.min, info.max).numpy().astype(zp.dtype)
         name = f"{node.input[0]}_quantized"
         graph.initializer.append(numpy_helper.from_array(q, name))
         for other in graph.node:
@@ -233,7 +228,8 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             continue
         bias = _array(inits, node.input[2]).astype(np.float64)
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
-        q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
+        q = q.numpy().astype(np.int32)
         base = node.input[2]
         graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
                                   numpy_helper.from_array(scale, f"{base}_quantizer.scale"),

@@ -117,7 +117,8 @@ def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, shape: tuple[int, ...
         attn = g.call_function(operator.add, (attn, args["relative_position_bias"]))
         if sum(shift) > 0:
             name = f"{qkv.rpartition('.')[0]}.shift_mask".lstrip(".")
-            gm.register_buffer(name.replace(".", "_"), _shift_mask(ph, pw, ws, shift, n_windows))
+            device = gm.get_submodule(qkv).weight.device  # the model's device (a CUDA model keeps its mask there)
+            gm.register_buffer(name.replace(".", "_"), _shift_mask(ph, pw, ws, shift, n_windows).to(device))
             mask = g.get_attr(name.replace(".", "_"))
             attn = g.call_method("reshape", (attn, -1, n_windows, heads, length, length))
             attn = g.call_method("reshape", (g.call_function(operator.add, (attn, mask)), -1, heads, length, length))

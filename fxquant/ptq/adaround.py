@@ -20,11 +20,11 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxquant import qmath
 from fxquant.errors import CalibrationError
 from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.ptq.report import PTQReport, attach
-from fxquant.quantizer import broadcast_shape
 from fxquant.state import QuantState, get_state
 
 ZETA, GAMMA = 1.1, -0.1
@@ -118,11 +118,11 @@ def _round_layer(model: fx.GraphModule, layer: Layer, batches: list, options: Ad
     targets = act(targets)
     weight = layer.weight.detach()
     axis = quantizer._axis(weight)
-    scale = broadcast_shape(weight, axis, quantizer.scale.detach().to(weight.device)).expand_as(weight).clone()
+    scale = qmath.along_axis(quantizer.scale.detach().to(weight.device), weight.dim(), axis).expand_as(weight).clone()
     spec = quantizer.spec
     soft = SoftRounding(weight, scale, spec.qmin, spec.qmax).to(weight.device)
     with torch.no_grad():
-        nearest = torch.clamp(torch.round(weight / scale), spec.qmin, spec.qmax)
+        nearest = qmath.quantize(weight, scale, 0.0, spec.qmin, spec.qmax)
         mse_nearest = _mse(layer, inputs, targets, act)
     layer.quantizer = soft
     try:

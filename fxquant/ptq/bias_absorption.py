@@ -63,7 +63,7 @@ def absorb_high_bias(gm: fx.GraphModule, sigmas: float = 3.0) -> PassResult:
             continue
         response = input_response(b, amount, link.repeat)
         b.write(bias=(b.bias if b.bias is not None else torch.zeros_like(response)) + response.to(b.weight.dtype))
-        a.write(bias=a.bias - amount.to(a.bias.dtype))
+        a.write(bias=a.bias - amount.to(device=a.bias.device, dtype=a.bias.dtype))
         shift_stats(link.a, -amount)
         absorbed[a.name] = float(amount.abs().max())
         report.done.append(f"`{a.name}` -> `{b.name}`: moved bias of {int((amount > 0).sum())} "
