@@ -249,8 +249,11 @@ class ReLU6Net(nn.Module):
         return x
 
 
+X6 = X * 4  # large enough that some activations reach ReLU6's clip
+
+
 def _relu6_report(model: nn.Module, **config) -> tuple[nn.Module, PTQReport]:
-    prepared = fxquant.prepare(model, X, backend="onnxruntime", config=fxquant.QuantConfig(equalize=True, **config))
+    prepared = fxquant.prepare(model, X6, backend="onnxruntime", config=fxquant.QuantConfig(equalize=True, **config))
     return prepared, fxquant.report_of(prepared).ptq["equalize"]
 
 
@@ -262,9 +265,9 @@ def test_relu6_chains_are_equalized_on_request_and_the_change_is_measured():
     assert [len(c) for c in eq.data["chains"]] == [N_BN]
     assert len(eq.data["relu6_replaced"]) == N_BN - 1  # the last ReLU6 is outside the chain and stays
     with float_mode(prepared), torch.no_grad():
-        out = prepared(X)
-    assert eq.data["relu6_sqnr_db"] == pytest.approx(fxquant.metrics.sqnr(model(X), out), abs=0.01)
-    assert 0 < eq.data["relu6_sqnr_db"] < 200 and any("SQNR" in line for line in eq.done)
+        out = prepared(X6)
+    assert eq.data["relu6_sqnr_db"] == pytest.approx(fxquant.metrics.sqnr(model(X6), out), abs=0.01)
+    assert 5 < eq.data["relu6_sqnr_db"] < 60 and any("SQNR" in line for line in eq.done)
 
 
 def test_relu6_default_follows_the_weight_granularity():
