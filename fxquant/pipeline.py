@@ -30,7 +30,8 @@ from fxquant.passes.manager import PassRunner
 from fxquant.ptq.bias_absorption import absorb_high_bias
 from fxquant.ptq.bias_correction import record_expected_inputs
 from fxquant.ptq.bn_stats import record_bn_stats
-from fxquant.ptq.equalize import equalize, through_relu6
+from fxquant.ptq.equalize import equalize
+from fxquant.ptq.relu6 import through_relu6
 from fxquant.report import PrepareReport, graph_report
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState, attach_state

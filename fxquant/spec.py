@@ -165,7 +165,8 @@ class QuantConfig:
         equalize_relu6: with ``equalize``, also equalize through ReLU6 / Hardtanh(0, m) by turning them into ReLU
             (the DFQ paper's recipe for MobileNetV2); changes the float function where activations exceed the
             clip, measured on the example inputs and reported (``report_of(m).ptq['equalize']``). None (default):
-            on when weights are quantized per tensor (where equalization pays), off for per-channel weights.
+            for per-tensor weights (where equalization pays) when the float output on the example inputs keeps
+            an SQNR of at least 30 dB (``fxquant.ptq.relu6``); off for per-channel weights.
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
         bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches), or
             "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.

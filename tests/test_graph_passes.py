@@ -252,8 +252,9 @@ class ReLU6Net(nn.Module):
 X6 = X * 4  # large enough that some activations reach ReLU6's clip
 
 
-def _relu6_report(model: nn.Module, **config) -> tuple[nn.Module, PTQReport]:
-    prepared = fxquant.prepare(model, X6, backend="onnxruntime", config=fxquant.QuantConfig(equalize=True, **config))
+def _relu6_report(model: nn.Module, inputs: torch.Tensor = X6, **config) -> tuple[nn.Module, PTQReport]:
+    config = fxquant.QuantConfig(equalize=True, **config)
+    prepared = fxquant.prepare(model, inputs, backend="onnxruntime", config=config)
     return prepared, fxquant.report_of(prepared).ptq["equalize"]
 
 
@@ -270,13 +271,18 @@ def test_relu6_chains_are_equalized_on_request_and_the_change_is_measured():
     assert 5 < eq.data["relu6_sqnr_db"] < 60 and any("SQNR" in line for line in eq.done)
 
 
-def test_relu6_default_follows_the_weight_granularity():
-    """Default (None): through ReLU6 with per-tensor weights (where equalization pays), not per channel."""
+def test_relu6_default_is_decided_by_measurement():
+    """Default (None): never with per-channel weights; with per-tensor weights only when turning the clips into
+    ReLU keeps the float output SQNR on the example inputs at 30 dB or more."""
     model = ReLU6Net().eval()
     _, per_channel = _relu6_report(model)  # the onnxruntime preset quantizes weights per channel
-    assert per_channel.data["chains"] == []
-    _, per_tensor = _relu6_report(model, weight=fxquant.QuantSpec(axis=None))
-    assert [len(c) for c in per_tensor.data["chains"]] == [N_BN]
+    assert per_channel.data["chains"] == [] and "relu6_sqnr_db" not in per_channel.data
+    per_tensor = fxquant.QuantSpec(axis=None)
+    _, small = _relu6_report(model, X, weight=per_tensor)  # activations rarely reach 6
+    assert small.data["relu6_sqnr_db"] >= 30 and [len(c) for c in small.data["chains"]] == [N_BN]
+    _, large = _relu6_report(model, X6, weight=per_tensor)  # activations often reach 6
+    assert large.data["relu6_sqnr_db"] < 30 and large.data["chains"] == []
+    assert any(f"the float output SQNR would be {large.data['relu6_sqnr_db']:.1f} dB" in s for s in large.skipped)
 
 
 def test_sensitivity_sees_the_same_layers_in_every_style():

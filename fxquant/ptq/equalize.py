@@ -6,8 +6,8 @@ max |W_B| over what reads channel c. Afterwards both ranges equal sqrt(r_A r_B):
 stop being dominated by a few channels. A chain of more than two layers (conv -> depthwise -> conv ...) is
 swept pair by pair until no scale moves by more than ``tol`` (relative), as the paper iterates.
 The function is unchanged up to float rounding, except with ``relu6_as_relu``: ReLU6 / Hardtanh(0, m) inside a
-link becomes ReLU (DFQ's recipe for MobileNetV2), and the change in float output on the example inputs is
-reported as an SQNR in dB (infinite when no activation reached the clip).
+link becomes ReLU (DFQ's recipe for MobileNetV2; ``fxquant.ptq.relu6``), and the change in float output on the
+example inputs is reported as an SQNR in dB (infinite when no activation reached the clip).
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxquant.backends.base import Backend
-from fxquant.capture import normalize_inputs
-from fxquant.metrics import sqnr
 from fxquant.ops import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
+from fxquant.ptq import relu6
 from fxquant.ptq.bn_stats import scale_stats
 from fxquant.ptq.chains import Chain, Link, find_chains, input_ranges, op_name, output_ranges, scale_input, scale_output
 from fxquant.ptq.report import PTQReport
-from fxquant.spec import QuantConfig
 
 MAX_SWEEPS = 200
 
@@ -55,19 +52,25 @@ def equalize_chain(chain: Chain, ops: dict[fx.Node, WeightedOp], tol: float = 1e
     return MAX_SWEEPS, False
 
 
-def equalize(gm: fx.GraphModule, tol: float = 1e-4, relu6_as_relu: bool = False,
+def equalize(gm: fx.GraphModule, tol: float = 1e-4, relu6_as_relu: bool | None = False,
              example_inputs: object = None) -> PassResult[PTQReport]:
     """Cross-layer equalize every chain of ``gm`` in place; the product is the PTQ report.
 
-    ``relu6_as_relu`` also equalizes through ReLU6 / Hardtanh(0, m), replacing them by ReLU; with
-    ``example_inputs`` the change in float output is measured (``report.data['relu6_sqnr_db']``)."""
+    ``relu6_as_relu``: True also equalizes through ReLU6 / Hardtanh(0, m), replacing them by ReLU; None does so
+    only when that keeps the output SQNR on ``example_inputs`` at or above ``relu6.MIN_SQNR_DB`` (see
+    ``fxquant.ptq.relu6``). The measured change is ``report.data['relu6_sqnr_db']``."""
     report = PTQReport("equalize")
-    chains, notes = find_chains(gm, relu6_as_relu)
+    chains, notes = find_chains(gm, relu6_as_relu is not False)
+    clipped = [n for chain in chains for link in chain.links for n in link.clipped]
+    db = relu6.change_db(gm, clipped, example_inputs) if clipped else None
+    if clipped and relu6_as_relu is None and (db is None or db < relu6.MIN_SQNR_DB):
+        chains, notes = find_chains(gm, False)
+        measured = "no example inputs to measure on" if db is None else f"the float output SQNR would be {db:.1f} dB"
+        notes.append(f"not equalized through {len(clipped)} ReLU6/Hardtanh as ReLU: {measured} (at least "
+                     f"{relu6.MIN_SQNR_DB:g} dB wanted; QuantConfig(equalize_relu6=True) forces it)")
+        clipped = []
     report.skipped += notes
     ops, _ = weighted_ops(gm)
-    inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
-    with torch.no_grad():
-        reference = gm(*inputs) if inputs is not None and relu6_as_relu else None
     per_layer: dict[str, dict[str, float]] = {}
     for chain in chains:
         before = {op_name(n): _imbalance(output_ranges(ops[n])) for n in chain.layers}
@@ -82,53 +85,13 @@ def equalize(gm: fx.GraphModule, tol: float = 1e-4, relu6_as_relu: bool = False,
         if not converged:
             report.skipped.append(f"{chain.describe()}: stopped after {sweeps} sweeps without converging "
                                   f"(tol {tol}); the result is still function-preserving")
-    clipped = [n for chain in chains for link in chain.links for n in link.clipped]
     report.data = {"chains": [[op_name(n) for n in c.layers] for c in chains], "layers": per_layer}
+    if db is not None:
+        report.data["relu6_sqnr_db"] = db
     if clipped:
-        _unclip(gm, clipped)
         report.data["relu6_replaced"] = [n.name for n in clipped]
+        relu6.unclip(gm, clipped)
         line = f"{len(clipped)} ReLU6/Hardtanh replaced by ReLU to equalize through them (equalize_relu6)"
-        if reference is not None:
-            with torch.no_grad():
-                db = _output_sqnr(reference, gm(*inputs))
-            report.data["relu6_sqnr_db"] = db
-            line += f"; float output vs before on the example inputs: SQNR {db:.1f} dB"
-        report.done.append(line)
+        report.done.append(line + ("" if db is None else f"; float output vs before on the example inputs: "
+                                                         f"SQNR {db:.1f} dB"))
     return PassResult(gm, bool(chains), product=report)  # skips are in the PTQ report (report_of(prepared).ptq)
-
-
-def through_relu6(config: QuantConfig, backend: Backend) -> bool:
-    """Whether equalization treats ReLU6 as ReLU: ``config.equalize_relu6``, or by default when weights are
-    quantized per tensor (per-channel weights gain little from equalization, so the float change is not worth it:
-    on the trained ReLU6 MobileNet-digits, per-tensor 4/6/8-bit weights gain 3.5/2.2/3.1 dB output SQNR, per-channel
-    8-bit weights lose 0.9 dB)."""
-    if config.equalize_relu6 is not None:
-        return config.equalize_relu6
-    return (config.weight or backend.weight).axis is None
-
-
-def _unclip(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    """Replace each clipping activation by ``torch.relu`` of its input."""
-    for node in nodes:
-        with gm.graph.inserting_before(node):
-            relu = gm.graph.call_function(torch.relu, (node.all_input_nodes[0],))
-        relu.meta = dict(node.meta)
-        node.replace_all_uses_with(relu)
-        gm.graph.erase_node(node)
-        if node.op == "call_module" and not any(n.op == "call_module" and n.target == node.target
-                                                for n in gm.graph.nodes):
-            gm.delete_submodule(node.target)
-    gm.recompile()
-
-
-def _output_sqnr(reference: object, output: object) -> float:
-    """SQNR of ``output`` against ``reference`` over all their tensors (nested tuples, lists, dicts)."""
-    ref, out = _flat(reference), _flat(output)
-    return sqnr(torch.cat([t.reshape(-1) for t in ref]), torch.cat([t.reshape(-1) for t in out]))
-
-
-def _flat(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.detach().float()]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    return [t for v in items for t in _flat(v)]
