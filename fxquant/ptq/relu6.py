@@ -8,7 +8,7 @@ per-tensor and the change keeps the output SQNR on the example inputs at or abov
 Measured (benchmarks/relu6_equalize.py) on the trained ReLU6 MobileNet-digits: the float change is 36.4 dB on
 the example inputs (29.4 dB on the test split, accuracy unchanged); per-tensor 8/6/4-bit weights gain
 3.1/2.2/3.5 dB output SQNR; the ORT preset's per-channel weights lose 0.9 dB. On pretrained EfficientNet-Lite0
-with random inputs the change is -1.6 dB: its ReLU6 clips matter, and the default leaves them.
+with a random example input the change is -1.9 dB: its ReLU6 clips matter, and the default leaves them.
 """
 
 from __future__ import annotations
