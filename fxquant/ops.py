@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 from torchvision.models import swin_transformer
 
+from fxquant.attention_ops import masked_softmax
 from fxquant.quant_modules import QUANTIZED_TYPES
 
 MODULE_KINDS: dict[type, str] = {
@@ -63,6 +64,7 @@ FUNCTION_KINDS: dict[object, str] = {
     # torchvision wraps it with torch.fx.wrap: one opaque call holding Linear layers and attention matmuls
     swin_transformer.shifted_window_attention: "window_attention",
     swin_transformer._get_relative_position_bias: "position_bias",  # a gather from parameters only
+    masked_softmax: "masked_softmax",  # decomposed attention's mask + softmax (fxquant.passes.decompose_sdpa)
 }
 
 METHOD_KINDS: dict[str, str] = {
