@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import warnings
 
+import _repo  # noqa: F401  (the repo root on sys.path, for tests.models)
 import torch
 from torch import nn
 
 import fxquant
+from fxquant.demo_model import fit, load_digits_split
 from fxquant.metrics import sqnr
-from fxquant.models.digits import fit, load_digits_split
-from fxquant.models.mobilenet_digits import MobileNetDigits
 from fxquant.ptq.layers import float_mode
+from tests.models.mobilenet_digits import MobileNetDigits
 
 WEIGHTS = {"W7 per-channel (ORT preset)": None, "W8 per-tensor": fxquant.QuantSpec(axis=None),
            "W6 per-tensor": fxquant.QuantSpec(num_bits=6, axis=None),
