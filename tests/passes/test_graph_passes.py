@@ -195,9 +195,22 @@ def test_shared_weight_is_declined_with_the_reason():
     assert fxquant.report_of(prepared).folded_bn == []
 
 
+class StdConv(nn.Module):
+    """Weight standardization (timm's StdConv2d): the convolution reads a weight computed in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.bn = _bn(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.w - self.w.mean((1, 2, 3), keepdim=True)) / (self.w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self.bn(F.conv2d(x, w))
+
+
 def test_computed_weight_is_declined_with_the_reason():
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), _bn(4)).eval()
-    why = r"BatchNorm `1` not folded: `0` \(ParametrizedConv2d\): its weight is computed"
+    model = StdConv().eval()
+    why = r"BatchNorm `bn` not folded: `conv2d` takes its weight from a computed tensor, not a parameter"
     with pytest.warns(UserWarning, match=why):
         prepared = fxquant.prepare(model, X[:2], backend="onnxruntime")
     assert fxquant.report_of(prepared).folded_bn == []
