@@ -163,6 +163,11 @@ class QuantConfig:
         fold_bn: fold BatchNorm into the preceding Conv/Linear.
         strict: raise instead of warning when a pass must skip something.
         equalize: cross-layer equalization in prepare, after BN folding (``fxquant.ptq.equalize``).
+        equalize_relu6: with ``equalize``, also equalize through ReLU6 / Hardtanh(0, m) by turning them into ReLU
+            (the DFQ paper's recipe for MobileNetV2); changes the float function where activations exceed the
+            clip, measured on the example inputs and reported (``report_of(m).ptq['equalize']``). None (default):
+            for per-tensor weights (where equalization pays) when the float output on the example inputs keeps
+            an SQNR of at least 30 dB (``fxquant.ptq.relu6``); off for per-channel weights.
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
         bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches), or
             "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
@@ -183,6 +188,7 @@ class QuantConfig:
     fold_bn: bool = True
     strict: bool = False
     equalize: bool = False
+    equalize_relu6: bool | None = None
     absorb_bias: bool = False
     bias_correction: bool | str = False
     adaround: bool | AdaRoundOptions = False
@@ -213,6 +219,8 @@ class QuantConfig:
         for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigTypeError(f"QuantConfig.{name} must be True or False")
+        if self.equalize_relu6 is not None and not isinstance(self.equalize_relu6, bool):
+            raise ConfigTypeError("QuantConfig.equalize_relu6 must be True, False or None (per-tensor weights decide)")
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
             raise ConfigError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
                               f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")

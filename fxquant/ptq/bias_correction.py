@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx, nn
+from torch import fx
 from tqdm.auto import tqdm
 
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
-from fxquant.ptq.chains import find_chains, input_response, out_channels
+from fxquant.ptq.chains import find_chains, input_response
 from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS
 from fxquant.ptq.report import PTQReport, attach
@@ -59,14 +59,6 @@ def record_expected_inputs(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=False)
 
 
-def _bias(module: nn.Module) -> torch.Tensor:
-    """The layer's bias, created as zeros when it has none."""
-    if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(out_channels(module), dtype=module.weight.dtype,
-                                               device=module.weight.device))
-    return module.bias
-
-
 def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirical",
                  progress: bool = True) -> PTQReport:
     """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
@@ -93,10 +85,10 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
             with float_mode(prepared):  # the float model's means, before any bias changes
                 targets = {}
                 for layer in layers:
-                    parts = capture(prepared, layer.module, batches, "output", reduce=channel_sum(layer.channel_dim))
+                    parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                     targets[layer.name] = sum(s for s, _ in parts) / sum(c for _, c in parts)
             for layer in tqdm(layers, desc="fxquant bias correction", unit="layer", disable=not progress):
-                parts = capture(prepared, layer.module, batches, "output", reduce=channel_sum(layer.channel_dim))
+                parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                 shift = sum(s for s, _ in parts) / sum(c for _, c in parts) - targets[layer.name]
                 _apply(layer, shift, report, shifts)
         else:
@@ -107,8 +99,8 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
                                                                  "Conv/Linear -> BatchNorm (-> ReLU)"))
                     continue
                 with torch.no_grad():
-                    error = layer.quantizer(layer.module.weight) - layer.module.weight
-                    shift = input_response(layer.module, expected.mean, expected.repeat, weight=error)
+                    error = layer.quantizer(layer.weight) - layer.weight
+                    shift = input_response(layer, expected.mean, expected.repeat, weight=error)
                 _apply(layer, shift.double(), report, shifts)
     finally:
         prepared.train(was_training)
@@ -119,7 +111,7 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
 
 @torch.no_grad()
 def _apply(layer, shift: torch.Tensor, report: PTQReport, shifts: dict) -> None:
-    bias = _bias(layer.module)
+    bias = layer.ensure_bias()
     bias.sub_(shift.to(bias.dtype))
     shifts[layer.name] = float(shift.abs().max())
     report.done.append(f"`{layer.name}`: bias corrected by up to {shifts[layer.name]:.3g}")
