@@ -252,6 +252,7 @@ class ReLU6Net(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        torch.manual_seed(0)  # the same weights whatever ran before (the measured SQNR depends on them)
         self.convs = nn.ModuleList(nn.Conv2d(i, o, k, padding=k // 2, groups=g, bias=False) for i, o, k, g in WIDTHS)
         self.bns = nn.ModuleList(_bn(o) for _, o, _, _ in WIDTHS)
         self.act = nn.ReLU6()
