@@ -11,7 +11,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant.backends import Backend, get_backend
+from fxquant.backends import BACKENDS, Backend, get_backend
+from fxquant.backends.saturation import choose_weight_bits
 from fxquant.calib import CALIBRATORS
 from fxquant.capture import normalize_inputs, propagate_shapes
 from fxquant.errors import CalibrationError, ConversionError
@@ -194,6 +195,9 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
             q.set_mode("quant")
         prepared.train(was_training)
     state.stage = "calibrated"
+    backend = state.backend if isinstance(state.backend, Backend) else BACKENDS.get(state.backend)
+    if backend is not None:  # AdaRound may move each code by one: keep two codes of headroom per pair
+        choose_weight_bits(prepared, backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
 

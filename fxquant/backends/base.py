@@ -18,6 +18,9 @@ class Backend:
     them on quantized data); they are not reported as float.
     float_reasons: kinds this backend deliberately leaves in floating point, with the reason the prepare
     report gives for each such op (a kind with neither a rule, pass-through nor reason is reported as unknown).
+    saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
+    adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
+    can (``fxquant.backends.saturation``).
     """
 
     name: str
@@ -27,6 +30,7 @@ class Backend:
     rules: tuple[Rule, ...]
     passthrough: frozenset[str]
     float_reasons: Mapping[str, str] = field(default_factory=dict)
+    saturation_aware_weights: bool = False
 
     def with_rules(self, *rules: Rule) -> Backend:
         """This backend plus ``rules``. Rules run by descending priority (the built-in ones use 30 for fused
