@@ -57,6 +57,7 @@ def pair_sums(rows: torch.Tensor) -> torch.Tensor:
 def saturating_pairs(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> torch.Tensor:
     """Per row of integer ``codes``, how many adjacent pairs could overflow int16 in ``vpmaddubsw`` with
     uint8 activations (same-signed parts adding up to more than ``limit`` in magnitude)."""
+    codes = codes.to(torch.int32)  # int8 codes would wrap around when added
     if codes.shape[1] % 2:
         codes = F.pad(codes, (0, 1))
     pairs = codes.reshape(codes.shape[0], -1, 2)
