@@ -21,6 +21,7 @@ import warnings
 
 import torch
 import torchvision
+from doc_tables import compiler_speed as markdown
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -130,19 +131,6 @@ def main() -> None:
     with open(RESULTS, "w") as f:
         json.dump(out, f, indent=1)
     print(markdown(out))
-
-
-def markdown(out: dict) -> str:
-    lines = ["| model | graph nodes | fxquant s | torch.ao s | fxquant / torch.ao | fp32 forward s |",
-             "|---|---|---|---|---|---|"]
-    for name, r in [*out["models"].items(), *((f"residual stack N={d}", r) for d, r in out["growth"].items())]:
-        lines.append(f"| {name} | {r['traced_nodes']} | {r['fxquant_s']:.3f} | {r['torch_ao_s']:.3f} | "
-                     f"{r['ratio_fxquant_over_torch_ao']:.2f} | {r['fp32_forward_s']:.3f} |")
-    for tool in ("fxquant", "torch_ao"):
-        f = out[f"{tool}_fit"]
-        lines.append(f"\n{tool}: {1000 * f['seconds_per_node']:.3f} ms per node (R^2 = {f['r2']:.4f}); ms/node at "
-                     f"each depth: {f['ms_per_node_each_size']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

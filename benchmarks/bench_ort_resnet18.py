@@ -56,6 +56,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from results_meta import cpu_isa, cpu_name
 
 import fxquant
 from fxquant.lower.onnx_export import export_float_onnx
@@ -232,8 +233,8 @@ def markdown(results: dict[str, ModelResult], ratio: float, args: argparse.Names
                      f"{r.median_ms:.2f} | {r.speedup_vs_fp32:.2f}x |")
     lines += ["", f"fxquant vs quantize_static: {ratio:.2f}x (quantize_static median / fxquant median; "
               f">= 1.0 means fxquant is at least as fast)", "",
-              f"resnet18, random weights, batch {args.batch}, ONNX Runtime {ort.__version__} CPU ({_cpu_name()}, "
-              f"{_cpu_isa()}), ORT_ENABLE_ALL, {args.threads} intra-op threads, median of {args.runs} interleaved "
+              f"resnet18, random weights, batch {args.batch}, ONNX Runtime {ort.__version__} CPU ({cpu_name()}, "
+              f"{cpu_isa()}), ORT_ENABLE_ALL, {args.threads} intra-op threads, median of {args.runs} interleaved "
               f"runs. Both int8 models use 7-bit weights (reduce_range / the preset's default: the setting ORT "
               f"recommends on AVX2 without VNNI) and MinMax calibration on the same {args.calib_batches} x "
               f"{args.calib_batch_size} random (torch.randn) images: no real image data offline."]
@@ -344,8 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "calibration": "MinMax on torch.randn images (no real image data offline)"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "torchvision": torchvision.__version__, "onnxruntime": ort.__version__,
-                        "onnx": onnx.__version__, "fxquant": fxquant.__version__, "cpu": _cpu_name(),
-                        "isa": _cpu_isa(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
+                        "onnx": onnx.__version__, "fxquant": fxquant.__version__, "cpu": cpu_name(),
+                        "isa": cpu_isa(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "models": {name: asdict(r) for name, r in results.items()},
         "fxquant_export_ort_sqnr_db": fx_sqnr,
         "fxquant_vs_quantize_static": ratio,
@@ -364,28 +365,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def _cpuinfo(key: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith(key)), "")
-    except OSError:
-        return ""
-    return line.split(":", 1)[1].strip() if line else ""
-
-
-def _cpu_name() -> str:
-    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
-
-
-def _cpu_isa() -> str:
-    flags = set(_cpuinfo("flags").split())
-    if not flags:
-        return "ISA unknown"
-    best = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    vnni = flags & {"avx512_vnni", "avx_vnni"}
-    return f"{best}, {'with VNNI' if vnni else 'no VNNI'}"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ The trained network's channels come out balanced, so per-tensor INT8 already wor
 same function, the inverse of CLE), which is the situation DFQ describes in MobileNets after BN folding.
 
     python benchmarks/ptq_digits.py [--seeds 0 1 2] [--iterations 1000]
+
+Prints the table and writes its rows to benchmarks/results/ptq_digits.json (rendered into docs/benchmarks.md by
+benchmarks/make_docs.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import warnings
 
 import torch
+from results_meta import write_results
 
 import fxquant
 from fxquant.lower.onnx_export import ort_session, run_ort
@@ -84,6 +88,7 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s\n")
     print("| configuration | model | top-1 % (mean) | per seed | SQNR vs fp32 dB (mean) | ORT top-1 % |")
     print("|---|---|---|---|---|---|")
+    out = []
     for i, (name, which, _) in enumerate(table):
         accs = [r[0] for r in results[i]]
         sq = [r[1] for r in results[i]]
@@ -92,6 +97,11 @@ def main() -> None:
         ort_text = f"{sum(orts) / len(orts):.2f}" if orts else ""
         print(f"| {name} | {which} | {sum(accs) / n:.2f} | {' / '.join(f'{a:.2f}' for a in accs)} | {sq_text} | "
               f"{ort_text} |")
+        out.append({"configuration": name, "model": which, "top1_per_seed": accs,
+                    "sqnr_db_per_seed": [None if q == float("inf") else q for q in sq], "ort_top1_per_seed": orts})
+    settings = {"seeds": args.seeds, "adaround_iterations": args.iterations, "threads": 1, "epochs": 6,
+                "calib_batches": 8, "batch_size": 64, "seconds": round(time.perf_counter() - start)}
+    print(f"wrote {write_results('ptq_digits', out, settings)}")
 
 
 if __name__ == "__main__":

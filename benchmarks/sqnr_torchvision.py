@@ -5,6 +5,9 @@ Models have random weights with randomized BatchNorm statistics (no pretrained w
 here), so BN folding matters; inputs and calibration batches are Gaussian noise.
 
     python benchmarks/sqnr_torchvision.py [--models resnet18 mobilenet_v2] [--calib-batches 4]
+
+Prints the table and writes its rows to benchmarks/results/sqnr_torchvision.json (docs/benchmarks.md is rendered
+from it by benchmarks/make_docs.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_meta import write_results
 
 import fxquant
 from fxquant.models import random_torchvision
@@ -31,6 +35,7 @@ def main() -> None:
     print("| model | backend | int8 vs fp32 (dB) | ORT vs fake-quant (dB) | Q / DQ nodes | prepare+calibrate+convert s "
           "| export s |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model = random_torchvision(name)
@@ -46,6 +51,12 @@ def main() -> None:
                 ops = result.op_counts
                 print(f"| {name} | {backend} | {fidelity:.1f} | {result.ort_sqnr_db:.1f} | "
                       f"{ops['QuantizeLinear']} / {ops['DequantizeLinear']} | {compile_s:.1f} | {export_s:.1f} |")
+                rows.append({"model": name, "backend": backend, "int8_vs_fp32_db": fidelity,
+                             "ort_vs_fakequant_db": result.ort_sqnr_db, "quantize_linear": ops["QuantizeLinear"],
+                             "dequantize_linear": ops["DequantizeLinear"], "compile_s": compile_s,
+                             "export_s": export_s})
+    settings = {"models": args.models, "calib_batches": args.calib_batches, "batch": 4, "input": [3, 224, 224]}
+    print(f"wrote {write_results('sqnr_torchvision', rows, settings)}")
 
 
 if __name__ == "__main__":

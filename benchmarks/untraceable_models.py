@@ -5,7 +5,8 @@
 For the BERT-style encoder and the YOLO-style detector of ``fxquant.models.untraceable`` (random weights,
 randomized BatchNorm statistics), with both backends: the parts traced as graphs, the modules that ran
 eagerly, Linear/Conv layers quantized (of all), the int8 model against fp32 (the encoder's last hidden state;
-the detector's scores) and ONNX Runtime against the fake-quant model on all outputs (dB).
+the detector's scores) and ONNX Runtime against the fake-quant model on all outputs (dB). Prints the table and
+writes its rows to benchmarks/results/untraceable_models.json (rendered into docs/benchmarks.md by make_docs.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from doc_tables import UNTRACEABLE_HEADER, untraceable_row
+from results_meta import write_results
 from torch import nn
 
 import fxquant
@@ -33,7 +36,7 @@ def _weighted(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def run(name: str, model: nn.Module, example: tuple, batches: list, backend: str, out: Path) -> str:
+def run(name: str, model: nn.Module, example: tuple, batches: list, backend: str, out: Path) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,11 +51,12 @@ def run(name: str, model: nn.Module, example: tuple, batches: list, backend: str
     with torch.no_grad():
         db = fxquant.sqnr(_first(model(*example)), _first(qmodel(*example)))
 
-    def names(entries: list[OpEntry] | list[str]) -> str:
-        return ", ".join(f"`{getattr(e, 'node', e) or '<root>'}`" for e in entries)
+    def names(entries: list[OpEntry] | list[str]) -> list[str]:
+        return [getattr(e, "node", e) or "<root>" for e in entries]
 
-    return (f"| {name} | {backend} | {names(report.traced)} | {names(report.eager)} | "
-            f"{quantized} / {_weighted(model)} | {db:.1f} | {result.ort_sqnr_db:.1f} | {seconds:.1f} |")
+    return {"model": name, "backend": backend, "traced": names(report.traced), "eager": names(report.eager),
+            "quantized": quantized, "weighted": _weighted(model), "int8_vs_fp32_db": db,
+            "ort_vs_fakequant_db": result.ort_sqnr_db, "compile_s": seconds}
 
 
 def main() -> None:
@@ -62,14 +66,16 @@ def main() -> None:
     detector = randomize_bn(Detector())
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(2, 3, 64, 64, generator=g) for _ in range(4)]
-    print("| model | backend | traced parts | eager modules | Linear/Conv quantized | int8 vs fp32 (dB) | "
-          "ORT vs fake-quant (dB) | prepare+calibrate+convert s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(UNTRACEABLE_HEADER)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("tensorrt", "onnxruntime"):
-            print(run("bert_style", bert, bert_inputs(), [bert_inputs(seed=s) for s in range(1, 5)], backend,
-                      Path(tmp)))
-            print(run("yolo_style", detector, (images[0],), images, backend, Path(tmp)))
+            rows.append(run("bert_style", bert, bert_inputs(), [bert_inputs(seed=s) for s in range(1, 5)], backend,
+                            Path(tmp)))
+            print(untraceable_row(rows[-1]), flush=True)
+            rows.append(run("yolo_style", detector, (images[0],), images, backend, Path(tmp)))
+            print(untraceable_row(rows[-1]), flush=True)
+    print(f"wrote {write_results('untraceable_models', rows, {'threads': 1, 'calib_batches': 4})}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from collections import Counter
 
 import onnx
 import torch
+from doc_tables import zoo as markdown
 
 import fxquant
 from fxquant.lower.onnx_export import ort_session
@@ -84,23 +85,6 @@ def _load() -> dict:
         return json.load(f)
 
 
-def markdown(results: dict) -> str:
-    lines = ["| model | backend | input | int8 vs fp32 dB | ORT vs fake-quant dB | Q / DQ | float ops (report) | "
-             "float compute ops in ORT graph | export s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in ZOO:
-        for backend, r in results.get(name, {}).items():
-            fl = ", ".join(f"{k} {v}" for k, v in sorted(r["report_float_ops"].items())) or "-"
-            ort = ", ".join(f"{k} {v}" for k, v in sorted(r.get("ort_float_ops", {}).items())
-                            if not k.startswith(QUANTIZED_ORT_OPS) and k not in DATA_MOVEMENT) or "-"
-            if backend == "tensorrt":
-                ort = "n/a"
-            lines.append(f"| {name} | {backend} | {r['input'][-1]} | {r['int8_vs_fp32_db']:.1f} | "
-                         f"{r['ort_vs_fakequant_db']:.1f} | {r['quantize_linear']} / {r['dequantize_linear']} | "
-                         f"{fl} | {ort} | {r['export_s']:.0f} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(ZOO))
@@ -124,6 +108,7 @@ def main() -> None:
                 print(f"{name} {backend}: {json.dumps(row)}", flush=True)
                 results = _load()  # merge: another run may have written meanwhile
                 results.setdefault(name, {})[backend] = row
+                results = {n: results[n] for n in [*ZOO, *results] if n in results}  # ZOO order, as documented
                 os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
                 with open(RESULTS, "w") as f:
                     json.dump(results, f, indent=1)

@@ -1,4 +1,4 @@
-"""Quantize a torchvision model for TensorRT or ONNX Runtime and export QDQ ONNX.
+"""Targets a torchvision model for TensorRT or ONNX Runtime and export QDQ ONNX.
 
     python examples/quantize_torchvision.py --model resnet18 --backend tensorrt --out resnet18_trt.onnx
 

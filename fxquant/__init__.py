@@ -1,7 +1,5 @@
 """fxquant: torch.fx graph-mode quantization to fake-quant GraphModules and QDQ ONNX for TensorRT and ORT."""
 
-__version__ = "0.1.0"
-
 from fxquant.api import calibrate, convert, load_calib_amax, prepare, quantize, report_of
 from fxquant.backends import BACKENDS, Backend
 from fxquant.encodings import EncodingsError, encodings_of, load_encodings, save_encodings
@@ -10,7 +8,9 @@ from fxquant.errors import (
     ConversionError,
     ExampleInputError,
     FxQuantError,
+    NegativeInputError,
     PassError,
+    QuantRangeError,
     TraceError,
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
@@ -21,9 +21,10 @@ from fxquant.ptq.bias_correction import correct_bias
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.qat import QATError, check_optimizer, prepare_qat
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
-from fxquant.rules import Pattern, Quantize, Rule
+from fxquant.rules import Pattern, Rule, RuleContext, Targets
 from fxquant.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from fxquant.spec import Override, QuantConfig, QuantSpec
+from fxquant.version import __version__
 
 __all__ = [
     "BACKENDS",
@@ -37,17 +38,21 @@ __all__ = [
     "FxQuantError",
     "LayerSensitivity",
     "MixedPrecisionResult",
+    "NegativeInputError",
     "Override",
     "PassError",
     "Pattern",
     "QATError",
     "QuantConfig",
+    "QuantRangeError",
     "QuantSpec",
-    "Quantize",
     "Rule",
+    "RuleContext",
     "SensitivityReport",
+    "Targets",
     "TensorQuantizer",
     "TraceError",
+    "__version__",
     "adaround",
     "calibrate",
     "check_optimizer",

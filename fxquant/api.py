@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant.backends import BACKENDS, Backend, get_backend
+from fxquant.backends import Backend, get_backend
 from fxquant.backends.saturation import choose_weight_bits
-from fxquant.calib import CALIBRATORS
-from fxquant.capture import normalize_inputs, propagate_shapes
+from fxquant.calib import distributed
+from fxquant.capture import normalize_inputs
 from fxquant.errors import CalibrationError, ConversionError
-from fxquant.hybrid import attach_state, prepare_parts
 from fxquant.lower.frozen import FrozenQuantizer
-from fxquant.passes.annotate import Annotations, annotate_pass
-from fxquant.passes.decompose_attention import decompose_attention
-from fxquant.passes.einsum_matmul import einsum_to_matmul
-from fxquant.passes.fold_bn import fold_bn
-from fxquant.passes.insert import insert_quantizers
-from fxquant.passes.manager import PassResult, run_passes
-from fxquant.passes.window_attention import inline_window_attention
-from fxquant.ptq import pipeline as ptq
-from fxquant.ptq.adaround import FIXED_KEY
+from fxquant.pipeline import prepare_model
+from fxquant.ptq import calibrate_passes as ptq
 from fxquant.quantizer import TensorQuantizer
-from fxquant.report import OpEntry, PrepareReport
-from fxquant.rules import GraphView
-from fxquant.spec import QuantConfig
-from fxquant.state import QuantState, get_state
-
-
-def _insert_pass(gm: fx.GraphModule) -> PassResult:
-    return insert_quantizers(gm, gm.meta["fxquant_annotations"])
+from fxquant.report import PrepareReport
+from fxquant.spec import CALIB_METHODS, QuantConfig
+from fxquant.state import attach_state, get_state
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
@@ -46,14 +33,16 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
     ``calibrate``; ``fxquant.report_of(prepared)`` tells what was quantized and what stayed float and why.
     Code torch.fx cannot trace runs eagerly: the result is then the model's own module tree with its traceable
     parts as GraphModules and the Conv/Linear layers called from eager code swapped for quantized twins
-    (``QuantConfig.strict=True`` raises a TraceError instead).
+    (``QuantConfig.strict=True`` raises a TraceError instead). The pass order is ``fxquant.pipeline``.
     For quantization-aware training use ``fxquant.prepare_qat`` (same arguments).
     """
-    return _prepare(model, example_inputs, backend, config, qat=False)
+    backend, config = checked_arguments(model, backend, config, qat=False)
+    return prepare_model(model, example_inputs, backend, config)
 
 
-def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend,
-             config: QuantConfig | None, qat: bool) -> fx.GraphModule:
+def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantConfig | None,
+                      qat: bool) -> tuple[Backend, QuantConfig]:
+    """Validate prepare's arguments; returns the backend object and the config in force."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
     backend = get_backend(backend)
@@ -67,52 +56,7 @@ def _prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: st
         if spec is not None and spec.learn_amax and not qat:
             raise ValueError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
                              "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
-    if config.rules:
-        backend = backend.with_rules(*config.rules)
-    inputs = normalize_inputs(example_inputs)
-    work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
-
-    def prepare_graph(gm: fx.GraphModule, unit_inputs: tuple) -> tuple[fx.GraphModule, PrepareReport]:
-        propagate_shapes(gm, unit_inputs)
-        passes = [("decompose_attention", partial(decompose_attention, example_inputs=unit_inputs)),
-                  ("inline_window_attention", partial(inline_window_attention, example_inputs=unit_inputs)),
-                  ("einsum_to_matmul", partial(einsum_to_matmul, example_inputs=unit_inputs))]
-        if config.fold_bn:
-            passes += ptq.before_fold(config)
-            passes.append(("fold_bn", partial(fold_bn, strict=config.strict)))
-        passes += ptq.after_fold(config)  # equalization, bias absorption (QuantConfig.equalize / absorb_bias)
-        passes += [("annotate", partial(annotate_pass, backend=backend, config=config)),
-                   ("insert_quantizers", _insert_pass)]
-        gm, results = run_passes(gm, passes)
-        return gm, _report(gm, backend, gm.meta.pop("fxquant_annotations"), results)
-
-    # the traced parts (the whole model when torch.fx can trace it) and what runs eagerly: fxquant.hybrid
-    root, report = prepare_parts(work, inputs, backend, config, prepare_graph)
-    attach_state(root, QuantState(backend.name, config, "prepared", report))
-    if report.float_ops:
-        warnings.warn(f"{len(report.float_ops)} op(s) stay float:\n" +
-                      "\n".join(f"  {e.node} ({e.kind}): {e.detail}" for e in report.float_ops), stacklevel=3)
-    if report.eager:
-        warnings.warn(f"{len(report.eager)} module(s) run eagerly (not traced); their Conv/Linear layers are "
-                      "quantized by module swap:\n" + "\n".join(f"  {e.node or '<root>'} ({e.kind}): {e.detail}"
-                                                                  for e in report.eager), stacklevel=3)
-    return root
-
-
-def _report(gm: fx.GraphModule, backend: Backend, ann: Annotations, results: dict[str, PassResult]) -> PrepareReport:
-    kinds = GraphView(gm).kinds
-    report = PrepareReport(backend.name)
-    report.quantized = [OpEntry(n.name, kinds.get(n, "?"), rule) for n, rule in ann.quantized.items()]
-    report.passthrough = [OpEntry(n.name, kinds.get(n, "?"), "pass-through") for n in ann.passthrough]
-    report.float_ops = [OpEntry(n.name, kinds.get(n, "?"), why) for n, why in ann.floats.items()]
-    report.folded_bn = [n.meta["fxquant"]["folded_bn"]["bn"] for n in gm.graph.nodes
-                        if "folded_bn" in n.meta.get("fxquant", {})]
-    report.skipped = [note for r in results.values() for note in r.notes]
-    report.ptq.update(gm.meta.pop("fxquant_ptq", {}))
-    quantizers = _quantizers(gm)
-    report.weight_quantizers = sum(1 for q in quantizers.values() if q.constant)
-    report.activation_quantizers = len(quantizers) - report.weight_quantizers
-    return report
+    return backend, config
 
 
 def report_of(model: nn.Module) -> PrepareReport:
@@ -144,8 +88,6 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
     (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again.
     """
-    from fxquant.calib import distributed  # local: the distributed hook is part of calibrate only
-
     state = get_state(prepared)
     quantizers = _quantizers(prepared)
     if state is not None and state.stage == "converted":
@@ -162,7 +104,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
-    fixed = prepared.meta.get(FIXED_KEY, set())  # weights AdaRound rounded: their range fixes their codes
+    fixed = state.fixed_weights  # weights AdaRound rounded: their range fixes their codes
     quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled | fixed}
     for q in quantizers.values():
         q.calibrator.reset()
@@ -195,9 +137,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
             q.set_mode("quant")
         prepared.train(was_training)
     state.stage = "calibrated"
-    backend = state.backend if isinstance(state.backend, Backend) else BACKENDS.get(state.backend)
-    if backend is not None:  # AdaRound may move each code by one: keep two codes of headroom per pair
-        choose_weight_bits(prepared, backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
+    # AdaRound may move each code by one: keep two codes of headroom per pair
+    choose_weight_bits(prepared, state.backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
 
@@ -211,8 +152,8 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
         raise CalibrationError("load_calib_amax() needs a model that fxquant.calibrate() has run on")
-    if method not in CALIBRATORS:
-        raise ValueError(f"unknown calib method {method!r}; valid methods: {sorted(CALIBRATORS)}")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"unknown calib method {method!r}; valid methods: {sorted(CALIB_METHODS)}")
     quantizers = _quantizers(prepared)
     if any(q.spec.amax is None and q.calibrator.num_batches == 0 for q in quantizers.values()):
         raise CalibrationError("load_calib_amax() re-derives ranges from calibration statistics, but this model's "
@@ -249,7 +190,7 @@ def convert(prepared: nn.Module) -> nn.Module:
     for name, q in list(_quantizers(qmodel).items()):
         frozen = nn.Identity() if q.mode == "disabled" else FrozenQuantizer(q, q.constant)
         qmodel.set_submodule(name, frozen)
-    qmodel.meta["fxquant"] = QuantState(state.backend, state.config, "converted", state.report)
+    attach_state(qmodel, dataclasses.replace(state, stage="converted"))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):
             m.recompile()

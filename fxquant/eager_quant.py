@@ -85,7 +85,7 @@ def _one_op_graph(path: str, module: nn.Module, inputs: tuple) -> tuple[fx.Graph
 
 
 def swap_layer(root: nn.Module, path: str, inputs: tuple, backend: Backend, config: QuantConfig) -> OpEntry:
-    """Quantize the layer at ``path`` of ``root`` as the backend's rules place it; returns its report entry
+    """Targets the layer at ``path`` of ``root`` as the backend's rules place it; returns its report entry
     (``quantized`` is told by the entry's detail: the rule, or the reason it stayed float)."""
     module = root.get_submodule(path)
     gm, node = _one_op_graph(path, module, inputs)

@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxquant import qmath
 from fxquant.errors import CalibrationError
 from fxquant.quantizer import TensorQuantizer
 from fxquant.state import get_state
+from fxquant.version import __version__
 
 FORMAT_VERSION = 1
 SPEC_FIELDS = ("num_bits", "axis", "symmetric", "unsigned", "narrow_range")  # must match the model's spec
@@ -77,14 +79,13 @@ def _prepared(model: nn.Module, action: str) -> tuple[Any, dict[str, TensorQuant
 
 def encodings_of(model: nn.Module) -> dict[str, Any]:
     """The encodings of a calibrated prepared model as a JSON-ready dict (what ``save_encodings`` writes)."""
-    from fxquant import __version__
 
     state, quantizers = _prepared(model, "save_encodings()")
     missing = [name for name, q in quantizers.items() if not q.is_calibrated]
     if missing:
         raise CalibrationError(f"{len(missing)} quantizer(s) have no range yet ({_shown(missing)}); run "
                                "fxquant.calibrate(prepared, batches) before saving the encodings")
-    return {"fxquant_version": __version__, "format_version": FORMAT_VERSION, "backend": state.backend,
+    return {"fxquant_version": __version__, "format_version": FORMAT_VERSION, "backend": state.backend.name,
             "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
 
 
@@ -201,7 +202,7 @@ def _check_entry(name: str, entry: object, q: TensorQuantizer,
     shape = () if expected is None else (len(parsed["min"]),)
     lo, hi = (torch.tensor(parsed[k], dtype=torch.float32).reshape(shape) for k in ("min", "max"))
     # The range is loaded from min and max: scale, zero_point and amax must be what that range gives.
-    scale, zero_point = q._qparams(lo, hi)
+    scale, zero_point = qmath.qparams(lo, hi, q.spec.qmin, q.spec.qmax, q.spec.symmetric)
     derived = {"scale": scale, "zero_point": zero_point.round(), "amax": torch.maximum(lo.abs(), hi.abs())}
     for key, tensor in derived.items():
         if key in parsed and not torch.equal(tensor.reshape(-1), torch.tensor(parsed[key], dtype=torch.float32)):
@@ -228,9 +229,9 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
     if data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise EncodingsError(f"encodings format_version {data.get('format_version')!r} is not {FORMAT_VERSION}, "
                              "the one this fxquant reads; save the encodings with this fxquant version")
-    if data.get("backend") != state.backend:
+    if data.get("backend") != state.backend.name:
         raise EncodingsError(f"the encodings were saved for backend {data.get('backend')!r} but this model was "
-                             f"prepared for {state.backend!r}; prepare it with backend={data.get('backend')!r} "
+                             f"prepared for {state.backend.name!r}; prepare it with backend={data.get('backend')!r} "
                              "(the backend decides where quantizers go and their specs)")
     entries = data["quantizers"]
     missing = [name for name in quantizers if name not in entries]

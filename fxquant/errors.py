@@ -1,4 +1,4 @@
-"""fxquant's exceptions: each is a ValueError/TypeError/RuntimeError subclass with a message that says what to do."""
+"""fxquant's exceptions: every one derives from FxQuantError; each message says what is wrong and what to do."""
 
 
 class FxQuantError(RuntimeError):
@@ -21,5 +21,13 @@ class ConversionError(FxQuantError):
     """convert() or export_onnx() got a model it cannot lower."""
 
 
-class ExampleInputError(ValueError):
+class ExampleInputError(FxQuantError, ValueError):
     """The example inputs do not fit the model."""
+
+
+class QuantRangeError(FxQuantError, ValueError):
+    """A quantization range or scale that cannot be used (a negative amax, a scale beyond float16)."""
+
+
+class NegativeInputError(FxQuantError, TypeError):
+    """Negative values reached an unsigned quantizer (a TypeError, as in pytorch_quantization)."""

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from fxquant.api import calibrate, convert, prepare
 from fxquant.backends import Backend
-from fxquant.sensitivity import Probe, SensitivityReport, _Acc, layer_overrides, quantized_layers, sensitivity
+from fxquant.metrics import SqnrAccumulator
+from fxquant.sensitivity import Probe, SensitivityReport, layer_overrides, quantized_layers, sensitivity
 from fxquant.spec import QuantConfig
 
 Metric = Callable[[nn.Module], float]
@@ -76,7 +77,7 @@ class _SqnrMeter:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
-        acc = _Acc()
+        acc = SqnrAccumulator()
         for batch, ref in zip(self.batches, self.reference, strict=True):
             out = [t for t in tree_leaves(model(*batch)) if isinstance(t, torch.Tensor)]
             for r, t in zip(ref, out, strict=True):
@@ -89,7 +90,7 @@ def mixed_precision(model: nn.Module, example_inputs: torch.Tensor | tuple, batc
                     target_sqnr: float | None = None, metric: Metric | None = None, target: float | None = None,
                     eval_batches: Iterable | None = None, max_float: int | None = None,
                     progress: bool = True) -> MixedPrecisionResult:
-    """Quantize ``model`` keeping the fewest most-sensitive layers float that reach a target.
+    """Targets ``model`` keeping the fewest most-sensitive layers float that reach a target.
 
     Give either ``target_sqnr`` (dB, model output against the float model on ``eval_batches``, default the
     calibration ``batches``) or ``metric`` (a callable taking a model and returning a score, higher is better,

@@ -1,12 +1,15 @@
-"""Quantization arithmetic and the TensorQuantizer module.
+"""pytorch_quantization's ``tensor_quant`` / ``fake_tensor_quant`` and the TensorQuantizer module.
 
 ``tensor_quant`` / ``fake_tensor_quant`` keep the semantics of NVIDIA pytorch_quantization: the returned
-``scale`` is the multiplier ``max_bound / amax`` (codes = round(x * scale)), and ``outputs / scale``
-dequantizes. TensorQuantizer's ``scale`` property instead follows the ONNX / torch convention that the rest
-of the stack uses, the step size: ``x ~= (q - zero_point) * scale``, and its forward computes exactly what
-QuantizeLinear -> DequantizeLinear (and ``convert``'s frozen op) compute, ``round(x / step)``: ``x * (max_bound /
-amax)`` can round the other way at ties (``x * (1 / s)`` and ``x / s`` differ in the last bit), which on
-discrete inputs flips whole pixel values between the prepared and the converted model.
+``scale`` is the multiplier ``max_bound / amax`` (by division, as NVIDIA computes it; codes = round(x * scale)),
+``outputs / scale`` dequantizes, the gradient passes straight through where ``|x| <= amax``, float16/bfloat16
+inputs give codes and scale in their own dtype, and unsigned quantization of negative values raises.
+
+TensorQuantizer deliberately differs in one point: its ``scale`` is the step size of ONNX and torch, ``x ~= (q -
+zero_point) * scale``, and its forward computes exactly what QuantizeLinear -> DequantizeLinear (and ``convert``'s
+frozen op) compute, ``round(x / step)``. NVIDIA's ``x * (max_bound / amax)`` can round the other way where ``x /
+step`` lies within an ulp of a half (``x * (1 / s)`` and ``x / s`` differ in the last bit), which would flip codes
+between the prepared and the converted model. The arithmetic lives in ``fxquant.qmath``.
 """
 
 from __future__ import annotations
@@ -14,35 +17,57 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxquant import qmath
 from fxquant.calib import make_calibrator
 from fxquant.calib.max import channel_minmax
+from fxquant.errors import NegativeInputError, QuantRangeError
 from fxquant.spec import QuantSpec
 
-_EPS = 1.0 / (1 << 24)  # amax below this counts as zero: the smallest fp16 subnormal
 MODES = ("quant", "calib", "disabled")
+_FP16_MAX = 65504.0
 
 
-def _bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[float, float]:
-    max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+def _check_unsigned(inputs: torch.Tensor) -> None:
+    if inputs.numel() and bool(inputs.min() < 0):
+        raise NegativeInputError("Negative values encountered in unsigned quantization: an unsigned quantizer "
+                                 f"covers [0, amax], but the input's minimum is {inputs.min().item()}; quantize "
+                                 "this tensor with unsigned=False, or quantize a non-negative tensor (after a ReLU)")
+
+
+def _nvidia_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int, unsigned: bool,
+                  narrow_range: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes and multiplier in float32, and the float amax on the input's device."""
+    amax = torch.as_tensor(amax, device=inputs.device).to(inputs.device).float()
+    qmath.check_amax(amax)
     if unsigned:
-        return 0.0, max_bound
-    return (-max_bound if narrow_range else -max_bound - 1.0), max_bound
+        _check_unsigned(inputs)
+    qmin, qmax = qmath.qrange(num_bits, unsigned, narrow_range)
+    scale = qmath.multiplier(amax, qmax)
+    codes = qmath.quantize_by_multiplier(inputs, scale, qmin, qmax)
+    return codes, torch.where(amax <= qmath.EPS, torch.ones_like(scale), scale), amax
 
 
-def _tensor_quant(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool,
-                  narrow_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(amax, torch.Tensor):
-        amax = torch.tensor(float(amax), device=inputs.device)
-    amax = amax.float()
-    if amax.min() < 0:
-        raise ValueError(f"amax must be >= 0, got a minimum of {amax.min().item()}: "
-                         "pass the absolute maximum of the tensor (e.g. x.abs().max())")
-    min_bound, max_bound = _bounds(num_bits, unsigned, narrow_range)
-    scale = max_bound / amax
-    zero = amax <= _EPS
-    scale = torch.where(zero, torch.zeros_like(scale), scale)  # amax 0 quantizes everything to 0
-    outputs = torch.clamp((inputs.float() * scale).round_(), min_bound, max_bound)
-    return outputs, torch.where(zero, torch.ones_like(scale), scale)
+def _pass_inside(inputs: torch.Tensor, amax: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return torch.where(inputs.abs() <= amax, grad, torch.zeros_like(grad))
+
+
+class _TensorQuant(torch.autograd.Function):
+    """Codes and multiplier; straight-through gradient where |x| <= amax, zero outside."""
+
+    @staticmethod
+    def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):
+        codes, scale, amax_t = _nvidia_quant(inputs, amax, num_bits, unsigned, narrow_range)
+        if inputs.dtype == torch.float16 and scale.numel() and bool(scale.max() > _FP16_MAX):
+            raise QuantRangeError(f"scale is too large for FP16 with amax={amax_t.min().item():g}: the multiplier "
+                                  f"{scale.max().item():g} exceeds float16's maximum {_FP16_MAX:g}; quantize the "
+                                  "float32 tensor or use a larger amax")
+        ctx.save_for_backward(inputs, amax_t)
+        return codes.to(inputs.dtype), scale.to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_scale):
+        inputs, amax = ctx.saved_tensors
+        return _pass_inside(inputs, amax, grad_codes), None, None, None, None
 
 
 def tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, unsigned: bool = False,
@@ -50,89 +75,36 @@ def tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int
     """Symmetric linear quantization: returns the integer codes (as floats) and the scale multiplier.
 
     ``amax`` is a scalar or a tensor broadcastable to ``inputs`` (per-channel). Codes are
-    ``clamp(round(inputs * scale), min_bound, max_bound)`` with ``scale = max_bound / amax``.
+    ``clamp(round(inputs * scale), min_bound, max_bound)`` with ``scale = max_bound / amax`` (true division);
+    both are in the input's dtype (a float16 scale above 65504 raises ``QuantRangeError``). Gradient: straight
+    through where ``|inputs| <= amax``, zero outside. ``unsigned=True`` with a negative input raises
+    ``NegativeInputError`` (a TypeError); an amax of 0 gives zero codes and scale 1.
     """
-    return _tensor_quant(inputs, amax, num_bits, unsigned, narrow_range)
+    return _TensorQuant.apply(inputs, amax, num_bits, unsigned, narrow_range)
 
 
 class _FakeTensorQuant(torch.autograd.Function):
-    """Quantize then dequantize; straight-through gradient where |x| <= amax, zero outside."""
+    """Targets then dequantize; straight-through gradient where |x| <= amax, zero outside."""
 
     @staticmethod
     def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):
-        amax_t = amax if isinstance(amax, torch.Tensor) else torch.tensor(float(amax), device=inputs.device)
+        codes, scale, amax_t = _nvidia_quant(inputs, amax, num_bits, unsigned, narrow_range)
         ctx.save_for_backward(inputs, amax_t)
-        outputs, scale = _tensor_quant(inputs, amax_t, num_bits, unsigned, narrow_range)
-        return (outputs / scale).to(inputs.dtype)
+        if inputs.dtype == torch.float32:
+            return codes / scale
+        return codes.to(inputs.dtype) / scale.to(inputs.dtype)
 
     @staticmethod
     def backward(ctx, grad_outputs):
         inputs, amax = ctx.saved_tensors
-        grad_inputs = torch.where(inputs.abs() <= amax, grad_outputs, torch.zeros_like(grad_outputs))
-        return grad_inputs, None, None, None, None
+        return _pass_inside(inputs, amax, grad_outputs), None, None, None, None
 
 
 def fake_tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, unsigned: bool = False,
                       narrow_range: bool = True) -> torch.Tensor:
-    """``tensor_quant`` followed by dequantization, differentiable with a straight-through estimator."""
+    """``tensor_quant`` followed by dequantization (``codes / scale`` in the input's dtype), differentiable with
+    a straight-through estimator."""
     return _FakeTensorQuant.apply(inputs, amax, num_bits, unsigned, narrow_range)
-
-
-class _FakeAffineQuant(torch.autograd.Function):
-    """Affine quantize-dequantize; straight-through gradient inside the representable range."""
-
-    @staticmethod
-    def forward(ctx, inputs, scale, zero_point, qmin, qmax, fake):
-        codes = torch.round(inputs.float() / scale) + zero_point
-        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
-        q = torch.clamp(codes, qmin, qmax)
-        return ((q - zero_point) * scale).to(inputs.dtype) if fake else q
-
-    @staticmethod
-    def backward(ctx, grad_outputs):
-        (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
-
-
-class _FakeSymmetricQuant(torch.autograd.Function):
-    """Symmetric quantize(-dequantize) by the step size, as ONNX computes it; the seed's straight-through
-    gradient (passes where |x| <= amax); an amax of 0 quantizes to zero, like ``tensor_quant``."""
-
-    @staticmethod
-    def forward(ctx, inputs, step, amax, qmin, qmax, fake):
-        ctx.save_for_backward(inputs.abs() <= amax)
-        codes = torch.clamp(torch.round(inputs.float() / step), qmin, qmax)
-        codes = torch.where(amax <= _EPS, torch.zeros_like(codes), codes)
-        return (codes * step).to(inputs.dtype) if fake else codes
-
-    @staticmethod
-    def backward(ctx, grad_outputs):
-        (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad_outputs, torch.zeros_like(grad_outputs)), None, None, None, None, None
-
-
-def _safe_step(step: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-    """A range narrower than _EPS (all-zero data) gets step 1: zero stays exactly zero, and the step stays a
-    sane number for runtimes that derive int32 bias scales from it (a 1e-10 step overflows them)."""
-    return torch.where(span <= _EPS, torch.ones_like(step), step)
-
-
-def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step size and integer zero point for the range [lo, hi], widened to include 0."""
-    lo = torch.clamp(lo.float(), max=0.0)
-    hi = torch.clamp(hi.float(), min=0.0)
-    scale = _safe_step((hi - lo) / (qmax - qmin), hi - lo)
-    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-    return scale, zero_point
-
-
-def broadcast_shape(x: torch.Tensor, axis: int | None, values: torch.Tensor) -> torch.Tensor:
-    """Reshape per-channel ``values`` so they broadcast along ``axis`` of ``x``."""
-    if axis is None or values.dim() == 0:
-        return values
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return values.reshape(shape)
 
 
 class TensorQuantizer(nn.Module):
@@ -140,7 +112,14 @@ class TensorQuantizer(nn.Module):
 
     Modes: ``"quant"`` (default), ``"calib"`` (collect statistics, return the input unchanged) and
     ``"disabled"``. Without a range (no fixed amax, not calibrated) quant mode uses the range of the current
-    input, as pytorch_quantization does.
+    input times ``scale_amax``, as pytorch_quantization does; ``scale`` and ``zero_point`` then report that
+    forward's values, while ``amax`` stays None (nothing is calibrated). ``amax`` can be set (``q.amax = 0.577``:
+    the range becomes ``[-0.577, 0.577]``, used as given, without ``scale_amax``). An unsigned spec raises
+    ``NegativeInputError`` on a negative input in quant mode. The range follows the input's device.
+
+    Differences from pytorch_quantization's TensorQuantizer, by design: ``scale`` is the step size
+    (``amax / max_bound``, the ONNX scale), not the multiplier ``max_bound / amax``, and codes are ``round(x /
+    step)`` as QuantizeLinear computes them (see the module docstring).
 
     ``constant`` is True for a quantizer of a parameter or buffer (a module's weight, a layer scale): its
     statistics are complete after one batch, and it never sees values outside its calibrated range.
@@ -159,6 +138,7 @@ class TensorQuantizer(nn.Module):
         self.calibrator = make_calibrator(spec)
         self.register_buffer("_min", None)
         self.register_buffer("_max", None)
+        self._input_range: tuple[torch.Tensor, torch.Tensor] | None = None  # the last forward's own range
         self._range_device: torch.device | None = None  # where .to()/.cuda() moved it; see _load_from_state_dict
         if spec.amax is not None:
             self._set_range(-torch.tensor(float(spec.amax)), torch.tensor(float(spec.amax)))
@@ -174,9 +154,14 @@ class TensorQuantizer(nn.Module):
         """True when the range is known (a fixed amax or a finished calibration)."""
         return self._max is not None
 
+    def _scaled(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        factor = self.spec.scale_amax
+        return (lo, hi) if factor is None else (lo * factor, hi * factor)
+
     def _set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        if self.spec.scale_amax is not None:
-            lo, hi = lo * self.spec.scale_amax, hi * self.spec.scale_amax
+        self._store_range(*self._scaled(lo, hi))
+
+    def _store_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         device = next((b.device for b in (self._min, self._max) if b is not None), lo.device)
         self._min, self._max = lo.float().to(device), hi.float().to(device)
 
@@ -187,6 +172,7 @@ class TensorQuantizer(nn.Module):
             self._range_device = fn(torch.empty(0, device=getattr(self, "_range_device", None))).device
         except Exception:  # a function that cannot take a stray tensor: keep the last known device
             pass
+        self._input_range = None  # the last forward's own range stays where it was computed: forget it
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -240,22 +226,36 @@ class TensorQuantizer(nn.Module):
             return None
         return torch.maximum(self._min.abs(), self._max.abs())
 
-    def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.spec
-        if spec.symmetric:
-            amax = torch.maximum(lo.abs(), hi.abs())
-            return _safe_step(amax / spec.qmax, amax), torch.zeros_like(amax)
-        return affine_qparams(lo, hi, spec.qmin, spec.qmax)
+    @amax.setter
+    def amax(self, value: torch.Tensor | float | list) -> None:
+        """Set the range to ``[-value, value]`` (a number, or one value per channel), as given."""
+        device = next((b.device for b in (self._min, self._max) if b is not None), self._range_device)
+        amax = torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone()
+        qmath.check_amax(amax)
+        if amax.dim() != (0 if self.spec.axis is None else 1):
+            raise QuantRangeError(f"amax of shape {tuple(amax.shape)} does not fit this "
+                                  f"{'per-tensor' if self.spec.axis is None else 'per-channel'} quantizer: give "
+                                  f"{'one number' if self.spec.axis is None else 'one value per channel (1-D)'}")
+        self._store_range(-amax, amax)
+
+    def _current_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self._min, self._max) if self._max is not None else getattr(self, "_input_range", None)
+
+    def _qparams_now(self, index: int) -> torch.Tensor | None:
+        current = self._current_range()
+        if current is None:
+            return None
+        return qmath.qparams(*current, self.spec.qmin, self.spec.qmax, self.spec.symmetric)[index]
 
     @property
     def scale(self) -> torch.Tensor | None:
-        """Step size: ``x ~= (q - zero_point) * scale``."""
-        return None if self._max is None else self._qparams(self._min, self._max)[0]
+        """Step size: ``x ~= (q - zero_point) * scale`` (the last forward's, before a range is set)."""
+        return self._qparams_now(0)
 
     @property
     def zero_point(self) -> torch.Tensor | None:
         """Integer zero point (0 for symmetric specs)."""
-        return None if self._max is None else self._qparams(self._min, self._max)[1]
+        return self._qparams_now(1)
 
     # ---- forward -----------------------------------------------------------------------------------
     def _axis(self, x: torch.Tensor) -> int | None:
@@ -274,19 +274,20 @@ class TensorQuantizer(nn.Module):
             if self.spec.amax is None:
                 self.calibrator.collect(x)
             return x
-        if self._max is None:
-            lo, hi = channel_minmax(x, axis)
-        else:
-            lo, hi = self._min, self._max
         spec = self.spec
+        if spec.unsigned:
+            _check_unsigned(x.detach())
+        if self._max is None:
+            lo, hi = self._scaled(*(t.float() for t in channel_minmax(x, axis)))
+            self._input_range = (lo, hi)
+        else:
+            lo, hi = self._min.to(x.device), self._max.to(x.device)
         if spec.symmetric:
-            amax = torch.maximum(lo.abs(), hi.abs()).float()
-            step = _safe_step(amax / spec.qmax, amax)  # the `scale` property, as convert freezes it
-            return _FakeSymmetricQuant.apply(x, broadcast_shape(x, axis, step), broadcast_shape(x, axis, amax),
-                                             spec.qmin, spec.qmax, spec.fake_quant)
-        scale, zero_point = affine_qparams(lo, hi, spec.qmin, spec.qmax)
-        scale, zero_point = broadcast_shape(x, axis, scale), broadcast_shape(x, axis, zero_point)
-        return _FakeAffineQuant.apply(x, scale, zero_point, spec.qmin, spec.qmax, spec.fake_quant)
+            amax = qmath.along_axis(torch.maximum(lo.abs(), hi.abs()), x.dim(), axis)
+            return qmath.fake_quant_symmetric(x, amax, spec.qmin, spec.qmax, spec.fake_quant)
+        step, zero_point = qmath.affine_qparams(lo, hi, spec.qmin, spec.qmax)
+        step, zero_point = qmath.along_axis(step, x.dim(), axis), qmath.along_axis(zero_point, x.dim(), axis)
+        return qmath.fake_quant_affine(x, step, zero_point, spec.qmin, spec.qmax, spec.fake_quant)
 
     def extra_repr(self) -> str:
         spec = self.spec

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from torch import fx, nn
+
+from fxquant.provenance import read
+from fxquant.quantizer import TensorQuantizer
+from fxquant.rules.context import Annotations
+from fxquant.rules.pattern import GraphView
+
 
 @dataclass(frozen=True)
 class OpEntry:
@@ -50,6 +57,12 @@ class PrepareReport:
         self.skipped += [f"`{prefix}`: {note}" if prefix else note for note in other.skipped]
         for pass_name, r in other.ptq.items():
             self.ptq[name(pass_name)] = r
+
+    def count_quantizers(self, root: nn.Module) -> None:
+        """Count the weight (constant) and activation quantizers of the prepared model ``root``."""
+        quantizers = [m for m in root.modules() if isinstance(m, TensorQuantizer)]
+        self.weight_quantizers = sum(1 for q in quantizers if q.constant)
+        self.activation_quantizers = len(quantizers) - self.weight_quantizers
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Ops per kind: ``{kind: {"quantized": n, "pass-through": n, "float": n}}`` (zeros included)."""
@@ -116,3 +129,18 @@ class PrepareReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def graph_report(gm: fx.GraphModule, backend: str, ann: Annotations, notes: list[str], ptq: dict) -> PrepareReport:
+    """The report of one prepared graph: what the rules decided (``ann``), what the passes skipped (``notes``),
+    the BatchNorms folded and the PTQ passes' reports."""
+    kinds = GraphView(gm).kinds
+    report = PrepareReport(backend)
+    report.quantized = [OpEntry(n.name, kinds.get(n, "?"), rule) for n, rule in ann.quantized.items()]
+    report.passthrough = [OpEntry(n.name, kinds.get(n, "?"), "pass-through") for n in ann.passthrough]
+    report.float_ops = [OpEntry(n.name, kinds.get(n, "?"), why) for n, why in ann.floats.items()]
+    report.folded_bn = [read(n).folded_bn for n in gm.graph.nodes if read(n).folded_bn]
+    report.skipped = list(notes)
+    report.ptq.update(ptq)
+    report.count_quantizers(gm)
+    return report

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 
 from fxquant.capture import normalize_inputs
 from fxquant.errors import CalibrationError
+from fxquant.metrics import SqnrAccumulator
+from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
+from fxquant.sensitivity_report import LayerSensitivity, SensitivityReport
 from fxquant.state import get_state
 
 
@@ -45,61 +48,6 @@ class Layer:
     def pattern(self) -> str:
         """An ``Override`` glob that matches exactly this layer (glob characters escaped)."""
         return "".join(f"[{c}]" if c in "*?[]" else c for c in self.name)
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    """SQNRs (dB, against the float model) of one layer; ``rank`` 1 is the most harmful layer."""
-
-    name: str
-    kind: str
-    index: int
-    rank: int
-    model_only_db: float
-    model_cumulative_db: float
-    output_only_db: float
-    output_cumulative_db: float
-    quantizers: tuple[str, ...]
-
-
-@dataclass
-class SensitivityReport:
-    """Result of ``sensitivity()``: layers in topological order, ``ranked()`` most harmful first."""
-
-    backend: str
-    layers: list[LayerSensitivity]
-    full_db: float  # model output with every quantizer on
-    num_batches: int
-    notes: list[str] = field(default_factory=list)
-
-    def ranked(self) -> list[LayerSensitivity]:
-        """Layers sorted by ``model_only_db``, lowest (most harmful) first."""
-        return sorted(self.layers, key=lambda s: s.rank)
-
-    def as_dict(self) -> dict:
-        return {"backend": self.backend, "full_db": self.full_db, "num_batches": self.num_batches,
-                "notes": list(self.notes), "layers": [asdict(s) for s in self.layers]}
-
-    def table(self, limit: int | None = None) -> str:
-        """A plain-text table of the ranked layers."""
-        rows = self.ranked()[:limit]
-        width = max([len("layer"), *(len(s.name) for s in rows)])
-        lines = [f"{'rank':>4}  {'layer':<{width}}  {'kind':<8} {'only dB':>8} {'upto dB':>8} "
-                 f"{'out only':>8} {'out upto':>8}"]
-        lines += [f"{s.rank:>4}  {s.name:<{width}}  {s.kind:<8} {_fmt(s.model_only_db):>8} "
-                  f"{_fmt(s.model_cumulative_db):>8} {_fmt(s.output_only_db):>8} {_fmt(s.output_cumulative_db):>8}"
-                  for s in rows]
-        return "\n".join(lines)
-
-    def write_html(self, path: str, title: str = "fxquant sensitivity report") -> str:
-        """Write a self-contained HTML report (plots embedded as PNG when matplotlib is installed)."""
-        from fxquant.sensitivity_html import write_html
-
-        return write_html(self, path, title)
-
-
-def _fmt(db: float) -> str:
-    return "inf" if math.isinf(db) else f"{db:.1f}"
 
 
 # ---- layers -------------------------------------------------------------------------------------------
@@ -124,15 +72,15 @@ def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
     asked: dict[str, list[str]] = {}  # unit -> quantizer modules
     members: dict[str, list[fx.Node]] = {}  # unit -> its op nodes
     for n in nodes:
-        meta = n.meta.get("fxquant", {})
-        if "unit" in meta:
-            members.setdefault(meta["unit"], []).append(n)
+        record = read(n)
+        if record.unit:
+            members.setdefault(record.unit, []).append(n)
         if n.op != "call_module":
             continue
         if n.target in quantizers:  # an activation quantizer: every unit that asked for it
-            units, target = meta.get("units", []), n.target
-        elif f"{n.target}.weight_quantizer" in quantizers and "unit" in meta:
-            units, target = [meta["unit"]], f"{n.target}.weight_quantizer"
+            units, target = (record.quantizer.units if record.quantizer else []), n.target
+        elif f"{n.target}.weight_quantizer" in quantizers and record.unit:
+            units, target = [record.unit], f"{n.target}.weight_quantizer"
         else:
             continue
         for unit in units:
@@ -167,25 +115,6 @@ def layer_overrides(layers: Sequence[Layer]):
 
 
 # ---- measurement --------------------------------------------------------------------------------------
-class _Acc:
-    """Running SQNR over many batches: the sums of signal and noise energy."""
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def add(self, ref: torch.Tensor, test: torch.Tensor) -> None:
-        ref, test = ref.detach().double(), test.detach().double()
-        self.signal += ref.pow(2).sum().item()
-        self.noise += (ref - test).pow(2).sum().item()
-
-    @property
-    def db(self) -> float:
-        if self.noise == 0:
-            return math.inf
-        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
-
-
 class Probe:
     """Runs a prepared model as if only some layers (units) were quantized; returns its outputs and taps.
 
@@ -203,14 +132,14 @@ class Probe:
             raise CalibrationError("sensitivity needs at least one batch of data")
         self.quantizers = _quantizer_modules(prepared)
         self.modes = {name: q.mode for name, q in self.quantizers.items()}
-        self.weight_units = {f"{n.target}.weight_quantizer": n.meta["fxquant"]["unit"] for n in prepared.graph.nodes
+        self.weight_units = {f"{n.target}.weight_quantizer": read(n).unit for n in prepared.graph.nodes
                              if n.op == "call_module" and f"{n.target}.weight_quantizer" in self.quantizers
-                             and "unit" in n.meta.get("fxquant", {})}
+                             and read(n).unit}
         self.was_training = prepared.training
         self.module: fx.GraphModule | None = None
 
     def configure(self, units: Iterable[str], taps: bool = True) -> fx.GraphModule:
-        """Quantize as the units ``units`` ask (quantizers the user disabled stay disabled). The module
+        """Targets as the units ``units`` ask (quantizers the user disabled stay disabled). The module
         returns ``(model output, layer outputs)``, or only the model output with ``taps=False``."""
         active = set(units)
         for name, q in self.quantizers.items():
@@ -231,7 +160,7 @@ class Probe:
                 out = fx.node.map_arg(n.args[0], lookup)
                 continue
             env[n] = graph.node_copy(n, lookup)
-            if n.op == "call_module" and n.target in self.quantizers and "asks" in n.meta.get("fxquant", {}):
+            if n.op == "call_module" and n.target in self.quantizers and read(n).quantizer is not None:
                 source[n] = lookup(n.args[0])
         for layer in self.layers:
             node = by_name.get(layer.output_node)
@@ -246,7 +175,7 @@ class Probe:
 
     @staticmethod
     def _acts(quantizer: fx.Node, user: fx.Node, active: set[str]) -> bool:
-        asks = quantizer.meta["fxquant"]["asks"]
+        asks = read(quantizer).quantizer.asks
         return any(unit in active and (target is None or target == user.name) for unit, target in asks)
 
     @torch.no_grad()
@@ -270,7 +199,7 @@ class Probe:
 
 
 def _compare(reference: list, test: list, layer: int | None) -> tuple[float, float]:
-    model_acc, out_acc = _Acc(), _Acc()
+    model_acc, out_acc = SqnrAccumulator(), SqnrAccumulator()
     for (ref_out, ref_taps), (out, taps) in zip(reference, test, strict=True):
         for r, t in zip(ref_out, out, strict=True):
             model_acc.add(r, t)
@@ -323,8 +252,8 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
                                layer.quantizers) for i, (layer, only, upto) in enumerate(rows)]
     notes = []
     lone = [n.name for n in prepared.graph.nodes if n.op == "call_module" and n.target in probe.quantizers
-            and "asks" not in n.meta.get("fxquant", {})]
+            and read(n).quantizer is None]
     if lone:
         notes.append(f"{len(lone)} quantizer call(s) carry no provenance and stay on in every run: "
                      + ", ".join(sorted(lone)[:6]))
-    return SensitivityReport(state.backend, result, full_db, len(probe.batches), notes)
+    return SensitivityReport(state.backend.name, result, full_db, len(probe.batches), notes)

@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fxquant.calib import CALIBRATORS, HISTOGRAM_METHODS
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS, AdaRoundOptions
-from fxquant.rules.rule import Rule, check_rules
+from fxquant.qmath import qrange
+
+HISTOGRAM_METHODS = frozenset({"percentile", "entropy", "mse"})
+"""Calibration methods that derive a range from one histogram per tensor (one calibrator serves them all)."""
+CALIB_METHODS = ("max", "ema", *sorted(HISTOGRAM_METHODS))
+"""Every ``QuantSpec.calib_method`` name; ``fxquant.calib.CALIBRATORS`` maps each to its calibrator."""
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -39,7 +43,7 @@ class QuantSpec:
         fake_quant: output dequantized floats (True) or integer codes (False).
         learn_amax: train the range during quantization-aware training (``fxquant.prepare_qat``; LSQ).
         scale_amax: multiply the calibrated amax by this factor.
-        calib_method: calibrator name; see ``fxquant.calib.CALIBRATORS``.
+        calib_method: calibrator name, one of ``CALIB_METHODS`` (max, ema, entropy, mse, percentile).
         symmetric: False gives affine quantization with a zero point over [0, 2^b - 1].
         percentile: for ``calib_method="percentile"``, the share of |x| (or, for affine specs, of each tail)
             kept inside the range, in (0, 100].
@@ -80,9 +84,9 @@ class QuantSpec:
                 raise TypeError(f"QuantSpec.scale_amax must be a number or None, got {self.scale_amax!r}")
             if not math.isfinite(self.scale_amax) or self.scale_amax <= 0:
                 raise ValueError(f"QuantSpec.scale_amax must be a finite number > 0, got {self.scale_amax}")
-        if not isinstance(self.calib_method, str) or self.calib_method not in CALIBRATORS:
+        if not isinstance(self.calib_method, str) or self.calib_method not in CALIB_METHODS:
             raise ValueError(f"QuantSpec.calib_method={self.calib_method!r} is unknown; "
-                             f"valid methods: {sorted(CALIBRATORS)}")
+                             f"valid methods: {sorted(CALIB_METHODS)}")
         for name, ok, rule in (("percentile", lambda v: 0 < v <= 100, "in (0, 100], e.g. 99.99"),
                                ("ema_decay", lambda v: 0 < v < 1, "in (0, 1), e.g. 0.9")):
             value = getattr(self, name)
@@ -105,16 +109,12 @@ class QuantSpec:
     @property
     def qmin(self) -> int:
         """Smallest integer code."""
-        if self.unsigned or not self.symmetric:
-            return 0
-        return -self.qmax if self.narrow_range else -self.qmax - 1
+        return qrange(self.num_bits, self.unsigned, self.narrow_range, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
         """Largest integer code."""
-        if not self.symmetric:
-            return 2**self.num_bits - 1
-        return 2 ** (self.num_bits - 1 + int(self.unsigned)) - 1
+        return qrange(self.num_bits, self.unsigned, self.narrow_range, self.symmetric)[1]
 
     def with_(self, **changes: object) -> QuantSpec:
         """A copy with some fields changed (validated again)."""
@@ -159,8 +159,6 @@ class QuantConfig:
         concrete_args: values fixed for the root forward's arguments while tracing (``torch.fx``'s
             ``concrete_args``), e.g. ``{"output_attentions": False}``. Arguments the example inputs leave out
             that have non-tensor defaults are fixed at their defaults anyway.
-        rules: extra placement rules (``fxquant.Rule``) composed with the backend's by priority; see
-            ``Backend.with_rules``.
         fold_bn: fold BatchNorm into the preceding Conv/Linear.
         strict: raise instead of warning when a pass must skip something.
         equalize: cross-layer equalization in prepare, after BN folding (``fxquant.ptq.equalize``).
@@ -177,7 +175,6 @@ class QuantConfig:
     leaf_modules: tuple[str, ...] = ()
     non_traceable: tuple[str, ...] = ()
     concrete_args: tuple[tuple[str, object], ...] = ()
-    rules: tuple[Rule, ...] = ()
     fold_bn: bool = True
     strict: bool = False
     equalize: bool = False
@@ -207,7 +204,6 @@ class QuantConfig:
                 if not isinstance(glob, str) or not glob:
                     raise TypeError(f"QuantConfig.{field_name} holds {glob!r}; use non-empty glob strings")
         object.__setattr__(self, "concrete_args", _pairs(self.concrete_args))
-        object.__setattr__(self, "rules", check_rules(self.rules, "QuantConfig.rules"))
         for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} must be True or False")

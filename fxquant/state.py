@@ -1,21 +1,24 @@
-"""What fxquant records on the models it returns (``gm.meta['fxquant']``)."""
+"""What fxquant records on the models it returns (``model.meta['fxquant']``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fxquant.backends.base import Backend
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
 
 
 @dataclass
 class QuantState:
-    """Backend, config and stage of a model made by fxquant, plus the prepare report."""
+    """The backend (the object itself, custom ones included), config and stage of a model made by fxquant,
+    the prepare report, and the weight quantizers whose ranges AdaRound fixed (calibrate leaves them alone)."""
 
-    backend: str
+    backend: Backend
     config: QuantConfig
     stage: str
     report: PrepareReport
+    fixed_weights: set[str] = field(default_factory=set)
 
 
 def get_state(model: object) -> QuantState | None:
@@ -23,3 +26,14 @@ def get_state(model: object) -> QuantState | None:
     meta = getattr(model, "meta", None)
     state = meta.get("fxquant") if isinstance(meta, dict) else None
     return state if isinstance(state, QuantState) else None
+
+
+def attach_state(root: object, state: QuantState) -> None:
+    """Record ``state`` on a prepared model (``root.meta['fxquant']``; eager roots get a ``meta`` dict)."""
+    meta = getattr(root, "meta", None)
+    if meta is None:
+        root.meta = meta = {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"the model has a `meta` attribute of type {type(meta).__name__}, where fxquant keeps its "
+                        "state on models it cannot trace whole; rename that attribute")
+    meta["fxquant"] = state

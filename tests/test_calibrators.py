@@ -109,10 +109,11 @@ def test_percentile_of_integers_1_to_1000():
     assert cal.exponent == 10  # 1000 < 2^10: bins of 2 * 1024 / 4096 = 0.5
     width = 2 * 1024 / NUM_BINS
     lo, hi = cal.compute(QuantSpec(calib_method="percentile", percentile=99))
-    # 99% of |x| is <= 990: the range ends at the right edge of 990's bin [990, 990.5)
-    assert abs(hi.item() - 990) <= width and hi.item() == 990.5 and lo.item() == -990.5
+    # 99% of |x| is <= 990: the range ends at the left edge of 990's bin [990, 990.5), the bin edge
+    # pytorch_quantization returns (the first bin where the cdf reaches 99%)
+    assert abs(hi.item() - 990) <= width and hi.item() == 990.0 and lo.item() == -990.0
     lo, hi = cal.compute(QuantSpec(calib_method="percentile", percentile=90))
-    assert hi.item() == 900.5
+    assert hi.item() == 900.0
     lo, hi = cal.compute(QuantSpec(calib_method="percentile", percentile=100))
     assert hi.item() == 1000.0  # capped at the exact maximum, not the bin edge
     # affine: each tail keeps 99%: [left edge of 10's bin, right edge of 990's bin]

@@ -75,7 +75,7 @@ def test_fold_is_float_equivalent(case):
     assert _targets(gm) == ["conv"]
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
     conv_node = next(n for n in gm.graph.nodes if n.op == "call_module")
-    assert conv_node.meta["fxquant"]["folded_bn"]["bn"] == "bn"
+    assert conv_node.meta["fxquant"].folded_bn == "bn"
     assert gm.conv.bias is not None
     with torch.no_grad():
         out = gm(x)

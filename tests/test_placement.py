@@ -289,10 +289,10 @@ def test_config_overrides_and_exclusions():
 def test_inserted_nodes_record_provenance():
     gm = prep(BasicBlock(), X8, backend="tensorrt")
     q = next(n for n in gm.graph.nodes if n.op == "call_module" and n.args and n.args[0].name == "x")
-    assert q.meta["fxquant"]["pass"] == "insert_quantizers"
-    assert set(q.meta["fxquant"]["rules"]) == {"weighted_input", "residual_add"}
+    assert q.meta["fxquant"].made_by == "insert_quantizers"
+    assert set(q.meta["fxquant"].quantizer.rules) == {"weighted_input", "residual_add"}
     add = next(n for n in gm.graph.nodes if n.name == "add")
-    assert add.meta["fxquant"]["rule"] == "tensorrt.residual_add"
+    assert add.meta["fxquant"].rule == "tensorrt.residual_add"
 
 
 class FunctionalConv(nn.Module):

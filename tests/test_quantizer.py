@@ -67,12 +67,15 @@ def test_narrow_range_vs_full_range_bounds():
 
 
 def test_unsigned_range():
-    x = torch.tensor([-1.0, 0.0, 0.5, 1.0, 10.0])
+    x = torch.tensor([0.0, 0.5, 1.0, 10.0])
     codes, scale = fxquant.tensor_quant(x, 1.0, num_bits=8, unsigned=True)
-    assert codes.tolist() == [0.0, 0.0, 128.0, 255.0, 255.0]  # 0.5 * 255 = 127.5 rounds half to even -> 128
+    assert codes.tolist() == [0.0, 128.0, 255.0, 255.0]  # 0.5 * 255 = 127.5 rounds half to even -> 128
     assert scale.item() == 255.0
     fake = fxquant.fake_tensor_quant(x, 1.0, num_bits=8, unsigned=True)
-    assert fake.tolist() == pytest.approx([0.0, 0.0, 128 / 255, 1.0, 1.0])
+    assert fake.tolist() == pytest.approx([0.0, 128 / 255, 1.0, 1.0])
+    # a negative input raises, as pytorch_quantization does (it used to clamp to 0)
+    with pytest.raises(fxquant.NegativeInputError, match="Negative values encountered"):
+        fxquant.tensor_quant(torch.tensor([-1.0, 0.5]), 1.0, num_bits=8, unsigned=True)
 
 
 def test_amax_zero_gives_zeros_without_nan():
@@ -268,5 +271,5 @@ def test_prepared_quantizer_equals_its_frozen_op_bit_for_bit(spec):
     q.load_calib_amax()
     q.set_mode("quant")
     frozen = FrozenQuantizer(q, is_constant=False)
-    for data in (x, x * 1.37, -x):
+    for data in (x, x * 1.37) + (() if spec.unsigned else (-x,)):  # unsigned: negative input raises
         assert torch.equal(q(data), frozen(data)), data

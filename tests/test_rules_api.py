@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant import BACKENDS, Pattern, QuantConfig, Quantize, Rule
+from fxquant import BACKENDS, Pattern, QuantConfig, Rule, Targets
 
 ROOT = Path(__file__).resolve().parents[1]
 ORT = BACKENDS["onnxruntime"]
+TRT = BACKENDS["tensorrt"]
 
 
 class _ConvReLU(nn.Module):
@@ -29,7 +30,7 @@ class _ConvReLU(nn.Module):
 
 
 def _conv_only(priority: int, name: str = "conv_only") -> Rule:
-    return Rule(name, Pattern.chain(("conv", "conv")), Quantize(inputs="conv", weight="conv"), priority=priority)
+    return Rule(name, Pattern.chain(("conv", "conv")), Targets(inputs="conv", weight="conv"), priority=priority)
 
 
 def _rules_by_node(prepared) -> dict[str, str]:
@@ -45,13 +46,6 @@ def test_priority_decides_between_user_and_backend_rules(priority, winner):
     quantizers = {n.target for n in prepared.graph.nodes if n.op == "call_module" and "quantizer" in n.target}
     # conv_only quantizes the conv's input and weight only; ORT's relu then stays float with its reason
     assert len(quantizers) == (2 if winner == "weighted_clamp" else 1)
-
-
-def test_config_rules_compose_like_with_rules():
-    x = torch.randn(1, 3, 8, 8)
-    a = fxquant.prepare(_ConvReLU().eval(), x, backend=ORT.with_rules(_conv_only(40)))
-    b = fxquant.prepare(_ConvReLU().eval(), x, backend="onnxruntime", config=QuantConfig(rules=(_conv_only(40),)))
-    assert fxquant.report_of(a).as_dict() == fxquant.report_of(b).as_dict()
 
 
 def test_without_rules_then_with_rules_replaces_a_builtin_rule():
@@ -79,10 +73,11 @@ class _WithGate(nn.Module):
 
 
 def test_patterns_match_module_classes_and_functions():
-    rules = (Rule("gate_io", Pattern.chain(("g", _Gate)), Quantize(inputs="g", output="g"), priority=40),
-             Rule("erf_out", Pattern.chain(("f", torch.erf)), Quantize(output="f"), priority=40))
-    config = QuantConfig(leaf_modules=("_Gate",), rules=rules)
-    prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend="tensorrt", config=config)
+    rules = (Rule("gate_io", Pattern.chain(("g", _Gate)), Targets(inputs="g", output="g"), priority=40),
+             Rule("erf_out", Pattern.chain(("f", torch.erf)), Targets(output="f"), priority=40))
+    config = QuantConfig(leaf_modules=("_Gate",))
+    prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend=TRT.with_rules(*rules),
+                               config=config)
     by_node = _rules_by_node(prepared)
     assert by_node["gate"] == "gate_io" and by_node["erf"] == "erf_out"
     quantized = {n.args[0].name for n in prepared.graph.nodes if n.op == "call_module" and "quantizer" in n.target}
@@ -95,46 +90,46 @@ def _declines_small(match, ctx):
 
 
 def test_a_declining_check_is_the_reported_reason():
-    rule = Rule("gate_io", Pattern.chain(("g", _Gate)), Quantize(inputs="g", output="g"), checks=(_declines_small,),
+    rule = Rule("gate_io", Pattern.chain(("g", _Gate)), Targets(inputs="g", output="g"), checks=(_declines_small,),
                 priority=40)
-    config = QuantConfig(leaf_modules=("_Gate",), rules=(rule,))
+    config = QuantConfig(leaf_modules=("_Gate",))
     with pytest.warns(UserWarning, match="too small to bother"):
-        prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend="tensorrt", config=config)
+        prepared = fxquant.prepare(_WithGate().eval(), torch.randn(1, 3, 8, 8), backend=TRT.with_rules(rule),
+                                   config=config)
     floats = {e.node: e.detail for e in fxquant.report_of(prepared).float_ops}
     assert floats["gate"] == "`gate` is 6 pixels wide; too small to bother"
 
 
 def test_bad_rules_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"unknown op kind\(s\) 'slu' \(did you mean 'silu'\?\)"):
-        ORT.with_rules(Rule("x", Pattern.chain(("a", "slu")), Quantize(inputs="a")))
+        ORT.with_rules(Rule("x", Pattern.chain(("a", "slu")), Targets(inputs="a")))
     with pytest.raises(ValueError, match=r"unknown op kind"):
-        QuantConfig(rules=(Rule("x", Pattern.chain(("a", "convv")), Quantize(inputs="a")),))
+        TRT.with_rules(Rule("x", Pattern.chain(("a", "convv")), Targets(inputs="a")))
     with pytest.raises(ValueError, match=r"already belong to the onnxruntime backend.*without_rules\('weighted'\)"):
         ORT.with_rules(_conv_only(10, name="weighted"))
     with pytest.raises(ValueError, match="two rules are named 'a'"):
-        QuantConfig(rules=(_conv_only(1, "a"), _conv_only(2, "a")))
+        TRT.with_rules(_conv_only(1, "a"), _conv_only(2, "a"))
     with pytest.raises(ValueError, match=r"has no rule\(s\) \['nope'\]; its rules: \['weighted_input'"):
         BACKENDS["tensorrt"].without_rules("nope")
-    with pytest.raises(ValueError, match=r"Quantize\.weight='act' can only name a node of kinds"):
-        Rule("r", Pattern.chain(("conv", "conv"), ("act", "silu")), Quantize(weight="act"))
-    with pytest.raises(ValueError, match=r"Quantize.output='out' is not a pattern node"):
-        Rule("r", Pattern.chain(("conv", "conv")), Quantize(output="out"))
+    with pytest.raises(ValueError, match=r"Targets\.weight='act' can only name a node of kinds"):
+        Rule("r", Pattern.chain(("conv", "conv"), ("act", "silu")), Targets(weight="act"))
+    with pytest.raises(ValueError, match=r"Targets.output='out' is not a pattern node"):
+        Rule("r", Pattern.chain(("conv", "conv")), Targets(output="out"))
     with pytest.raises(TypeError, match="priority must be an int"):
         _conv_only("high")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs exactly one of quantize"):
         Rule("r", Pattern.chain(("conv", "conv")))
     with pytest.raises(ValueError, match=r"pattern edge \('a', 'c'\) names a node that is not in the pattern"):
         Pattern((("a", frozenset({"conv"})), ("b", frozenset({"relu"}))), (("a", "c"),))
-    with pytest.raises(TypeError, match=r"QuantConfig\.rules must be a tuple of fxquant\.Rule"):
-        QuantConfig(rules=_conv_only(1))
+    with pytest.raises(TypeError, match=r"with_rules\(\) holds a list"):
+        TRT.with_rules([_conv_only(1)])
     with pytest.raises(TypeError, match="checks must be a tuple of functions"):
-        Rule("r", Pattern.chain(("conv", "conv")), Quantize(inputs="conv"), checks=("single_user",))
+        Rule("r", Pattern.chain(("conv", "conv")), Targets(inputs="conv"), checks=("single_user",))
 
 
 def test_custom_pattern_example_runs():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pattern.py")], capture_output=True,
                          text=True, timeout=600, check=True).stdout
-    assert "with_rules and QuantConfig(rules=...) place the same quantizers: True" in out
     pattern = (r"(\w+): (\d+) activation quantizers; ops by conv_silu (\d+), by attention_io (\d+); "
                r"ONNX QuantizeLinear (\d+); int8 vs fp32 ([\d.]+) dB; ORT vs fake-quant ([\d.]+) dB")
     rows = {m[0]: [float(v) for v in m[1:]] for m in re.findall(pattern, out)}
@@ -147,3 +142,23 @@ def test_custom_pattern_example_runs():
     assert custom[4] > 30.0 and base[4] > 30.0  # int8 vs fp32
     assert custom[5] > 35.0 and base[5] > 35.0  # ORT vs fake-quant
     assert "0 float" in out.splitlines()[0]
+
+
+def test_custom_backends_export_and_run_in_ort():
+    """A backend made with dataclasses.replace and one built from scratch (with a handler rule) both go through
+    quantize -> export_onnx -> ONNX Runtime; the backend object, not its name, drives export."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_backend.py")], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    pattern = (r"(\w+): metadata backend (\w+); (\d+) activation \+ (\d+) weight quantizers; conv_silu units (\d+); "
+               r"ONNX QuantizeLinear (\d+), DequantizeLinear (\d+); int8 vs fp32 ([\d.]+) dB; "
+               r"ORT vs fake-quant ([\d.]+|inf) dB")
+    rows = {m[0]: m[1:] for m in re.findall(pattern, out)}
+    assert set(rows) == {"my_trt", "edge_npu"}
+    for name, (meta, _, weights, _, q, dq, db, ort_db) in rows.items():
+        assert meta == name and int(weights) == 4 and int(dq) == int(q) + 4  # weights: integer initializers + DQ
+        assert float(db) > 30.0 and float(ort_db) > 30.0
+    # TensorRT's placement: the stem, two block convs and the head read quantized inputs; residual adds whose
+    # skip input already feeds a quantized conv share that quantizer
+    assert rows["my_trt"][1:5] == ("4", "4", "0", "4")
+    # the handler's units: conv input + SiLU output each, the stem conv in/out, the adds' outputs, the head in/out
+    assert rows["edge_npu"][1:5] == ("9", "4", "2", "9")

@@ -17,7 +17,7 @@ import fxquant
 from fxquant import Override, QuantConfig, QuantSpec
 from fxquant.models import DigitsNet
 from fxquant.sensitivity import quantized_layers, sensitivity
-from fxquant.sensitivity_html import NO_MATPLOTLIB, render_html
+from fxquant.sensitivity_report import NO_MATPLOTLIB, render_html
 
 W4A4 = QuantConfig(weight=QuantSpec(4, axis=0, narrow_range=True), activation=QuantSpec(4, calib_method="max"))
 

@@ -9,6 +9,8 @@ from fxquant.rules import Rule
 from fxquant.rules.rule import check_rules
 from fxquant.spec import QuantSpec
 
+VERIFY_LEVELS = ("all", "basic")
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -18,6 +20,10 @@ class Backend:
     them on quantized data); they are not reported as float.
     float_reasons: kinds this backend deliberately leaves in floating point, with the reason the prepare
     report gives for each such op (a kind with neither a rule, pass-through nor reason is reported as unknown).
+    int32_bias: export writes the bias of each quantized Conv/Gemm as int32 codes (scale s_x * s_w) read by a
+    DequantizeLinear, as ONNX Runtime needs to fuse QLinearConv/QGemm; TensorRT takes float biases.
+    verify_level: the ONNX Runtime optimization level export verifies with: "all" runs the model as ORT deploys
+    it (fused int8 kernels); "basic" checks the meaning of a graph meant for another runtime.
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
     can (``fxquant.backends.saturation``).
@@ -30,7 +36,13 @@ class Backend:
     rules: tuple[Rule, ...]
     passthrough: frozenset[str]
     float_reasons: Mapping[str, str] = field(default_factory=dict)
+    int32_bias: bool = False
+    verify_level: str = "basic"
     saturation_aware_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.verify_level not in VERIFY_LEVELS:
+            raise ValueError(f"Backend.verify_level must be one of {VERIFY_LEVELS}, got {self.verify_level!r}")
 
     def with_rules(self, *rules: Rule) -> Backend:
         """This backend plus ``rules``. Rules run by descending priority (the built-in ones use 30 for fused

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from fxquant.passes.annotate import AnnotationContext
 from fxquant.quant_modules import has_quant_form
 from fxquant.rules import Match
+from fxquant.rules.context import RuleContext
 from fxquant.rules.rule import Check
 
 
 def quantizable_weight(name: str) -> Check:
     """The weighted op has a weight fxquant can quantize (a known module type or a constant argument)."""
 
-    def check(match: Match, ctx: AnnotationContext) -> str | None:
+    def check(match: Match, ctx: RuleContext) -> str | None:
         node = match[name]
         if node.op == "call_module":
             module = ctx.view.modules[node.target]
@@ -29,7 +29,7 @@ def quantizable_weight(name: str) -> Check:
 def two_activation_inputs(name: str) -> Check:
     """The op combines two activation tensors (not an activation and a constant)."""
 
-    def check(match: Match, ctx: AnnotationContext) -> str | None:
+    def check(match: Match, ctx: RuleContext) -> str | None:
         n = len(ctx.activation_inputs(match[name]))
         return None if n == 2 else f"`{match[name].name}` combines {n} activation tensor(s) with constants"
 
@@ -91,7 +91,7 @@ def output_reaches_int8(name: str) -> Check:
     rounding error. This is the residual stream of a pre-norm transformer; a ResNet's adds feed the next
     convolution and stay quantized."""
 
-    def check(match: Match, ctx: AnnotationContext) -> str | None:
+    def check(match: Match, ctx: RuleContext) -> str | None:
         node = match[name]
         floats = int8_consumers(ctx.view, ctx.backend).get(node)
         if floats is None:

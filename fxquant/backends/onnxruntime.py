@@ -27,15 +27,15 @@ from torch import fx
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight, two_activation_inputs
 from fxquant.ops import WEIGHTED_KINDS
-from fxquant.passes.annotate import AnnotationContext, Request
-from fxquant.rules import Match, Pattern, Quantize, Rule, single_user
+from fxquant.rules import Match, Pattern, Rule, Targets, single_user
+from fxquant.rules.context import RuleContext
 from fxquant.spec import QuantSpec
 
 CLAMPS = frozenset({"relu", "relu6", "hardtanh"})
 BINARY = frozenset({"add", "mul"})
 
 
-def binary_with_constant(match: Match, ctx: AnnotationContext) -> str | None:
+def binary_with_constant(match: Match, ctx: RuleContext) -> str | None:
     """Add/Mul of one activation and one constant tensor: quantize both inputs and the output (QLinearAdd/Mul)."""
     op = match["op"]
     acts = ctx.activation_inputs(op)
@@ -45,7 +45,7 @@ def binary_with_constant(match: Match, ctx: AnnotationContext) -> str | None:
                 "(a Python number has no tensor to quantize): ORT's QLinearAdd/QLinearMul need two quantized tensors")
     ctx.request_input(op, acts[0], "binary_constant")
     spec = ctx.spec(op, "activation").with_(calib_method="max")  # the constant's exact range
-    ctx.ann.requests.append(Request(consts[0], op, spec, "binary_constant"))
+    ctx.request_input(op, consts[0], "binary_constant", spec=spec)
     ctx.request_output(op, "binary_constant")
     return None
 
@@ -79,25 +79,27 @@ ONNXRUNTIME = Backend(
     activation=QuantSpec(num_bits=8, symmetric=False, calib_method="percentile", percentile=99.99),
     rules=(
         Rule("weighted_clamp", Pattern.chain(("op", WEIGHTED_KINDS), ("act", CLAMPS)),
-             Quantize(inputs="op", weight="op", output="act"),
+             Targets(inputs="op", weight="op", output="act"),
              checks=(quantizable_weight("op"), single_user("op")), priority=30),
-        Rule("weighted", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op", output="op"),
+        Rule("weighted", Pattern.chain(("op", WEIGHTED_KINDS)), Targets(inputs="op", weight="op", output="op"),
              checks=(quantizable_weight("op"),), priority=20),
-        Rule("binary_clamp", Pattern.chain(("op", BINARY), ("act", CLAMPS)), Quantize(inputs="op", output="act"),
+        Rule("binary_clamp", Pattern.chain(("op", BINARY), ("act", CLAMPS)), Targets(inputs="op", output="act"),
              checks=(output_reaches_int8("act"), single_user("op"), two_activation_inputs("op")), priority=30),
-        Rule("binary", Pattern.chain(("op", BINARY)), Quantize(inputs="op", output="op"),
+        Rule("binary", Pattern.chain(("op", BINARY)), Targets(inputs="op", output="op"),
              checks=(output_reaches_int8("op"), two_activation_inputs("op")), priority=20),
         Rule("binary_constant", Pattern.chain(("op", BINARY)), handler=binary_with_constant,
              checks=(output_reaches_int8("op"),), priority=15),
-        Rule("matmul", Pattern.chain(("op", "matmul")), Quantize(inputs="op", output="op"), priority=20),
-        Rule("sigmoid_softmax", Pattern.chain(("op", {"sigmoid", "softmax"})), Quantize(inputs="op", output="op"),
+        Rule("matmul", Pattern.chain(("op", "matmul")), Targets(inputs="op", output="op"), priority=20),
+        Rule("sigmoid_softmax", Pattern.chain(("op", {"sigmoid", "softmax"})), Targets(inputs="op", output="op"),
              priority=20),
-        Rule("avg_pool", Pattern.chain(("op", "avg_pool")), Quantize(inputs="op", output="op"), priority=20),
-        Rule("concat", Pattern.chain(("op", "cat")), Quantize(inputs="op", output="op", share=True), priority=20),
+        Rule("avg_pool", Pattern.chain(("op", "avg_pool")), Targets(inputs="op", output="op"), priority=20),
+        Rule("concat", Pattern.chain(("op", "cat")), Targets(inputs="op", output="op", share=True), priority=20),
         Rule("same_scale", Pattern.chain(("op", {"max_pool", "reshape", "permute", "identity"})),
-             Quantize(inputs="op", output="op", share=True), priority=10),
+             Targets(inputs="op", output="op", share=True), priority=10),
     ),
     passthrough=frozenset(),
     float_reasons=FLOAT_REASONS,
+    int32_bias=True,  # ORT fuses QLinearConv/QGemm only with an int32 bias
+    verify_level="all",  # verified as deployed: ORT's fused int8 kernels
     saturation_aware_weights=True,
 )

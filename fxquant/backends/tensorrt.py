@@ -1,7 +1,7 @@
 """TensorRT explicit quantization (Q/DQ) placement.
 
 - Symmetric int8; weights per output channel (narrow range), activations per tensor.
-- Quantize the inputs of weighted ops (Conv, ConvTranspose, Linear, MatMul); never their outputs.
+- Targets the inputs of weighted ops (Conv, ConvTranspose, Linear, MatMul); never their outputs.
 - Residual adds: quantize the skip input only, so TensorRT fuses Conv + Add (+ReLU) on the other input
   (NVIDIA/TensorRT#1992); adds that are not residuals get no quantizer, nor do residual adds whose output only
   reaches ops TensorRT runs in fp32/fp16 (the LayerNorms on a pre-norm transformer's residual stream): no
@@ -20,14 +20,15 @@ from __future__ import annotations
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight
 from fxquant.ops import WEIGHTED_KINDS
-from fxquant.passes.annotate import AnnotationContext
-from fxquant.rules import Match, Pattern, Quantize, Rule
+from fxquant.provenance import info
+from fxquant.rules import Match, Pattern, Rule, Targets
+from fxquant.rules.context import RuleContext
 from fxquant.rules.residual import skip_input
 from fxquant.spec import QuantSpec
 
 
-def residual_add(match: Match, ctx: AnnotationContext) -> str | None:
-    """Quantize the skip input of a residual add; decline (add stays float) otherwise."""
+def residual_add(match: Match, ctx: RuleContext) -> str | None:
+    """Targets the skip input of a residual add; decline (add stays float) otherwise."""
     add = match["add"]
     inputs = ctx.activation_inputs(add)
     if len(inputs) != 2:
@@ -36,11 +37,11 @@ def residual_add(match: Match, ctx: AnnotationContext) -> str | None:
     if skip is None:
         return why
     ctx.request_input(add, skip, "residual_add")
-    add.meta.setdefault("fxquant", {})["residual"] = why
+    info(add).residual = why
     return None
 
 
-def concat_shared_scale(match: Match, ctx: AnnotationContext) -> str | None:
+def concat_shared_scale(match: Match, ctx: RuleContext) -> str | None:
     """Every quantizer on a concat's inputs or output shares one scale, so TensorRT concatenates in int8."""
     cat = match["cat"]
     ctx.share_values([*ctx.activation_inputs(cat), cat])
@@ -67,9 +68,9 @@ TENSORRT = Backend(
     weight=QuantSpec(num_bits=8, axis=0, narrow_range=True),
     activation=QuantSpec(num_bits=8, calib_method="mse"),
     rules=(
-        Rule("weighted_input", Pattern.chain(("op", WEIGHTED_KINDS)), Quantize(inputs="op", weight="op"),
+        Rule("weighted_input", Pattern.chain(("op", WEIGHTED_KINDS)), Targets(inputs="op", weight="op"),
              checks=(quantizable_weight("op"),), priority=20),
-        Rule("matmul_inputs", Pattern.chain(("op", "matmul")), Quantize(inputs="op"), priority=20),
+        Rule("matmul_inputs", Pattern.chain(("op", "matmul")), Targets(inputs="op"), priority=20),
         Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add,
              checks=(output_reaches_int8("add"),), priority=10),
         Rule("concat_shared_scale", Pattern.chain(("cat", "cat")), handler=concat_shared_scale, priority=10),

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from fxquant.spec import QuantSpec
+from fxquant.spec import QuantSpec
 
 
 class Calibrator:

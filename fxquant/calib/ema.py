@@ -10,6 +10,7 @@ import torch
 
 from fxquant.calib.base import Calibrator
 from fxquant.calib.max import channel_minmax
+from fxquant.errors import CalibrationError
 
 
 class EmaCalibrator(Calibrator):
@@ -37,7 +38,8 @@ class EmaCalibrator(Calibrator):
 
     def compute(self, spec: object = None, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self._min is None:
-            raise RuntimeError("EmaCalibrator.compute() called before any data was collected")
+            raise CalibrationError(f"{type(self).__name__}.compute() called before any data was collected: run "
+                                   "the model on calibration batches in 'calib' mode (fxquant.calibrate) first")
         correction = 1 - self.decay ** self.num_batches
         return self._min / correction, self._max / correction
 

@@ -6,6 +6,14 @@ bins (groups of 2^d bins sum into one), so earlier data is kept. A value's bin i
 (offset by NUM_BINS / 2), computed without rounding error, so binning at k and then merging to a wider k' gives the
 very bin that binning at k' would: the histogram does not depend on the order of the batches, and histograms
 from different processes merge exactly into the histogram of the union of their data.
+
+The methods follow pytorch_quantization's HistogramCalibrator: percentile returns the left edge of the |x| bin where
+the cdf reaches p; entropy tries every bin from bin 128 on (``ENTROPY_START_BIN``, ``ENTROPY_STRIDE``), skips
+candidates with infinite KL and takes the last of equal minima. Differences by design: NVIDIA's bins are 2048 over
+[0, max |x|] of the first batch (stretched later), ours 2048 per sign over [0, 2^k], so a range lands on another
+grid (1.0 where NVIDIA gets 1.00098 on its outlier test); entropy flattens the zero bin only when bin 1 is not
+empty; mse searches a grid of ranges (``MSE_CANDIDATES``) instead of every bin center; affine specs (which NVIDIA
+does not have) take each tail's percentile on the signed histogram and start the entropy search at 2^b bins.
 """
 
 from __future__ import annotations
@@ -14,13 +22,17 @@ import math
 
 import torch
 
+from fxquant import qmath
 from fxquant.calib.base import Calibrator
+from fxquant.errors import CalibrationError
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
 MSE_CANDIDATES = 128  # ranges tried by the mse search, evenly spaced up to the observed maximum
 MAX_SAMPLES = 1 << 20  # elements binned per tensor and batch; larger tensors are subsampled (see above)
+ENTROPY_START_BIN = 128  # the entropy search's first candidate (|x| bins), as pytorch_quantization documents
+ENTROPY_STRIDE = 1  # the entropy search tries every bin from the start bin on, as pytorch_quantization does
 
 
 def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
@@ -132,7 +144,8 @@ class HistogramCalibrator(Calibrator):
     # ---- methods ------------------------------------------------------------------------------------
     def compute(self, spec, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hist is None:
-            raise RuntimeError("HistogramCalibrator.compute() called before any data was collected")
+            raise CalibrationError(f"{type(self).__name__}.compute() called before any data was collected: run "
+                                   "the model on calibration batches in 'calib' mode (fxquant.calibrate) first")
         method = method or spec.calib_method
         if method == "max" or not self.is_finite:
             return self._min, self._max
@@ -147,7 +160,10 @@ class HistogramCalibrator(Calibrator):
             if folded[1] > 0:  # flatten the spike of exact zeros (ReLU outputs), as NVIDIA's calibrator does;
                 folded = folded.clone()  # skipped for sparse histograms, where it would leave a lone spike
                 folded[0] = folded[1]
-            threshold = _entropy_amax(folded, self._width, spec.qmax + 1)
+            # affine specs (no pytorch_quantization counterpart) keep their first candidate at 2^b bins: from
+            # 128 bins the KL search takes a sparse histogram's lowest spike alone (KL 0) and clips the rest
+            start = ENTROPY_START_BIN if spec.symmetric else max(ENTROPY_START_BIN, spec.qmax + 1)
+            threshold = _entropy_amax(folded, self._width, spec.qmax + 1, start_bin=start)
         amax = torch.clamp(torch.maximum(-self._min, self._max), max=threshold)
         if spec.symmetric:
             return -amax, amax
@@ -169,7 +185,8 @@ class HistogramCalibrator(Calibrator):
             cdf = folded.cumsum(0) / folded.sum()
             idx = int(torch.searchsorted(cdf, torch.tensor([p], dtype=cdf.dtype, device=cdf.device)).clamp(
                 max=folded.numel() - 1))
-            amax = torch.minimum(torch.tensor((idx + 1) * self._width, device=self._max.device),
+            # the left edge of the bin where the cdf reaches p, as pytorch_quantization returns it
+            amax = torch.minimum(torch.tensor(idx * self._width, device=self._max.device),
                                  torch.maximum(-self._min, self._max))
             return -amax, amax
         cdf = self.hist.cumsum(0) / self.hist.sum()
@@ -189,8 +206,7 @@ class HistogramCalibrator(Calibrator):
         levels = spec.qmax
 
         def error(candidates: torch.Tensor) -> torch.Tensor:
-            scale = candidates[:, None] / levels
-            q = (centers[None, :] / scale).round_().clamp_(0, levels).mul_(scale)
+            q = qmath.fake_quantize(centers[None, :], candidates[:, None] / levels, 0.0, 0, levels)
             return q.sub_(centers[None, :]).square_() @ counts  # in place + matmul: ~10x faster than **2 and sum
 
         top = float(torch.maximum(-self._min, self._max))
@@ -207,7 +223,7 @@ class HistogramCalibrator(Calibrator):
         def error(alphas: torch.Tensor) -> torch.Tensor:
             scale = torch.clamp(alphas * (hi - lo) / spec.qmax, min=1e-12)[:, None]
             zp = torch.clamp(torch.round(-alphas[:, None] * lo / scale), 0, spec.qmax)
-            q = (centers[None, :] / scale).round_().add_(zp).clamp_(0, spec.qmax).sub_(zp).mul_(scale)
+            q = qmath.fake_quantize(centers[None, :], scale, zp, 0, spec.qmax)
             return q.sub_(centers[None, :]).square_() @ counts
 
         a = _minimize(error, 1 / 128, 1.0, counts.device)
@@ -223,13 +239,16 @@ def _minimize(error, lo: float, hi: float, device: torch.device) -> float:
     return float(fine[int(error(fine).argmin())])
 
 
-def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8) -> float:
+def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = ENTROPY_STRIDE,
+                  start_bin: int = ENTROPY_START_BIN) -> float:
     """TensorRT's entropy calibration: the clipping threshold whose ``levels``-level quantization of the |x|
-    histogram has the smallest KL divergence from the clipped histogram.
+    histogram has the smallest KL divergence from the clipped histogram (the last of equal minima, as
+    pytorch_quantization picks it).
 
-    For each candidate i (every ``stride`` bins from max(levels, 128) to the last non-empty bin): P is hist[:i]
+    For each candidate i (every ``stride`` bins from ``start_bin`` to the last non-empty bin): P is hist[:i]
     with the clipped tail added to bin i-1; Q spreads each of ``levels`` groups of hist[:i] (bins j with
-    floor(j * levels / i) = g) evenly over the group's bins that are non-empty in P. Within a group Q is
+    floor(j * levels / i) = g) evenly over the group's non-empty bins (a candidate whose empty bin i-1 would hold
+    the tail has infinite KL and is skipped, as in pytorch_quantization). Within a group Q is
     constant, so with T = sum(P), H = sum(Q) and per-group sums P_g, S_g and non-empty counts U_g,
 
         KL(P/T || Q/H) = (sum_j P_j log P_j) / T - log T + log H - (sum_g P_g log(S_g / U_g)) / T,
@@ -240,10 +259,10 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8
     if nonzero.numel() == 0:
         return 0.0
     last = int(nonzero[-1]) + 1
-    if last <= max(levels, 128):
+    if last <= start_bin:
         return last * width
     dev, dt = hist.device, hist.dtype
-    cand = torch.arange(max(levels, 128), last + 1, stride, device=dev)  # TensorRT's first candidate: 128 bins
+    cand = torch.arange(start_bin, last + 1, stride, device=dev)
     if int(cand[-1]) != last:
         cand = torch.cat([cand, torch.tensor([last], device=dev)])
     h = hist[:last]
@@ -257,11 +276,15 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = 8
     groups = torch.arange(levels + 1, device=dev)
     bounds = torch.div(groups[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")  # [C, levels+1]
     s = counts[bounds[:, 1:]] - counts[bounds[:, :-1]]           # S_g: the group's counts in hist[:i]
-    u = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]       # U_g: its bins non-empty in P ...
-    u[:, -1] += ((h[cand - 1] == 0) & (p_last > 0)).to(dt)       # ... where bin i-1 may be filled by the tail
-    p = s.clone()
-    p[:, -1] += tail
+    u = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]       # U_g: its bins non-empty in hist[:i]
+    rows = torch.arange(cand.numel(), device=dev)
+    g_last = torch.div((cand - 1) * levels, cand, rounding_mode="floor")  # bin i-1's group (not the last one
+    p = s.clone()                                                          # when levels > i)
+    p[rows, g_last] += tail
     q = (s / u.clamp(min=1)).clamp(min=1e-300)
     plogp = hlogh[cand - 1] + torch.xlogy(p_last, p_last)
     kl = plogp / total - torch.log(total) + torch.log(counts[cand]) - torch.xlogy(p, q).sum(1) / total
-    return int(cand[int(kl.argmin())]) * width
+    # Q is 0 where hist is empty: a candidate whose empty last bin would hold the tail (KL infinite, as
+    # pytorch_quantization finds), or that lies below every value, is never chosen
+    kl = torch.where((counts[cand] > 0) & ((h[cand - 1] > 0) | (tail == 0)), kl, torch.inf)
+    return int(cand[len(kl) - 1 - int(kl.flip(0).argmin())]) * width

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.calib.base import Calibrator
+from fxquant.errors import CalibrationError
 
 
 def channel_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,8 @@ class MaxCalibrator(Calibrator):
 
     def compute(self, spec: object = None, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self._min is None:
-            raise RuntimeError("MaxCalibrator.compute() called before any data was collected")
+            raise CalibrationError(f"{type(self).__name__}.compute() called before any data was collected: run "
+                                   "the model on calibration batches in 'calib' mode (fxquant.calibrate) first")
         return self._min, self._max
 
     def reset(self) -> None:

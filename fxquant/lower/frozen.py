@@ -22,7 +22,7 @@ def storage_type(qmin: int, qmax: int) -> tuple[torch.dtype, int, int]:
 
 
 class FrozenQuantizer(nn.Module):
-    """Quantize-dequantize with fixed scale and zero point: what a TensorQuantizer becomes in convert()."""
+    """Targets-dequantize with fixed scale and zero point: what a TensorQuantizer becomes in convert()."""
 
     def __init__(self, quantizer: TensorQuantizer, is_constant: bool) -> None:
         super().__init__()

@@ -22,13 +22,16 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from fxquant import qmath
+from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized
 from fxquant.metrics import sqnr
-from fxquant.state import get_state
+from fxquant.state import QuantState, get_state
+from fxquant.version import __version__
 
 DEFAULT_OPSET = 18
 MIN_AGREEMENT_DB = 30.0
@@ -76,24 +79,23 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
-    if state.backend == "onnxruntime":
+    if state.backend.int32_bias:
         quantize_biases(proto)
     _set_metadata(proto, state)
     proto = infer_shapes(proto)
     onnx.checker.check_model(proto, full_check=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save(proto, path)
-    # The onnxruntime preset is verified as deployed (all fusions). A tensorrt-preset model is meant for
-    # TensorRT: ORT checks the meaning of its graph without fusing it into ORT's own int8 CPU kernels.
-    level = "all" if state.backend == "onnxruntime" else "basic"
-    agreement = verify_in_ort(model, inputs, path, level) if verify else None
+    # A backend for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
+    # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.verify_level).
+    agreement = verify_in_ort(model, inputs, path, state.backend.verify_level) if verify else None
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
     return ExportResult(path, proto, agreement)
 
 
-def _low_agreement_cause(model: torch.nn.Module, backend: str) -> str:
+def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
     """The likeliest reason for a low ORT agreement, from the model's quantizer widths."""
     widths = [(m.num_bits, m.scale.dim() > 0) for m in model.modules() if hasattr(m, "num_bits")]
     narrowest = min((bits for bits, _ in widths), default=8)
@@ -101,7 +103,7 @@ def _low_agreement_cause(model: torch.nn.Module, backend: str) -> str:
         return (f"With {narrowest}-bit quantizers every float rounding difference between torch and ORT flips a whole "
                 f"1/{2 ** narrowest} of a range, so low agreement is expected at this width: judge the model by its "
                 "accuracy in ORT")
-    if backend == "onnxruntime" and any(bits == 8 and per_channel for bits, per_channel in widths):
+    if backend.verify_level == "all" and any(bits == 8 and per_channel for bits, per_channel in widths):
         return ("On x86 CPUs without VNNI this is ORT's u8s8 saturation with 8-bit weights: use 7-bit weights "
                 "(the onnxruntime preset's default)")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
@@ -171,14 +173,6 @@ def _array(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
 
 
-def _broadcast(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    if values.ndim == 0:
-        return values
-    shape = [1] * rank
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
 def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
@@ -197,8 +191,10 @@ def fold_weight_quantization(proto: onnx.ModelProto) -> int:
             continue
         axis = _axis(node) % w.ndim if scale.ndim else 0
         info = np.iinfo(zp.dtype)
-        q = np.round(w / _broadcast(scale, axis, w.ndim)) + _broadcast(zp.astype(np.int64), axis, w.ndim)
-        q = np.clip(q, info.min, info.max).astype(zp.dtype)
+        per_axis = axis if scale.ndim else None
+        step = qmath.along_axis(torch.tensor(scale), w.ndim, per_axis)
+        zero_point = qmath.along_axis(torch.tensor(zp, dtype=torch.float32), w.ndim, per_axis)
+        q = qmath.quantize(torch.tensor(w), step, zero_point, info.min, info.max).numpy().astype(zp.dtype)
         name = f"{node.input[0]}_quantized"
         graph.initializer.append(numpy_helper.from_array(q, name))
         for other in graph.node:
@@ -232,7 +228,8 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             continue
         bias = _array(inits, node.input[2]).astype(np.float64)
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
-        q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
+        q = q.numpy().astype(np.int32)
         base = node.input[2]
         graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
                                   numpy_helper.from_array(scale, f"{base}_quantizer.scale"),
@@ -308,12 +305,9 @@ def name_nodes(proto: onnx.ModelProto) -> None:
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
-def _set_metadata(proto: onnx.ModelProto, state: object) -> None:
+def _set_metadata(proto: onnx.ModelProto, state: QuantState) -> None:
     """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
-    from fxquant import __version__
-    from fxquant.backends import get_backend
-
-    backend, config = get_backend(state.backend), state.config
+    backend, config = state.backend, state.config
 
     def methods(role: str) -> str:
         specs = [getattr(config, role) or getattr(backend, role)]
@@ -322,7 +316,7 @@ def _set_metadata(proto: onnx.ModelProto, state: object) -> None:
 
     proto.producer_name, proto.producer_version = "fxquant", __version__
     props = {p.key: p.value for p in proto.metadata_props}
-    props.update({"fxquant.version": __version__, "fxquant.backend": state.backend,
+    props.update({"fxquant.version": __version__, "fxquant.backend": backend.name,
                   "fxquant.calib_method": methods("activation"), "fxquant.weight_calib_method": methods("weight"),
                   "fxquant.float_ops": ",".join(e.node for e in state.report.float_ops)})
     helper.set_model_props(proto, props)

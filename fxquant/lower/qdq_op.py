@@ -11,18 +11,18 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
+from fxquant import qmath
+from fxquant.errors import ConversionError
+
 
 @torch.library.custom_op("fxquant::quantize_dequantize", mutates_args=())
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int,
                         qmax: int, clip: bool) -> torch.Tensor:
     """Per-tensor (scalar scale) or per-axis quantize-dequantize; the zero point's dtype is the Q type."""
-    if scale.dim() > 0:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    zp = zero_point.to(torch.float32)
-    q = torch.clamp(torch.round(x.float() / scale) + zp, qmin, qmax)
-    return ((q - zp) * scale).to(x.dtype)
+    per_axis = None if scale.dim() == 0 else axis
+    step = qmath.along_axis(scale, x.dim(), per_axis)
+    zp = qmath.along_axis(zero_point.to(torch.float32), x.dim(), per_axis)
+    return qmath.fake_quantize(x, step, zp, qmin, qmax).to(x.dtype)
 
 
 @quantize_dequantize.register_fake
@@ -31,8 +31,6 @@ def _(x, scale, zero_point, axis, qmin, qmax, clip):
 
 
 def _no_gradient(ctx, grad):
-    from fxquant.errors import ConversionError
-
     raise ConversionError("a converted model is frozen for export: its Q/DQ ops have fixed scales and no gradient. "
                           "Train the model returned by fxquant.prepare_qat (after calibrate) and convert it after "
                           "training")

@@ -20,6 +20,10 @@ from torch import fx, nn
 
 from fxquant.capture import propagate_shapes
 from fxquant.passes.manager import PassResult
+from fxquant.provenance import info
+
+TARGET = nn.MultiheadAttention
+"""The op this pass rewrites: the pipeline runs it only when the graph calls it."""
 
 
 def _why_not(mha: nn.MultiheadAttention, node: fx.Node) -> str | None:
@@ -110,4 +114,5 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, mha: nn.MultiheadAttention) -> N
         g.erase_node(user)
     g.erase_node(node)
     for n in (out, *out.all_input_nodes):
-        n.meta.setdefault("fxquant", {})["decomposed_from"] = target
+        record = info(n)
+        record.made_by, record.decomposed_from = "decompose_attention", target

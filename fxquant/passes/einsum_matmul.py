@@ -13,6 +13,9 @@ from torch import fx
 from fxquant.capture import propagate_shapes
 from fxquant.passes.manager import PassResult
 
+TARGET = torch.einsum
+"""The op this pass rewrites: the pipeline runs it only when the graph calls it."""
+
 
 def _as_matmul(equation: str) -> bool | None:
     """True: ``a @ b^T``; False: ``a @ b``; None: not a batched matrix product with a shared batch prefix."""

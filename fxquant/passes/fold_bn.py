@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from fxquant.errors import PassError
 from fxquant.passes.manager import PassResult
+from fxquant.provenance import info
 from fxquant.rules import GraphView, Match, Pattern
 
 FOLD_PATTERNS = {
@@ -82,7 +83,7 @@ def fold_bn(gm: fx.GraphModule, strict: bool = False) -> PassResult:
     view = GraphView(gm)
     notes: list[str] = []
     modified = False
-    for rule, pattern in FOLD_PATTERNS.items():
+    for pattern in FOLD_PATTERNS.values():
         for match in list(view.match(pattern)):
             conv, bn = match["conv"], match["bn"]
             reason = fold_legality(match, view)
@@ -99,7 +100,7 @@ def fold_bn(gm: fx.GraphModule, strict: bool = False) -> PassResult:
             bn.replace_all_uses_with(conv)
             gm.graph.erase_node(bn)
             gm.delete_submodule(bn.target)
-            conv.meta.setdefault("fxquant", {})["folded_bn"] = {"pass": "fold_bn", "rule": rule, "bn": bn.target}
+            info(conv).folded_bn = bn.target
             modified = True
     return PassResult(gm, modified, notes)
 

@@ -3,7 +3,7 @@
 Contract: every request becomes a TensorQuantizer call on the requested tensor; requests for the same tensor
 with the same spec share one quantizer node (so one Q/DQ pair feeds all of them); requests declared as
 sharing a scale share one TensorQuantizer module; weighted modules get a weight quantizer. Each inserted
-node records its pass and rule in ``node.meta['fxquant']``.
+node records its pass and rule (``fxquant.provenance``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from fxquant.passes.annotate import Annotations
 from fxquant.passes.manager import PassResult
+from fxquant.provenance import QuantizerSite, info
 from fxquant.quant_modules import with_weight_quantizer
 from fxquant.quantizer import TensorQuantizer
+from fxquant.rules.context import Annotations
 from fxquant.spec import QuantSpec
 
 SlotKey = tuple[fx.Node, QuantSpec]
@@ -125,8 +126,9 @@ def insert_quantizers(gm: fx.GraphModule, ann: Annotations) -> PassResult:
             with graph.inserting_after(anchor):
                 q = graph.call_module(modules[root], (value,))
             q.meta["tensor_meta"] = value.meta.get("tensor_meta")
-            q.meta["fxquant"] = {"pass": "insert_quantizers", "rules": list(slot.rules),
-                                 "units": list(slot.units), "asks": list(slot.asks), "quantizes": value.name}
+            record = info(q)
+            record.made_by = "insert_quantizers"
+            record.quantizer = QuantizerSite(value.name, list(slot.rules), list(slot.units), list(slot.asks))
             for user in users:
                 user.replace_input_with(value, q)
     for node, (spec, rule) in ann.weights.items():
@@ -134,7 +136,7 @@ def insert_quantizers(gm: fx.GraphModule, ann: Annotations) -> PassResult:
         if not hasattr(module, "weight_quantizer"):
             quantizer = TensorQuantizer(spec, constant=True).train(module.training)
             gm.set_submodule(node.target, with_weight_quantizer(module, quantizer))
-        node.meta.setdefault("fxquant", {})["weight_rule"] = rule
+        info(node).weight_rule = rule
     return PassResult(gm, modified=bool(slots or ann.weights))
 
 

@@ -23,6 +23,9 @@ from fxquant.passes.manager import PassResult
 _PARAMS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
            "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
 
+TARGET = swin_transformer.shifted_window_attention
+"""The op this pass rewrites: the pipeline runs it only when the graph calls it."""
+
 
 def inline_window_attention(gm: fx.GraphModule, example_inputs: tuple) -> PassResult:
     """Inline every Swin V1 shifted-window attention call whose input shape is known."""
@@ -114,7 +117,8 @@ def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, shape: tuple[int, ...
         attn = g.call_function(operator.add, (attn, args["relative_position_bias"]))
         if sum(shift) > 0:
             name = f"{qkv.rpartition('.')[0]}.shift_mask".lstrip(".")
-            gm.register_buffer(name.replace(".", "_"), _shift_mask(ph, pw, ws, shift, n_windows))
+            device = gm.get_submodule(qkv).weight.device  # the model's device (a CUDA model keeps its mask there)
+            gm.register_buffer(name.replace(".", "_"), _shift_mask(ph, pw, ws, shift, n_windows).to(device))
             mask = g.get_attr(name.replace(".", "_"))
             attn = g.call_method("reshape", (attn, -1, n_windows, heads, length, length))
             attn = g.call_method("reshape", (g.call_function(operator.add, (attn, mask)), -1, heads, length, length))

@@ -8,7 +8,7 @@ exponent drives every h(V) to 0 or 1.
 
 Export reproduces the learned codes exactly: the float weight is replaced by s * q, so round-to-nearest
 with the unchanged scale s (QuantizeLinear in ONNX, the fake quantizer in torch) gives back q; calibrate()
-leaves these weight ranges alone afterwards (``prepared.meta['fxquant_fixed_weights']``).
+leaves these weight ranges alone afterwards (``QuantState.fixed_weights``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxquant import qmath
+from fxquant.errors import CalibrationError
 from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.ptq.report import PTQReport, attach
-from fxquant.quantizer import broadcast_shape
+from fxquant.state import QuantState, get_state
 
 ZETA, GAMMA = 1.1, -0.1
-FIXED_KEY = "fxquant_fixed_weights"
 
 
 class SoftRounding(nn.Module):
@@ -54,19 +55,17 @@ class SoftRounding(nn.Module):
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
 
 
-def _check(prepared: nn.Module, batches: object) -> list:
-    from fxquant.state import get_state
-
+def _check(prepared: nn.Module, batches: object) -> tuple[QuantState, list]:
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
-        raise RuntimeError("adaround() needs a model that fxquant.calibrate() has run on (weights and activations "
-                           "need ranges first)")
+        raise CalibrationError("adaround() needs a model that fxquant.calibrate() has run on (weights and "
+                               "activations need ranges first)")
     if isinstance(batches, torch.Tensor):
         raise TypeError("batches must be an iterable of batches, not a single tensor; wrap it: [tensor]")
     batches = list(batches)
     if not batches:
         raise ValueError("adaround() needs at least one calibration batch")
-    return batches
+    return state, batches
 
 
 def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None = None,
@@ -79,7 +78,7 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
     options = AdaRoundOptions() if options is None else options
     if not isinstance(options, AdaRoundOptions):
         raise TypeError(f"options must be an AdaRoundOptions, got {type(options).__name__}")
-    batches = _check(prepared, batches)
+    state, batches = _check(prepared, batches)
     report = PTQReport("adaround")
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
@@ -102,7 +101,7 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
                                "the other way")
     finally:
         prepared.train(was_training)
-    prepared.meta.setdefault(FIXED_KEY, set()).update(f"{name}.weight_quantizer" for name in codes)
+    state.fixed_weights.update(f"{name}.weight_quantizer" for name in codes)
     report.data = {"codes": codes, "layers": losses, "options": options}
     attach(prepared, report)
     return report
@@ -118,11 +117,11 @@ def _round_layer(model: fx.GraphModule, layer: Layer, batches: list, options: Ad
     targets = act(targets)
     weight = module.weight.detach()
     axis = quantizer._axis(weight)
-    scale = broadcast_shape(weight, axis, quantizer.scale.detach().to(weight.device)).expand_as(weight).clone()
+    scale = qmath.along_axis(quantizer.scale.detach().to(weight.device), weight.dim(), axis).expand_as(weight).clone()
     spec = quantizer.spec
     soft = SoftRounding(weight, scale, spec.qmin, spec.qmax).to(weight.device)
     with torch.no_grad():
-        nearest = torch.clamp(torch.round(weight / scale), spec.qmin, spec.qmax)
+        nearest = qmath.quantize(weight, scale, 0.0, spec.qmin, spec.qmax)
         mse_nearest = _mse(module, quantizer, inputs, targets, act)
     module.weight_quantizer = soft
     try:

@@ -56,13 +56,13 @@ def absorb_high_bias(gm: fx.GraphModule, sigmas: float = 3.0) -> PassResult:
             continue
         a, b = modules[link.a.target], modules[link.b.target]
         stats = bn_stats(link.a)
-        amount = torch.clamp(stats["mean"] - sigmas * stats["std"], min=0.0)
+        amount = torch.clamp(stats.mean - sigmas * stats.std, min=0.0)
         if not bool((amount > 0).any()):
             report.skipped.append(f"`{link.a.target}` -> `{link.b.target}`: no channel has mean - "
                                   f"{sigmas:g} std > 0")
             continue
         if b.bias is None:
-            b.bias = nn.Parameter(torch.zeros(b.weight.shape[0], dtype=b.weight.dtype))
+            b.bias = nn.Parameter(torch.zeros(b.weight.shape[0], dtype=b.weight.dtype, device=b.weight.device))
         b.bias.add_(input_response(b, amount, link.repeat).to(b.bias.dtype))
         a.bias.sub_(amount.to(a.bias.dtype))
         shift_stats(link.a, -amount)
@@ -70,5 +70,4 @@ def absorb_high_bias(gm: fx.GraphModule, sigmas: float = 3.0) -> PassResult:
         report.done.append(f"`{link.a.target}` -> `{link.b.target}`: moved bias of {int((amount > 0).sum())} "
                            f"channel(s) (up to {float(amount.max()):.3g}) into `{link.b.target}`")
     report.data = {"absorbed_max": absorbed}
-    gm.meta.setdefault("fxquant_ptq", {})["bias_absorption"] = report
-    return PassResult(gm, bool(absorbed), [])
+    return PassResult(gm, bool(absorbed), product=report)

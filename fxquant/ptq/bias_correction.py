@@ -19,12 +19,14 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxquant.passes.manager import PassResult
+from fxquant.provenance import ExpectedInput, info, read
+from fxquant.ptq.bn_stats import bn_stats
 from fxquant.ptq.chains import find_chains, input_response, out_channels
 from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS
 from fxquant.ptq.report import PTQReport, attach
-
-INPUT_KEY = "expected_input"
+from fxquant.state import get_state
 
 
 def relu_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -36,22 +38,24 @@ def relu_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, mean * cdf + safe * pdf, mean.clamp_min(0.0))
 
 
-def record_expected_inputs(gm: fx.GraphModule) -> None:
+def record_expected_inputs(gm: fx.GraphModule) -> PassResult:
     """Before quantizers go in: store E[input channel] on each layer whose input comes from a folded
-    Conv/Linear -> BatchNorm through ReLU / identity / average pooling / flatten (``node.meta``)."""
-    from fxquant.ptq.bn_stats import bn_stats
-
+    Conv/Linear -> BatchNorm through ReLU / identity / average pooling / flatten (``info(node).expected_input``),
+    or the reason it is unknown. The graph is unchanged."""
     chains, _ = find_chains(gm)
     for link in (link for chain in chains for link in chain.links):
         stats = bn_stats(link.a)
-        meta = link.b.meta.setdefault("fxquant", {})
+        record = info(link.b)
         if stats is None:
-            meta[INPUT_KEY] = f"`{link.a.target}` has no folded BatchNorm, so its output distribution is unknown"
+            record.expected_input = (f"`{link.a.target}` has no folded BatchNorm, so its output distribution is "
+                                     "unknown")
         elif "max_pool" in link.kinds:
-            meta[INPUT_KEY] = "max pooling between the layers changes the mean in a way BN statistics cannot tell"
+            record.expected_input = ("max pooling between the layers changes the mean in a way BN statistics "
+                                     "cannot tell")
         else:
-            expected = relu_normal_mean(stats["mean"], stats["std"]) if link.through_relu else stats["mean"]
-            meta[INPUT_KEY] = {"mean": expected.clone(), "repeat": link.repeat}
+            expected = relu_normal_mean(stats.mean, stats.std) if link.through_relu else stats.mean
+            record.expected_input = ExpectedInput(expected.clone(), link.repeat)
+    return PassResult(gm, modified=False)
 
 
 def _bias(module: nn.Module) -> torch.Tensor:
@@ -67,8 +71,6 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
     """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
     ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
     ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
-    from fxquant.state import get_state
-
     if method not in BIAS_CORRECTION_METHODS:
         raise ValueError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
     state = get_state(prepared)
@@ -98,14 +100,14 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
                 _apply(layer, shift, report, shifts)
         else:
             for layer in layers:
-                info = layer.node.meta.get("fxquant", {}).get(INPUT_KEY) if layer.node is not None else None
-                if not isinstance(info, dict):
-                    report.skipped.append(f"`{layer.name}`: " + (info or "its input does not come from a folded "
+                expected = read(layer.node).expected_input if layer.node is not None else None
+                if not isinstance(expected, ExpectedInput):
+                    report.skipped.append(f"`{layer.name}`: " + (expected or "its input does not come from a folded "
                                                                  "Conv/Linear -> BatchNorm (-> ReLU)"))
                     continue
                 with torch.no_grad():
                     error = layer.quantizer(layer.module.weight) - layer.module.weight
-                    shift = input_response(layer.module, info["mean"], info["repeat"], weight=error)
+                    shift = input_response(layer.module, expected.mean, expected.repeat, weight=error)
                 _apply(layer, shift.double(), report, shifts)
     finally:
         prepared.train(was_training)

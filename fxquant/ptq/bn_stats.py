@@ -2,7 +2,7 @@
 
 DFQ (Nagel et al. 2019) reads a layer's pre-activation distribution from the BatchNorm that follows it:
 channel c is about N(beta_c, |gamma_c|). Folding deletes the BatchNorm, so this pass, run just before folding,
-stores (mean, std) on the layer's node (``node.meta['fxquant']['bn_stats']``); equalization keeps them in step
+stores (mean, std) on the layer's node (``fxquant.provenance.info(node).bn_stats``); equalization keeps them in step
 with its rescaling; high-bias absorption and analytical bias correction read them.
 """
 
@@ -12,9 +12,8 @@ import torch
 from torch import fx, nn
 
 from fxquant.passes.manager import PassResult
+from fxquant.provenance import ChannelStats, info, read
 from fxquant.ptq.chains import LAYER_TYPES
-
-KEY = "bn_stats"
 
 
 def record_bn_stats(gm: fx.GraphModule) -> PassResult:
@@ -27,27 +26,26 @@ def record_bn_stats(gm: fx.GraphModule) -> PassResult:
         bn = modules.get(bn_node.target) if bn_node.op == "call_module" else None
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine:
             continue
-        node.meta.setdefault("fxquant", {})[KEY] = {"mean": bn.bias.detach().clone().float(),
-                                                    "std": bn.weight.detach().abs().clone().float()}
+        info(node).bn_stats = ChannelStats(bn.bias.detach().clone().float(), bn.weight.detach().abs().clone().float())
     return PassResult(gm, False)
 
 
-def bn_stats(node: fx.Node) -> dict[str, torch.Tensor] | None:
+def bn_stats(node: fx.Node) -> ChannelStats | None:
     """(mean, std) of ``node``'s output channels, when its BatchNorm was folded into it; else None."""
-    meta = node.meta.get("fxquant", {})
-    return meta.get(KEY) if "folded_bn" in meta else None
+    record = read(node)
+    return record.bn_stats if record.folded_bn else None
 
 
 def scale_stats(node: fx.Node, factor: torch.Tensor) -> None:
     """Keep the recorded distribution in step when output channel c of ``node`` is multiplied by factor[c]."""
-    stats = node.meta.get("fxquant", {}).get(KEY)
+    stats = read(node).bn_stats
     if stats is not None:
-        stats["mean"] = stats["mean"] * factor
-        stats["std"] = stats["std"] * factor.abs()
+        stats.mean = stats.mean * factor
+        stats.std = stats.std * factor.abs()
 
 
 def shift_stats(node: fx.Node, delta: torch.Tensor) -> None:
     """Keep the recorded distribution in step when ``delta`` is added to output channel c of ``node``."""
-    stats = node.meta.get("fxquant", {}).get(KEY)
+    stats = read(node).bn_stats
     if stats is not None:
-        stats["mean"] = stats["mean"] + delta
+        stats.mean = stats.mean + delta

@@ -48,8 +48,8 @@ def equalize_chain(chain: Chain, modules: dict, tol: float = 1e-4) -> tuple[int,
     return MAX_SWEEPS, False
 
 
-def equalize(gm: fx.GraphModule, tol: float = 1e-4) -> PassResult:
-    """Cross-layer equalize every chain of ``gm`` in place; the report is in ``gm.meta['fxquant_ptq']``."""
+def equalize(gm: fx.GraphModule, tol: float = 1e-4) -> PassResult[PTQReport]:
+    """Cross-layer equalize every chain of ``gm`` in place; the product is the PTQ report."""
     report = PTQReport("equalize")
     chains, notes = find_chains(gm)
     report.skipped += notes
@@ -69,5 +69,4 @@ def equalize(gm: fx.GraphModule, tol: float = 1e-4) -> PassResult:
             report.skipped.append(f"{chain.describe()}: stopped after {sweeps} sweeps without converging "
                                   f"(tol {tol}); the result is still function-preserving")
     report.data = {"chains": [[n.target for n in c.layers] for c in chains], "layers": per_layer}
-    gm.meta.setdefault("fxquant_ptq", {})["equalize"] = report
-    return PassResult(gm, bool(chains), [])  # skips are in the PTQ report (report_of(prepared).ptq)
+    return PassResult(gm, bool(chains), product=report)  # skips are in the PTQ report (report_of(prepared).ptq)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fxquant.state import get_state
+
 
 @dataclass
 class PTQReport:
@@ -43,8 +45,6 @@ _DROP = object()
 
 def attach(model: object, report: PTQReport) -> None:
     """Record ``report`` in the prepare report of ``model`` (``fxquant.report_of(model).ptq``)."""
-    from fxquant.state import get_state
-
     state = get_state(model)
     if state is not None:
         state.report.ptq[report.name] = report

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fxquant.api import checked_arguments
 from fxquant.backends import Backend
 from fxquant.errors import FxQuantError
+from fxquant.pipeline import prepare_model
 from fxquant.qat.quantizer import RANGE_MODES, QATQuantizer
 from fxquant.quantizer import TensorQuantizer
 from fxquant.spec import QuantConfig
@@ -62,8 +64,6 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend:
     created by calibration); ``fxquant.check_optimizer(model, optimizer)`` verifies it. The result of
     ``fxquant.convert`` is the same kind of frozen fake-quant GraphModule as after PTQ.
     """
-    from fxquant.api import _prepare  # api imports nothing from qat: no cycle at import time
-
     state = get_state(model)
     if state is not None:
         raise QATError(f"prepare_qat() takes the float model, but this one is already {state.stage} by fxquant"
@@ -71,7 +71,8 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend:
                           if state.stage == "converted" else "") +
                        "; call fxquant.prepare_qat(float_model, example_inputs, ...) on the original nn.Module")
     options = QATOptions(ranges, ema_decay, freeze_ranges_after)
-    gm = _prepare(model, example_inputs, backend, config, qat=True)
+    backend, config = checked_arguments(model, backend, config, qat=True)
+    gm = prepare_model(model, example_inputs, backend, config)
     for name, q in list(gm.named_modules()):
         if isinstance(q, TensorQuantizer):
             twin = QATQuantizer(q.spec, q.constant, options.ranges, options.ema_decay,

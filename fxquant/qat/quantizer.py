@@ -21,8 +21,9 @@ import math
 import torch
 from torch import nn
 
+from fxquant import qmath
 from fxquant.calib.max import channel_minmax
-from fxquant.quantizer import _EPS, TensorQuantizer, broadcast_shape
+from fxquant.quantizer import TensorQuantizer
 from fxquant.spec import QuantSpec
 
 RANGE_MODES = ("fixed", "ema")
@@ -43,20 +44,13 @@ def lsq_fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Qu
                    grad_factor: float) -> torch.Tensor:
     """Fake-quantize ``x`` with the learnable range [lo, hi]; gradients reach x (STE), lo and hi (LSQ)."""
     lo, hi = grad_scale(lo, grad_factor), grad_scale(hi, grad_factor)
-    if spec.symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        span, step = amax, amax / spec.qmax
+    if spec.symmetric:  # an empty range gets step 1, as calibration gives it
+        step = qmath.symmetric_step(torch.maximum(lo.abs(), hi.abs()), spec.qmax)
         zero_point = torch.zeros_like(step)
     else:
-        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-        span = hi - lo
-        step = span / (spec.qmax - spec.qmin)
-    step = torch.where(span <= _EPS, torch.ones_like(step), step)  # an empty range: step 1, as calibration does
-    if not spec.symmetric:
-        zero_point = torch.clamp(round_ste(spec.qmin - lo / step), spec.qmin, spec.qmax)
-    step, zero_point = broadcast_shape(x, axis, step), broadcast_shape(x, axis, zero_point)
-    codes = torch.clamp(round_ste(x.float() / step) + zero_point, spec.qmin, spec.qmax)
-    return ((codes - zero_point) * step).to(x.dtype)
+        step, zero_point = qmath.affine_qparams(lo, hi, spec.qmin, spec.qmax, rounding=round_ste)
+    step, zero_point = qmath.along_axis(step, x.dim(), axis), qmath.along_axis(zero_point, x.dim(), axis)
+    return qmath.fake_quantize(x, step, zero_point, spec.qmin, spec.qmax, rounding=round_ste).to(x.dtype)
 
 
 class QATQuantizer(TensorQuantizer):

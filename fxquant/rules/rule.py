@@ -10,20 +10,22 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from fxquant import ops
+from fxquant.ops import WEIGHTED_KINDS
+from fxquant.rules.context import RuleContext
 from fxquant.rules.pattern import Match, Pattern
 
-if TYPE_CHECKING:
-    from fxquant.passes.annotate import AnnotationContext
-
-Check = Callable[[Match, "AnnotationContext"], "str | None"]
-Handler = Callable[[Match, "AnnotationContext"], "str | None"]
+Check = Callable[[Match, RuleContext], "str | None"]
+"""A rule's legality check: None accepts the match, a string declines it with that reason."""
+Handler = Callable[[Match, RuleContext], "str | None"]
+"""A rule's action in code: annotate through the context, return None, or a reason to decline."""
 
 
 @dataclass(frozen=True)
-class Quantize:
-    """The declarative action of a rule; each field names a pattern node.
+class Targets:
+    """What a declarative rule quantizes (``Rule(name, pattern, quantize=Targets(...))``); each field names a
+    pattern node.
 
     inputs: its activation inputs get activation quantizers (on the edges into it).
     weight: its weight gets the weight spec (a Conv/ConvTranspose/Linear module, or the constant weight
@@ -48,22 +50,22 @@ class Rule:
 
     name: str
     pattern: Pattern
-    quantize: Quantize | None = None
+    quantize: Targets | None = None
     handler: Handler | None = None
     checks: tuple[Check, ...] = ()
     priority: int = 0
 
     def __post_init__(self) -> None:
         if (self.quantize is None) == (self.handler is None):
-            raise ValueError(f"Rule {self.name!r} needs exactly one of quantize=Quantize(...) or handler=...")
+            raise ValueError(f"Rule {self.name!r} needs exactly one of quantize=Targets(...) or handler=...")
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"Rule {self.name!r}: pattern must be a Pattern, e.g. Pattern.chain(('conv', 'conv'))")
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"Rule name must be a non-empty string, got {self.name!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"Rule {self.name!r}: priority must be an int (higher runs first), got {self.priority!r}")
-        if self.quantize is not None and not isinstance(self.quantize, Quantize):
-            raise TypeError(f"Rule {self.name!r}: quantize must be a Quantize(...), got {type(self.quantize).__name__}")
+        if self.quantize is not None and not isinstance(self.quantize, Targets):
+            raise TypeError(f"Rule {self.name!r}: quantize must be a Targets(...), got {type(self.quantize).__name__}")
         if self.handler is not None and not callable(self.handler):
             raise TypeError(f"Rule {self.name!r}: handler must be a function (match, ctx) -> reason or None")
         if not isinstance(self.checks, tuple) or not all(callable(c) for c in self.checks):
@@ -73,14 +75,12 @@ class Rule:
             for fld in ("inputs", "weight", "output"):
                 ref = getattr(self.quantize, fld)
                 if ref is not None and ref not in names:
-                    raise ValueError(f"Rule {self.name!r}: Quantize.{fld}={ref!r} is not a pattern node "
+                    raise ValueError(f"Rule {self.name!r}: Targets.{fld}={ref!r} is not a pattern node "
                                      f"(pattern nodes: {sorted(names)})")
             if self.quantize.weight is not None:
-                from fxquant.ops import WEIGHTED_KINDS
-
                 kinds = dict(self.pattern.nodes)[self.quantize.weight]
                 if all(isinstance(k, str) for k in kinds) and not kinds <= WEIGHTED_KINDS:
-                    raise ValueError(f"Rule {self.name!r}: Quantize.weight={self.quantize.weight!r} can only name a "
+                    raise ValueError(f"Rule {self.name!r}: Targets.weight={self.quantize.weight!r} can only name a "
                                      f"node of kinds {sorted(WEIGHTED_KINDS)}, not {sorted(kinds - WEIGHTED_KINDS)}")
 
 
@@ -98,7 +98,7 @@ def ordered(rules: Iterable[Rule]) -> list[Rule]:
 def single_user(*names: str) -> Check:
     """Check: each named node's output is used by exactly one node (so it can be fused with it)."""
 
-    def check(match: Match, ctx: AnnotationContext) -> str | None:
+    def check(match: Match, ctx: RuleContext) -> str | None:
         for name in names:
             users = len(match[name].users)
             if users != 1:
@@ -111,8 +111,6 @@ def single_user(*names: str) -> Check:
 
 def known_kinds() -> set[str]:
     """Every op-kind name fxquant gives nodes (fxquant.ops), plus "other" for ops it does not know."""
-    from fxquant import ops
-
     return {*ops.MODULE_KINDS.values(), *ops.FUNCTION_KINDS.values(), *ops.METHOD_KINDS.values(), "other"}
 
 

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fxquant.errors import FxQuantError
 
-class CLIError(ValueError):
+
+class CLIError(FxQuantError, ValueError):
     """A bad command-line input; the message says what is wrong and what to do."""
 
 

@@ -11,7 +11,7 @@ import torch
 from fxquant.tools.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.tools.summary import Stopwatch, config_from_args, print_table, quiet_warnings
 
-DESCRIPTION = """Quantize a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
+DESCRIPTION = """Targets a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
 calibrate on DATA, convert, export, check the ONNX model with onnx.checker and run it in ONNX Runtime against
 the fake-quant model. Prints a summary table at the end."""
 

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import fxquant
     from fxquant.sensitivity import sensitivity
-    from fxquant.sensitivity_html import NO_MATPLOTLIB, plot_png
+    from fxquant.sensitivity_report import NO_MATPLOTLIB, plot_png
     from fxquant.tools.inputs import CLIError
 
     if args.eval_batches < 1:

@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+from fxquant.backends import get_backend
 from fxquant.spec import Override, QuantConfig, QuantSpec
 
 
@@ -60,8 +61,6 @@ def print_table(title: str, rows: list[tuple[str, str]], notes: list[str] | None
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig | None:
     """A QuantConfig for --exclude and --calib-method (None when neither is given)."""
-    from fxquant.backends import get_backend
-
     overrides = tuple(Override(glob, exclude=True) for glob in args.exclude)
     activation = None
     method = getattr(args, "calib_method", None)

@@ -1,4 +1,5 @@
-"""Render a SensitivityReport as one self-contained HTML file, with the plot embedded as a PNG.
+"""The result of ``fxquant.sensitivity`` (``SensitivityReport``) and its renderings: a text table, and one
+self-contained HTML file with the plot embedded as a PNG.
 
 matplotlib is optional (``pip install fxquant[report]``): without it the HTML has the tables and says how to
 get the plot.
@@ -11,10 +12,61 @@ import html
 import io
 import math
 import os
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
 
-if TYPE_CHECKING:
-    from fxquant.sensitivity import SensitivityReport
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """SQNRs (dB, against the float model) of one layer; ``rank`` 1 is the most harmful layer."""
+
+    name: str
+    kind: str
+    index: int
+    rank: int
+    model_only_db: float
+    model_cumulative_db: float
+    output_only_db: float
+    output_cumulative_db: float
+    quantizers: tuple[str, ...]
+
+
+@dataclass
+class SensitivityReport:
+    """Result of ``sensitivity()``: layers in topological order, ``ranked()`` most harmful first."""
+
+    backend: str
+    layers: list[LayerSensitivity]
+    full_db: float  # model output with every quantizer on
+    num_batches: int
+    notes: list[str] = field(default_factory=list)
+
+    def ranked(self) -> list[LayerSensitivity]:
+        """Layers sorted by ``model_only_db``, lowest (most harmful) first."""
+        return sorted(self.layers, key=lambda s: s.rank)
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "full_db": self.full_db, "num_batches": self.num_batches,
+                "notes": list(self.notes), "layers": [asdict(s) for s in self.layers]}
+
+    def table(self, limit: int | None = None) -> str:
+        """A plain-text table of the ranked layers."""
+        rows = self.ranked()[:limit]
+        width = max([len("layer"), *(len(s.name) for s in rows)])
+        lines = [f"{'rank':>4}  {'layer':<{width}}  {'kind':<8} {'only dB':>8} {'upto dB':>8} "
+                 f"{'out only':>8} {'out upto':>8}"]
+        lines += [f"{s.rank:>4}  {s.name:<{width}}  {s.kind:<8} {_fmt(s.model_only_db):>8} "
+                  f"{_fmt(s.model_cumulative_db):>8} {_fmt(s.output_only_db):>8} {_fmt(s.output_cumulative_db):>8}"
+                  for s in rows]
+        return "\n".join(lines)
+
+    def write_html(self, path: str, title: str = "fxquant sensitivity report") -> str:
+        """Write a self-contained HTML report (plots embedded as PNG when matplotlib is installed)."""
+        return write_html(self, path, title)
+
+
+def _fmt(db: float) -> str:
+    return "inf" if math.isinf(db) else f"{db:.1f}"
+
 
 NO_MATPLOTLIB = "Plots need matplotlib, which is not installed: pip install 'fxquant[report]' (or matplotlib)."
 
@@ -30,10 +82,10 @@ def plot_png(report: SensitivityReport, worst: int = 3, dpi: int = 80) -> bytes 
     every layer up to each one quantized, at the model output and at the layer's own output.
     """
     try:
-        import matplotlib
+        import matplotlib  # lazy: matplotlib is the optional [report] extra
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: as above
     except ImportError:
         return None
     layers = report.layers

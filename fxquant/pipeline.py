@@ -1,0 +1,117 @@
+"""The prepare pipeline, in order, in one place.
+
+``prepare_model`` captures a copy of the model (whole, or in traced parts with the rest eager), runs
+``prepare_graph`` on every traced part, quantizes the Conv/Linear layers eager code calls, and records the
+backend, config and report on the result. ``prepare_graph`` is the ordered pass list; each pass is a function
+``(gm, ...) -> PassResult`` (``fxquant.passes.manager``) and hands what it produced to the next by return value.
+prepare, prepare_qat and the partial-trace path all go through here.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+
+from fxquant.backends.base import Backend
+from fxquant.capture import normalize_inputs, propagate_shapes
+from fxquant.errors import ExampleInputError, PassError
+from fxquant.hybrid import quantize_eager_code, unit_notes
+from fxquant.partition import Unit, partition
+from fxquant.passes import decompose_attention, einsum_matmul, window_attention
+from fxquant.passes.annotate import annotate_pass
+from fxquant.passes.fold_bn import fold_bn
+from fxquant.passes.insert import insert_quantizers
+from fxquant.passes.manager import PassRunner
+from fxquant.ptq.bias_absorption import absorb_high_bias
+from fxquant.ptq.bias_correction import record_expected_inputs
+from fxquant.ptq.bn_stats import record_bn_stats
+from fxquant.ptq.equalize import equalize
+from fxquant.report import PrepareReport, graph_report
+from fxquant.spec import QuantConfig
+from fxquant.state import QuantState, attach_state
+
+Observer = Callable[[str, fx.GraphModule], None]
+
+
+def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: QuantConfig,
+                  observer: Observer | None = None) -> tuple[fx.GraphModule, PrepareReport]:
+    """Run the prepare passes on one traced graph, in this order; ``observer(pass_name, gm)`` sees the graph
+    after each pass (docs/architecture.md is generated with it)."""
+    run = PassRunner(gm, observer)
+    propagate_shapes(gm, inputs)  # tensor shapes and dtypes on every node: rules and passes read them
+    # graph rewrites that expose quantizable ops, each only where its target op is present
+    if _calls(gm, decompose_attention.TARGET):
+        run(decompose_attention.decompose_attention, inputs)
+    if _calls(gm, window_attention.TARGET):
+        run(window_attention.inline_window_attention, inputs)
+    if _calls(gm, einsum_matmul.TARGET):
+        run(einsum_matmul.einsum_to_matmul, inputs)
+    ptq = {}
+    if config.fold_bn:
+        if config.equalize or config.absorb_bias or config.bias_correction_method == "analytical":
+            run(record_bn_stats)  # BatchNorm statistics, kept past folding for the data-free PTQ passes
+        run(fold_bn, strict=config.strict)
+    if config.equalize:
+        ptq["equalize"] = run(equalize)
+    if config.absorb_bias:
+        ptq["bias_absorption"] = run(absorb_high_bias)
+    if config.bias_correction_method == "analytical":
+        run(record_expected_inputs)  # calibrate() corrects biases from these after calibration
+    annotations = run(annotate_pass, backend, config)  # the backend's rules decide; the graph is unchanged
+    run(insert_quantizers, annotations)  # the one pass that acts on the decisions
+    return run.gm, graph_report(run.gm, backend.name, annotations, run.notes, ptq)
+
+
+def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: Backend,
+                  config: QuantConfig) -> nn.Module:
+    """Capture a copy of ``model`` (eval mode), prepare every traced part, quantize eager layers by swap."""
+    inputs = normalize_inputs(example_inputs)
+    work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
+    parts = partition(work, inputs, config)  # the whole model as one unit when torch.fx traces it
+    root: nn.Module = work
+    report = PrepareReport(backend.name)
+    for unit in parts.units:
+        gm, unit_report = _prepare_unit(unit, backend, config)
+        if unit.path:
+            work.set_submodule(unit.path, gm)
+        else:
+            root = gm
+        report.absorb(unit_report, unit.path)
+        report.traced.append(unit.path)
+        report.notes += unit_notes(unit)
+    quantize_eager_code(work, parts, backend, config, report)
+    report.count_quantizers(root)
+    attach_state(root, QuantState(backend, config, "prepared", report))
+    _warn(report)
+    return root
+
+
+def _prepare_unit(unit: Unit, backend: Backend, config: QuantConfig) -> tuple[fx.GraphModule, PrepareReport]:
+    try:
+        return prepare_graph(unit.gm, unit.inputs, backend, config)
+    except ExampleInputError as exc:
+        if not unit.path:
+            raise
+        raise PassError(f"the traced `{unit.path}` failed on the inputs it was called with ({exc}); keep it eager "
+                        f"with QuantConfig(non_traceable=({unit.path!r},))") from exc
+
+
+def _calls(gm: fx.GraphModule, target: object) -> bool:
+    """Whether ``gm`` calls the function ``target`` or a module of class ``target``."""
+    if isinstance(target, type):
+        return any(isinstance(m, target) for m in gm.modules())
+    return any(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+def _warn(report: PrepareReport) -> None:
+    if report.float_ops:
+        warnings.warn(f"{len(report.float_ops)} op(s) stay float:\n" +
+                      "\n".join(f"  {e.node} ({e.kind}): {e.detail}" for e in report.float_ops), stacklevel=4)
+    if report.eager:
+        warnings.warn(f"{len(report.eager)} module(s) run eagerly (not traced); their Conv/Linear layers are "
+                      "quantized by module swap:\n" + "\n".join(f"  {e.node or '<root>'} ({e.kind}): {e.detail}"
+                                                                  for e in report.eager), stacklevel=4)

@@ -1,0 +1,91 @@
+"""The package's import structure: no cycles (static, TYPE_CHECKING imports included), every module imports
+alone, and imports sit at the top of files unless a comment says why one must be lazy."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+
+import fxquant
+
+PACKAGE = Path(fxquant.__file__).parent
+ROOT = PACKAGE.parent
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports outside functions and classes (inside if/try blocks too, TYPE_CHECKING ones included)."""
+    found, stack = [], list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, (ast.If, ast.Try)):
+            stack += [*node.body, *node.orelse, *getattr(node, "finalbody", []),
+                      *(s for h in getattr(node, "handlers", []) for s in h.body)]
+    return found
+
+
+def _targets(node: ast.Import | ast.ImportFrom, mods: dict[str, Path]) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in mods]
+    base = node.module or ""
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+            if base in mods or f"{base}.{a.name}" in mods]
+
+
+def test_no_import_cycles_between_modules():
+    mods = _modules()
+    graph = nx.DiGraph()
+    for name, path in mods.items():
+        graph.add_node(name)
+        for node in _module_level_imports(ast.parse(path.read_text())):
+            graph.add_edges_from((name, t) for t in _targets(node, mods) if t != name)
+    cycles = list(nx.simple_cycles(graph))
+    assert cycles == [], f"import cycles: {cycles[:5]}"
+    assert graph.number_of_edges() > 100  # the check sees the real import graph
+
+
+def test_every_module_imports_alone():
+    code = ("import importlib, sys\n"
+            "import torch, torchvision, onnx, onnxruntime, networkx  # third-party modules stay loaded\n"
+            f"for name in {sorted(m for m in _modules() if not m.endswith('__main__'))!r}:\n"
+            "    for loaded in [m for m in sys.modules if m == 'fxquant' or m.startswith('fxquant.')]:\n"
+            "        del sys.modules[loaded]\n"
+            "    importlib.import_module(name)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_imports_inside_functions_say_why():
+    """A function-local import is allowed only with a ``# lazy:`` comment giving the reason (start-up time of
+    the command line, an optional dependency)."""
+    unexplained = []
+    for name, path in _modules().items():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    context = " ".join(lines[max(inner.lineno - 2, 0):inner.end_lineno])
+                    if "# lazy:" not in context:
+                        unexplained.append(f"{name}:{inner.lineno}")
+    assert unexplained == []
+
+
+def test_every_fxquant_exception_derives_from_fxquant_error():
+    errors = [v for v in vars(fxquant).values() if isinstance(v, type) and issubclass(v, Exception)]
+    assert len(errors) >= 8 and all(issubclass(e, fxquant.FxQuantError) for e in errors)
