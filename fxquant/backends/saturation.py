@@ -24,7 +24,8 @@ from torch import fx, nn
 from fxquant.backends.base import Backend
 from fxquant.ops import module_kind
 from fxquant.ptq.report import PTQReport, attach
-from fxquant.quantizer import TensorQuantizer, broadcast_shape
+from fxquant.qmath import along_axis, quantize, symmetric_step
+from fxquant.quantizer import TensorQuantizer
 from fxquant.spec import QuantConfig, QuantSpec
 
 PAIR_LIMIT = 128  # largest same-signed pair sum whose product with 255 fits int16 (255 * 128 = 32640)
@@ -67,10 +68,9 @@ def saturating_pairs(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> torch.Tens
 def codes_at(weight: torch.Tensor, quantizer: TensorQuantizer, num_bits: int) -> torch.Tensor:
     """The integer codes ``weight`` gets from ``quantizer``'s range at ``num_bits`` (round half to even)."""
     spec = quantizer.spec.with_(num_bits=num_bits)
-    amax = quantizer.amax.float()
-    step = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
-    axis = 0 if spec.axis is None else spec.axis % weight.dim()
-    return torch.round(weight.detach().float() / broadcast_shape(weight, axis, step)).clamp(spec.qmin, spec.qmax)
+    step = symmetric_step(quantizer.amax, spec.qmax)
+    axis = None if spec.axis is None else spec.axis % weight.dim()
+    return quantize(weight.detach(), along_axis(step, weight.dim(), axis), 0.0, spec.qmin, spec.qmax)
 
 
 def weighted_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer, torch.Tensor, str, int]]:
