@@ -26,6 +26,7 @@ from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
+from fxquant.lower.ort_fusion import FusionReport, fusion_report
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized
@@ -44,6 +45,7 @@ class ExportResult:
     path: str
     model: onnx.ModelProto
     ort_sqnr_db: float | None
+    fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (verify_level "all")
 
     @property
     def op_counts(self) -> Counter:
@@ -92,7 +94,11 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
-    return ExportResult(path, proto, agreement)
+    # ops meant to run in int8 that ORT's optimized graph left in float: a backend verified as deployed only
+    fusion = fusion_report(path) if verify and state.backend.verify_level == "all" else None
+    if fusion is not None and fusion.unfused:
+        warnings.warn(fusion.summary(), stacklevel=2)
+    return ExportResult(path, proto, agreement, fusion)
 
 
 def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
@@ -104,8 +110,8 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
                 f"1/{2 ** narrowest} of a range, so low agreement is expected at this width: judge the model by its "
                 "accuracy in ORT")
     if backend.verify_level == "all" and any(bits == 8 and per_channel for bits, per_channel in widths):
-        return ("On x86 CPUs without VNNI this is ORT's u8s8 saturation with 8-bit weights: use 7-bit weights "
-                "(the onnxruntime preset's default)")
+        return ("On x86 CPUs without VNNI this can be ORT's u8s8 saturation with 8-bit weights: keep the weight "
+                "spec the backend chooses (Backend.saturation_aware_weights) or use 7-bit weights")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
             "so agreement tracks the model's own int8-vs-fp32 SQNR: check that first (fxquant.sensitivity)")
 
