@@ -67,12 +67,17 @@ def float_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
         if q is not None and q.op_type == "QuantizeLinear":
             rename[node.output[0]] = q.input[0]
             graph.node.remove(node)
+    def source(name: str) -> str:  # back through chains of bypassed pairs (Q -> DQ -> Q -> DQ)
+        while name in rename:
+            name = rename[name]
+        return name
+
     for node in graph.node:
         for i, name in enumerate(node.input):
-            node.input[i] = rename.get(name, name)
+            node.input[i] = source(name)
     for out in graph.output:
         if out.name in rename:  # a graph output keeps its name: an Identity stands where the DQ was
-            graph.node.append(onnx.helper.make_node("Identity", [rename[out.name]], [out.name]))
+            graph.node.append(onnx.helper.make_node("Identity", [source(out.name)], [out.name]))
     used = {i for n in graph.node for i in n.input}
     for node in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in used]:
         graph.node.remove(node)
