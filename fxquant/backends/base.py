@@ -27,6 +27,8 @@ class Backend:
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
     can (``fxquant.backends.saturation``).
+    trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
+    would run in higher precision (``fxquant.lower.trt_lint``).
     """
 
     name: str
@@ -39,6 +41,7 @@ class Backend:
     int32_bias: bool = False
     verify_level: str = "basic"
     saturation_aware_weights: bool = False
+    trt_fusion_lint: bool = False
 
     def __post_init__(self) -> None:
         if self.verify_level not in VERIFY_LEVELS:

@@ -32,6 +32,7 @@ from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized
+from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
 from fxquant.version import __version__
@@ -49,6 +50,7 @@ class ExportResult:
     ort_sqnr_db: float | None
     fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (verify_level "all")
     latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (verify_level "all")
+    trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (Backend.trt_fusion_lint)
 
     @property
     def op_counts(self) -> Counter:
@@ -111,7 +113,11 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
         if latency.slower:
             warnings.warn(_slower_message(latency, fusion), stacklevel=2)
-    return ExportResult(path, proto, agreement, fusion, latency)
+    lint = trt_fusion_lint(proto) if state.backend.trt_fusion_lint else None
+    if lint:
+        warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
+                      + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
+    return ExportResult(path, proto, agreement, fusion, latency, lint)
 
 
 def _slower_message(latency: LatencyCheck, fusion: FusionReport) -> str:
