@@ -60,7 +60,7 @@ from results_meta import cpu_isa, cpu_name
 
 import fxquant
 from fxquant.lower.onnx_export import export_float_onnx
-from fxquant.models import random_torchvision
+from fxquant.tools.torchvision_models import random_torchvision
 
 FLOAT_OPS = frozenset({"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"})
 QUANT_OPS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",

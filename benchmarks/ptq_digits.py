@@ -17,13 +17,14 @@ import argparse
 import time
 import warnings
 
+import _repo  # noqa: F401  (the repo root on sys.path, for tests.models)
 import torch
 from results_meta import write_results
 
 import fxquant
+from fxquant.demo_model import accuracy, load_digits_split
 from fxquant.lower.onnx_export import ort_session, run_ort
-from fxquant.models import accuracy, load_digits_split
-from fxquant.models.mobilenet_digits import train_mobilenet_digits, unbalance_channels
+from tests.models.mobilenet_digits import train_mobilenet_digits, unbalance_channels
 
 W8T = fxquant.QuantSpec(num_bits=8, axis=None, narrow_range=True)
 W4C = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)

@@ -2,7 +2,7 @@
 
     python benchmarks/untraceable_models.py
 
-For the BERT-style encoder and the YOLO-style detector of ``fxquant.models.untraceable`` (random weights,
+For the BERT-style encoder and the YOLO-style detector of ``tests.models.untraceable`` (random weights,
 randomized BatchNorm statistics), with both backends: the parts traced as graphs, the modules that ran
 eagerly, Linear/Conv layers quantized (of all), the int8 model against fp32 (the encoder's last hidden state;
 the detector's scores) and ONNX Runtime against the fake-quant model on all outputs (dB). Prints the table and
@@ -16,14 +16,15 @@ import time
 import warnings
 from pathlib import Path
 
+import _repo  # noqa: F401  (the repo root on sys.path, for tests.models)
 import torch
 from doc_tables import UNTRACEABLE_HEADER, untraceable_row
 from results_meta import write_results
 from torch import nn
 
 import fxquant
-from fxquant.models.untraceable import BertStyleModel, Detector, bert_inputs, randomize_bn
 from fxquant.report import OpEntry
+from tests.models.untraceable import BertStyleModel, Detector, bert_inputs, randomize_bn
 
 
 def _first(out: object) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Per model and backend: int8 (fake-quant) vs fp32 SQNR, ONNX Runtime vs fake-quant SQNR (what export_onnx
 verifies; the onnxruntime preset runs with every ORT fusion on, the tensorrt preset at ORT's basic level),
 Q/DQ node counts, ops the prepare report leaves float, float compute ops left in ORT's optimized graph
-(onnxruntime preset), and wall times. Random weights with randomized BatchNorm (fxquant.models.zoo).
+(onnxruntime preset), and wall times. Random weights with randomized BatchNorm (tests.models.zoo).
 
     python benchmarks/zoo_torchvision.py                 # every model (slow: about an hour on 2 cores)
     python benchmarks/zoo_torchvision.py --models resnet18,vit_b_16 --backends onnxruntime
@@ -22,13 +22,14 @@ import time
 import warnings
 from collections import Counter
 
+import _repo  # noqa: F401  (the repo root on sys.path, for tests.models)
 import onnx
 import torch
 from doc_tables import zoo as markdown
 
 import fxquant
 from fxquant.lower.onnx_export import ort_session
-from fxquant.models.zoo import ZOO, zoo_model
+from tests.models.zoo import ZOO, zoo_model
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "zoo.json")
 QUANTIZED_ORT_OPS = ("QLinear", "QGemm", "QuantizeLinear", "DequantizeLinear", "DynamicQuantize", "MatMulInteger",

@@ -7,7 +7,7 @@
    output is also read elsewhere (then the handler declines, and says why in the prepare report).
 
 Run: ``python examples/custom_backend.py``; it prints one line per backend (quantizer counts, ONNX Q/DQ counts,
-agreement), which tests/test_rules_api.py checks.
+agreement), which tests/rules/test_rules_api.py checks.
 """
 
 from __future__ import annotations

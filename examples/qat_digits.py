@@ -17,8 +17,8 @@ from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
+from fxquant.demo_model import accuracy, load_digits_split, train_digits
 from fxquant.lower.onnx_export import ort_session, run_ort
-from fxquant.models import accuracy, load_digits_split, train_digits
 from fxquant.qat import param_groups
 
 CONFIG = QuantConfig(weight=QuantSpec(num_bits=4, axis=0, narrow_range=True, learn_amax=True),  # [-7, 7]/channel

@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
 from fxquant.backends.saturation import choose_weight_bits
-from fxquant.calib import distributed
-from fxquant.capture import normalize_inputs
+from fxquant.calib import distributed as dist_calib
+from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
+from fxquant.checks.config import check_before_trace
+from fxquant.checks.model import check_model
 from fxquant.errors import CalibrationError, ConversionError
 from fxquant.lower.frozen import FrozenQuantizer
 from fxquant.pipeline import prepare_model
@@ -56,6 +58,8 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
         if spec is not None and spec.learn_amax and not qat:
             raise ValueError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
                              "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
+    check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.checks)
+    check_before_trace(model, config)
     return backend, config
 
 
@@ -71,20 +75,22 @@ def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def _check_finite(batch: tuple, index: int) -> None:
-    for t in batch:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise CalibrationError(f"calibration batch {index} contains NaN or Inf values; clean the data "
-                                   "(every batch is checked before it reaches the quantizers)")
-
-
 @torch.no_grad()
-def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
+def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inputs: Selector = None,
+              distributed: bool | None = None) -> nn.Module:
     """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
 
-    ``batches``: an iterable of tensors or tuples of tensors (one per forward argument). Returns ``prepared``.
+    ``batches``: an iterable of tensors, tuples of tensors (one per forward argument), NumPy arrays or dicts
+    keyed by the forward's argument names. ``inputs`` selects the model inputs from each batch: an index
+    (``inputs=0`` for the ``(x, y)`` pairs of ``DataLoader(TensorDataset(x, y))``), a dict key, a tuple of
+    those, or a function ``batch -> inputs``; a batch with more items than the forward takes raises instead of
+    being cut down. Every batch is checked (0 samples, NaN/Inf, the example's dtype; a failing forward names
+    the batch index), and all-zero data raises. If calibration fails, the model's ranges are cleared (convert
+    then asks for a calibration) rather than left from an earlier run. Returns ``prepared``.
     Under torch.distributed (initialized), every rank calibrates its own batches and the statistics are merged
-    so that all ranks get the same ranges; see ``fxquant.calib.distributed``.
+    so that all ranks get the same ranges; see ``fxquant.calib.distributed``. ``distributed=False`` calibrates
+    on this rank alone (e.g. under ``if rank == 0:``); a rank that calls calibrate while the others do not raises
+    after ``FXQUANT_ARRIVAL_TIMEOUT_S`` seconds instead of hanging.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
     (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again.
     """
@@ -96,11 +102,15 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     if state is None or not quantizers:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
-    if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches (e.g. a DataLoader or a list of tensors), "
-                        "not a single tensor; wrap it: [tensor]")
-    if ptq.needs_data(state.config):
-        batches = list(batches)
+    batches = ModelBatches(batches, prepared, inputs)
+    checked = batches
+    merge = dist_calib.is_distributed() if distributed is None else bool(distributed)
+    if merge and not dist_calib.is_distributed():
+        raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
+                               "(dist.init_process_group) on every rank")
+    if ptq.needs_data(prepared, state.config, state.report):
+        batches = list(batches)  # the model's inputs per batch, as selected and checked
+        ptq.before_calibrate(prepared, batches, state.config, state.report)
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
@@ -112,18 +122,19 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
     constants = [q for q in quantizers.values() if q.constant]  # weights, layer scales: the same every batch
     count = 0
     try:
+        if merge:
+            dist_calib.await_ranks()  # every rank must be here: detect a calibrate on one rank only
         for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
-            batch = normalize_inputs(batch)
-            _check_finite(batch, i)
-            prepared(*batch)
+            run_batch(prepared, batch, i, checked.expected)
             if count == 0:  # constants are the same in every batch: their statistics are complete after one
                 for q in constants:
                     q.set_mode("disabled")
             count += 1
-        if distributed.is_distributed():  # merge every rank's statistics: all ranks get the same ranges
-            count = distributed.sync_calibrators(quantizers, count, device=distributed.module_device(prepared))
+        if merge:  # merge every rank's statistics: all ranks get the same ranges
+            count = dist_calib.sync_calibrators(quantizers, count, device=dist_calib.module_device(prepared))
         if count == 0:
             raise CalibrationError("the calibration iterable was empty; pass at least one batch")
+        checked.check_all_zero()
         for name, q in quantizers.items():
             if q.spec.amax is None and q.calibrator.num_batches == 0:
                 raise CalibrationError(f"quantizer `{name}` saw no data during calibration: the branch it sits "
@@ -132,6 +143,9 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True) -> 
                 q.load_calib_amax()
             except ValueError as exc:
                 raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
+    except BaseException:
+        clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
+        raise
     finally:
         for q in quantizers.values():
             q.set_mode("quant")
@@ -164,8 +178,8 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
         if q.spec.amax is not None or method not in q.calibrator.methods:
             kept.append(name)
             continue
-        if percentile is not None:
-            q.spec = q.spec.with_(percentile=percentile)
+        # the spec records the method (and percentile) in use: save_encodings and the ONNX metadata report it
+        q.spec = q.spec.with_(calib_method=method, **({} if percentile is None else {"percentile": percentile}))
         q.load_calib_amax(method)
     if kept:
         warnings.warn(f"{len(kept)} quantizer(s) keep their range (fixed amax, or statistics that cannot give "
@@ -199,8 +213,8 @@ def convert(prepared: nn.Module) -> nn.Module:
 
 def quantize(model: nn.Module, example_inputs: torch.Tensor | tuple, batches: Iterable,
              backend: str | Backend = "tensorrt", config: QuantConfig | None = None,
-             progress: bool = True) -> fx.GraphModule:
-    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule."""
+             progress: bool = True, inputs: Selector = None) -> fx.GraphModule:
+    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule (``inputs``: as calibrate's)."""
     prepared = prepare(model, example_inputs, backend=backend, config=config)
-    calibrate(prepared, batches, progress=progress)
+    calibrate(prepared, batches, progress=progress, inputs=inputs)
     return convert(prepared)

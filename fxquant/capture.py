@@ -13,11 +13,12 @@ import traceback
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxquant.errors import ExampleInputError, TraceError
+from fxquant.errors import ExampleInputError, ExampleTypeError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -139,14 +140,18 @@ def trace(model: nn.Module, leaf_globs: Sequence[str] = (), concrete_args: dict[
 
 
 def normalize_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
-    """Example inputs as a tuple; a lone tensor is wrapped."""
+    """Example inputs as a tuple; a lone tensor is wrapped, NumPy arrays become tensors (dtype kept)."""
+    if isinstance(example_inputs, np.ndarray):
+        example_inputs = torch.from_numpy(np.ascontiguousarray(example_inputs))
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple):
-        raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-    return example_inputs
+        raise ExampleTypeError(f"example_inputs must be a tensor or a tuple of tensors, got "
+                               f"{type(example_inputs).__name__}; pass one tensor per forward argument")
+    return tuple(torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+                 for x in example_inputs)
 
 
 class _ShapeProp(ShapeProp):

@@ -7,9 +7,11 @@ This module only builds the parser and dispatches; each subcommand lives in ``fx
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-EPILOG = """run 'fxquant COMMAND --help' for a command's options. Errors print one line and exit with code 2."""
+EPILOG = """run 'fxquant COMMAND --help' for a command's options. Errors print one line and exit with code 2
+(FXQUANT_TRACEBACK=1 shows the traceback). MODEL or DATA given as file.py:function executes that file."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,7 +22,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fxquant.demo import run_demo
+    try:  # lazy: the demo needs the optional scikit-learn, which the other commands must not require
+        from fxquant.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "sklearn":
+            raise
+        raise ImportError('the demo needs scikit-learn (its digits data): pip install "fxquant[demo]"') from exc
 
     run_demo(out_dir=args.out, seed=args.seed)
     return 0
@@ -52,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FxQuantError, ValueError, TypeError, OSError, ImportError) as exc:
+    except Exception as exc:  # every error is one line (FXQUANT_TRACEBACK=1 shows the traceback)
+        if os.environ.get("FXQUANT_TRACEBACK"):
+            raise
         message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (FxQuantError, ValueError, TypeError, OSError, ImportError)):
+            message = f"{type(exc).__name__}: {message} (set FXQUANT_TRACEBACK=1 to see where)"
         print(f"fxquant {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,8 @@ import time
 import torch
 
 import fxquant
+from fxquant.demo_model import accuracy, load_digits_split, train_digits
 from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
-from fxquant.models import accuracy, load_digits_split, train_digits
 
 
 def ort_latency_ms(session, x: torch.Tensor, runs: int = 300) -> float:

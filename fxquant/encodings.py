@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fxquant import qmath
+from fxquant.checks.encodings import weight_mismatches
 from fxquant.errors import CalibrationError
 from fxquant.quantizer import TensorQuantizer
 from fxquant.state import get_state
@@ -122,8 +123,14 @@ def _read(source: str | os.PathLike | Mapping) -> Mapping:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EncodingsError(f"{path} is not valid JSON ({exc}); pass a file written by "
+                             "fxquant.save_encodings()") from exc
+    except OSError as exc:
+        raise EncodingsError(f"cannot read encodings from {path}: {exc.strerror or exc}; pass the path "
+                             "fxquant.save_encodings() wrote") from exc
+    except RecursionError as exc:  # json nests one Python call per level: a hostile file exhausts the stack
+        raise EncodingsError(f"{path} nests JSON too deeply to be an encodings file; pass a file written by "
                              "fxquant.save_encodings()") from exc
 
 
@@ -244,6 +251,7 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
             graph_diff, bad_values, ranges[name] = _check_entry(name, entries[name], q, _channels(model, name, q))
             structural += graph_diff
             problems += bad_values
+    structural += weight_mismatches(model, quantizers, ranges)
     if missing or extra or structural or problems:
         lines = [f"the encodings do not fit this model ({len(quantizers)} quantizers; the file has "
                  f"{len(entries)}):"]

@@ -25,6 +25,30 @@ class ExampleInputError(FxQuantError, ValueError):
     """The example inputs do not fit the model."""
 
 
+class ExampleTypeError(ExampleInputError, TypeError):
+    """The example inputs are not a tensor or a tuple of tensors."""
+
+
+class CalibrationDataError(CalibrationError, ValueError):
+    """A calibration batch cannot be used (empty, wrong type, shape or dtype); the message names the batch."""
+
+
+class CalibrationTypeError(CalibrationDataError, TypeError):
+    """calibrate() got something that is not an iterable of batches (None, a single tensor, a dict)."""
+
+
+class ModelError(FxQuantError, TypeError):
+    """The model cannot be prepared as given (already prepared/converted, pruning hooks, ...)."""
+
+
+class ConfigError(FxQuantError, ValueError):
+    """A QuantConfig entry does not fit the model (a glob that matches nothing, an unknown argument name)."""
+
+
+class ExportError(ConversionError, ValueError):
+    """export_onnx() got arguments it cannot honour (example inputs, dtype, path, opset)."""
+
+
 class QuantRangeError(FxQuantError, ValueError):
     """A quantization range or scale that cannot be used (a negative amax, a scale beyond float16)."""
 

@@ -40,4 +40,5 @@ def quantize_eager_code(work: nn.Module, parts: Partition, backend: Backend, con
             report.passthrough.append(OpEntry(path, kind, "pass-through (eager code)"))
         else:
             report.float_ops.append(OpEntry(path, kind, "called from eager code (not traced)"))
+    report.notes += parts.notes
     report.notes += [f"`{path}` is never called on the example inputs: not quantized" for path in parts.uncalled]

@@ -14,6 +14,8 @@ import torchvision.ops
 from torch import fx, nn
 from torchvision.models import swin_transformer
 
+from fxquant.attention_ops import masked_softmax
+
 MODULE_KINDS: dict[type, str] = {
     nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
     nn.ConvTranspose1d: "conv_transpose", nn.ConvTranspose2d: "conv_transpose", nn.ConvTranspose3d: "conv_transpose",
@@ -55,6 +57,7 @@ FUNCTION_KINDS: dict[object, str] = {
     # torchvision wraps it with torch.fx.wrap: one opaque call holding Linear layers and attention matmuls
     swin_transformer.shifted_window_attention: "window_attention",
     swin_transformer._get_relative_position_bias: "position_bias",  # a gather from parameters only
+    masked_softmax: "masked_softmax",  # decomposed attention's mask + softmax (fxquant.passes.decompose_sdpa)
 }
 
 METHOD_KINDS: dict[str, str] = {

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from fxquant.capture import matches, try_trace
 from fxquant.errors import ExampleInputError, TraceError
+from fxquant.export_capture import export_trace
 from fxquant.quant_modules import has_quant_form
 from fxquant.spec import QuantConfig
 
@@ -42,6 +43,7 @@ class Partition:
     swaps: list[tuple[str, tuple]] = field(default_factory=list)  # (path, positional inputs of its first call)
     eager_float: list[tuple[str, nn.Module]] = field(default_factory=list)  # other torch.nn ops in eager code
     uncalled: list[str] = field(default_factory=list)  # modules in eager code the example inputs never call
+    notes: list[str] = field(default_factory=list)  # how the parts were captured, when it is worth saying
 
 
 def _join(prefix: str, name: str) -> str:
@@ -131,6 +133,9 @@ class _Partitioner:
                 n = len(inspect.signature(module.forward).parameters)
                 raise ExampleInputError(f"the model's forward takes {n} input(s) but {len(self.inputs)} example "
                                         f"inputs were given; pass one example per forward argument ({bound})")
+            if not path and not cfg.leaf_modules and not cfg.non_traceable \
+                    and self.exported(module, self.inputs, {}, bound):
+                return
             self.eager(path, module, bound)
             return
         values, fixed = bound
@@ -152,6 +157,9 @@ class _Partitioner:
             gm, failure = try_trace(module, (), opaque | leaves.keys(), fixed)
             if failure is None:
                 break
+            if not path and not failure.module and not opaque and not leaves \
+                    and self.exported(module, values, fixed, failure.reason):
+                return
             if self.config.strict:
                 raise TraceError(failure.message)
             if not failure.module or failure.module in leaves:  # the module's own code: it runs eagerly
@@ -163,6 +171,17 @@ class _Partitioner:
         self.result.units.append(Unit(path, gm, values, fixed))
         for name, (child, reason) in leaves.items():
             self.eager(_join(path, name), child, reason)
+
+
+    def exported(self, module: nn.Module, values: tuple, fixed: dict[str, object], reason: str) -> bool:
+        """Capture the whole root with torch.export when symbolic tracing fails (``fxquant.export_capture``)."""
+        gm, why = export_trace(module, values)
+        if gm is None:
+            self.result.notes.append(f"torch.export could not capture the model either ({why}); traced in parts")
+            return False
+        self.result.units.append(Unit("", gm, values, fixed))
+        self.result.notes.append(f"captured whole with torch.export (torch.fx failed: {reason})")
+        return True
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:

@@ -18,10 +18,12 @@ from torch import fx, nn
 
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs, propagate_shapes
+from fxquant.checks.config import check_overrides
+from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import ExampleInputError, PassError
 from fxquant.hybrid import quantize_eager_code, unit_notes
 from fxquant.partition import Unit, partition
-from fxquant.passes import decompose_attention, einsum_matmul, window_attention
+from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.insert import insert_quantizers
@@ -46,6 +48,8 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
     # graph rewrites that expose quantizable ops, each only where its target op is present
     if _calls(gm, decompose_attention.TARGET):
         run(decompose_attention.decompose_attention, inputs)
+    if _calls(gm, decompose_sdpa.TARGET):
+        run(decompose_sdpa.decompose_sdpa, inputs)
     if _calls(gm, window_attention.TARGET):
         run(window_attention.inline_window_attention, inputs)
     if _calls(gm, einsum_matmul.TARGET):
@@ -71,6 +75,7 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     """Capture a copy of ``model`` (eval mode), prepare every traced part, quantize eager layers by swap."""
     inputs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
+    frozen = freeze_parametrizations(work)  # weight_norm & co: quantize the weight the model computes with
     parts = partition(work, inputs, config)  # the whole model as one unit when torch.fx traces it
     root: nn.Module = work
     report = PrepareReport(backend.name)
@@ -84,6 +89,9 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
         report.traced.append(unit.path)
         report.notes += unit_notes(unit)
     quantize_eager_code(work, parts, backend, config, report)
+    report.skipped += [f"{name}: parametrization frozen to its current value" for name in frozen]
+    check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.checks)
+    warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
     attach_state(root, QuantState(backend, config, "prepared", report))
     _warn(report)

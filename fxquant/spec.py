@@ -167,6 +167,10 @@ class QuantConfig:
             "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
         adaround: False, True or an ``AdaRoundOptions``: calibrate() learns the weight rounding on its
             batches (``fxquant.adaround``).
+        smoothquant: "auto" (default), True or False: calibrate() first migrates activation outliers of every
+            LayerNorm that feeds Linears into their weights, with the strength searched per LayerNorm on its
+            batches (``fxquant.ptq.smoothquant``; float-exact). "auto" reports it only where it smoothed
+            something; True always reports it.
     """
 
     weight: QuantSpec | None = None
@@ -181,6 +185,7 @@ class QuantConfig:
     absorb_bias: bool = False
     bias_correction: bool | str = False
     adaround: bool | AdaRoundOptions = False
+    smoothquant: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation"):
@@ -210,6 +215,8 @@ class QuantConfig:
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
             raise ValueError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
                              f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
+        if not (isinstance(self.smoothquant, bool) or self.smoothquant == "auto"):
+            raise ValueError(f"QuantConfig.smoothquant must be 'auto', True or False, got {self.smoothquant!r}")
         if not isinstance(self.adaround, (bool, AdaRoundOptions)):
             raise TypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
                             f"got {type(self.adaround).__name__}")

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -24,7 +26,9 @@ def spawn(script: str, world: int, args: Callable[[int, int, Path], list[str]], 
           timeout_s: float, what: str) -> list:
     """Start ``python script *args(rank, port, outs[rank])`` for every rank, wait at most ``timeout_s`` (then
     kill them all and fail: a collective hung), require exit code 0, and return what each rank saved."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # the script imports ``tests.gloo_workers`` (and fxquant) from the repo root, which a script's sys.path lacks
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     port = free_port()

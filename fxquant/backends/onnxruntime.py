@@ -6,6 +6,7 @@
   gets 8-bit weights when none of its adjacent weight pairs can overflow, else 7 bits ([-63, 63], as torch.ao's
   fbgemm configs and ORT's ``reduce_range`` use everywhere); see fxquant.backends.saturation. Pass
   ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))`` on VNNI/ARM machines (8 bits everywhere).
+- ``LINEAR_FLOAT_OUTPUT`` (opt-in rule): a Linear whose output only reaches float ops keeps a float output.
 - Q/DQ on the inputs and outputs of Conv, Gemm, MatMul, Add, Mul, Concat and average pooling; a ReLU/Clip
   right after Conv/Gemm/Add is absorbed by the output quantizer (ORT removes it); max-pool, reshapes and
   concat share one scale between input and output so ORT can drop their Q/DQ.
@@ -25,10 +26,11 @@ from __future__ import annotations
 from torch import fx
 
 from fxquant.backends.base import Backend
-from fxquant.backends.checks import output_reaches_int8, quantizable_weight, two_activation_inputs
+from fxquant.backends.checks import int8_consumers, output_reaches_int8, quantizable_weight, two_activation_inputs
 from fxquant.ops import WEIGHTED_KINDS
 from fxquant.rules import Match, Pattern, Rule, Targets, single_user
 from fxquant.rules.context import RuleContext
+from fxquant.rules.rule import Check
 from fxquant.spec import QuantSpec
 
 CLAMPS = frozenset({"relu", "relu6", "hardtanh"})
@@ -50,6 +52,19 @@ def binary_with_constant(match: Match, ctx: RuleContext) -> str | None:
     return None
 
 
+def output_stays_float(name: str) -> Check:
+    """Take a Linear whose output only reaches float ops (the residual add before a LayerNorm): its inputs are
+    quantized but not its output, which ORT runs as MatMulIntegerToFloat. A uint8 output there would have to
+    hold the residual branch's outlier channels with one scale."""
+
+    def check(match: Match, ctx: RuleContext) -> str | None:
+        if int8_consumers(ctx.view, ctx.backend).get(match[name]) is None:
+            return f"`{match[name].name}` output reaches an int8 op"
+        return None
+
+    return check
+
+
 def _no_kernel(what: str) -> str:
     return f"ONNX Runtime has no int8 {what} kernel or QDQ fusion: it runs in float between DequantizeLinear and " \
            "QuantizeLinear"
@@ -63,6 +78,8 @@ FLOAT_REASONS = {
     "roll": "a roll exports as Slice + Concat, which runs on the dequantized tensor",
     **dict.fromkeys(("relu", "relu6", "hardtanh"), "ORT folds a ReLU/Clip only into the QuantizeLinear after a fused "
                     "Conv/Gemm/Add; after a float op (e.g. an unfolded BatchNorm) it runs in float"),
+    "masked_softmax": ("softmax over masked attention scores (-inf where masked) runs in float: no 8-bit scale "
+                       "holds the mask; the matmuls around it stay int8"),
     "split": "ORT fuses Split only with equal Q/DQ on every output; fxquant leaves split/chunk in float",
     "getitem": "slicing runs in float on the dequantized tensor; the next quantized op requantizes it",
     "position_bias": ("computed from parameters only (the same tensor for every input): runs in float and "
@@ -70,6 +87,12 @@ FLOAT_REASONS = {
     "window_attention": ("torchvision wraps shifted_window_attention with torch.fx.wrap (data-dependent padding "
                          "and shifts), so it is traced as one call: its Linear layers and matmuls run in float"),
 }
+
+LINEAR_FLOAT_OUTPUT = Rule("linear_float_output", Pattern.chain(("op", "linear")), Targets(inputs="op", weight="op"),
+                           checks=(quantizable_weight("op"), output_stays_float("op")), priority=25)
+"""Opt-in (``backend=ONNXRUNTIME.with_rules(LINEAR_FLOAT_OUTPUT)``): residual-branch Linears keep a float
+output. Measured on all-MiniLM-L6-v2 it lifts cosine from ~0.95 to ~0.99, but ORT 1.x fuses the exported
+DQ -> Gemm into no integer kernel (weights are dequantized at run time): ~3x slower than fp32, so it is off."""
 
 ONNXRUNTIME = Backend(
     name="onnxruntime",

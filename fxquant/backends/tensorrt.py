@@ -56,6 +56,7 @@ FLOAT_REASONS = {
             "producer; Q/DQ goes on the next weighted op's input"),
     "layer_norm": "TensorRT has no int8 normalization kernel: LayerNorm runs in fp32/fp16",
     "softmax": "TensorRT runs Softmax in fp32/fp16; the MatMul that reads it quantizes its output",
+    "masked_softmax": "TensorRT runs masked Softmax in fp32/fp16; the MatMul that reads it quantizes its output",
     "position_bias": ("computed from parameters only (the same tensor for every input): runs in float and "
                       "TensorRT folds it into a constant"),
     "window_attention": ("torchvision wraps shifted_window_attention with torch.fx.wrap (data-dependent padding "

@@ -41,6 +41,12 @@ Rules:
   ``TensorQuantizer.set_mode("calib")`` yourself and call ``sync_calibrators(quantizers, n, group=...)``.
 - The merge is deterministic: quantizers are reduced in sorted name order, in three collectives (one
   ``all_gather_object`` and two ``all_reduce``), on CPU for gloo and on the current CUDA device for NCCL.
+- Every rank must reach ``calibrate`` within ``ARRIVAL_TIMEOUT_S`` seconds of the first one (environment variable
+  ``FXQUANT_ARRIVAL_TIMEOUT_S``, default 300): a rank waiting longer raises ``CalibrationError`` naming how many
+  ranks arrived, instead of hanging until the process group's timeout (the common ``if rank == 0:
+  fxquant.calibrate(...)``). To calibrate on one rank only, pass ``calibrate(..., distributed=False)``.
+- Every rank must hold the same weights: the ranges of the weight quantizers are compared, and ranks whose
+  weights differ raise ``CalibrationError`` naming the first such weight (its range on each rank).
 - An exception on one rank before the merge (a NaN batch, a crashing forward) leaves the other ranks waiting in
   the collective until the process group's timeout, or until torchrun tears the job down.
 """
@@ -48,7 +54,10 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +72,33 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fxquant.quantizer import TensorQuantizer
+
+
+ARRIVAL_TIMEOUT_S = float(os.environ.get("FXQUANT_ARRIVAL_TIMEOUT_S", "300"))
+_CALLS = itertools.count()  # every rank numbers its calibrate calls alike: the n-th call meets the n-th
+
+
+def await_ranks(timeout_s: float | None = None) -> None:
+    """Wait until every rank of the world has entered ``calibrate`` (a counter in the default store); raise
+    CalibrationError after ``timeout_s`` instead of hanging in the first collective until the group's timeout."""
+    timeout_s = ARRIVAL_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # a process group without a store: the collectives' own timeout applies
+        return
+    world, key = dist.get_world_size(), f"fxquant/calibrate/{next(_CALLS)}"
+    arrived = store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while arrived < world:
+        if time.monotonic() > deadline:
+            raise CalibrationError(f"only {arrived} of {world} ranks called fxquant.calibrate within {timeout_s:g} s "
+                                   f"(this is rank {dist.get_rank()}): under torch.distributed calibrate is a "
+                                   "collective that merges every rank's statistics, so every rank must call it. To "
+                                   "calibrate on one rank only (e.g. under `if rank == 0:`), pass "
+                                   "fxquant.calibrate(prepared, batches, distributed=False); a slow rank: raise "
+                                   "FXQUANT_ARRIVAL_TIMEOUT_S")
+        time.sleep(0.02)
+        arrived = store.add(key, 0)
 
 
 def is_distributed() -> bool:
@@ -100,8 +136,15 @@ def _local_info(quantizers: dict[str, TensorQuantizer], local_batches: int) -> d
             "num_batches": q.calibrator.num_batches if has_data else 0,
             "exponent": q.calibrator.exponent if has_data and isinstance(q.calibrator, HistogramCalibrator) else None,
             "finite": finite,
+            "weights": _digest(lo, hi) if has_data and q.constant else None,
         })
     return {"batches": int(local_batches), "entries": entries}
+
+
+def _digest(lo: torch.Tensor, hi: torch.Tensor) -> tuple[str, float]:
+    """A weight quantizer's statistics as (exact digest, amax): equal on ranks holding the same weights."""
+    both = torch.cat([lo.detach().float().flatten(), hi.detach().float().flatten()]).cpu()
+    return hashlib.sha256(both.numpy().tobytes()).hexdigest(), float(both.abs().max())
 
 
 def _describe(key: tuple) -> str:
@@ -131,6 +174,14 @@ def _check_agreement(infos: list[dict[str, Any]]) -> None:
             raise CalibrationError(f"ranks disagree on the quantized graph: rank 0 has {len(ref)} quantizers, rank "
                                    f"{rank} has {len(other)}; the first one only rank {longer} has is "
                                    f"{_describe(extra['key'])}{hint}")
+    for rank, info in enumerate(infos[1:], start=1):  # the same graph: now the same weights
+        for a, b in zip(ref, info["entries"], strict=True):
+            if a["weights"] and b["weights"] and a["weights"][0] != b["weights"][0]:
+                raise CalibrationError(f"ranks hold different weights: `{a['key'][0]}` sees a weight of amax "
+                                       f"{a['weights'][1]:.6g} on rank 0 but {b['weights'][1]:.6g} on rank {rank}; "
+                                       "merging their statistics would calibrate no model. Load the same weights on "
+                                       "every rank (seed before building the model, or load one checkpoint) before "
+                                       "calibrate")
 
 
 def sync_calibrators(quantizers: dict[str, TensorQuantizer], local_batches: int = 0, group: Any = None,

@@ -33,6 +33,7 @@ class FrozenQuantizer(nn.Module):
         # A constant (weight) never leaves its calibrated range, so a narrow range needs no clip in ONNX.
         self.clip = not is_constant and (lo, hi) != (self.qmin, self.qmax)
         self.num_bits = spec.num_bits
+        self.calib_method, self.constant = spec.calib_method, is_constant  # recorded in the ONNX metadata
         self.register_buffer("scale", quantizer.scale.detach().clone().float())
         self.register_buffer("zero_point", quantizer.zero_point.detach().round().to(dtype))
 

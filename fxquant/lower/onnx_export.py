@@ -27,6 +27,16 @@ from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConversionError
 from fxquant.lower import ort_latency
+from fxquant.lower.export_checks import (
+    atomic_file,
+    check_dtypes,
+    clones,
+    export_path,
+    honour_opset,
+    run_example,
+    warn_static_batch,
+)
+from fxquant.lower.frozen import FrozenQuantizer
 from fxquant.lower.ort_fusion import FusionReport, fusion_report
 from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
@@ -77,15 +87,15 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
             raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "
                                   f"pass opset=21")
     inputs = normalize_inputs(example_inputs)
-    path = os.fspath(path)
-    with torch.no_grad():
-        sample = model(*inputs)
+    path = export_path(path)
+    check_dtypes(model, inputs)
+    sample = run_example(model, inputs)  # on a copy: the user's example is never edited
     wrapped = needs_flattening(sample)  # dicts, dataclasses (ModelOutput-style), None entries: flat, named
     if wrapped:
-        proto = _export(FlatOutputs(model), inputs, opset, dynamic_batch,
+        proto = _export(FlatOutputs(model), clones(inputs), opset, dynamic_batch,
                         output_names=[name for name, _ in flat_outputs(sample)])
     else:
-        proto = _export(model, inputs, opset, dynamic_batch)
+        proto = _export(model, clones(inputs), opset, dynamic_batch)
     fold_weight_quantization(proto)
     global_average_pools(proto)
     name_nodes(proto)
@@ -93,14 +103,16 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         strip_wrapper_prefix(proto)
     if state.backend.int32_bias:
         quantize_biases(proto)
-    _set_metadata(proto, state)
-    proto = infer_shapes(proto)
+    _set_metadata(proto, state, model)
+    proto = honour_opset(infer_shapes(proto), opset)
+    warn_static_batch(proto, dynamic_batch, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)
+                                                  and x.dim() > 0), None))
     onnx.checker.check_model(proto, full_check=True)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(proto, path)
     # A backend for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
     # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.verify_level).
-    agreement = verify_in_ort(model, inputs, path, state.backend.verify_level) if verify else None
+    with atomic_file(path) as tmp:  # the file appears only once the export and its check succeeded
+        onnx.save(proto, tmp)
+        agreement = verify_in_ort(model, inputs, tmp, state.backend.verify_level) if verify else None
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
@@ -112,26 +124,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if fusion is not None and check_latency:
         latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
         if latency.slower:
-            warnings.warn(_slower_message(latency, fusion), stacklevel=2)
+            warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)
     lint = trt_fusion_lint(proto) if state.backend.trt_fusion_lint else None
     if lint:
         warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
                       + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
     return ExportResult(path, proto, agreement, fusion, latency, lint)
-
-
-def _slower_message(latency: LatencyCheck, fusion: FusionReport) -> str:
-    """Where and why the int8 model is slower than its float twin."""
-    ops = fusion.optimized_ops
-    where = (f"{len(fusion.unfused)} op(s) meant for int8 did not fuse ({', '.join(u.node for u in fusion.unfused)})"
-             if fusion.unfused else "every op meant for int8 fused")
-    return (f"the int8 model runs slower in ONNX Runtime than its float twin on the example input: median "
-            f"{latency.int8_ms:.2f} ms vs {latency.float_ms:.2f} ms ({latency.runs} interleaved one-thread runs). "
-            f"Where: {where}; ORT's optimized graph keeps {ops.get('QuantizeLinear', 0)} QuantizeLinear and "
-            f"{ops.get('DequantizeLinear', 0)} DequantizeLinear (float <-> int8 conversions around float ops). "
-            "Why: at this size the conversions and requantizations cost more than the int8 kernels save (small "
-            "layers, batch 1). Ship the float model, keep the slow layers float (QuantConfig overrides with "
-            "exclude=True), or pass check_latency=False if the measurement is not representative")
 
 
 def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
@@ -152,11 +150,11 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
 def export_float_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, path: str | os.PathLike,
                       opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> str:
     """Export a float model the same way (the fp32 baseline beside a QDQ model); returns the path."""
-    proto = _export(model.eval(), normalize_inputs(example_inputs), opset, dynamic_batch)
+    inputs, path = normalize_inputs(example_inputs), export_path(path)
+    proto = honour_opset(_export(model.eval(), clones(inputs), opset, dynamic_batch), opset)
     onnx.checker.check_model(proto, full_check=True)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(proto, path)
+    with atomic_file(path) as tmp:
+        onnx.save(proto, tmp)
     return path
 
 
@@ -344,11 +342,16 @@ def name_nodes(proto: onnx.ModelProto) -> None:
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
-def _set_metadata(proto: onnx.ModelProto, state: QuantState) -> None:
+def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Module | None = None) -> None:
     """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
     backend, config = state.backend, state.config
 
+    frozen = [m for m in model.modules() if isinstance(m, FrozenQuantizer)] if model is not None else []
+
     def methods(role: str) -> str:
+        used = {m.calib_method for m in frozen if m.constant == (role == "weight")}
+        if used:  # what the quantizers used (load_calib_amax may have switched methods after calibrate)
+            return ",".join(sorted(used))
         specs = [getattr(config, role) or getattr(backend, role)]
         specs += [getattr(o, role) for o in config.overrides if getattr(o, role) is not None]
         return ",".join(sorted({s.calib_method for s in specs}))
@@ -386,7 +389,7 @@ def run_ort(session, inputs: tuple) -> list[np.ndarray]:
 def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str = "all") -> float:
     """Worst SQNR (dB) over the outputs of ONNX Runtime against the fake-quant model's on ``inputs``."""
     with torch.no_grad():
-        expected = [t for _, t in flat_outputs(model(*inputs))]
+        expected = [t for _, t in flat_outputs(model(*clones(inputs)))]
     got = run_ort(ort_session(path, level=level), inputs)
     if len(got) != len(expected):
         raise ConversionError(f"the ONNX model has {len(got)} outputs but the torch model returns {len(expected)}")

@@ -17,6 +17,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from fxquant.lower.ort_fusion import FusionReport
+
 
 @dataclass(frozen=True)
 class LatencyCheck:
@@ -113,3 +115,17 @@ def check_latency(proto: onnx.ModelProto, feeds: list[np.ndarray], runs: int = 3
     quartiles = [statistics.quantiles(t, n=4) for t in times]
     return LatencyCheck(quartiles[0][1], quartiles[1][1], (quartiles[0][0], quartiles[0][2]),
                         (quartiles[1][0], quartiles[1][2]), runs)
+
+
+def slower_message(latency: LatencyCheck, fusion: FusionReport) -> str:
+    """Where and why the int8 model is slower than its float twin."""
+    ops = fusion.optimized_ops
+    where = (f"{len(fusion.unfused)} op(s) meant for int8 did not fuse ({', '.join(u.node for u in fusion.unfused)})"
+             if fusion.unfused else "every op meant for int8 fused")
+    return (f"the int8 model runs slower in ONNX Runtime than its float twin on the example input: median "
+            f"{latency.int8_ms:.2f} ms vs {latency.float_ms:.2f} ms ({latency.runs} interleaved one-thread runs). "
+            f"Where: {where}; ORT's optimized graph keeps {ops.get('QuantizeLinear', 0)} QuantizeLinear and "
+            f"{ops.get('DequantizeLinear', 0)} DequantizeLinear (float <-> int8 conversions around float ops). "
+            "Why: at this size the conversions and requantizations cost more than the int8 kernels save (small "
+            "layers, batch 1). Ship the float model, keep the slow layers float (QuantConfig overrides with "
+            "exclude=True), or pass check_latency=False if the measurement is not representative")

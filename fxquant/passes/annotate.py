@@ -46,8 +46,8 @@ def annotate(view: GraphView, backend: Policy, config: QuantConfig) -> Annotatio
     for rule in ordered(backend.rules):
         for match in view.match(rule.pattern):
             nodes = list(match.values())
-            if any(n in claimed for n in nodes):
-                continue
+            if any(n in claimed or not _computes_float(n) for n in nodes):
+                continue  # integer/bool ops (shape arithmetic, attention masks) have nothing to quantize
             reason = next((r for n in nodes if (r := ctx.excluded(n))), None)
             for check in rule.checks:
                 reason = reason or check(match, ctx)

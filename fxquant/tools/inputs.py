@@ -25,6 +25,7 @@ class CLIError(FxQuantError, ValueError):
     """A bad command-line input; the message says what is wrong and what to do."""
 
 
+_KEPT_DTYPES = (torch.float32, torch.int64, torch.int32)  # .npy dtypes passed as they are; others become float32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,13 +35,15 @@ def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="a torchvision classification architecture (e.g. resnet18; random weights, randomized "
                              "BatchNorm statistics: no download) or path/to/file.py:factory, a function returning "
-                             "an nn.Module")
+                             "an nn.Module (the file is executed as Python code, once, to get it: only name files "
+                             "you trust)")
     parser.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="tensorrt",
                         help="deployment runtime whose quantizer placement to use (default: tensorrt)")
     parser.add_argument("--calib", required=True, metavar="DATA",
                         help="calibration data: an ImageFolder directory (resize, center crop, ImageNet "
                              "normalization), a .pt/.npy tensor file with samples along axis 0, "
-                             "path/to/file.py:function returning a tensor or a list of batches, or 'random' "
+                             "path/to/file.py:function returning a tensor or a list of batches (the file is executed, "
+                             "once, also when MODEL names it), or 'random' "
                              "(explicit opt-in; needs --input-shape for non-torchvision models)")
     parser.add_argument("--num-batches", type=_positive, default=8, metavar="N",
                         help="calibration batches to use (default: 8)")
@@ -80,19 +83,39 @@ def _load_callable(spec: str, what: str) -> Callable:
     path, _, name = spec.rpartition(":")
     if not os.path.isfile(path):
         raise CLIError(f"{what} file {path!r} does not exist")
-    module_name = f"_fxquant_user_{abs(hash(os.path.abspath(path)))}"
-    loader = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(loader)
-    sys.modules[module_name] = module
-    try:
-        loader.loader.exec_module(module)
-    except Exception as exc:
-        raise CLIError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    module = _import_file(path)
     fn = getattr(module, name, None)
     if not callable(fn):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise CLIError(f"{path} has no function {name!r}; it defines: {', '.join(found[:12]) or 'nothing callable'}")
     return fn
+
+
+def _import_file(path: str) -> object:
+    """Import (execute) the file once per process: ``--calib file.py:fn`` naming the model's file reuses it."""
+    module_name = f"_fxquant_user_{abs(hash(os.path.abspath(path)))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    loader = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[module_name] = module
+    try:
+        loader.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[module_name]
+        if not isinstance(exc, Exception):
+            raise
+        raise CLIError(f"importing {path} failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    return module
+
+
+def call_user(fn: Callable, spec: str, what: str) -> object:
+    """``fn()`` from the user's file; its failure becomes one CLIError line naming the function."""
+    try:
+        return fn()
+    except Exception as exc:
+        raise CLIError(f"the {what} function {spec} failed: {type(exc).__name__}: {' '.join(str(exc).split())}") \
+            from exc
 
 
 def is_file_spec(text: str) -> bool:
@@ -103,13 +126,13 @@ def is_file_spec(text: str) -> bool:
 def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, str]:
     """The model named by ``spec`` in eval mode, and a short name for it."""
     if is_file_spec(spec):
-        model = _load_callable(spec, "model")()
+        model = call_user(_load_callable(spec, "model"), spec, "model factory")
         if not isinstance(model, nn.Module):
             raise CLIError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
         return model.eval(), spec.rpartition(":")[2]
     import torchvision
 
-    from fxquant.models import random_torchvision
+    from fxquant.tools.torchvision_models import random_torchvision  # lazy: imports torchvision (start-up time)
 
     names = torchvision.models.list_models(module=torchvision.models)
     if spec not in names:
@@ -165,7 +188,7 @@ def load_calibration(args: argparse.Namespace, default_shape: tuple[int, ...] | 
         batches = [torch.randn(bs, *shape, generator=gen) for _ in range(nb)]
         return batches, f"random normal data {tuple(shape)} (explicit opt-in; real data gives real ranges)"
     if is_file_spec(spec):
-        batches = _batches_of(_load_callable(spec, "calibration")(), bs, nb, spec)
+        batches = _batches_of(call_user(_load_callable(spec, "calibration"), spec, "calibration"), bs, nb, spec)
     elif os.path.isdir(spec):
         batches = _image_folder(spec, bs, nb, args.image_size)
     elif os.path.isfile(spec) and spec.endswith((".pt", ".pth")):
@@ -181,7 +204,8 @@ def load_calibration(args: argparse.Namespace, default_shape: tuple[int, ...] | 
             array = np.load(spec, allow_pickle=False)
         except Exception as exc:
             raise CLIError(f"cannot read {spec} with numpy.load: {exc}") from exc
-        batches = _batches_of(torch.from_numpy(np.ascontiguousarray(array)).float(), bs, nb, spec)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))  # integer token ids stay integer
+        batches = _batches_of(tensor if tensor.dtype in _KEPT_DTYPES else tensor.float(), bs, nb, spec)
     elif os.path.exists(spec):
         raise CLIError(f"--calib {spec}: expected a directory, a .pt/.npy file, file.py:function or 'random'")
     else:

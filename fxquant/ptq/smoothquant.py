@@ -1,0 +1,205 @@
+"""SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights of the Linears that read them.
+
+A LayerNorm output X read by Linears W_1..W_n (BERT's q/k/v, or the FFN input) has a few channels with large
+ranges that a per-tensor activation scale cannot follow. With per-channel factors
+``s_c = max|X_c|^a / max_i max|W_i[:, c]|^(1-a)`` the LayerNorm's weight and bias are divided by s and every
+W_i's input column c is multiplied by s_c: ``(X / s) (W s)^T = X W^T``, so the function is unchanged. Other
+readers of X (the residual add of a post-LN block) get a constant ``X * s`` multiply, which restores X exactly.
+
+How it gets data: SmoothQuant needs per-channel activation maxima, so it runs in ``calibrate()``, on the
+calibration batches, before any range is calibrated (weight ranges are then taken from the smoothed weights).
+The strength ``a`` is searched per LayerNorm over ``ALPHAS`` (and "no smoothing"): the choice that minimizes
+the squared error of the Linears' outputs with fake-quantized inputs (per tensor, the input quantizer's bits and
+symmetry, min/max range) and weights (per output channel, the weight quantizer's bits) on the calibration
+activations. Groups whose LayerNorm output reaches a non-Linear reader through the Linears' input quantizer
+are skipped, with the reason, in ``report_of(prepared).ptq["smoothquant"]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import fx, nn
+
+from fxquant.ptq.report import PTQReport
+from fxquant.quantizer import TensorQuantizer
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MAX_ROWS = 8192  # activation rows (tokens) kept per LayerNorm for the search
+
+
+@dataclass
+class Group:
+    """A LayerNorm node and the Linear nodes that read its output (directly or through their input quantizer);
+    ``others``: the non-Linear readers that get the compensating multiply."""
+
+    norm: fx.Node
+    linears: list[fx.Node]
+    others: list[fx.Node]
+    quantizer: TensorQuantizer | None
+
+
+def find_groups(gm: fx.GraphModule) -> tuple[list[Group], list[str]]:
+    """Every LayerNorm (with affine weight) whose output feeds at least one Linear; notes for those skipped."""
+    modules = dict(gm.named_modules())
+    groups, notes = [], []
+    for node in gm.graph.nodes:
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.weight.dim() != 1:
+            continue
+        linears, others, quantizers, why = [], [], [], None
+        for user in node.users:
+            target = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(target, TensorQuantizer):
+                quantizers.append(target)
+                readers = [modules.get(u.target) if u.op == "call_module" else None for u in user.users]
+                if all(isinstance(r, nn.Linear) for r in readers):
+                    linears += list(user.users)
+                else:
+                    why = "its quantized output is also read by non-Linear ops"
+            elif isinstance(target, nn.Linear) and user.args[0] is node:
+                linears.append(user)
+            else:
+                others.append(user)
+        if linears and why is None and len(quantizers) > 1:
+            why = "its output has several input quantizers"
+        if why:
+            notes.append(f"`{node.target}`: {why}")
+        elif linears:
+            groups.append(Group(node, linears, others, quantizers[0] if quantizers else None))
+    return groups, notes
+
+
+def _fake_quant(x: torch.Tensor, bits: int, symmetric: bool, dim: int | None) -> torch.Tensor:
+    """Min/max fake quantization per tensor (dim None) or per slice along ``dim`` (for the alpha search)."""
+    reduce = {} if dim is None else {"dim": tuple(d for d in range(x.dim()) if d != dim), "keepdim": True}
+    if symmetric:
+        amax = (x.abs().amax(**reduce) if reduce else x.abs().max()).clamp_min(1e-12)
+        q = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(x / amax * q), -q, q) * amax / q
+    lo = (x.amin(**reduce) if reduce else x.min()).clamp(max=0)
+    hi = (x.amax(**reduce) if reduce else x.max()).clamp(min=0)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
+    zero = torch.round(-lo / step)
+    return (torch.clamp(torch.round(x / step) + zero, 0, 2**bits - 1) - zero) * step
+
+
+def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
+    return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
+
+
+def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric: bool
+            ) -> tuple[float | None, torch.Tensor | None, dict[str, float]]:
+    """(alpha or None for no smoothing, factors, error per candidate)."""
+    weights = [lin.weight.detach().float() for lin in linears]
+    w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
+    w_bits = [8 if s is None else s.num_bits for s in w_bits]
+    x_max = x.abs().amax(0)
+    w_max = torch.cat(weights).abs().amax(0)
+    ref = [x @ w.t() for w in weights]
+
+    def error(s: torch.Tensor) -> float:
+        xq = _fake_quant(x / s, act_bits, symmetric, None)
+        return float(sum(((xq @ _fake_quant(w * s, b, True, 0).t() - r) ** 2).sum()
+                         for w, b, r in zip(weights, w_bits, ref, strict=True)))
+
+    errors = {"none": error(torch.ones_like(x_max))}
+    best: tuple[float | None, torch.Tensor | None] = (None, None)
+    for alpha in ALPHAS:
+        s = _factors(x_max, w_max, alpha)
+        errors[str(alpha)] = error(s)
+        if errors[str(alpha)] < min(v for k, v in errors.items() if k != str(alpha)):
+            best = (alpha, s)
+    return best[0], best[1], errors
+
+
+@torch.no_grad()
+def _collect(model: nn.Module, groups: dict[fx.GraphModule, list[Group]], batches: Iterable) -> dict[int, list]:
+    """Rows of every group's LayerNorm output over the batches (quantizers off)."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for gm, gs in groups.items():
+        for g in gs:
+            handles.append(gm.get_submodule(g.norm.target).register_forward_hook(partial(_keep_rows, rows, id(g))))
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.set_mode("disabled")
+    try:
+        for batch in batches:
+            model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)
+    return rows
+
+
+def _keep_rows(rows: dict[int, list], key: int, _module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+    rows.setdefault(key, []).append(out.detach().reshape(-1, out.shape[-1]).float())
+
+
+@torch.no_grad()
+def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
+    norm = gm.get_submodule(g.norm.target)
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if norm.bias is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for node in g.linears:
+        lin = gm.get_submodule(node.target)
+        lin.weight.mul_(s.to(lin.weight.dtype))
+    if g.others:
+        name = f"{g.norm.target.replace('.', '_')}_smooth_restore"
+        gm.register_buffer(name, s.clone())
+        with gm.graph.inserting_after(g.norm):
+            const = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(const):
+            restored = gm.graph.call_function(operator.mul, (g.norm, const))
+        for user in g.others:
+            user.replace_input_with(g.norm, restored)
+
+
+@torch.no_grad()
+def smoothable(model: nn.Module) -> bool:
+    """Whether a traced part of ``model`` has a LayerNorm -> Linear group SmoothQuant can smooth."""
+    return any(find_groups(gm)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
+
+
+def smoothquant(model: nn.Module, batches: list) -> PTQReport:
+    """Smooth every eligible LayerNorm -> Linear group of ``model``'s traced parts in place (float-exact)."""
+    report = PTQReport("smoothquant")
+    groups: dict[fx.GraphModule, list[Group]] = {}
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        found, notes = find_groups(gm)
+        report.skipped += notes
+        if found:
+            groups[gm] = found
+    if not groups:
+        report.skipped.append("no LayerNorm feeds a Linear: nothing to smooth")
+        return report
+    rows = _collect(model, groups, batches)
+    layers = {}
+    for gm, gs in groups.items():
+        for g in gs:
+            x = torch.cat(rows.get(id(g), []) or [torch.zeros(1, 1)])[:MAX_ROWS]
+            spec = g.quantizer.spec if g.quantizer is not None else None
+            bits, symmetric = (8, True) if spec is None else (spec.num_bits, spec.symmetric)
+            linears = [gm.get_submodule(n.target) for n in g.linears]
+            alpha, s, errors = _search(x, linears, bits, symmetric)
+            layers[g.norm.target] = {"alpha": alpha, "errors": errors}
+            readers = ", ".join(n.target for n in g.linears)
+            if s is None:
+                report.skipped.append(f"`{g.norm.target}` -> {readers}: no alpha lowers the quantization error")
+                continue
+            _apply(gm, g, s)
+            gain = errors["none"] / max(errors[str(alpha)], 1e-30)
+            report.done.append(f"`{g.norm.target}` -> {readers}: alpha {alpha}, output error / {gain:.1f}")
+        gm.recompile()
+    report.data = {"layers": layers}
+    return report

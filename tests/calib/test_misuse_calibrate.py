@@ -1,0 +1,158 @@
+"""calibrate() misuse (issue 13 section 2): each case raises an FxQuantError naming the batch and the fix, or
+gives the right ranges."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxquant
+from fxquant import QuantConfig, QuantSpec
+from fxquant.errors import CalibrationDataError, CalibrationError, ConversionError, FxQuantError
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _data(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+def _prepare(method: str = "max") -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxquant.prepare(_Net().eval(), _data(1)[0], config=QuantConfig(
+            activation=QuantSpec(calib_method=method)))
+
+
+def _scales(prepared: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.scale.clone() for n, m in prepared.named_modules() if isinstance(m, fxquant.TensorQuantizer)}
+
+
+@pytest.mark.parametrize("method", ["max", "percentile"])
+def test_a_batch_with_zero_samples_is_named(method):
+    batches = [*_data(2), torch.empty(0, 3, 8, 8)]
+    with pytest.raises(CalibrationDataError, match=r"calibration batch 2 has 0 samples \(float32\[0, 3, 8, 8\]\); "
+                                                   r"drop empty batches"):
+        fxquant.calibrate(_prepare(method), batches, progress=False)
+
+
+def test_a_batch_of_another_shape_names_its_index_and_the_example():
+    batches = [*_data(2), torch.randn(2, 3, 9, 9)]
+    with pytest.raises(CalibrationDataError, match=r"failed on calibration batch 2 \(float32\[2, 3, 9, 9\]\) "
+                                                   r"\(prepare's example was float32\[2, 3, 8, 8\]\).*shape and dtype"):
+        fxquant.calibrate(_prepare(), batches, progress=False)
+
+
+def test_a_batch_of_another_dtype_names_its_index_and_the_cast():
+    batches = [*_data(2), _data(1)[0].double()]
+    with pytest.raises(CalibrationDataError, match=r"batch 2 input 0 is float64\[2, 3, 8, 8\].*batch.to\(torch."
+                                                   r"float32\)"):
+        fxquant.calibrate(_prepare(), batches, progress=False)
+
+
+@pytest.mark.parametrize(("batches", "match"), [(None, "batches=None"), (5, "got int"),
+                                                ({"x": 1}, "got dict")])
+def test_not_an_iterable_of_batches(batches, match):
+    with pytest.raises(CalibrationError, match=match) as info:
+        fxquant.calibrate(_prepare(), batches, progress=False)
+    assert isinstance(info.value, TypeError)
+
+
+def test_numpy_batches_give_the_ranges_of_the_same_tensors():
+    reference = _scales(fxquant.calibrate(_prepare(), _data(), progress=False))
+    got = _scales(fxquant.calibrate(_prepare(), [x.numpy() for x in _data()], progress=False))
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
+def test_dict_batches_keyed_by_forward_names_and_inputs_key():
+    reference = _scales(fxquant.calibrate(_prepare(), _data(), progress=False))
+    by_name = _scales(fxquant.calibrate(_prepare(), [{"x": x, "label": 0} for x in _data()], progress=False))
+    by_key = _scales(fxquant.calibrate(_prepare(), [{"image": x} for x in _data()], progress=False, inputs="image"))
+    assert all(torch.equal(by_name[k], reference[k]) and torch.equal(by_key[k], reference[k]) for k in reference)
+    with pytest.raises(CalibrationDataError, match=r"batch 0 is a dict with keys \['image'\].*\(x\); pass "
+                                                   r"inputs='<key>'"):
+        fxquant.calibrate(_prepare(), [{"image": x} for x in _data()], progress=False)
+
+
+def test_tensordataset_pairs_are_answered_and_inputs_selects_them():
+    xs = torch.cat(_data())
+    loader = DataLoader(TensorDataset(xs, torch.arange(len(xs))), batch_size=2)
+    with pytest.raises(CalibrationDataError, match=r"batch 0 holds 2 items \(float32\[2, 3, 8, 8\], int64\[2\]\) "
+                                                   r"but the model's forward takes 1 input\(s\) \(x\).*inputs=0"):
+        fxquant.calibrate(_prepare(), loader, progress=False)
+    reference = _scales(fxquant.calibrate(_prepare(), _data(), progress=False))
+    by_index = _scales(fxquant.calibrate(_prepare(), loader, progress=False, inputs=0))
+    by_function = _scales(fxquant.calibrate(_prepare(), loader, progress=False, inputs=lambda b: b[0]))
+    assert all(torch.equal(by_index[k], reference[k]) and torch.equal(by_function[k], reference[k])
+               for k in reference)
+
+
+def test_a_bad_inputs_selector_names_the_batch():
+    with pytest.raises(CalibrationDataError, match=r"inputs=3 does not select from calibration batch 0 \(it holds "
+                                                   r"2 items\)"):
+        fxquant.calibrate(_prepare(), [(x, 0) for x in _data()], progress=False, inputs=3)
+    with pytest.raises(CalibrationDataError, match=r"the inputs= function failed on calibration batch 0"):
+        fxquant.calibrate(_prepare(), _data(), progress=False, inputs=lambda b: b.images)
+
+
+def test_all_zero_calibration_data_raises():
+    with pytest.raises(CalibrationDataError, match=r"every calibration batch is all zeros.*calibrate on real data"):
+        fxquant.calibrate(_prepare(), [torch.zeros(2, 3, 8, 8)] * 2, progress=False)
+
+
+def test_a_failed_recalibration_leaves_no_old_ranges_for_convert():
+    prepared = fxquant.calibrate(_prepare(), _data(), progress=False)
+    assert fxquant.convert(prepared) is not None
+    bad = [*_data(), torch.full((2, 3, 8, 8), float("nan"))]
+    with pytest.raises(CalibrationDataError, match="batch 3 contains NaN"):
+        fxquant.calibrate(prepared, bad, progress=False)
+    with pytest.raises(ConversionError, match=r"4 quantizer\(s\) have no range yet.*run fxquant.calibrate"):
+        fxquant.convert(prepared)
+    # calibrating again works and gives the first calibration's ranges
+    again = _scales(fxquant.calibrate(prepared, _data(), progress=False))
+    reference = _scales(fxquant.calibrate(_prepare(), _data(), progress=False))
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+def test_load_calib_amax_method_is_what_the_specs_say():
+    prepared = fxquant.calibrate(_prepare("percentile"), _data(), progress=False)
+    fxquant.load_calib_amax(prepared, "max")
+    acts = {n: q for n, q in prepared.named_modules() if isinstance(q, fxquant.TensorQuantizer) and not q.constant}
+    assert {q.spec.calib_method for q in acts.values()} == {"max"}
+    entries = fxquant.encodings_of(prepared)["quantizers"]
+    assert {entries[n]["calib_method"] for n in acts} == {"max"}
+    # the max range of the input quantizer is the data's absolute maximum
+    amax = max(float(x.abs().max()) for x in _data())
+    assert float(acts["x_to_conv_quantizer"].amax) == pytest.approx(amax, rel=1e-6)
+
+
+def test_every_error_is_an_fxquant_error():
+    assert issubclass(CalibrationDataError, FxQuantError) and issubclass(CalibrationDataError, ValueError)
+
+
+def test_quantize_takes_the_inputs_selector_too():
+    xs = torch.cat(_data())
+    loader = DataLoader(TensorDataset(xs, torch.arange(len(xs))), batch_size=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxquant.quantize(_Net().eval(), xs[:2], loader, progress=False, inputs=0)
+    torch.manual_seed(0)
+    model = _Net().eval()
+    with torch.no_grad():
+        assert fxquant.sqnr(model(xs), qmodel(xs)) > 30

@@ -1,0 +1,1 @@
+"""Models shared by the tests and benchmarks (the digits CNN itself is the demo's: ``fxquant.demo_model``)."""
