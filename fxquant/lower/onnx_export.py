@@ -27,6 +27,7 @@ from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
+from fxquant.lower import ort_latency
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -37,9 +38,12 @@ from fxquant.lower.export_checks import (
     warn_static_batch,
 )
 from fxquant.lower.frozen import FrozenQuantizer
+from fxquant.lower.ort_fusion import FusionReport, fusion_report
+from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
+from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
 from fxquant.version import __version__
@@ -55,6 +59,9 @@ class ExportResult:
     path: str
     model: onnx.ModelProto
     ort_sqnr_db: float | None
+    fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (verify_level "all")
+    latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (verify_level "all")
+    trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (Backend.trt_fusion_lint)
 
     @property
     def op_counts(self) -> Counter:
@@ -62,9 +69,14 @@ class ExportResult:
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, path: str | os.PathLike,
-                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, verify: bool = True) -> ExportResult:
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, verify: bool = True,
+                check_latency: bool = True) -> ExportResult:
     """Export a converted model to QDQ ONNX at ``path``; check it with onnx.checker and, with ``verify``,
-    run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``."""
+    run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``.
+
+    For a backend verified as deployed in ORT (``Backend.verify_level == "all"``) export also reports the ops
+    meant to run in int8 that ORT did not fuse (``ExportResult.fusion``) and, with ``check_latency``, times the
+    int8 model against its float twin on ``example_inputs`` (one thread), warning where int8 is slower."""
     state = get_state(model)
     if state is None or state.stage != "converted":
         raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
@@ -105,7 +117,20 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
-    return ExportResult(path, proto, agreement)
+    # ops meant to run in int8 that ORT's optimized graph left in float: a backend verified as deployed only
+    fusion = fusion_report(path) if verify and state.backend.verify_level == "all" else None
+    if fusion is not None and fusion.unfused:
+        warnings.warn(fusion.summary(), stacklevel=2)
+    latency = None
+    if fusion is not None and check_latency:
+        latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
+        if latency.slower:
+            warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)
+    lint = trt_fusion_lint(proto) if state.backend.trt_fusion_lint else None
+    if lint:
+        warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
+                      + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
+    return ExportResult(path, proto, agreement, fusion, latency, lint)
 
 
 def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
@@ -117,8 +142,8 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
                 f"1/{2 ** narrowest} of a range, so low agreement is expected at this width: judge the model by its "
                 "accuracy in ORT")
     if backend.verify_level == "all" and any(bits == 8 and per_channel for bits, per_channel in widths):
-        return ("On x86 CPUs without VNNI this is ORT's u8s8 saturation with 8-bit weights: use 7-bit weights "
-                "(the onnxruntime preset's default)")
+        return ("On x86 CPUs without VNNI this can be ORT's u8s8 saturation with 8-bit weights: keep the weight "
+                "spec the backend chooses (Backend.saturation_aware_weights) or use 7-bit weights")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
             "so agreement tracks the model's own int8-vs-fp32 SQNR: check that first (fxquant.sensitivity)")
 
