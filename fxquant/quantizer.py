@@ -175,6 +175,16 @@ class TensorQuantizer(nn.Module):
         self._input_range = None  # the last forward's own range stays where it was computed: forget it
         return super()._apply(fn, recurse)
 
+    def get_extra_state(self) -> dict:
+        """The bit width travels with the range: a calibration step may choose it per layer (the onnxruntime
+        preset's saturation-aware weights), and a range means nothing without its width."""
+        return {"num_bits": self.spec.num_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        bits = state.get("num_bits", self.spec.num_bits) if isinstance(state, dict) else self.spec.num_bits
+        if bits != self.spec.num_bits:
+            self.spec = self.spec.with_(num_bits=bits)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         # An uncalibrated quantizer holds its range buffers as None, which nn.Module neither saves nor loads:

@@ -102,11 +102,11 @@ def _functional(gm: fx.GraphModule, prefix: str) -> list[tuple[str, TensorQuanti
     return found
 
 
-def _eligible(spec: QuantSpec, default: QuantSpec) -> bool:
+def eligible(spec: QuantSpec, default: QuantSpec) -> bool:
     return spec.num_bits in (SAFE_BITS, FULL_BITS) and spec.with_(num_bits=default.num_bits) == default
 
 
-def _widen(q: TensorQuantizer, weight: torch.Tensor, kind: str, groups: int, limit: int) -> dict:
+def widen(q: TensorQuantizer, weight: torch.Tensor, kind: str, groups: int, limit: int) -> dict:
     """8 bits for ``q``: channels whose 8-bit codes could overflow get their range widened to the smallest one
     that keeps every pair within ``limit`` (a step between the 8- and 7-bit ones); 7 bits if that fails."""
     q.spec = q.spec.with_(num_bits=FULL_BITS)
@@ -144,14 +144,14 @@ def choose_weight_bits(model: nn.Module, backend: Backend, config: QuantConfig, 
     report = PTQReport("weight_bits")
     names = {id(m): n for n, m in model.named_modules()}
     for layer, q, weight, kind, groups in weighted_quantizers(model):
-        if not _eligible(q.spec, backend.weight) or not q.is_calibrated or names.get(id(q)) in fixed:
+        if not eligible(q.spec, backend.weight) or not q.is_calibrated or names.get(id(q)) in fixed:
             continue
         if reduction_rows(weight, kind, groups) is None:
             q.spec = q.spec.with_(num_bits=FULL_BITS)
             report.done.append(f"`{layer}`: 8-bit weights (a {kind} ORT runs with 32-bit accumulation: depthwise)")
             report.data[layer] = {"bits": FULL_BITS, "saturating_pairs_at_8_bits": 0, "widened_channels": 0}
             continue
-        data = _widen(q, weight, kind, groups, PAIR_LIMIT - margin)
+        data = widen(q, weight, kind, groups, PAIR_LIMIT - margin)
         widened = (f"; {data['widened_channels']} of {data['channels']} channels with a widened range (at least "
                    f"{data['min_effective_bits']} effective bits)" if data["widened_channels"] else "")
         report.done.append(f"`{layer}`: {data['bits']}-bit weights ({data['saturating_pairs_at_8_bits']} adjacent "
