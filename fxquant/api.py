@@ -12,11 +12,12 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
+from fxquant.backends.saturation import choose_weight_bits
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
 from fxquant.checks.config import check_before_trace
 from fxquant.checks.model import check_model
-from fxquant.errors import CalibrationError, ConversionError
+from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import prepare_model
 from fxquant.ptq import calibrate_passes as ptq
@@ -45,18 +46,18 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
                       qat: bool) -> tuple[Backend, QuantConfig]:
     """Validate prepare's arguments; returns the backend object and the config in force."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"prepare() takes an nn.Module, got {type(model).__name__}")
     backend = get_backend(backend)
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        raise ConfigTypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     for spec in (config.weight, config.activation, *(s for o in config.overrides for s in (o.weight, o.activation))):
         if spec is not None and not spec.fake_quant:
-            raise ValueError("specs used in a model must have fake_quant=True (fake_quant=False returns integer "
-                             "codes, which the next layer cannot consume)")
+            raise ConfigError("specs used in a model must have fake_quant=True (fake_quant=False returns integer "
+                              "codes, which the next layer cannot consume)")
         if spec is not None and spec.learn_amax and not qat:
-            raise ValueError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
-                             "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
+            raise ConfigError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
+                              "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
     check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.checks)
     check_before_trace(model, config)
     return backend, config
@@ -66,7 +67,7 @@ def report_of(model: nn.Module) -> PrepareReport:
     """The prepare report of a model returned by prepare/calibrate/convert/quantize."""
     state = get_state(model)
     if state is None:
-        raise TypeError("report_of() takes a model returned by fxquant.prepare/convert/quantize")
+        raise ConfigTypeError("report_of() takes a model returned by fxquant.prepare/convert/quantize")
     return state.report
 
 
@@ -98,9 +99,11 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     if state is not None and state.stage == "converted":
         raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
                                "model before convert()")
-    if state is None or not quantizers:
+    if state is None:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
+    if not quantizers:
+        raise CalibrationError(_nothing_to_calibrate(state.report))
     batches = ModelBatches(batches, prepared, inputs)
     checked = batches
     merge = dist_calib.is_distributed() if distributed is None else bool(distributed)
@@ -151,8 +154,20 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
             q.set_mode("quant")
         prepared.train(was_training)
     state.stage = "calibrated"
+    # AdaRound may move each code by one: keep two codes of headroom per pair
+    choose_weight_bits(prepared, state.backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
+
+
+def _nothing_to_calibrate(report: PrepareReport) -> str:
+    ops = [*report.quantized, *report.passthrough, *report.float_ops]
+    shown = ", ".join(f"{e.node} ({e.kind})" for e in ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
+    return (f"prepare() put no quantizer in this model: for the {report.backend} backend none of its ops "
+            f"({shown or 'it has none'}) needs one (pass-through, float, or scale-sharing ops with no quantized "
+            "neighbour; fxquant.report_of(prepared) lists each with its rule or reason), so there is nothing to "
+            "calibrate. Quantize a model with ops the backend quantizes (Conv, Linear, MatMul, ...), or check the "
+            "config's Override exclusions")
 
 
 def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None = None) -> nn.Module:
@@ -165,7 +180,7 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
     if state is None or state.stage != "calibrated":
         raise CalibrationError("load_calib_amax() needs a model that fxquant.calibrate() has run on")
     if method not in CALIB_METHODS:
-        raise ValueError(f"unknown calib method {method!r}; valid methods: {sorted(CALIB_METHODS)}")
+        raise ConfigError(f"unknown calib method {method!r}; valid methods: {sorted(CALIB_METHODS)}")
     quantizers = _quantizers(prepared)
     if any(q.spec.amax is None and q.calibrator.num_batches == 0 for q in quantizers.values()):
         raise CalibrationError("load_calib_amax() re-derives ranges from calibration statistics, but this model's "

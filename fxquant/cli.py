@@ -10,6 +10,10 @@ import argparse
 import os
 import sys
 
+from fxquant.errors import FxQuantError
+from fxquant.tools import quantize_cmd, report_cmd
+from fxquant.version import __version__
+
 EPILOG = """run 'fxquant COMMAND --help' for a command's options. Errors print one line and exit with code 2
 (FXQUANT_TRACEBACK=1 shows the traceback). MODEL or DATA given as file.py:function executes that file."""
 
@@ -34,9 +38,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxquant import __version__
-    from fxquant.tools import quantize_cmd, report_cmd
-
     parser = _Parser(prog="fxquant", description="torch.fx quantization to QDQ ONNX for TensorRT and ONNX Runtime",
                      epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"fxquant {__version__}")
@@ -54,8 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fxquant.errors import FxQuantError
-
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from fxquant import qmath
-from fxquant.checks.encodings import weight_mismatches
+from fxquant.checks.encodings import chosen_widths, weight_mismatches
 from fxquant.errors import CalibrationError
 from fxquant.quantizer import TensorQuantizer
+from fxquant.spec import QuantSpec
 from fxquant.state import get_state
 from fxquant.version import __version__
 
@@ -165,12 +166,12 @@ def _as_numbers(value: object, expected: int | None, kind: type) -> list | None:
     return value if expected < 0 or len(value) == expected else None
 
 
-def _check_entry(name: str, entry: object, q: TensorQuantizer,
-                 channels: int | None) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
-    """One entry's structural problems (it belongs to another graph), its value problems, and its range."""
+def _check_entry(name: str, entry: object, q: TensorQuantizer, channels: int | None,
+                 spec: QuantSpec) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+    """One entry's structural problems (it belongs to another graph), its value problems, and its range, for
+    ``spec`` (the quantizer's own, or with the width the backend chose for it)."""
     if not isinstance(entry, Mapping):
         return [], [f"{name}: the entry is a {type(entry).__name__}, not an object"], {}
-    spec = q.spec
     absent = [k for k in (*SPEC_FIELDS, "min", "max") if k not in entry]
     if absent:
         return [], [f"{name}: the entry lacks {', '.join(absent)}"], {}
@@ -209,7 +210,7 @@ def _check_entry(name: str, entry: object, q: TensorQuantizer,
     shape = () if expected is None else (len(parsed["min"]),)
     lo, hi = (torch.tensor(parsed[k], dtype=torch.float32).reshape(shape) for k in ("min", "max"))
     # The range is loaded from min and max: scale, zero_point and amax must be what that range gives.
-    scale, zero_point = qmath.qparams(lo, hi, q.spec.qmin, q.spec.qmax, q.spec.symmetric)
+    scale, zero_point = qmath.qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
     derived = {"scale": scale, "zero_point": zero_point.round(), "amax": torch.maximum(lo.abs(), hi.abs())}
     for key, tensor in derived.items():
         if key in parsed and not torch.equal(tensor.reshape(-1), torch.tensor(parsed[key], dtype=torch.float32)):
@@ -246,12 +247,15 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
     structural: list[str] = []
     problems: list[str] = []
     ranges: dict[str, dict] = {}
+    widths = chosen_widths(state.backend, state.config, quantizers, entries)  # saturation-aware weight bits
     for name, q in quantizers.items():
         if name in entries:
-            graph_diff, bad_values, ranges[name] = _check_entry(name, entries[name], q, _channels(model, name, q))
+            spec = q.spec.with_(num_bits=widths[name]) if name in widths else q.spec
+            graph_diff, bad_values, ranges[name] = _check_entry(name, entries[name], q, _channels(model, name, q),
+                                                                spec)
             structural += graph_diff
             problems += bad_values
-    structural += weight_mismatches(model, quantizers, ranges)
+    structural += weight_mismatches(model, quantizers, ranges, widths, state.backend)
     if missing or extra or structural or problems:
         lines = [f"the encodings do not fit this model ({len(quantizers)} quantizers; the file has "
                  f"{len(entries)}):"]
@@ -268,6 +272,8 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
     for name, q in quantizers.items():
         device = next((b.device for b in (q._min, q._max) if b is not None), None) or \
             getattr(q, "_range_device", None) or fallback
+        if name in widths:
+            q.spec = q.spec.with_(num_bits=widths[name])
         q._min = ranges[name]["min"].to(device)  # set as-is: these are the final ranges (scale_amax applied)
         q._max = ranges[name]["max"].to(device)
     state.stage = "calibrated"

@@ -42,7 +42,12 @@ class ModelError(FxQuantError, TypeError):
 
 
 class ConfigError(FxQuantError, ValueError):
-    """A QuantConfig entry does not fit the model (a glob that matches nothing, an unknown argument name)."""
+    """A bad argument or setting: a QuantSpec/QuantConfig/Rule field out of range, a glob that matches nothing,
+    an unknown name (backend, calib method, argument)."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument or setting of the wrong type (a QuantConfig field, a Rule part, an option)."""
 
 
 class ExportError(ConversionError, ValueError):

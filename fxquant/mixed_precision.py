@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from fxquant.api import calibrate, convert, prepare
 from fxquant.backends import Backend
+from fxquant.errors import ConfigError
 from fxquant.metrics import SqnrAccumulator
-from fxquant.sensitivity import Probe, SensitivityReport, layer_overrides, quantized_layers, sensitivity
+from fxquant.sensitivity import Probe, SensitivityReport, layer_overrides, quantized_units, sensitivity
 from fxquant.spec import QuantConfig
 
 Metric = Callable[[nn.Module], float]
@@ -97,19 +98,19 @@ def mixed_precision(model: nn.Module, example_inputs: torch.Tensor | tuple, batc
     e.g. validation accuracy) with ``target``. ``max_float`` caps the number of float layers (default: all).
     """
     if (target_sqnr is None) == (metric is None):
-        raise ValueError("give exactly one of target_sqnr=<dB> or metric=<callable>, target=<score>")
+        raise ConfigError("give exactly one of target_sqnr=<dB> or metric=<callable>, target=<score>")
     if metric is not None and (target is None or not callable(metric)):
-        raise ValueError("metric must be a callable model -> score, given with target=<score to reach>")
+        raise ConfigError("metric must be a callable model -> score, given with target=<score to reach>")
     goal = float(target_sqnr if metric is None else target)
     if not math.isfinite(goal):
-        raise ValueError(f"the target must be a finite number, got {goal}")
+        raise ConfigError(f"the target must be a finite number, got {goal}")
     config = QuantConfig() if config is None else config
     batches = list(batches)
     prepared = prepare(model, example_inputs, backend=backend, config=config)
     calibrate(prepared, batches, progress=progress)
     eval_batches = batches if eval_batches is None else list(eval_batches)
     report = sensitivity(prepared, eval_batches, progress=progress)
-    layers = quantized_layers(prepared)
+    layers = quantized_units(prepared)
     by_name = {layer.name: layer for layer in layers}
     ranking = [by_name[s.name] for s in report.ranked()]
     limit = len(ranking) if max_float is None else max(0, min(int(max_float), len(ranking)))

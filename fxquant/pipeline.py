@@ -26,12 +26,14 @@ from fxquant.partition import Unit, partition
 from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
+from fxquant.passes.fold_pad import fold_pad, has_pads
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassRunner
 from fxquant.ptq.bias_absorption import absorb_high_bias
 from fxquant.ptq.bias_correction import record_expected_inputs
 from fxquant.ptq.bn_stats import record_bn_stats
 from fxquant.ptq.equalize import equalize
+from fxquant.ptq.relu6 import through_relu6
 from fxquant.report import PrepareReport, graph_report
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState, attach_state
@@ -55,12 +57,14 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
     if _calls(gm, einsum_matmul.TARGET):
         run(einsum_matmul.einsum_to_matmul, inputs)
     ptq = {}
+    if has_pads(gm):
+        run(fold_pad)  # explicit zero pads into the convolutions they feed, where the conv's padding can say it
     if config.fold_bn:
         if config.equalize or config.absorb_bias or config.bias_correction_method == "analytical":
             run(record_bn_stats)  # BatchNorm statistics, kept past folding for the data-free PTQ passes
         run(fold_bn, strict=config.strict)
     if config.equalize:
-        ptq["equalize"] = run(equalize)
+        ptq["equalize"] = run(equalize, relu6_as_relu=through_relu6(config, backend), example_inputs=inputs)
     if config.absorb_bias:
         ptq["bias_absorption"] = run(absorb_high_bias)
     if config.bias_correction_method == "analytical":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxquant.errors import ConfigTypeError
+
 
 class _QuantConvNd:
     def forward(self, input: Tensor) -> Tensor:
@@ -72,8 +74,8 @@ def with_weight_quantizer(module: nn.Module, quantizer: nn.Module) -> nn.Module:
     """A quantized twin of ``module`` sharing its parameters, with ``weight_quantizer`` set."""
     cls = QUANT_CLASSES.get(type(module), type(module))
     if cls not in QUANTIZED_TYPES:
-        raise TypeError(f"{type(module).__name__} has no quantized form; quantizable: "
-                        f"{sorted(t.__name__ for t in QUANT_CLASSES)}")
+        raise ConfigTypeError(f"{type(module).__name__} has no quantized form; quantizable: "
+                              f"{sorted(t.__name__ for t in QUANT_CLASSES)}")
     twin = cls.__new__(cls)
     twin.__dict__.update(module.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):

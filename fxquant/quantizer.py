@@ -20,7 +20,7 @@ from torch import nn
 from fxquant import qmath
 from fxquant.calib import make_calibrator
 from fxquant.calib.max import channel_minmax
-from fxquant.errors import NegativeInputError, QuantRangeError
+from fxquant.errors import ConfigError, ConfigTypeError, NegativeInputError, QuantRangeError
 from fxquant.spec import QuantSpec
 
 MODES = ("quant", "calib", "disabled")
@@ -131,7 +131,7 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         spec = QuantSpec() if spec is None else spec
         if not isinstance(spec, QuantSpec):
-            raise TypeError(f"TensorQuantizer takes a QuantSpec, got {type(spec).__name__}")
+            raise ConfigTypeError(f"TensorQuantizer takes a QuantSpec, got {type(spec).__name__}")
         self.spec = spec
         self.constant = constant
         self.mode = "quant"
@@ -146,7 +146,7 @@ class TensorQuantizer(nn.Module):
     # ---- state -------------------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown TensorQuantizer mode {mode!r}; valid modes: {MODES}")
+            raise ConfigError(f"unknown TensorQuantizer mode {mode!r}; valid modes: {MODES}")
         self.mode = mode
 
     @property
@@ -174,6 +174,16 @@ class TensorQuantizer(nn.Module):
             pass
         self._input_range = None  # the last forward's own range stays where it was computed: forget it
         return super()._apply(fn, recurse)
+
+    def get_extra_state(self) -> dict:
+        """The bit width travels with the range: a calibration step may choose it per layer (the onnxruntime
+        preset's saturation-aware weights), and a range means nothing without its width."""
+        return {"num_bits": self.spec.num_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        bits = state.get("num_bits", self.spec.num_bits) if isinstance(state, dict) else self.spec.num_bits
+        if bits != self.spec.num_bits:
+            self.spec = self.spec.with_(num_bits=bits)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -210,13 +220,13 @@ class TensorQuantizer(nn.Module):
             return
         method = method or self.spec.calib_method
         if method not in self.calibrator.methods:
-            raise ValueError(f"a {type(self.calibrator).__name__} cannot derive a {method!r} range (it can: "
-                             f"{list(self.calibrator.methods)}); calibrate with calib_method='percentile', "
-                             "'entropy' or 'mse' to keep a histogram that serves all of them")
+            raise ConfigError(f"a {type(self.calibrator).__name__} cannot derive a {method!r} range (it can: "
+                              f"{list(self.calibrator.methods)}); calibrate with calib_method='percentile', "
+                              "'entropy' or 'mse' to keep a histogram that serves all of them")
         lo, hi = self.calibrator.compute(self.spec, method)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise ValueError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
-                             "on the calibration data; check the data and the model")
+            raise ConfigError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
+                              "on the calibration data; check the data and the model")
         self._set_range(lo, hi)
 
     @property
@@ -263,7 +273,7 @@ class TensorQuantizer(nn.Module):
         if axis is None:
             return None
         if not -x.dim() <= axis < x.dim():
-            raise ValueError(f"QuantSpec.axis={axis} is out of range for a tensor of shape {tuple(x.shape)}")
+            raise ConfigError(f"QuantSpec.axis={axis} is out of range for a tensor of shape {tuple(x.shape)}")
         return axis % x.dim()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

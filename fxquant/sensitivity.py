@@ -25,16 +25,17 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from fxquant.capture import normalize_inputs
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigTypeError
 from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
 from fxquant.quantizer import TensorQuantizer
 from fxquant.sensitivity_report import LayerSensitivity, SensitivityReport
+from fxquant.spec import Override
 from fxquant.state import get_state
 
 
 @dataclass(frozen=True)
-class Layer:
+class QuantUnit:
     """One quantized unit: its name (module path, or node name for functional ops), the fx node it starts
     at, its op kind, the TensorQuantizer modules it asks for, and the fx node holding its output."""
 
@@ -55,15 +56,15 @@ def _quantizer_modules(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
+def quantized_units(prepared: fx.GraphModule) -> list[QuantUnit]:
     """The quantized units of a prepared model, in topological order, with the quantizers each asks for."""
     state = get_state(prepared)
     if state is None or state.stage == "converted":
-        raise TypeError("quantized_layers() takes the model returned by fxquant.prepare() (before convert)")
+        raise ConfigTypeError("quantized_units() takes the model returned by fxquant.prepare() (before convert)")
     if not isinstance(prepared, fx.GraphModule):
-        raise TypeError("per-layer analysis needs a model torch.fx traced whole; this one was prepared in parts "
-                        "(some code runs eagerly, see fxquant.report_of); keep layers float by hand with "
-                        "Override(pattern, exclude=True)")
+        raise ConfigTypeError("per-layer analysis needs a model torch.fx traced whole; this one was prepared in parts "
+                              "(some code runs eagerly, see fxquant.report_of); keep layers float by hand with "
+                              "Override(pattern, exclude=True)")
     nodes = list(prepared.graph.nodes)
     by_name = {n.name: n for n in nodes}
     order = {n.name: i for i, n in enumerate(nodes)}
@@ -92,7 +93,7 @@ def quantized_layers(prepared: fx.GraphModule) -> list[Layer]:
         name = node.target if node is not None and node.op == "call_module" else unit
         last = max(members.get(unit, [node] if node is not None else []), key=lambda m: order[m.name], default=None)
         out = _output_of(last, quantizers)
-        layers.append(Layer(name, unit, kinds.get(unit, "?"),
+        layers.append(QuantUnit(name, unit, kinds.get(unit, "?"),
                             tuple(asked[unit]), out.name if out is not None else ""))
     return layers
 
@@ -107,10 +108,8 @@ def _output_of(last: fx.Node | None, quantizers: dict[str, TensorQuantizer]) -> 
     return last
 
 
-def layer_overrides(layers: Sequence[Layer]):
+def layer_overrides(layers: Sequence[QuantUnit]):
     """``Override(pattern, exclude=True)`` for each layer: the config that keeps exactly these layers float."""
-    from fxquant.spec import Override
-
     return tuple(Override(layer.pattern, exclude=True) for layer in layers)
 
 
@@ -124,7 +123,7 @@ class Probe:
     ``restore()`` puts the original quantizer modes back.
     """
 
-    def __init__(self, prepared: fx.GraphModule, layers: Sequence[Layer], batches: Iterable) -> None:
+    def __init__(self, prepared: fx.GraphModule, layers: Sequence[QuantUnit], batches: Iterable) -> None:
         self.prepared = prepared
         self.layers = list(layers)
         self.batches = [normalize_inputs(b) for b in batches]
@@ -219,9 +218,9 @@ def sensitivity(prepared: fx.GraphModule, batches: Iterable, progress: bool = Tr
         raise CalibrationError("sensitivity() takes a prepared model after fxquant.calibrate(prepared, batches)"
                                + ("" if state is None else f"; this one is {state.stage}"))
     if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches (e.g. a list of tensors), not a single tensor; "
-                        "wrap it: [tensor]")
-    layers = quantized_layers(prepared)
+        raise ConfigTypeError("batches must be an iterable of batches (e.g. a list of tensors), not a single tensor; "
+                              "wrap it: [tensor]")
+    layers = quantized_units(prepared)
     if not layers:
         raise CalibrationError("this model has no quantized layers to analyse")
     probe = Probe(prepared, layers, batches)

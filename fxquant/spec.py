@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from fxquant.errors import ConfigError, ConfigTypeError
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS, AdaRoundOptions
 from fxquant.qmath import qrange
 
@@ -20,12 +21,12 @@ CALIB_METHODS = ("max", "ema", *sorted(HISTOGRAM_METHODS))
 
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"QuantSpec.{name} must be True or False, got {value!r} ({type(value).__name__})")
+        raise ConfigTypeError(f"QuantSpec.{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def _check_int(owner: str, name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {value!r} ({type(value).__name__})")
+        raise ConfigTypeError(f"{owner}.{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -72,45 +73,45 @@ class QuantSpec:
     def __post_init__(self) -> None:
         _check_int("QuantSpec", "num_bits", self.num_bits)
         if not 2 <= self.num_bits <= 16:
-            raise ValueError(f"QuantSpec.num_bits must be between 2 and 16, got {self.num_bits}")
+            raise ConfigError(f"QuantSpec.num_bits must be between 2 and 16, got {self.num_bits}")
         if self.axis is not None:
             _check_int("QuantSpec", "axis", self.axis)
         for name in ("unsigned", "narrow_range", "fake_quant", "learn_amax", "symmetric", "dynamic", "per_token"):
             _check_bool(name, getattr(self, name))
         if self.amax is not None:
             if isinstance(self.amax, bool) or not isinstance(self.amax, (int, float)):
-                raise TypeError(f"QuantSpec.amax must be a number or None, got {self.amax!r}")
+                raise ConfigTypeError(f"QuantSpec.amax must be a number or None, got {self.amax!r}")
             if not math.isfinite(self.amax) or self.amax < 0:
-                raise ValueError(f"QuantSpec.amax must be a finite number >= 0, got {self.amax}")
+                raise ConfigError(f"QuantSpec.amax must be a finite number >= 0, got {self.amax}")
             if not self.symmetric:
-                raise ValueError("QuantSpec.amax fixes a symmetric range; with symmetric=False leave amax=None "
-                                 "and let calibration find min and max")
+                raise ConfigError("QuantSpec.amax fixes a symmetric range; with symmetric=False leave amax=None "
+                                  "and let calibration find min and max")
         if self.scale_amax is not None:
             if isinstance(self.scale_amax, bool) or not isinstance(self.scale_amax, (int, float)):
-                raise TypeError(f"QuantSpec.scale_amax must be a number or None, got {self.scale_amax!r}")
+                raise ConfigTypeError(f"QuantSpec.scale_amax must be a number or None, got {self.scale_amax!r}")
             if not math.isfinite(self.scale_amax) or self.scale_amax <= 0:
-                raise ValueError(f"QuantSpec.scale_amax must be a finite number > 0, got {self.scale_amax}")
+                raise ConfigError(f"QuantSpec.scale_amax must be a finite number > 0, got {self.scale_amax}")
         if not isinstance(self.calib_method, str) or self.calib_method not in CALIB_METHODS:
-            raise ValueError(f"QuantSpec.calib_method={self.calib_method!r} is unknown; "
-                             f"valid methods: {sorted(CALIB_METHODS)}")
+            raise ConfigError(f"QuantSpec.calib_method={self.calib_method!r} is unknown; "
+                              f"valid methods: {sorted(CALIB_METHODS)}")
         for name, ok, rule in (("percentile", lambda v: 0 < v <= 100, "in (0, 100], e.g. 99.99"),
                                ("ema_decay", lambda v: 0 < v < 1, "in (0, 1), e.g. 0.9")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"QuantSpec.{name} must be a number {rule}, got {value!r}")
+                raise ConfigTypeError(f"QuantSpec.{name} must be a number {rule}, got {value!r}")
             if not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"QuantSpec.{name} must be {rule}, got {value}")
+                raise ConfigError(f"QuantSpec.{name} must be {rule}, got {value}")
         if self.calib_method in HISTOGRAM_METHODS and self.axis is not None:
-            raise ValueError(f"calib_method={self.calib_method!r} collects one histogram per tensor; per-channel "
-                             "specs (axis set) use calib_method='max' or 'ema'")
+            raise ConfigError(f"calib_method={self.calib_method!r} collects one histogram per tensor; per-channel "
+                              "specs (axis set) use calib_method='max' or 'ema'")
         if self.narrow_range and not self.symmetric:
-            raise ValueError("QuantSpec.narrow_range applies to symmetric quantization; "
-                             "drop it or set symmetric=True")
+            raise ConfigError("QuantSpec.narrow_range applies to symmetric quantization; "
+                              "drop it or set symmetric=True")
         if self.learn_amax and not self.symmetric and self.axis is not None:
-            raise ValueError("QuantSpec.learn_amax=True with symmetric=False learns one (min, max) pair per tensor; "
-                             "per-channel affine ranges would learn a zero point per channel, which neither backend "
-                             "runs (ORT and TensorRT take one activation zero point per tensor): set axis=None, or "
-                             "symmetric=True for per-channel learned ranges")
+            raise ConfigError("QuantSpec.learn_amax=True with symmetric=False learns one (min, max) pair per tensor; "
+                              "per-channel affine ranges would learn a zero point per channel, which neither backend "
+                              "runs (ORT and TensorRT take one activation zero point per tensor): set axis=None, or "
+                              "symmetric=True for per-channel learned ranges")
 
         self._check_dynamic()
 
@@ -158,11 +159,11 @@ class Override:
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise TypeError(f"Override.pattern must be a non-empty glob string, got {self.pattern!r}")
+            raise ConfigTypeError(f"Override.pattern must be a non-empty glob string, got {self.pattern!r}")
         for name in ("weight", "activation"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, QuantSpec):
-                raise TypeError(f"Override.{name} must be a QuantSpec or None, got {type(value).__name__}")
+                raise ConfigTypeError(f"Override.{name} must be a QuantSpec or None, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,11 @@ class QuantConfig:
         fold_bn: fold BatchNorm into the preceding Conv/Linear.
         strict: raise instead of warning when a pass must skip something.
         equalize: cross-layer equalization in prepare, after BN folding (``fxquant.ptq.equalize``).
+        equalize_relu6: with ``equalize``, also equalize through ReLU6 / Hardtanh(0, m) by turning them into ReLU
+            (the DFQ paper's recipe for MobileNetV2); changes the float function where activations exceed the
+            clip, measured on the example inputs and reported (``report_of(m).ptq['equalize']``). None (default):
+            for per-tensor weights (where equalization pays) when the float output on the example inputs keeps
+            an SQNR of at least 30 dB (``fxquant.ptq.relu6``); off for per-channel weights.
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
         bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches), or
             "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
@@ -204,6 +210,7 @@ class QuantConfig:
     fold_bn: bool = True
     strict: bool = False
     equalize: bool = False
+    equalize_relu6: bool | None = None
     absorb_bias: bool = False
     bias_correction: bool | str = False
     adaround: bool | AdaRoundOptions = False
@@ -213,38 +220,40 @@ class QuantConfig:
         for name in ("weight", "activation"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, QuantSpec):
-                raise TypeError(f"QuantConfig.{name} must be a QuantSpec or None, got {type(value).__name__}")
+                raise ConfigTypeError(f"QuantConfig.{name} must be a QuantSpec or None, got {type(value).__name__}")
         if isinstance(self.overrides, Override) or not isinstance(self.overrides, (tuple, list)):
-            raise TypeError("QuantConfig.overrides must be a tuple of Override(...)")
+            raise ConfigTypeError("QuantConfig.overrides must be a tuple of Override(...)")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         for item in self.overrides:
             if not isinstance(item, Override):
-                raise TypeError(f"QuantConfig.overrides holds {type(item).__name__}; use Override(pattern, ...)")
+                raise ConfigTypeError(f"QuantConfig.overrides holds {type(item).__name__}; use Override(pattern, ...)")
         if isinstance(self.leaf_modules, str) or not isinstance(self.leaf_modules, (tuple, list)):
-            raise TypeError("QuantConfig.leaf_modules must be a tuple of globs, e.g. ('encoder.*', 'MyBlock')")
+            raise ConfigTypeError("QuantConfig.leaf_modules must be a tuple of globs, e.g. ('encoder.*', 'MyBlock')")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
         if isinstance(self.non_traceable, str) or not isinstance(self.non_traceable, (tuple, list)):
-            raise TypeError("QuantConfig.non_traceable must be a tuple of globs, e.g. ('detect', 'MyAttention')")
+            raise ConfigTypeError("QuantConfig.non_traceable must be a tuple of globs, e.g. ('detect', 'MyAttention')")
         object.__setattr__(self, "non_traceable", tuple(self.non_traceable))
         for field_name in ("leaf_modules", "non_traceable"):
             for glob in getattr(self, field_name):
                 if not isinstance(glob, str) or not glob:
-                    raise TypeError(f"QuantConfig.{field_name} holds {glob!r}; use non-empty glob strings")
+                    raise ConfigTypeError(f"QuantConfig.{field_name} holds {glob!r}; use non-empty glob strings")
         object.__setattr__(self, "concrete_args", _pairs(self.concrete_args))
         for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"QuantConfig.{name} must be True or False")
+                raise ConfigTypeError(f"QuantConfig.{name} must be True or False")
+        if self.equalize_relu6 is not None and not isinstance(self.equalize_relu6, bool):
+            raise ConfigTypeError("QuantConfig.equalize_relu6 must be True, False or None (per-tensor weights decide)")
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
-            raise ValueError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
-                             f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
+            raise ConfigError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
+                              f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
         if not (isinstance(self.smoothquant, bool) or self.smoothquant == "auto"):
-            raise ValueError(f"QuantConfig.smoothquant must be 'auto', True or False, got {self.smoothquant!r}")
+            raise ConfigError(f"QuantConfig.smoothquant must be 'auto', True or False, got {self.smoothquant!r}")
         if not isinstance(self.adaround, (bool, AdaRoundOptions)):
-            raise TypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
-                            f"got {type(self.adaround).__name__}")
+            raise ConfigTypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
+                                  f"got {type(self.adaround).__name__}")
         if (self.equalize or self.absorb_bias or self.bias_correction == "analytical") and not self.fold_bn:
-            raise ValueError("equalize, absorb_bias and analytical bias correction work on folded BatchNorm; "
-                             "keep fold_bn=True")
+            raise ConfigError("equalize, absorb_bias and analytical bias correction work on folded BatchNorm; "
+                              "keep fold_bn=True")
 
     @property
     def bias_correction_method(self) -> str | None:
@@ -267,6 +276,6 @@ def _pairs(value: object) -> tuple[tuple[str, object], ...]:
         value = tuple(value.items())
     if not isinstance(value, (tuple, list)) or not all(
             isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value):
-        raise TypeError("QuantConfig.concrete_args must be a dict of forward argument names to values, "
-                        "e.g. {'output_attentions': False}")
+        raise ConfigTypeError("QuantConfig.concrete_args must be a dict of forward argument names to values, "
+                              "e.g. {'output_attentions': False}")
     return tuple(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fxquant.backends.base import Backend
+from fxquant.errors import ModelError
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
 
@@ -34,6 +35,6 @@ def attach_state(root: object, state: QuantState) -> None:
     if meta is None:
         root.meta = meta = {}
     if not isinstance(meta, dict):
-        raise TypeError(f"the model has a `meta` attribute of type {type(meta).__name__}, where fxquant keeps its "
-                        "state on models it cannot trace whole; rename that attribute")
+        raise ModelError(f"the model has a `meta` attribute of type {type(meta).__name__}, where fxquant keeps "
+                         "its state on models it cannot trace whole; rename that attribute")
     meta["fxquant"] = state

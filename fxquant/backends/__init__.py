@@ -6,6 +6,7 @@ from fxquant.backends.base import Backend
 from fxquant.backends.onnxruntime import ONNXRUNTIME
 from fxquant.backends.onnxruntime_dynamic import ONNXRUNTIME_DYNAMIC
 from fxquant.backends.tensorrt import TENSORRT
+from fxquant.errors import ConfigError
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TENSORRT, ONNXRUNTIME, ONNXRUNTIME_DYNAMIC)}
 
@@ -15,7 +16,7 @@ def get_backend(backend: str | Backend) -> Backend:
     if isinstance(backend, Backend):
         return backend
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {sorted(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}; valid backends: {sorted(BACKENDS)}")
     return BACKENDS[backend]
 
 

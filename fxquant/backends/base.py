@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from fxquant.errors import ConfigError
 from fxquant.rules import Rule
 from fxquant.rules.rule import check_rules
 from fxquant.spec import QuantSpec
@@ -24,6 +25,11 @@ class Backend:
     DequantizeLinear, as ONNX Runtime needs to fuse QLinearConv/QGemm; TensorRT takes float biases.
     verify_level: the ONNX Runtime optimization level export verifies with: "all" runs the model as ORT deploys
     it (fused int8 kernels); "basic" checks the meaning of a graph meant for another runtime.
+    saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
+    adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
+    can (``fxquant.backends.saturation``).
+    trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
+    would run in higher precision (``fxquant.lower.trt_lint``).
     """
 
     name: str
@@ -35,10 +41,12 @@ class Backend:
     float_reasons: Mapping[str, str] = field(default_factory=dict)
     int32_bias: bool = False
     verify_level: str = "basic"
+    saturation_aware_weights: bool = False
+    trt_fusion_lint: bool = False
 
     def __post_init__(self) -> None:
         if self.verify_level not in VERIFY_LEVELS:
-            raise ValueError(f"Backend.verify_level must be one of {VERIFY_LEVELS}, got {self.verify_level!r}")
+            raise ConfigError(f"Backend.verify_level must be one of {VERIFY_LEVELS}, got {self.verify_level!r}")
 
     def with_rules(self, *rules: Rule) -> Backend:
         """This backend plus ``rules``. Rules run by descending priority (the built-in ones use 30 for fused
@@ -48,9 +56,9 @@ class Backend:
         rules = check_rules(rules, "with_rules()")
         clash = sorted({r.name for r in rules} & {r.name for r in self.rules})
         if clash:
-            raise ValueError(f"rule name(s) {clash} already belong to the {self.name} backend; rename yours, or "
-                             f"replace the built-in one: backend.without_rules({', '.join(map(repr, clash))})"
-                             f".with_rules(...)")
+            raise ConfigError(f"rule name(s) {clash} already belong to the {self.name} backend; rename yours, or "
+                              f"replace the built-in one: backend.without_rules({', '.join(map(repr, clash))})"
+                              f".with_rules(...)")
         return replace(self, rules=(*rules, *self.rules))
 
     def without_rules(self, *names: str) -> Backend:
@@ -58,5 +66,5 @@ class Backend:
         known = [r.name for r in self.rules]
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"the {self.name} backend has no rule(s) {unknown}; its rules: {known}")
+            raise ConfigError(f"the {self.name} backend has no rule(s) {unknown}; its rules: {known}")
         return replace(self, rules=tuple(r for r in self.rules if r.name not in names))

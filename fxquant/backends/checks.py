@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fxquant.ops import parameter_arg
 from fxquant.quant_modules import has_quant_form
 from fxquant.rules import Match
 from fxquant.rules.context import RuleContext
@@ -18,8 +19,7 @@ def quantizable_weight(name: str) -> Check:
             if not has_quant_form(module):
                 return f"`{node.target}` is a {type(module).__name__}, a subclass with no quantized form"
             return None
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if getattr(weight, "op", None) != "get_attr":
+        if parameter_arg(ctx.view.gm, node) is None:
             return f"`{node.name}` takes its weight from a computed tensor, not a parameter"
         return None
 

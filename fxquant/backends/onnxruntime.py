@@ -1,10 +1,11 @@
 """ONNX Runtime (CPU) QDQ placement: every quantized op sees DQ -> op -> Q, so ORT fuses it.
 
 - uint8 affine activations, int8 symmetric per-channel weights: the combination ORT fuses on x86.
-- Weights use 7 bits ([-63, 63]) by default: without VNNI, ORT's u8s8 kernels add pairs of u8*s8 products in
-  16 bits, which saturate with full 8-bit weights (255 * 127 * 2 > 32767). torch.ao's fbgemm configs and
-  ORT's ``reduce_range`` do the same. Pass ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))``
-  on VNNI/ARM machines.
+- Weights are saturation-aware: without VNNI, ORT's u8s8 kernels add pairs of adjacent u8*s8 products in
+  16 bits, which can saturate with full 8-bit weights (255 * 127 * 2 > 32767). After calibration each layer
+  gets 8-bit weights when none of its adjacent weight pairs can overflow, else 7 bits ([-63, 63], as torch.ao's
+  fbgemm configs and ORT's ``reduce_range`` use everywhere); see fxquant.backends.saturation. Pass
+  ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))`` on VNNI/ARM machines (8 bits everywhere).
 - ``LINEAR_FLOAT_OUTPUT`` (opt-in rule): a Linear whose output only reaches float ops keeps a float output.
 - Q/DQ on the inputs and outputs of Conv, Gemm, MatMul, Add, Mul, Concat and average pooling; a ReLU/Clip
   right after Conv/Gemm/Add is absorbed by the output quantizer (ORT removes it); max-pool, reshapes and
@@ -95,7 +96,8 @@ DQ -> Gemm into no integer kernel (weights are dequantized at run time): ~3x slo
 
 ONNXRUNTIME = Backend(
     name="onnxruntime",
-    description="ONNX Runtime CPU: uint8 activations, 7-bit int8 per-channel weights, fully fused QDQ",
+    description=("ONNX Runtime CPU: uint8 activations, int8 per-channel weights (8 bits where the u8s8 int16 "
+                 "accumulation cannot saturate, else 7), fully fused QDQ"),
     weight=QuantSpec(num_bits=7, axis=0, narrow_range=True),
     activation=QuantSpec(num_bits=8, symmetric=False, calib_method="percentile", percentile=99.99),
     rules=(
@@ -122,4 +124,5 @@ ONNXRUNTIME = Backend(
     float_reasons=FLOAT_REASONS,
     int32_bias=True,  # ORT fuses QLinearConv/QGemm only with an int32 bias
     verify_level="all",  # verified as deployed: ORT's fused int8 kernels
+    saturation_aware_weights=True,
 )

@@ -10,7 +10,7 @@ import torch
 
 from fxquant.calib.base import Calibrator
 from fxquant.calib.max import channel_minmax
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigError
 
 
 class EmaCalibrator(Calibrator):
@@ -29,8 +29,8 @@ class EmaCalibrator(Calibrator):
         if self._min is None:
             self._min, self._max = torch.zeros_like(lo), torch.zeros_like(hi)
         elif lo.shape != self._min.shape:
-            raise ValueError(f"per-channel calibration along axis {self.axis} saw {lo.numel()} channels "
-                             f"after {self._min.numel()}: the channel count must not change between batches")
+            raise ConfigError(f"per-channel calibration along axis {self.axis} saw {lo.numel()} channels "
+                              f"after {self._min.numel()}: the channel count must not change between batches")
         d = self.decay
         self._min = d * self._min + (1 - d) * lo
         self._max = d * self._max + (1 - d) * hi

@@ -24,7 +24,7 @@ import torch
 
 from fxquant import qmath
 from fxquant.calib.base import Calibrator
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigError
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
@@ -93,8 +93,8 @@ class HistogramCalibrator(Calibrator):
 
     def __init__(self, axis: int | None) -> None:
         if axis is not None:
-            raise ValueError("histogram calibration (percentile/entropy/mse) is per tensor; use calib_method='max' "
-                             "or 'ema' for per-channel quantizers")
+            raise ConfigError("histogram calibration (percentile/entropy/mse) is per tensor; use calib_method='max' "
+                              "or 'ema' for per-channel quantizers")
         super().__init__(axis)
         self.reset()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.calib.base import Calibrator
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigError
 
 
 def channel_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,8 +32,8 @@ class MaxCalibrator(Calibrator):
             self._min, self._max = lo, hi
         else:
             if lo.shape != self._min.shape:
-                raise ValueError(f"per-channel calibration along axis {self.axis} saw {lo.numel()} channels "
-                                 f"after {self._min.numel()}: the channel count must not change between batches")
+                raise ConfigError(f"per-channel calibration along axis {self.axis} saw {lo.numel()} channels "
+                                  f"after {self._min.numel()}: the channel count must not change between batches")
             self._min = torch.minimum(self._min, lo)
             self._max = torch.maximum(self._max, hi)
         self.num_batches += 1

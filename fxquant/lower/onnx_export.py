@@ -9,7 +9,6 @@ the backend and the calibration methods; ONNX shape inference fills in every int
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import os
@@ -19,13 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from fxquant import qmath
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
-from fxquant.errors import ConversionError
+from fxquant.errors import ConfigError, ConversionError
+from fxquant.lower import ort_latency
 from fxquant.lower.dynamic_matmul import dynamic_matmuls, merge_shared_input
 from fxquant.lower.export_checks import (
     atomic_file,
@@ -37,9 +37,19 @@ from fxquant.lower.export_checks import (
     warn_static_batch,
 )
 from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
+from fxquant.lower.onnx_passes import (
+    fold_weight_quantization,
+    global_average_pools,
+    infer_shapes,
+    name_nodes,
+    quantize_biases,
+)
+from fxquant.lower.ort_fusion import FusionReport, fusion_report
+from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
-from fxquant.lower.specialize import data_dependent_site, export_specialized
+from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
+from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
 from fxquant.version import __version__
@@ -55,6 +65,9 @@ class ExportResult:
     path: str
     model: onnx.ModelProto
     ort_sqnr_db: float | None
+    fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (verify_level "all")
+    latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (verify_level "all")
+    trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (Backend.trt_fusion_lint)
 
     @property
     def op_counts(self) -> Counter:
@@ -62,15 +75,20 @@ class ExportResult:
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, path: str | os.PathLike,
-                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, verify: bool = True) -> ExportResult:
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, verify: bool = True,
+                check_latency: bool = True) -> ExportResult:
     """Export a converted model to QDQ ONNX at ``path``; check it with onnx.checker and, with ``verify``,
-    run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``."""
+    run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``.
+
+    For a backend verified as deployed in ORT (``Backend.verify_level == "all"``) export also reports the ops
+    meant to run in int8 that ORT did not fuse (``ExportResult.fusion``) and, with ``check_latency``, times the
+    int8 model against its float twin on ``example_inputs`` (one thread), warning where int8 is slower."""
     state = get_state(model)
     if state is None or state.stage != "converted":
         raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
     if not isinstance(opset, int) or opset < 13:
-        raise ValueError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
+        raise ConfigError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
     for name, m in model.named_modules():
         if getattr(m, "num_bits", 8) > 8 and opset < 21:
             raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "
@@ -111,7 +129,20 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
-    return ExportResult(path, proto, agreement)
+    # ops meant to run in int8 that ORT's optimized graph left in float: a backend verified as deployed only
+    fusion = fusion_report(path) if verify and state.backend.verify_level == "all" else None
+    if fusion is not None and fusion.unfused:
+        warnings.warn(fusion.summary(), stacklevel=2)
+    latency = None
+    if fusion is not None and check_latency:
+        latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
+        if latency.slower:
+            warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)
+    lint = trt_fusion_lint(proto) if state.backend.trt_fusion_lint else None
+    if lint:
+        warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
+                      + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
+    return ExportResult(path, proto, agreement, fusion, latency, lint)
 
 
 def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
@@ -123,8 +154,8 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
                 f"1/{2 ** narrowest} of a range, so low agreement is expected at this width: judge the model by its "
                 "accuracy in ORT")
     if backend.verify_level == "all" and any(bits == 8 and per_channel for bits, per_channel in widths):
-        return ("On x86 CPUs without VNNI this is ORT's u8s8 saturation with 8-bit weights: use 7-bit weights "
-                "(the onnxruntime preset's default)")
+        return ("On x86 CPUs without VNNI this can be ORT's u8s8 saturation with 8-bit weights: keep the weight "
+                "spec the backend chooses (Backend.saturation_aware_weights) or use 7-bit weights")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
             "so agreement tracks the model's own int8-vs-fp32 SQNR: check that first (fxquant.sensitivity)")
 
@@ -151,6 +182,8 @@ def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bo
             if isinstance(model, FlatOutputs):  # its forward takes *args: one entry holding all inputs' dims
                 dims = (dims,)
             return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": dims})
+        except ConversionError:  # fails with a static batch too (an op without ONNX translation)
+            raise
         except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
             warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
                           "exporting with the example batch size instead", stacklevel=3)
@@ -172,6 +205,11 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
             program = torch.onnx.export(model, inputs, **kwargs)
         except Exception as exc:
             where = data_dependent_site(exc)
+            if (op := untranslated_op(exc)) is not None:
+                raise ConversionError(f"torch.onnx has no ONNX translation for `{op}` with these arguments (a "
+                                      "float model with this op fails the same way; e.g. adaptive pooling exports "
+                                      "only when the output size divides the input size): change the op, or "
+                                      "register a translation with torch.onnx") from exc
             if where is None:
                 raise
             program = export_specialized(model, inputs, kwargs)
@@ -181,147 +219,6 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
                       "that take the same branches. Use torch.cond for both branches, or pass example inputs "
                       "that take the branch you deploy", stacklevel=4)
     return program.model_proto
-
-
-# ---- ONNX passes ----------------------------------------------------------------------------------------
-def _initializers(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in proto.graph.initializer}
-
-
-def _array(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
-    return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
-def _axis(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 1)
-
-
-def fold_weight_quantization(proto: onnx.ModelProto) -> int:
-    """Replace ``initializer -> QuantizeLinear`` by an integer initializer; returns how many were folded."""
-    graph = proto.graph
-    inits = _initializers(proto)
-    consumers = Counter(i for n in graph.node for i in n.input)
-    folded = 0
-    for node in list(graph.node):
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
-            continue
-        w, scale, zp = (_array(inits, n) for n in node.input[:3])
-        if scale is None or zp is None:
-            continue
-        axis = _axis(node) % w.ndim if scale.ndim else 0
-        info = np.iinfo(zp.dtype)
-        per_axis = axis if scale.ndim else None
-        step = qmath.along_axis(torch.tensor(scale), w.ndim, per_axis)
-        zero_point = qmath.along_axis(torch.tensor(zp, dtype=torch.float32), w.ndim, per_axis)
-        q = qmath.quantize(torch.tensor(w), step, zero_point, info.min, info.max).numpy().astype(zp.dtype)
-        name = f"{node.input[0]}_quantized"
-        graph.initializer.append(numpy_helper.from_array(q, name))
-        for other in graph.node:
-            for i, inp in enumerate(other.input):
-                if inp == node.output[0]:
-                    other.input[i] = name
-        graph.node.remove(node)
-        consumers[node.input[0]] -= 1
-        if consumers[node.input[0]] == 0:
-            graph.initializer.remove(inits[node.input[0]])
-        folded += 1
-    return folded
-
-
-def quantize_biases(proto: onnx.ModelProto) -> int:
-    """Give Conv/Gemm whose input and weight are dequantized an int32 bias (scale = s_x * s_w, zero point 0)."""
-    graph = proto.graph
-    inits = _initializers(proto)
-    producer = {o: n for n in graph.node for o in n.output}
-    done = 0
-    for node in list(graph.node):
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
-            continue
-        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
-        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
-            continue
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute):
-            continue
-        s_x, s_w = _array(inits, dq_x.input[1]), _array(inits, dq_w.input[1])
-        if s_x is None or s_w is None or s_x.ndim != 0:
-            continue
-        bias = _array(inits, node.input[2]).astype(np.float64)
-        scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
-        q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
-        q = q.numpy().astype(np.int32)
-        base = node.input[2]
-        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
-                                  numpy_helper.from_array(scale, f"{base}_quantizer.scale"),
-                                  numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.array(0, np.int32),
-                                                          f"{base}_quantizer.zero_point")])
-        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_quantizer.scale",
-                                                  f"{base}_quantizer.zero_point"],
-                              [f"{base}_dequantized"], name=f"{base}_quantizer/DequantizeLinear", axis=0)
-        graph.node.insert(list(graph.node).index(node), dq)
-        node.input[2] = f"{base}_dequantized"
-        if sum(1 for n in graph.node for i in n.input if i == base) == 0:
-            graph.initializer.remove(inits[base])
-        done += 1
-    return done
-
-
-def global_average_pools(proto: onnx.ModelProto) -> int:
-    """Rewrite ``ReduceMean`` over every spatial axis with ``keepdims=1`` (how the dynamo exporter writes
-    adaptive average pooling to 1x1 and ``x.mean((2, 3), keepdim=True)``) as ``GlobalAveragePool``, the same
-    values, which ONNX Runtime fuses with its Q/DQ into QLinearGlobalAveragePool (it has no int8 ReduceMean) and
-    TensorRT runs as a pooling layer. Returns how many were rewritten."""
-    graph = proto.graph
-    ranks = {v.name: len(v.type.tensor_type.shape.dim)
-             for v in onnx.shape_inference.infer_shapes(proto).graph.value_info if v.type.tensor_type.HasField("shape")}
-    ranks.update((v.name, len(v.type.tensor_type.shape.dim)) for v in graph.input)
-    inits = _initializers(proto)
-    rewritten = 0
-    for node in graph.node:
-        rank = ranks.get(node.input[0]) if node.op_type == "ReduceMean" else None
-        if rank is None or rank < 3 or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axes = {int(a) % rank for a in np.atleast_1d(_array(inits, node.input[1]))}
-        if attrs.get("keepdims", 1) != 1 or axes != set(range(2, rank)):
-            continue
-        axes_input = node.input[1]
-        node.op_type = "GlobalAveragePool"
-        del node.input[1:]
-        del node.attribute[:]
-        if not any(axes_input in n.input for n in graph.node):
-            graph.initializer.remove(inits[axes_input])
-        rewritten += 1
-    return rewritten
-
-
-def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with ONNX shape inference applied (value_info for every intermediate tensor, including
-    those the passes above added), checked strictly: an inconsistent graph fails here, not in a runtime."""
-    try:  # data propagation also types the outputs of shape arithmetic (Reshape targets with a dynamic batch)
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    except onnx.shape_inference.InferenceError:
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-
-
-def name_nodes(proto: onnx.ModelProto) -> None:
-    """Name each node ``<module path>/<OpType>`` (unique-ified): Q/DQ after the quantizer whose scale they
-    read, other nodes from the exporter's scope metadata."""
-    used: Counter = Counter()
-    for node in proto.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1].endswith(".scale"):
-            prefix = node.input[1].removesuffix(".scale")
-        else:
-            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
-            try:
-                parts = ast.literal_eval(scopes) if scopes else []
-            except (ValueError, SyntaxError):
-                parts = []
-            # the innermost module scope; a root-level function gets the exporter's name for it (e.g. view)
-            prefix = next((p for p in reversed(parts[:-1]) if p), parts[-1] if parts else "") \
-                or node.name.removeprefix("node_")
-        base = f"{prefix}/{node.op_type}"
-        used[base] += 1
-        node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
 def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Module | None = None) -> None:
@@ -352,8 +249,6 @@ def ort_session(path: str, optimized_path: str | None = None, threads: int | Non
                 level: str = "all"):
     """An ONNX Runtime CPU session; ``level`` "all" (every fusion, as deployed) or "basic" (the reference
     semantics of the ONNX ops: constant folding and redundancy removal, no quantized-kernel fusion)."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     options.graph_optimization_level = levels[level]

@@ -14,6 +14,7 @@ import re
 import torch
 
 _SITE = re.compile(r'File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)')
+_NO_TRANSLATION = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
 _LOGGERS = ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export._draft_export")
 
 
@@ -27,6 +28,13 @@ def data_dependent_site(exc: BaseException) -> str | None:
     if m is None:
         return "a condition on tensor values"
     return f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}: `{m.group(3).strip()}`"
+
+
+def untranslated_op(exc: BaseException) -> str | None:
+    """The ATen op (``aten.name.overload``) torch.onnx found no ONNX translation for, or None if the export
+    failed for another reason."""
+    m = next((m for e in _chain(exc) if (m := _NO_TRANSLATION.search(str(e)))), None)
+    return None if m is None else f"{m.group(1)}.{m.group(2)}"
 
 
 def _chain(exc: BaseException):

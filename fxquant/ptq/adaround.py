@@ -21,7 +21,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant import qmath
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
 from fxquant.ptq.options import AdaRoundOptions
 from fxquant.ptq.report import PTQReport, attach
@@ -61,10 +61,10 @@ def _check(prepared: nn.Module, batches: object) -> tuple[QuantState, list]:
         raise CalibrationError("adaround() needs a model that fxquant.calibrate() has run on (weights and "
                                "activations need ranges first)")
     if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches, not a single tensor; wrap it: [tensor]")
+        raise ConfigTypeError("batches must be an iterable of batches, not a single tensor; wrap it: [tensor]")
     batches = list(batches)
     if not batches:
-        raise ValueError("adaround() needs at least one calibration batch")
+        raise ConfigError("adaround() needs at least one calibration batch")
     return state, batches
 
 
@@ -77,14 +77,14 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
     """
     options = AdaRoundOptions() if options is None else options
     if not isinstance(options, AdaRoundOptions):
-        raise TypeError(f"options must be an AdaRoundOptions, got {type(options).__name__}")
+        raise ConfigTypeError(f"options must be an AdaRoundOptions, got {type(options).__name__}")
     state, batches = _check(prepared, batches)
     report = PTQReport("adaround")
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
     codes: dict[str, torch.Tensor] = {}
     losses: dict[str, dict[str, float]] = {}
-    originals = {layer.name: layer.module.weight.detach().clone() for layer in layers}
+    originals = {layer.name: layer.weight.detach().clone() for layer in layers}
     was_training = prepared.training
     prepared.eval()
     try:
@@ -101,7 +101,8 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
                                "the other way")
     finally:
         prepared.train(was_training)
-    state.fixed_weights.update(f"{name}.weight_quantizer" for name in codes)
+    state.fixed_weights.update(layer.quantizer_path or f"{layer.name}.weight_quantizer" for layer in layers
+                               if layer.name in codes)
     report.data = {"codes": codes, "layers": losses, "options": options}
     attach(prepared, report)
     return report
@@ -109,36 +110,36 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
 
 def _round_layer(model: fx.GraphModule, layer: Layer, batches: list, options: AdaRoundOptions,
                  progress: bool, layers: list[Layer], originals: dict[str, torch.Tensor]) -> dict:
-    module, quantizer = layer.module, layer.quantizer
+    quantizer = layer.quantizer
     with float_mode(model), original_weights(layers, originals):  # the target is the float model's output
-        targets = torch.cat(capture(model, module, batches, "output", options.num_samples))
-    inputs = torch.cat(capture(model, module, batches, "input", options.num_samples))
+        targets = torch.cat(capture(model, layer, batches, "output", options.num_samples))
+    inputs = torch.cat(capture(model, layer, batches, "input", options.num_samples))
     act = torch.relu if followed_by_relu(model, layer.node) else (lambda t: t)
     targets = act(targets)
-    weight = module.weight.detach()
+    weight = layer.weight.detach()
     axis = quantizer._axis(weight)
     scale = qmath.along_axis(quantizer.scale.detach().to(weight.device), weight.dim(), axis).expand_as(weight).clone()
     spec = quantizer.spec
     soft = SoftRounding(weight, scale, spec.qmin, spec.qmax).to(weight.device)
     with torch.no_grad():
         nearest = qmath.quantize(weight, scale, 0.0, spec.qmin, spec.qmax)
-        mse_nearest = _mse(module, quantizer, inputs, targets, act)
-    module.weight_quantizer = soft
+        mse_nearest = _mse(layer, inputs, targets, act)
+    layer.quantizer = soft
     try:
-        q = _optimize(module, soft, inputs, targets, act, layer, options, progress)
+        q = _optimize(layer, soft, inputs, targets, act, options, progress)
     finally:
-        module.weight_quantizer = quantizer
+        layer.quantizer = quantizer
     with torch.no_grad():
-        module.weight.copy_((scale * q).to(module.weight.dtype))  # round-to-nearest with scale s gives q back
-        mse_adaround = _mse(module, quantizer, inputs, targets, act)
+        layer.weight.copy_((scale * q).to(layer.weight.dtype))  # round-to-nearest with scale s gives q back
+        mse_adaround = _mse(layer, inputs, targets, act)
     return {"codes": q.to(torch.int8) if spec.num_bits <= 8 else q.to(torch.int32),
             "mse_nearest": mse_nearest, "mse_adaround": mse_adaround,
             "flipped": float((q != nearest).float().mean())}
 
 
 @torch.enable_grad()  # calibrate() runs under no_grad
-def _optimize(module: nn.Module, soft: SoftRounding, inputs: torch.Tensor, targets: torch.Tensor, act,
-              layer: Layer, options: AdaRoundOptions, progress: bool) -> torch.Tensor:
+def _optimize(layer: Layer, soft: SoftRounding, inputs: torch.Tensor, targets: torch.Tensor, act,
+              options: AdaRoundOptions, progress: bool) -> torch.Tensor:
     """Adam on the rounding variables; returns the hard codes."""
     generator = torch.Generator().manual_seed(options.seed)
     opt = torch.optim.Adam([soft.V], lr=options.lr)
@@ -146,7 +147,7 @@ def _optimize(module: nn.Module, soft: SoftRounding, inputs: torch.Tensor, targe
     batch = min(options.batch_size, inputs.shape[0])
     for it in tqdm(range(options.iterations), desc=f"  {layer.name}", leave=False, disable=not progress):
         idx = torch.randint(0, inputs.shape[0], (batch,), generator=generator)
-        loss = (act(module(inputs[idx])) - targets[idx]).pow(2).sum(layer.channel_dim).mean()
+        loss = (act(layer(inputs[idx])) - targets[idx]).pow(2).sum(layer.channel_dim).mean()
         if it >= warm:
             share = (it - warm) / max(options.iterations - warm, 1)
             beta = options.beta_start + (options.beta_end - options.beta_start) * share
@@ -160,23 +161,23 @@ def _optimize(module: nn.Module, soft: SoftRounding, inputs: torch.Tensor, targe
 @contextlib.contextmanager
 def original_weights(layers: list[Layer], originals: dict[str, torch.Tensor]):
     """Temporarily put the float weights back into layers that were already rounded."""
-    current = {layer.name: layer.module.weight.detach().clone() for layer in layers}
+    current = {layer.name: layer.weight.detach().clone() for layer in layers}
     with torch.no_grad():
         for layer in layers:
-            layer.module.weight.copy_(originals[layer.name])
+            layer.weight.copy_(originals[layer.name])
     try:
         yield
     finally:
         with torch.no_grad():
             for layer in layers:
-                layer.module.weight.copy_(current[layer.name])
+                layer.weight.copy_(current[layer.name])
 
 
 @torch.no_grad()
-def _mse(module: nn.Module, quantizer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, act) -> float:
+def _mse(layer: Layer, inputs: torch.Tensor, targets: torch.Tensor, act) -> float:
     total, count = 0.0, 0
     for i in range(0, inputs.shape[0], 256):
-        out = act(module(inputs[i:i + 256]))
+        out = act(layer(inputs[i:i + 256]))
         total += float((out - targets[i:i + 256]).pow(2).sum())
         count += out.numel()
     return total / max(count, 1) if not math.isnan(total) else math.nan

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx, nn
+from torch import fx
 from tqdm.auto import tqdm
 
+from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
-from fxquant.ptq.chains import find_chains, input_response, out_channels
+from fxquant.ptq.chains import find_chains, input_response
 from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
 from fxquant.ptq.options import BIAS_CORRECTION_METHODS
 from fxquant.ptq.report import PTQReport, attach
@@ -58,24 +59,16 @@ def record_expected_inputs(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=False)
 
 
-def _bias(module: nn.Module) -> torch.Tensor:
-    """The layer's bias, created as zeros when it has none."""
-    if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(out_channels(module), dtype=module.weight.dtype,
-                                               device=module.weight.device))
-    return module.bias
-
-
 def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirical",
                  progress: bool = True) -> PTQReport:
     """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
     ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
     ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
     if method not in BIAS_CORRECTION_METHODS:
-        raise ValueError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
+        raise ConfigError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
-        raise RuntimeError("correct_bias() needs a model that fxquant.calibrate() has run on")
+        raise CalibrationError("correct_bias() needs a model that fxquant.calibrate() has run on")
     report = PTQReport("bias_correction")
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
@@ -85,17 +78,17 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
     try:
         if method == "empirical":
             if batches is None or isinstance(batches, torch.Tensor):
-                raise TypeError("empirical bias correction needs batches: an iterable of calibration batches")
+                raise ConfigTypeError("empirical bias correction needs batches: an iterable of calibration batches")
             batches = list(batches)
             if not batches:
-                raise ValueError("empirical bias correction needs at least one batch")
+                raise ConfigError("empirical bias correction needs at least one batch")
             with float_mode(prepared):  # the float model's means, before any bias changes
                 targets = {}
                 for layer in layers:
-                    parts = capture(prepared, layer.module, batches, "output", reduce=channel_sum(layer.channel_dim))
+                    parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                     targets[layer.name] = sum(s for s, _ in parts) / sum(c for _, c in parts)
             for layer in tqdm(layers, desc="fxquant bias correction", unit="layer", disable=not progress):
-                parts = capture(prepared, layer.module, batches, "output", reduce=channel_sum(layer.channel_dim))
+                parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                 shift = sum(s for s, _ in parts) / sum(c for _, c in parts) - targets[layer.name]
                 _apply(layer, shift, report, shifts)
         else:
@@ -106,8 +99,8 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
                                                                  "Conv/Linear -> BatchNorm (-> ReLU)"))
                     continue
                 with torch.no_grad():
-                    error = layer.quantizer(layer.module.weight) - layer.module.weight
-                    shift = input_response(layer.module, expected.mean, expected.repeat, weight=error)
+                    error = layer.quantizer(layer.weight) - layer.weight
+                    shift = input_response(layer, expected.mean, expected.repeat, weight=error)
                 _apply(layer, shift.double(), report, shifts)
     finally:
         prepared.train(was_training)
@@ -118,7 +111,7 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
 
 @torch.no_grad()
 def _apply(layer, shift: torch.Tensor, report: PTQReport, shifts: dict) -> None:
-    bias = _bias(layer.module)
+    bias = layer.ensure_bias()
     bias.sub_(shift.to(bias.dtype))
     shifts[layer.name] = float(shift.abs().max())
     report.done.append(f"`{layer.name}`: bias corrected by up to {shifts[layer.name]:.3g}")

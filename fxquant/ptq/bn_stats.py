@@ -11,16 +11,18 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from fxquant.ops import weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import ChannelStats, info, read
-from fxquant.ptq.chains import LAYER_TYPES
+from fxquant.ptq.chains import LAYER_KINDS
 
 
 def record_bn_stats(gm: fx.GraphModule) -> PassResult:
     """Store the output distribution of every Conv/Linear -> affine BatchNorm pair on the layer's node."""
     modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or type(modules[node.target]) not in LAYER_TYPES or len(node.users) != 1:
+    ops, _ = weighted_ops(gm)
+    for node, op in ops.items():
+        if op.kind not in LAYER_KINDS or len(node.users) != 1:
             continue
         bn_node = next(iter(node.users))
         bn = modules.get(bn_node.target) if bn_node.op == "call_module" else None

@@ -3,8 +3,10 @@
 Layer A feeds layer B through ReLU, identity, max/average pooling and flatten, and nothing else reads the
 tensors in between. Then scaling A's output channel c by 1/s_c and B's input channel c by s_c leaves the
 function unchanged (ReLU(x/s) = ReLU(x)/s and pooling is linear or max for s > 0). Cross-layer equalization
-and high-bias absorption work on these links. Weighted layers are Conv1d/2d/3d modules (grouped and depthwise
-included) and Linear; each must be called at one place in the graph.
+and high-bias absorption work on these links. Layers are the convolutions (grouped and depthwise included) and
+Linears of ``fxquant.ops.weighted_ops``: module calls or functional calls on parameters, whose weights no other
+op reads. With ``relu6_as_relu``, ReLU6 (and Hardtanh clipping at 0) count as ReLU: the DFQ paper's recipe for
+MobileNetV2, which changes the function where activations exceed the clip (``equalize`` measures by how much).
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ops import node_kind
+from fxquant.ops import WeightedOp, module_kind, node_kind, weighted_ops
 
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+LAYER_KINDS = frozenset({"conv", "linear"})
+CLIPPED = frozenset({"relu6", "hardtanh"})
 HOMOGENEOUS = frozenset({"relu", "identity", "max_pool", "avg_pool", "reshape"})
 NOT_HOMOGENEOUS = {
     "relu6": "ReLU6 is not positively homogeneous (min(ReLU(x/s), 6) != min(ReLU(x), 6)/s): fxquant keeps the "
-             "function and does not equalize through it; replace ReLU6 by ReLU in the model if you accept the "
-             "change (DFQ's recipe), then equalize",
+             "function and does not equalize through it; QuantConfig(equalize_relu6=True) treats it as ReLU "
+             "(DFQ's recipe for MobileNetV2) and reports the change in float output",
     "hardtanh": "Hardtanh clips at fixed bounds, so it does not commute with channel scaling",
 }
 
@@ -42,6 +46,11 @@ class Link:
     def through_relu(self) -> bool:
         return "relu" in self.kinds
 
+    @property
+    def clipped(self) -> tuple[fx.Node, ...]:
+        """The ReLU6 / Hardtanh nodes this link treats as ReLU (``relu6_as_relu``)."""
+        return tuple(n for n, k in zip(self.via, self.kinds, strict=True) if k in CLIPPED)
+
 
 @dataclass
 class Chain:
@@ -49,20 +58,16 @@ class Chain:
     links: list[Link] = field(default_factory=list)
 
     def describe(self) -> str:
-        return " -> ".join(f"`{n.target}`" for n in self.layers)
+        return " -> ".join(f"`{op_name(n)}`" for n in self.layers)
 
 
-def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    # exact types: a subclass may override forward, and then its weight may not mean what we assume
-    return node.op == "call_module" and type(modules[node.target]) in LAYER_TYPES
+def op_name(node: fx.Node) -> str:
+    """A layer's name in reports: its module path, or the node name of a functional call."""
+    return node.target if node.op == "call_module" else node.name
 
 
-def out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
-def in_features(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+def _is_layer(node: fx.Node, ops: dict[fx.Node, WeightedOp]) -> bool:
+    return node in ops and ops[node].kind in LAYER_KINDS
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -80,24 +85,16 @@ def _flatten_repeat(node: fx.Node) -> int | None:
     return spatial if after[1] == before[1] * spatial else None
 
 
-def _call_sites(gm: fx.GraphModule) -> dict[str, int]:
-    sites: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            sites[n.target] = sites.get(n.target, 0) + 1
-    return sites
-
-
-def find_chains(gm: fx.GraphModule) -> tuple[list[Chain], list[str]]:
+def find_chains(gm: fx.GraphModule, relu6_as_relu: bool = False) -> tuple[list[Chain], list[str]]:
     """Maximal chains of linked weighted layers, in graph order, and notes on links that were refused."""
     modules = dict(gm.named_modules())
-    sites = _call_sites(gm)
-    notes: list[str] = []
+    ops, declined = weighted_ops(gm)
+    notes: list[str] = [f"`{op_name(n)}` not equalized: {why}" for n, why in declined.items()]
     links: dict[fx.Node, Link] = {}
     for a in gm.graph.nodes:
-        if not _is_layer(a, modules):
+        if not _is_layer(a, ops):
             continue
-        link = _follow(a, modules, sites, notes)
+        link = _follow(a, modules, ops, notes, relu6_as_relu)
         if link is not None:
             links[a] = link
     targets = {link.b for link in links.values()}
@@ -113,7 +110,8 @@ def find_chains(gm: fx.GraphModule) -> tuple[list[Chain], list[str]]:
     return chains, notes
 
 
-def _follow(a: fx.Node, modules: dict[str, nn.Module], sites: dict[str, int], notes: list[str]) -> Link | None:
+def _follow(a: fx.Node, modules: dict, ops: dict[fx.Node, WeightedOp], notes: list[str],
+            relu6_as_relu: bool) -> Link | None:
     """The link from layer ``a`` to the next weighted layer, or None (with a note when it is worth one)."""
     via: list[fx.Node] = []
     kinds: list[str] = []
@@ -122,23 +120,28 @@ def _follow(a: fx.Node, modules: dict[str, nn.Module], sites: dict[str, int], no
     while True:
         if len(cur.users) != 1:
             if len(cur.users) > 1:
-                notes.append(f"`{a.target}` not equalized with a following layer: its output "
+                notes.append(f"`{op_name(a)}` not equalized with a following layer: its output "
                              f"{'(through ' + ', '.join(v.name for v in via) + ') ' if via else ''}has "
                              f"{len(cur.users)} users (e.g. a residual branch)")
             return None
         nxt = next(iter(cur.users))
         kind = node_kind(nxt, modules)
-        if _is_layer(nxt, modules) and nxt.args and nxt.args[0] is cur:
+        if _is_layer(nxt, ops) and nxt.args and nxt.args[0] is cur:
             break
-        if kind in NOT_HOMOGENEOUS:
-            notes.append(f"`{a.target}` not equalized through `{nxt.name}`: {NOT_HOMOGENEOUS[kind]}")
+        if relu6_as_relu and kind in CLIPPED:
+            reason = _clip_at_zero(nxt, modules)
+            if reason is not None:
+                notes.append(f"`{op_name(a)}` not equalized through `{nxt.name}`: {reason}")
+                return None
+        elif kind in NOT_HOMOGENEOUS:
+            notes.append(f"`{op_name(a)}` not equalized through `{nxt.name}`: {NOT_HOMOGENEOUS[kind]}")
             return None
-        if kind not in HOMOGENEOUS:
+        if kind not in HOMOGENEOUS and kind not in CLIPPED:
             return None  # the chain simply ends (add, cat, output, other ops)
         if kind == "reshape":
             r = _flatten_repeat(nxt)
             if r is None:
-                notes.append(f"`{a.target}` not equalized through `{nxt.name}`: only a flatten of "
+                notes.append(f"`{op_name(a)}` not equalized through `{nxt.name}`: only a flatten of "
                              "(N, C, ...) to (N, features) keeps channels identifiable")
                 return None
             repeat *= r
@@ -148,64 +151,77 @@ def _follow(a: fx.Node, modules: dict[str, nn.Module], sites: dict[str, int], no
         kinds.append(kind)
         cur = nxt
     b = nxt
-    ma, mb = modules[a.target], modules[b.target]
-    for node in (a, b):
-        if sites.get(node.target, 0) > 1:
-            notes.append(f"`{a.target}` -> `{b.target}` not equalized: `{node.target}` is called at "
-                         f"{sites[node.target]} places, so rescaling it would change every call")
-            return None
-    if out_channels(ma) * repeat != in_features(mb):
-        notes.append(f"`{a.target}` -> `{b.target}` not equalized: {out_channels(ma)} output channels x {repeat} "
-                     f"do not match {in_features(mb)} input features")
+    ma, mb = ops[a], ops[b]
+    if ma.out_channels * repeat != mb.in_channels:
+        notes.append(f"`{op_name(a)}` -> `{op_name(b)}` not equalized: {ma.out_channels} output channels x {repeat} "
+                     f"do not match {mb.in_channels} input features")
         return None
     if not (ma.weight.is_floating_point() and mb.weight.is_floating_point()):
         return None
     return Link(a, b, tuple(via), tuple(kinds), repeat)
 
 
+def _clip_at_zero(node: fx.Node, modules: dict) -> str | None:
+    """None when a ReLU6 / Hardtanh node clips at 0 below (so it acts as ReLU up to its upper clip)."""
+    if node.op == "call_module":
+        low = getattr(modules[node.target], "min_val", 0.0)
+    elif node.target is F.hardtanh:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    else:
+        low = 0.0
+    if node.op != "call_module" and len(node.all_input_nodes) != 1:
+        return "its bounds are computed"
+    return None if low == 0 else f"it clips at {low} below, so it is not a ReLU with an upper clip"
+
+
 # ---- per-channel weight views ---------------------------------------------------------------------------
-def output_ranges(module: nn.Module) -> torch.Tensor:
+# a WeightedOp, a ptq.layers.Layer (both have weight, bias, kind, groups) or a Conv/Linear module
+Weighted = WeightedOp | nn.Module
+
+
+def output_ranges(op: Weighted) -> torch.Tensor:
     """max |W| per output channel."""
-    w = module.weight.detach()
+    w = op.weight.detach()
     return w.abs().reshape(w.shape[0], -1).amax(1)
 
 
-def _grouped_view(module: nn.Module, repeat: int, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def _grouped_view(op: Weighted, repeat: int, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The weight as (groups, out/groups, in/groups, rest) and the group count, where "in" counts A's
     channels (a Linear after a flatten reads ``repeat`` features per channel: they go into "rest")."""
-    w = module.weight if weight is None else weight
-    if isinstance(module, nn.Linear):
+    w = op.weight if weight is None else weight
+    kind = module_kind(op) if isinstance(op, nn.Module) else op.kind
+    if kind == "linear":
         return w.reshape(1, w.shape[0], w.shape[1] // repeat, repeat), 1
-    g = module.groups
+    g = getattr(op, "groups", 1)
     return w.reshape(g, w.shape[0] // g, w.shape[1], -1), g
 
 
-def input_ranges(module: nn.Module, repeat: int = 1) -> torch.Tensor:
+def input_ranges(op: Weighted, repeat: int = 1) -> torch.Tensor:
     """max |W| over everything that reads input channel c (of the previous layer), per c."""
-    view, _ = _grouped_view(module, repeat)
+    view, _ = _grouped_view(op, repeat)
     return view.detach().abs().amax(dim=(1, 3)).reshape(-1)
 
 
 @torch.no_grad()
-def scale_output(module: nn.Module, factor: torch.Tensor) -> None:
-    """Multiply output channel c of ``module`` (weight rows and bias) by ``factor[c]``."""
-    module.weight.mul_(factor.view(-1, *([1] * (module.weight.dim() - 1))).to(module.weight.dtype))
-    if module.bias is not None:
-        module.bias.mul_(factor.to(module.bias.dtype))
+def scale_output(op: Weighted, factor: torch.Tensor) -> None:
+    """Multiply output channel c of ``op`` (weight rows and bias) by ``factor[c]``, in place."""
+    op.weight.mul_(factor.view(-1, *([1] * (op.weight.dim() - 1))).to(op.weight.dtype))
+    if op.bias is not None:
+        op.bias.mul_(factor.to(op.bias.dtype))
 
 
 @torch.no_grad()
-def scale_input(module: nn.Module, factor: torch.Tensor, repeat: int = 1) -> None:
-    """Multiply everything in ``module`` that reads input channel c by ``factor[c]``."""
-    view, g = _grouped_view(module, repeat)
+def scale_input(op: Weighted, factor: torch.Tensor, repeat: int = 1) -> None:
+    """Multiply everything in ``op`` that reads input channel c by ``factor[c]``, in place."""
+    view, g = _grouped_view(op, repeat)
     view.mul_(factor.view(g, 1, -1, 1).to(view.dtype))  # a view: writes through to the weight
 
 
 @torch.no_grad()
-def input_response(module: nn.Module, values: torch.Tensor, repeat: int = 1,
+def input_response(op: Weighted, values: torch.Tensor, repeat: int = 1,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """What ``module`` (or ``weight`` in its place) adds to each output when input channel c is the constant
+    """What ``op`` (or ``weight`` in its place) adds to each output when input channel c is the constant
     ``values[c]`` everywhere (no padding): the sum over the kernel and the channel's features of W times it."""
-    view, g = _grouped_view(module, repeat, weight)
+    view, g = _grouped_view(op, repeat, weight)
     summed = view.sum(dim=3)  # (g, out/g, in/g)
     return torch.bmm(summed, values.view(g, -1, 1).to(summed.dtype)).reshape(-1)

@@ -11,24 +11,95 @@ import torch
 from torch import fx, nn
 
 from fxquant.capture import normalize_inputs
-from fxquant.ops import node_kind
+from fxquant.ops import FUNCTION_KINDS, WEIGHTED_KINDS, WeightedOp, module_kind, node_kind
 from fxquant.quantizer import TensorQuantizer
 
 
 @dataclass
 class Layer:
+    """A weighted op of a prepared model with an active weight quantizer: a quantized module (``module``), or a
+    functional ``F.conv*``/``F.linear`` node whose weight goes through a quantizer module (``op``)."""
+
     name: str
     node: fx.Node | None  # None in a model that is not one traced graph
-    module: nn.Module
+    module: nn.Module | None = None
+    op: WeightedOp | None = None
+    quantizer_path: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.op.kind if self.op is not None else module_kind(self.module)
+
+    @property
+    def groups(self) -> int:
+        return self.op.groups if self.op is not None else getattr(self.module, "groups", 1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.op.weight if self.op is not None else self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.op.bias if self.op is not None else self.module.bias
 
     @property
     def quantizer(self) -> TensorQuantizer:
-        return self.module.weight_quantizer
+        return self.op.gm.get_submodule(self.quantizer_path) if self.op is not None else self.module.weight_quantizer
+
+    @quantizer.setter
+    def quantizer(self, quantizer: nn.Module) -> None:
+        if self.op is not None:
+            self.op.gm.set_submodule(self.quantizer_path, quantizer)
+        else:
+            self.module.weight_quantizer = quantizer
 
     @property
     def channel_dim(self) -> int:
         """Where the output channels are in the layer's output (Linear: last; convolutions: 1)."""
-        return -1 if isinstance(self.module, nn.Linear) else 1
+        return -1 if self.kind == "linear" else 1
+
+    def ensure_bias(self) -> torch.Tensor:
+        """The layer's bias, created as zeros when it has none."""
+        if self.bias is None:
+            w = self.weight
+            out = w.shape[1] * self.groups if self.kind == "conv_transpose" else w.shape[0]
+            zeros = torch.zeros(out, dtype=w.dtype, device=w.device)
+            if self.op is not None:
+                self.op.write(bias=zeros)
+                self.op.gm.recompile()
+            else:
+                self.module.bias = nn.Parameter(zeros)
+        return self.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer alone on input ``x`` (its weight through its current quantizer)."""
+        if self.op is None:
+            return self.module(x)
+        node = self.node
+        args = (x, self.quantizer(self.weight), self.bias, *node.args[3:])
+        return node.target(*args, **{k: v for k, v in node.kwargs.items() if k not in ("weight", "bias")})
+
+
+def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str | None:
+    """A functional weighted op whose weight argument is a weight quantizer of a parameter, as a Layer."""
+    q = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(q, fx.Node) or q.op != "call_module" or not q.args:
+        return None
+    quantizer, weight = gm.get_submodule(q.target), q.args[0]
+    if not isinstance(quantizer, TensorQuantizer) or not quantizer.constant or weight.op != "get_attr":
+        return None
+    readers = [u for u in weight.users if u is not q] + [u for u in q.users if u is not node]
+    if readers:
+        return f"`{node.name}`: its weight is shared with {', '.join(f'`{u.name}`' for u in readers[:3])}"
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if any(isinstance(a, fx.Node) for a in (*node.args[3:], *node.kwargs.values())) or \
+            (bias is not None and getattr(bias, "op", None) != "get_attr"):
+        return f"`{node.name}`: its bias or other arguments are computed tensors"
+    path, _, attr = weight.target.rpartition(".")
+    kind = node_kind(node, {})
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    op = WeightedOp(node, kind, gm, path, attr, bias.target.rpartition(".")[2] if bias is not None else None, groups)
+    return Layer(node.name, node, op=op, quantizer_path=q.target)
 
 
 def quantized_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
@@ -36,27 +107,38 @@ def quantized_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
     that is not one traced graph); plus notes on the ones left out and why."""
     modules = dict(model.named_modules())
     graph = getattr(model, "graph", None)
+    candidates: list[Layer | str] = []
     if isinstance(graph, fx.Graph):
-        calls = [(n.target, n) for n in graph.nodes if n.op == "call_module"]
+        for n in graph.nodes:
+            if n.op == "call_module":
+                candidates.append(Layer(n.target, n, modules[n.target]))
+            elif n.op == "call_function" and n.target in FUNCTION_KINDS and node_kind(n, {}) in WEIGHTED_KINDS:
+                found = _functional_layer(model, n)
+                if found is not None:
+                    candidates.append(found)
     else:
-        calls = [(name, None) for name in modules]
+        candidates = [Layer(name, None, module) for name, module in modules.items()]
     sites: dict[str, int] = {}
-    for name, _ in calls:
-        sites[name] = sites.get(name, 0) + 1
+    for c in candidates:
+        if isinstance(c, Layer) and c.module is not None:
+            sites[c.name] = sites.get(c.name, 0) + 1
     layers, notes, seen = [], [], set()
-    for name, node in calls:
-        q = getattr(modules[name], "weight_quantizer", None)
-        if not isinstance(q, TensorQuantizer) or name in seen:
+    for c in candidates:
+        if isinstance(c, str):
+            notes.append(c)
             continue
-        seen.add(name)
+        q = getattr(c.module, "weight_quantizer", None) if c.op is None else c.quantizer
+        if not isinstance(q, TensorQuantizer) or c.name in seen:
+            continue
+        seen.add(c.name)
         if q.mode == "disabled":
-            notes.append(f"`{name}`: its weight quantizer is disabled")
+            notes.append(f"`{c.name}`: its weight quantizer is disabled")
         elif not q.is_calibrated:
-            notes.append(f"`{name}`: its weight quantizer has no range (calibrate first)")
-        elif sites[name] > 1:
-            notes.append(f"`{name}`: called at {sites[name]} places; its weight serves several inputs")
+            notes.append(f"`{c.name}`: its weight quantizer has no range (calibrate first)")
+        elif sites.get(c.name, 1) > 1:
+            notes.append(f"`{c.name}`: called at {sites[c.name]} places; its weight serves several inputs")
         else:
-            layers.append(Layer(name, node, modules[name]))
+            layers.append(c)
     return layers, notes
 
 
@@ -91,10 +173,27 @@ class _Stop(Exception):
     pass
 
 
+class _Tap(fx.Interpreter):
+    """Runs a GraphModule node by node and hands ``node``'s input or output to ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, what: str, keep) -> None:
+        super().__init__(gm)
+        self.node, self.what, self.keep = node, what, keep
+
+    def run_node(self, n: fx.Node) -> object:
+        if n is self.node and self.what == "input":
+            self.keep(self.env[n.args[0]])
+        result = super().run_node(n)
+        if n is self.node:
+            self.keep(result)
+        return result
+
+
 @torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, batches: Sequence, what: str, limit: int | None = None,
+def capture(model: nn.Module, layer: Layer | nn.Module, batches: Sequence, what: str, limit: int | None = None,
             reduce=None) -> list[torch.Tensor]:
-    """``module``'s input (``what="input"``) or output per batch, stopping the forward right after it.
+    """The input (``what="input"``) or output of ``layer`` (a Layer or a module) per batch, stopping the forward
+    right after it.
 
     With ``reduce``, each captured tensor is replaced by ``reduce(tensor)`` (e.g. a per-channel sum), so
     nothing large is kept. At most ``limit`` samples are kept.
@@ -110,20 +209,28 @@ def capture(model: nn.Module, module: nn.Module, batches: Sequence, what: str, l
         out.append(reduce(t) if reduce is not None else t.detach().clone())
         raise _Stop
 
-    if what == "input":
-        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
+    functional = isinstance(layer, Layer) and layer.op is not None
+    module = layer.module if isinstance(layer, Layer) else layer
+    handle = None
+    if functional:
+        run = _Tap(model, layer.node, what, keep).run
     else:
-        handle = module.register_forward_hook(lambda m, args, result: keep(result))
+        run = model
+        if what == "input":
+            handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
+        else:
+            handle = module.register_forward_hook(lambda m, args, result: keep(result))
     try:
         for batch in batches:
             if limit is not None and seen >= limit:
                 break
             try:
-                model(*normalize_inputs(batch))
+                run(*normalize_inputs(batch))
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fxquant.errors import ConfigError
+
 BIAS_CORRECTION_METHODS = ("empirical", "analytical")
 
 
@@ -37,13 +39,13 @@ class AdaRoundOptions:
         for name in ("iterations", "batch_size", "num_samples", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"AdaRoundOptions.{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"AdaRoundOptions.{name} must be a positive int, got {value!r}")
         for name in ("lr", "reg_weight", "beta_start", "beta_end", "warm_up"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
-                raise ValueError(f"AdaRoundOptions.{name} must be a finite number >= 0, got {value!r}")
+                raise ConfigError(f"AdaRoundOptions.{name} must be a finite number >= 0, got {value!r}")
         if not 0 <= self.warm_up < 1:
-            raise ValueError(f"AdaRoundOptions.warm_up must be in [0, 1), got {self.warm_up}")
+            raise ConfigError(f"AdaRoundOptions.warm_up must be in [0, 1), got {self.warm_up}")
         if self.lr == 0:
-            raise ValueError("AdaRoundOptions.lr must be > 0")
+            raise ConfigError("AdaRoundOptions.lr must be > 0")

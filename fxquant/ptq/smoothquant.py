@@ -145,6 +145,7 @@ def _keep_rows(rows: dict[int, list], key: int, _module: nn.Module, _inputs: tup
     rows.setdefault(key, []).append(out.detach().reshape(-1, out.shape[-1]).float())
 
 
+@torch.no_grad()
 def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
     norm = gm.get_submodule(g.norm.target)
     norm.weight.div_(s.to(norm.weight.dtype))

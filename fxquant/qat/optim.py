@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxquant.errors import ConfigError, ConfigTypeError
 from fxquant.qat.prepare import QATError
 from fxquant.qat.quantizer import QATQuantizer
 
@@ -19,7 +20,7 @@ def param_groups(model: nn.Module, range_lr: float) -> list[dict]:
     tenth of the weights' learning rate did best (README, "Quantization-aware training").
     """
     if isinstance(range_lr, bool) or not isinstance(range_lr, (int, float)) or not range_lr > 0:
-        raise ValueError(f"range_lr must be a learning rate > 0, got {range_lr!r}")
+        raise ConfigError(f"range_lr must be a learning rate > 0, got {range_lr!r}")
     ranges = {id(p) for q in model.modules() if isinstance(q, QATQuantizer) for p in q.parameters(recurse=False)}
     if not ranges:
         raise QATError("this model has no learned ranges yet: use QuantSpec(learn_amax=True) in prepare_qat's "
@@ -37,7 +38,7 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     when learned ranges become parameters). ``model`` may be wrapped (e.g. in DistributedDataParallel).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"check_optimizer() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise ConfigTypeError(f"check_optimizer() takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     if not held & names.keys():

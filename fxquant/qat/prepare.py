@@ -9,7 +9,7 @@ from torch import nn
 
 from fxquant.api import checked_arguments
 from fxquant.backends import Backend
-from fxquant.errors import FxQuantError
+from fxquant.errors import ConfigError, FxQuantError
 from fxquant.pipeline import prepare_model
 from fxquant.qat.quantizer import RANGE_MODES, QATQuantizer
 from fxquant.quantizer import TensorQuantizer
@@ -31,14 +31,14 @@ class QATOptions:
 
     def __post_init__(self) -> None:
         if self.ranges not in RANGE_MODES:
-            raise ValueError(f"ranges={self.ranges!r} is unknown; valid: {RANGE_MODES} (learned ranges come from "
-                             "QuantSpec(learn_amax=True))")
+            raise ConfigError(f"ranges={self.ranges!r} is unknown; valid: {RANGE_MODES} (learned ranges come from "
+                              "QuantSpec(learn_amax=True))")
         if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
                 or not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be a number in (0, 1), e.g. 0.99; got {self.ema_decay!r}")
+            raise ConfigError(f"ema_decay must be a number in (0, 1), e.g. 0.99; got {self.ema_decay!r}")
         steps = self.freeze_ranges_after
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-            raise ValueError(f"freeze_ranges_after must be None or an int >= 0 (training steps), got {steps!r}")
+            raise ConfigError(f"freeze_ranges_after must be None or an int >= 0 (training steps), got {steps!r}")
 
 
 def _count_steps(module: nn.Module, args: tuple) -> None:

@@ -27,7 +27,7 @@ from typing import Protocol
 from torch import fx
 
 from fxquant.errors import PassError
-from fxquant.ops import WEIGHT_AXIS, WEIGHTED_KINDS
+from fxquant.ops import WEIGHT_AXIS, WEIGHTED_KINDS, parameter_arg
 from fxquant.rules.pattern import GraphView
 from fxquant.spec import QuantConfig, QuantSpec
 
@@ -150,7 +150,7 @@ class RuleContext:
         spec = self.spec(node, "weight")
         if node.op == "call_module":
             self.ann.weights[node] = (spec, rule)
-        elif len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
-            self.request_input(node, node.args[1], rule, role="weight")
+        elif (weight := parameter_arg(self.view.gm, node)) is not None:
+            self.request_input(node, weight, rule, role="weight")
         else:
             raise PassError(f"rule `{rule}`: `{node.name}` has no constant weight to quantize")

@@ -16,6 +16,7 @@ import networkx as nx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx, nn
 
+from fxquant.errors import ConfigError, ConfigTypeError
 from fxquant.ops import node_kind
 
 Match = dict[str, fx.Node]
@@ -31,8 +32,8 @@ def _kinds(value: object) -> frozenset:
         return frozenset({value})
     if isinstance(value, Iterable):
         return frozenset(value)
-    raise TypeError(f"pattern node kinds must be a kind name, an nn.Module class, a function, or a set of them; "
-                    f"got {value!r}")
+    raise ConfigTypeError(f"pattern node kinds must be a kind name, an nn.Module class, a function, or a set of them; "
+                          f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,20 +50,20 @@ class Pattern:
     def __post_init__(self) -> None:
         names = [name for name, _ in self.nodes]
         if not names:
-            raise ValueError("a Pattern needs at least one node, e.g. Pattern.chain(('conv', 'conv'))")
+            raise ConfigError("a Pattern needs at least one node, e.g. Pattern.chain(('conv', 'conv'))")
         for name, kinds in self.nodes:
             if not isinstance(name, str) or not name:
-                raise TypeError(f"pattern node names must be non-empty strings, got {name!r}")
+                raise ConfigTypeError(f"pattern node names must be non-empty strings, got {name!r}")
             if not kinds:
-                raise ValueError(f"pattern node {name!r} accepts no kind; give at least one")
+                raise ConfigError(f"pattern node {name!r} accepts no kind; give at least one")
             for k in kinds:
                 if not isinstance(k, (str, type)) and not callable(k):
-                    raise TypeError(f"pattern node {name!r}: {k!r} is not a kind name, module class or function")
+                    raise ConfigTypeError(f"pattern node {name!r}: {k!r} is not a kind name, module class or function")
         if len(set(names)) != len(names):
-            raise ValueError(f"pattern node names must be unique, got {names}")
+            raise ConfigError(f"pattern node names must be unique, got {names}")
         for a, b in self.edges:
             if a not in names or b not in names:
-                raise ValueError(f"pattern edge ({a!r}, {b!r}) names a node that is not in the pattern {names}")
+                raise ConfigError(f"pattern edge ({a!r}, {b!r}) names a node that is not in the pattern {names}")
 
     @staticmethod
     def chain(*steps: tuple[str, Kind | Iterable[Kind]]) -> Pattern:

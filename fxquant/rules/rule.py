@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fxquant import ops
+from fxquant.errors import ConfigError, ConfigTypeError
 from fxquant.ops import WEIGHTED_KINDS
 from fxquant.rules.context import RuleContext
 from fxquant.rules.pattern import Match, Pattern
@@ -57,31 +58,35 @@ class Rule:
 
     def __post_init__(self) -> None:
         if (self.quantize is None) == (self.handler is None):
-            raise ValueError(f"Rule {self.name!r} needs exactly one of quantize=Targets(...) or handler=...")
+            raise ConfigError(f"Rule {self.name!r} needs exactly one of quantize=Targets(...) or handler=...")
         if not isinstance(self.pattern, Pattern):
-            raise TypeError(f"Rule {self.name!r}: pattern must be a Pattern, e.g. Pattern.chain(('conv', 'conv'))")
+            raise ConfigTypeError(f"Rule {self.name!r}: pattern must be a Pattern, "
+                                  "e.g. Pattern.chain(('conv', 'conv'))")
         if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"Rule name must be a non-empty string, got {self.name!r}")
+            raise ConfigTypeError(f"Rule name must be a non-empty string, got {self.name!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
-            raise TypeError(f"Rule {self.name!r}: priority must be an int (higher runs first), got {self.priority!r}")
+            raise ConfigTypeError(f"Rule {self.name!r}: priority must be an int (higher runs first), "
+                                  f"got {self.priority!r}")
         if self.quantize is not None and not isinstance(self.quantize, Targets):
-            raise TypeError(f"Rule {self.name!r}: quantize must be a Targets(...), got {type(self.quantize).__name__}")
+            raise ConfigTypeError(f"Rule {self.name!r}: quantize must be a Targets(...), "
+                                  f"got {type(self.quantize).__name__}")
         if self.handler is not None and not callable(self.handler):
-            raise TypeError(f"Rule {self.name!r}: handler must be a function (match, ctx) -> reason or None")
+            raise ConfigTypeError(f"Rule {self.name!r}: handler must be a function (match, ctx) -> reason or None")
         if not isinstance(self.checks, tuple) or not all(callable(c) for c in self.checks):
-            raise TypeError(f"Rule {self.name!r}: checks must be a tuple of functions (match, ctx) -> reason or None")
+            raise ConfigTypeError(f"Rule {self.name!r}: checks must be a tuple of functions "
+                                  "(match, ctx) -> reason or None")
         names = set(self.pattern.names)
         if self.quantize is not None:
             for fld in ("inputs", "weight", "output"):
                 ref = getattr(self.quantize, fld)
                 if ref is not None and ref not in names:
-                    raise ValueError(f"Rule {self.name!r}: Targets.{fld}={ref!r} is not a pattern node "
-                                     f"(pattern nodes: {sorted(names)})")
+                    raise ConfigError(f"Rule {self.name!r}: Targets.{fld}={ref!r} is not a pattern node "
+                                      f"(pattern nodes: {sorted(names)})")
             if self.quantize.weight is not None:
                 kinds = dict(self.pattern.nodes)[self.quantize.weight]
                 if all(isinstance(k, str) for k in kinds) and not kinds <= WEIGHTED_KINDS:
-                    raise ValueError(f"Rule {self.name!r}: Targets.weight={self.quantize.weight!r} can only name a "
-                                     f"node of kinds {sorted(WEIGHTED_KINDS)}, not {sorted(kinds - WEIGHTED_KINDS)}")
+                    raise ConfigError(f"Rule {self.name!r}: Targets.weight={self.quantize.weight!r} can only name a "
+                                      f"node of kinds {sorted(WEIGHTED_KINDS)}, not {sorted(kinds - WEIGHTED_KINDS)}")
 
 
 def ordered(rules: Iterable[Rule]) -> list[Rule]:
@@ -90,7 +95,7 @@ def ordered(rules: Iterable[Rule]) -> list[Rule]:
     seen: set[str] = set()
     for r in rules:
         if r.name in seen:
-            raise ValueError(f"two rules are named {r.name!r}; rule names must be unique")
+            raise ConfigError(f"two rules are named {r.name!r}; rule names must be unique")
         seen.add(r.name)
     return sorted(rules, key=lambda r: -r.priority)
 
@@ -117,20 +122,21 @@ def known_kinds() -> set[str]:
 def check_rules(rules: object, where: str) -> tuple[Rule, ...]:
     """Validate user rules: a tuple of Rule with unique names, integer priorities and known kind names."""
     if isinstance(rules, Rule) or not isinstance(rules, (tuple, list)):
-        raise TypeError(f"{where} must be a tuple of fxquant.Rule, got {type(rules).__name__}")
+        raise ConfigTypeError(f"{where} must be a tuple of fxquant.Rule, got {type(rules).__name__}")
     rules = tuple(rules)
     kinds = known_kinds()
     seen: set[str] = set()
     for r in rules:
         if not isinstance(r, Rule):
-            raise TypeError(f"{where} holds a {type(r).__name__}; build rules with fxquant.Rule(name, pattern, ...)")
+            raise ConfigTypeError(f"{where} holds a {type(r).__name__}; build rules with "
+                                  "fxquant.Rule(name, pattern, ...)")
         if r.name in seen:
-            raise ValueError(f"{where}: two rules are named {r.name!r}; rule names must be unique")
+            raise ConfigError(f"{where}: two rules are named {r.name!r}; rule names must be unique")
         seen.add(r.name)
         unknown = sorted(r.pattern.kind_names() - kinds)
         if unknown:
             hints = {k: difflib.get_close_matches(k, kinds, n=1) for k in unknown}
             shown = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            raise ValueError(f"rule {r.name!r} uses unknown op kind(s) {shown}; known kinds: {sorted(kinds)}. "
-                             "To match a module class or a function, put the class or function itself in the pattern")
+            raise ConfigError(f"rule {r.name!r} uses unknown op kind(s) {shown}; known kinds: {sorted(kinds)}. "
+                              "To match a module class or a function, put the class or function itself in the pattern")
     return rules

@@ -14,11 +14,15 @@ import os
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
+import torchvision
 from torch import nn
+from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
 from fxquant.errors import FxQuantError
+from fxquant.tools.torchvision_models import random_torchvision
 
 
 class CLIError(FxQuantError, ValueError):
@@ -130,10 +134,6 @@ def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, str]:
         if not isinstance(model, nn.Module):
             raise CLIError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
         return model.eval(), spec.rpartition(":")[2]
-    import torchvision
-
-    from fxquant.tools.torchvision_models import random_torchvision  # lazy: imports torchvision (start-up time)
-
     names = torchvision.models.list_models(module=torchvision.models)
     if spec not in names:
         close = difflib.get_close_matches(spec, names, n=4)
@@ -157,8 +157,6 @@ def _batches_of(data: object, batch_size: int, num_batches: int, source: str) ->
 
 
 def _image_folder(path: str, batch_size: int, num_batches: int, image_size: int) -> list[torch.Tensor]:
-    from torchvision import datasets, transforms
-
     transform = transforms.Compose([transforms.Resize(round(image_size * 256 / 224)),
                                     transforms.CenterCrop(image_size), transforms.ToTensor(),
                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -198,8 +196,6 @@ def load_calibration(args: argparse.Namespace, default_shape: tuple[int, ...] | 
             raise CLIError(f"cannot read {spec} with torch.load: {' '.join(str(exc).split())[:200]}") from exc
         batches = _batches_of(data, bs, nb, spec)
     elif os.path.isfile(spec) and spec.endswith(".npy"):
-        import numpy as np
-
         try:
             array = np.load(spec, allow_pickle=False)
         except Exception as exc:

@@ -8,6 +8,7 @@ from collections import Counter
 
 import torch
 
+import fxquant
 from fxquant.tools.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.tools.summary import Stopwatch, config_from_args, print_table, quiet_warnings
 
@@ -34,8 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import fxquant
-
     clock = Stopwatch()
     model, name, batches, data_note = load_model_and_data(args, clock)
     example = batches[0]

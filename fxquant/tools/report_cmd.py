@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from fxquant.tools.inputs import add_model_and_data_args, load_model_and_data
+import fxquant
+from fxquant.sensitivity import sensitivity
+from fxquant.sensitivity_report import NO_MATPLOTLIB, plot_png
+from fxquant.tools.inputs import CLIError, add_model_and_data_args, load_model_and_data
 from fxquant.tools.summary import Stopwatch, config_from_args, print_table, quiet_warnings
 
 DESCRIPTION = """Sensitivity report: prepare and calibrate MODEL, then for every quantized layer measure the
@@ -33,11 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import fxquant
-    from fxquant.sensitivity import sensitivity
-    from fxquant.sensitivity_report import NO_MATPLOTLIB, plot_png
-    from fxquant.tools.inputs import CLIError
-
     if args.eval_batches < 1:
         raise CLIError(f"--eval-batches must be at least 1, got {args.eval_batches}")
     clock = Stopwatch()

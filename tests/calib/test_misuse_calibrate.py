@@ -13,16 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxquant
 from fxquant import QuantConfig, QuantSpec
 from fxquant.errors import CalibrationDataError, CalibrationError, ConversionError, FxQuantError
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4 * 6 * 6, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
+from tests.models.tiny import ConvFC as _Net
 
 
 def _data(n: int = 3, seed: int = 0) -> list[torch.Tensor]:

@@ -15,16 +15,7 @@ import fxquant
 from fxquant.errors import ExportError, FxQuantError
 from fxquant.lower.export_checks import atomic_file
 from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4 * 6 * 6, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
+from tests.models.tiny import ConvFC as _Net
 
 
 class _FixedBatch(nn.Module):

@@ -13,6 +13,7 @@ import torch
 from onnx import numpy_helper
 
 import fxquant
+from fxquant.backends.saturation import reduction_rows, saturating_pairs
 from fxquant.demo_model import accuracy, load_digits_split
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.ptq.bias_correction import relu_normal_mean
@@ -158,8 +159,11 @@ def test_adaround_codes_are_exact_in_onnx_for_the_onnxruntime_preset(digits, tmp
     assert result.ort_sqnr_db >= 30.0
     inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     assert len(codes) == 8
-    for name, layer_codes in codes.items():  # 7-bit weights of the onnxruntime preset, int8 storage
-        assert int(layer_codes.abs().max()) <= 63
+    for name, layer_codes in codes.items():  # saturation-aware 8-bit weights: AdaRound's codes overflow no pair
+        assert int(layer_codes.abs().max()) <= 127
+        groups = getattr(prepared.get_submodule(name), "groups", 1)
+        rows = reduction_rows(layer_codes, "linear" if layer_codes.dim() == 2 else "conv", groups)
+        assert rows is None or int(saturating_pairs(rows).sum()) == 0
         np.testing.assert_array_equal(inits[f"{name}.weight_quantized"], layer_codes.numpy())
 
 

@@ -16,7 +16,7 @@ from torch import nn
 import fxquant
 from fxquant import Override, QuantConfig, QuantSpec
 from fxquant.demo_model import DigitsNet
-from fxquant.sensitivity import quantized_layers, sensitivity
+from fxquant.sensitivity import quantized_units, sensitivity
 from fxquant.sensitivity_report import NO_MATPLOTLIB, render_html
 
 W4A4 = QuantConfig(weight=QuantSpec(4, axis=0, narrow_range=True), activation=QuantSpec(4, calib_method="max"))
@@ -100,7 +100,7 @@ def test_only_one_layer_equals_excluding_all_others():
     prepared = fxquant.prepare(model, x[:1], backend="onnxruntime")
     fxquant.calibrate(prepared, [x], progress=False)
     report = sensitivity(prepared, [x], progress=False)
-    layers = quantized_layers(prepared)
+    layers = quantized_units(prepared)
     assert len(layers) == len(report.layers) == 14
     with torch.no_grad():
         reference = model(x)

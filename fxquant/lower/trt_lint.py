@@ -1,0 +1,69 @@
+"""A static lint of a QDQ model against TensorRT's documented Q/DQ fusion rules (explicit quantization).
+
+From TensorRT's developer guide ("Working with Quantized Types", Q/DQ layer-placement recommendations) and
+NVIDIA/TensorRT#1992: TensorRT fuses a DequantizeLinear into the weighted layer that reads it (Conv,
+ConvTranspose, Gemm/MatMul: quantize their inputs and weights); a residual Add fuses into the Conv that produces
+one of its inputs when the *other* input carries Q/DQ; Q/DQ propagates across commuting ops (ReLU, pooling,
+reshapes, transposes, concat, slicing). Anything else after a DequantizeLinear cannot absorb it: the DQ runs as
+its own scale layer and the op in fp16/fp32. Each finding names what TensorRT would run in higher precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+COMMUTING = frozenset({"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Flatten",
+                       "Squeeze", "Unsqueeze", "Concat", "Slice", "Pad", "Resize", "Identity", "Clip"})
+
+
+@dataclass(frozen=True)
+class LintFinding:
+    node: str
+    op_type: str
+    reason: str
+
+
+def _quantized(name: str, producer: dict, inits: set) -> bool:
+    """True when ``name`` is a DequantizeLinear output, looking back through ops Q/DQ commutes with."""
+    node = producer.get(name)
+    while node is not None and node.op_type in COMMUTING - {"Concat"}:
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == "DequantizeLinear"
+
+
+def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
+    """What TensorRT would run in higher precision, per its Q/DQ fusion rules; empty when everything fuses."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    findings = []
+    for node in graph.node:
+        if node.op_type in WEIGHTED:
+            operands = node.input[:2]
+            missing = [i for i in operands if i and not _quantized(i, producer, inits)]
+            if missing:
+                findings.append(LintFinding(node.name, node.op_type, f"input(s) {missing} carry no Q/DQ: TensorRT "
+                                            f"runs this {node.op_type} in fp16/fp32"))
+        elif node.op_type == "Add" and len(node.input) == 2:
+            quantized = [_quantized(i, producer, inits) for i in node.input]
+            if sum(quantized) == 1:
+                other = producer.get(node.input[quantized.index(False)])
+                if other is None or other.op_type not in WEIGHTED:
+                    findings.append(LintFinding(node.name, "Add", "residual add with one Q/DQ input whose other "
+                                                "input does not come from a Conv/Gemm: nothing to fuse it into, it "
+                                                "runs in fp16/fp32"))
+        elif node.op_type == "DequantizeLinear" and node.input[0] not in inits:
+            stranded = sorted({c.op_type for c in consumers.get(node.output[0], [])
+                               if c.op_type not in WEIGHTED | COMMUTING | {"Add", "QuantizeLinear"}})
+            if stranded:
+                findings.append(LintFinding(node.name, "DequantizeLinear", f"Q/DQ stranded before {stranded}, which "
+                                            "TensorRT cannot fuse it into: the DQ runs as a scale layer and the op "
+                                            "in fp16/fp32"))
+    return findings

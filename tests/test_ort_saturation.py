@@ -1,0 +1,145 @@
+"""Saturation-aware weights for ORT's u8s8 kernels (fxquant.backends.saturation), checked in ORT on this CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import fxquant
+from fxquant.backends.onnxruntime import ONNXRUNTIME
+from fxquant.backends.saturation import reduction_rows, saturating_pairs
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & set(flags))
+
+
+no_vnni = pytest.mark.skipif(_has_vnni(), reason="u8s8 kernels with VNNI accumulate in 32 bits: nothing saturates")
+
+
+def ort_conv(codes: np.ndarray, groups: int = 1) -> float:
+    """ORT (all optimizations: QLinearConv) on an all-ones input (uint8 code 255) through a 1-output-pixel QDQ
+    conv with weight ``codes`` (scale 1); the exact result is ``codes.sum()`` per output channel."""
+    out, cin = codes.shape[0], codes.shape[1] * groups
+    step = np.float32(127 * codes[0].size / 128)
+    inits = [numpy_helper.from_array(np.array(1 / 255, np.float32), "sx"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             numpy_helper.from_array(codes.astype(np.int8), "wq"),
+             numpy_helper.from_array(np.ones(out, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(out, np.int8), "zw"),
+             numpy_helper.from_array(step, "so"), numpy_helper.from_array(np.array(128, np.uint8), "zo")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], group=groups),
+             helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["out"])]
+    shape = [1, cin, *codes.shape[2:]]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": np.ones(shape, np.float32)})[0].ravel()[0]
+    return abs(float(got) - float(codes[0].sum())) / float(step)  # error in output steps
+
+
+def _codes(shape: tuple, where: list[tuple]) -> np.ndarray:
+    codes = np.zeros(shape, np.float32)
+    for index in where:
+        codes[index] = 127
+    return codes
+
+
+CASES = {  # name: (weight codes (O, C/g, kh, kw), groups)
+    "1x1 channels 0,1 (a pair)": (_codes((1, 4, 1, 1), [(0, 0, 0, 0), (0, 1, 0, 0)]), 1),
+    "1x1 channels 1,2 (two pairs)": (_codes((1, 4, 1, 1), [(0, 1, 0, 0), (0, 2, 0, 0)]), 1),
+    "3x3, 3 channels: channel 2 at tap 0 and channel 0 at tap 1 (adjacent in HWIO)":
+        (_codes((1, 3, 3, 3), [(0, 2, 0, 0), (0, 0, 0, 1)]), 1),
+    "3x3, 3 channels: channel 0 at taps 0 and 1 (not adjacent in HWIO)":
+        (_codes((1, 3, 3, 3), [(0, 0, 0, 0), (0, 0, 0, 1)]), 1),
+    "3x3, 4 channels: channel 3 at tap 0 and channel 0 at tap 1 (pair boundary)":
+        (_codes((1, 4, 3, 3), [(0, 3, 0, 0), (0, 0, 0, 1)]), 1),
+    "depthwise 3x3, every code 127": (np.full((8, 1, 3, 3), 127, np.float32), 8),
+    "grouped 1x1: channels 0,1 of each group": (_codes((2, 4, 1, 1), [(0, 0, 0, 0), (0, 1, 0, 0), (1, 0, 0, 0),
+                                                                      (1, 1, 0, 0)]), 2),
+}
+
+
+@no_vnni
+@pytest.mark.parametrize("name", list(CASES))
+def test_ort_saturates_exactly_where_predicted(name: str) -> None:
+    codes, groups = CASES[name]
+    rows = reduction_rows(torch.from_numpy(codes), "conv", groups)
+    predicted = rows is not None and bool(saturating_pairs(rows).sum() > 0)
+    error_steps = ort_conv(codes, groups)
+    # a saturated pair loses (255 * 254 - 32767) / 255 = 125.5 of the exact 254: far more than one output step
+    assert (error_steps > 2.0) == predicted, f"{name}: ORT error {error_steps:.1f} steps, predicted {predicted}"
+
+
+def test_pair_counting() -> None:
+    codes = torch.tensor([[127, 2, -64, -65, 63, 63], [64, 64, 65, -100, 1, 0]])
+    assert saturating_pairs(codes).tolist() == [2, 0]
+    assert saturating_pairs(codes, limit=126).tolist() == [2, 1]  # the 64 + 64 pair within a margin of 2
+    assert reduction_rows(torch.zeros(4, 3, 2, 2), "conv_transpose") is None
+
+
+class TwoConvs(nn.Module):
+    """conv_a's weights saturate at 8 bits (same-signed, large neighbours); conv_b's alternate in sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.conv_a = nn.Conv2d(16, 8, 1)
+        self.conv_b = nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.conv_a.weight.copy_(0.5 + 0.5 * torch.rand(8, 16, 1, 1, generator=gen))
+            signs = torch.tensor([1.0, -1.0]).repeat(4).view(1, 8, 1, 1)
+            self.conv_b.weight.copy_(signs * (0.5 + 0.5 * torch.rand(8, 8, 1, 1, generator=gen)) / 8)
+            self.conv_a.bias.zero_()
+            self.conv_b.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_b(torch.relu(self.conv_a(x)) / 16)
+
+
+def _quantize(config: fxquant.QuantConfig | None, data: list[torch.Tensor], path: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxquant.quantize(TwoConvs().eval(), data[0], data, backend="onnxruntime", config=config,
+                                  progress=False)
+        return qmodel, fxquant.export_onnx(qmodel, data[0], path)
+
+
+@no_vnni
+def test_saturation_aware_weights_in_ort(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    data = [0.7 + 0.3 * torch.rand(4, 16, 6, 6, generator=gen) for _ in range(4)]
+    qmodel, aware = _quantize(None, data, tmp_path / "aware.onnx")
+    layers = fxquant.report_of(qmodel).ptq["weight_bits"].data
+    assert layers["conv_a"]["bits"] == 8 and layers["conv_a"]["widened_channels"] == 8
+    assert layers["conv_a"]["saturating_pairs_at_8_bits"] == 64  # every pair of every channel
+    assert layers["conv_b"] == {"bits": 8, "saturating_pairs_at_8_bits": 0, "channels": 8, "widened_channels": 0,
+                                "min_effective_bits": 8.0}
+    assert aware.ort_sqnr_db > 35.0  # ORT with every fusion matches the fake-quant model: nothing saturates
+    plain8 = fxquant.QuantConfig(weight=ONNXRUNTIME.weight.with_(num_bits=8))
+    _, eight = _quantize(plain8, data, tmp_path / "eight.onnx")
+    assert eight.ort_sqnr_db < 15.0  # the same layers with plain 8-bit weights saturate in ORT
+    seven = fxquant.QuantConfig(weight=ONNXRUNTIME.weight)
+    qseven, _ = _quantize(seven, data, tmp_path / "seven.onnx")
+    x = data[0]
+    with torch.no_grad():
+        reference = TwoConvs().eval()(x)
+        assert fxquant.sqnr(reference, qmodel(x)) > fxquant.sqnr(reference, qseven(x)) + 1.0
