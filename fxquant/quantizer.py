@@ -132,6 +132,7 @@ class TensorQuantizer(nn.Module):
         spec = QuantSpec() if spec is None else spec
         if not isinstance(spec, QuantSpec):
             raise ConfigTypeError(f"TensorQuantizer takes a QuantSpec, got {type(spec).__name__}")
+        self.register_buffer("_num_bits", torch.tensor(spec.num_bits))
         self.spec = spec
         self.constant = constant
         self.mode = "quant"
@@ -175,15 +176,18 @@ class TensorQuantizer(nn.Module):
         self._input_range = None  # the last forward's own range stays where it was computed: forget it
         return super()._apply(fn, recurse)
 
-    def get_extra_state(self) -> dict:
-        """The bit width travels with the range: a calibration step may choose it per layer (the onnxruntime
-        preset's saturation-aware weights), and a range means nothing without its width."""
-        return {"num_bits": self.spec.num_bits}
+    @property
+    def spec(self) -> QuantSpec:
+        """How this quantizer quantizes. Its bit width is also the ``_num_bits`` buffer, so the width travels with
+        the range in the state dict (a calibration step may choose it per layer: the onnxruntime preset's
+        saturation-aware weights)."""
+        return self._spec
 
-    def set_extra_state(self, state: dict) -> None:
-        bits = state.get("num_bits", self.spec.num_bits) if isinstance(state, dict) else self.spec.num_bits
-        if bits != self.spec.num_bits:
-            self.spec = self.spec.with_(num_bits=bits)
+    @spec.setter
+    def spec(self, value: QuantSpec) -> None:
+        self._spec = value
+        if "_num_bits" in self._buffers:
+            self._num_bits.fill_(value.num_bits)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -210,8 +214,11 @@ class TensorQuantizer(nn.Module):
             device = getattr(self, "_range_device", None) or lo.device
             self._min = torch.empty(lo.shape, dtype=torch.float32, device=device)
             self._max = torch.empty(hi.shape, dtype=torch.float32, device=device)
+        state_dict.setdefault(prefix + "_num_bits", self._num_bits.clone())  # state dicts saved before the width
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if not self._num_bits.is_meta and int(self._num_bits) != self._spec.num_bits:
+            self._spec = self._spec.with_(num_bits=int(self._num_bits))
 
     def load_calib_amax(self, method: str | None = None) -> None:
         """Turn the calibrator's statistics into this quantizer's range, with ``method`` (default: the spec's

@@ -2,7 +2,7 @@
 
 Without VNNI, ORT (MLAS, AVX2) multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds
 two adjacent products into a saturating int16: elements ``2j`` and ``2j + 1`` of the reduction dimension.
-The reduction order (checked on ORT 1.32 by tests/test_ort_saturation.py): Linear/Gemm/MatMul along
+The reduction order (checked on ORT 1.32 by tests/backends/test_ort_saturation.py): Linear/Gemm/MatMul along
 ``in_features``; Conv per group along ``(kh, kw, in_channels)`` with the input channel fastest (ORT reorders
 OIHW filters to HWIO before packing, so with an odd channel count a pair spans two kernel positions).
 Depthwise convs (one input and one output channel per group) run on a kernel that widens to 32 bits and

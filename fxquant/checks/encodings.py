@@ -65,7 +65,8 @@ def weight_mismatches(model: nn.Module, quantizers: dict[str, TensorQuantizer],
     found = []
     for name, q in quantizers.items():
         weight = _weight_of(model, name)
-        if weight is None or q.spec.amax is not None or name not in ranges or not ranges[name]:
+        if weight is None or q.spec.amax is not None or name not in ranges or not ranges[name] \
+                or type(q) is not TensorQuantizer:  # QAT ranges train (learned, EMA): no calibration to compare
             continue
         lo, hi = ranges[name]["min"], ranges[name]["max"]
         spec = q.spec.with_(num_bits=widths[name]) if name in widths else q.spec
