@@ -117,7 +117,7 @@ class QuantSpec:
 
     def _check_dynamic(self) -> None:
         if self.per_token and not self.dynamic:
-            raise ValueError("QuantSpec.per_token=True is a kind of dynamic range: set dynamic=True too")
+            raise ConfigError("QuantSpec.per_token=True is a kind of dynamic range: set dynamic=True too")
         if not self.dynamic:
             return
         wrong = [f"{name}={getattr(self, name)!r}" for name, ok in (
@@ -125,7 +125,7 @@ class QuantSpec:
             ("amax", self.amax is None), ("learn_amax", not self.learn_amax), ("scale_amax", self.scale_amax is None),
             ("unsigned", not self.unsigned)) if not ok]
         if wrong:
-            raise ValueError(f"QuantSpec.dynamic=True is uint8 affine with the range of each forward's data (ONNX "
+            raise ConfigError(f"QuantSpec.dynamic=True is uint8 affine with the range of each forward's data (ONNX "
                              f"DynamicQuantizeLinear), which {', '.join(wrong)} contradicts: use "
                              "QuantSpec(dynamic=True, symmetric=False) (add per_token=True for one range per row)")
 
