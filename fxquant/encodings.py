@@ -39,7 +39,8 @@ class EncodingsError(CalibrationError, ValueError):
 
 
 def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    """The quantizers that hold a range; dynamic ones (``QuantSpec(dynamic=True)``) have none to save or load."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer) and not m.spec.dynamic}
 
 
 def _values(t: torch.Tensor, cast: type) -> float | int | list:

@@ -103,3 +103,18 @@ def test_linears_are_reported_quantized_and_the_rest_float_with_reasons():
     assert {(e.node, e.detail) for e in report.quantized} == {("up", "linear_dynamic"), ("down", "linear_dynamic")}
     assert {e.kind: "Linear layers" in e.detail for e in report.float_ops} == {
         "layer_norm": True, "gelu": True, "add": True}
+
+
+def test_encodings_hold_the_weights_and_no_dynamic_range(tmp_path):
+    x = torch.randn(2, 7, 32)
+    torch.manual_seed(0)
+    config = QuantConfig(smoothquant=False)  # SmoothQuant edits the weights in calibrate; a fresh prepare has not
+    prepared = fxquant.prepare(Block().eval(), x, backend="onnxruntime_dynamic", config=config)
+    fxquant.calibrate(prepared, [x], progress=False)
+    saved = fxquant.save_encodings(prepared, tmp_path / "enc.json")
+    assert sorted(saved["quantizers"]) == ["down.weight_quantizer", "up.weight_quantizer"]
+    torch.manual_seed(0)
+    fresh = fxquant.prepare(Block().eval(), x, backend="onnxruntime_dynamic", config=config)
+    fxquant.load_encodings(fresh, tmp_path / "enc.json")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), prepared(x))  # same weight ranges, same per-forward activation ranges
