@@ -30,6 +30,8 @@ class Backend:
     can (``fxquant.backends.saturation``).
     trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
     would run in higher precision (``fxquant.lower.trt_lint``).
+    integer_float_output: export writes a Linear with a quantized input and weight but a float output as ORT's
+    MatMulIntegerToFloat (``fxquant.lower.static_matmul``), which ORT would otherwise run in float.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Backend:
     verify_level: str = "basic"
     saturation_aware_weights: bool = False
     trt_fusion_lint: bool = False
+    integer_float_output: bool = False
 
     def __post_init__(self) -> None:
         if self.verify_level not in VERIFY_LEVELS:

@@ -49,6 +49,7 @@ from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
+from fxquant.lower.static_matmul import integer_to_float_matmuls
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
@@ -114,6 +115,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
+    if state.backend.integer_float_output:  # after naming: the fused op keeps its module's name
+        integer_to_float_matmuls(proto)
     if state.backend.int32_bias:
         quantize_biases(proto)
     _set_metadata(proto, state, model)

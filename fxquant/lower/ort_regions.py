@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fxquant.lower.static_matmul import integer_to_float_matmuls, unfuse_integer_matmuls
+
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
@@ -128,15 +130,61 @@ def _dequantized(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarr
     return ((q - zero) * scale).astype(np.float32)
 
 
+def _float_dynamic_matmuls(graph: onnx.GraphProto, inits: dict[str, np.ndarray]) -> None:
+    """The dynamic Linears written out at export (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) become
+    float MatMuls of the unquantized input and the dequantized weight."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def one(name: str, op_type: str) -> onnx.NodeProto | None:
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    for node in [n for n in graph.node if n.op_type == "MatMulInteger"]:
+        quant = producer.get(node.input[0])
+        cast = one(node.output[0], "Cast")
+        rescale = one(cast.output[0], "Mul") if cast is not None else None
+        product = producer.get(rescale.input[1]) if rescale is not None else None
+        scale = inits.get(product.input[1]) if product is not None and product.op_type == "Mul" else None
+        zero = inits.get(node.input[3]) if len(node.input) > 3 else None
+        if quant is None or quant.op_type != "DynamicQuantizeLinear" or scale is None or zero is None \
+                or node.input[1] not in inits:
+            continue
+        weight = ((inits[node.input[1]].astype(np.float64) - zero) * scale).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(weight, f"{node.input[1]}_float"))
+        at = list(graph.node).index(node)
+        graph.node.remove(rescale)
+        graph.node.insert(at, onnx.helper.make_node("MatMul", [quant.input[0], f"{node.input[1]}_float"],
+                                                    [rescale.output[0]], name=f"{node.name}_float"))
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
 def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tuple[onnx.ModelProto, set[str]]:
     """``proto`` with the units ``floated`` (node names; None: all) in float, and the quantizer modules whose
     Q/DQ nodes were removed (weight quantizers included)."""
-    regions = RegionGraph(proto)
+    twin = standard_form(proto)
+    regions = RegionGraph(twin)
+    everything = floated is None
     floated = set(regions.units) if floated is None else floated
-    twin = copy.deepcopy(proto)
     graph = twin.graph
-    nodes = {n.name: n for n in graph.node}
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    if everything:
+        _float_dynamic_matmuls(graph, inits)
+        _prune(graph)
+    nodes = {n.name: n for n in graph.node}
     removed: set[str] = set()
     consumers: dict[str, set[str]] = {}
     for n in graph.node:
@@ -152,7 +200,8 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     rename: dict[str, str] = {}
     for q, dq in regions.removable_pairs(floated):
         rename[dq.output[0]] = q.input[0]
-        graph.node.remove(nodes[dq.name])
+        if dq.name in nodes:
+            graph.node.remove(nodes[dq.name])
         removed.add(quantizer_of(q))
 
     def source(name: str) -> str:  # back through chains of bypassed pairs (Q -> DQ -> Q -> DQ)
@@ -166,11 +215,19 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     for out in graph.output:
         if out.name in rename:  # a graph output keeps its name: an Identity stands where the DQ was
             graph.node.append(onnx.helper.make_node("Identity", [source(out.name)], [out.name]))
+    _prune(graph)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for node in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in used]:
-        graph.node.remove(node)
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     del graph.value_info[:]
+    integer_to_float_matmuls(twin)  # the Linears that stay int8 with a float output: fused again
     return twin, removed
+
+
+def standard_form(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` in plain QDQ form (MatMulIntegerToFloat written back as DQ -> MatMul), whose weighted
+    ops are the units."""
+    twin = copy.deepcopy(proto)
+    unfuse_integer_matmuls(twin)
+    return twin

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fxquant.lower.ort_regions import RegionGraph, float_units
+from fxquant.lower.ort_regions import RegionGraph, float_units, standard_form
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _steps(order: list[str], losing: int) -> list[tuple[str, ...]]:
 
 def plan(proto: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 30) -> TunePlan:
     """Measure and choose the units of ``proto`` (a static QDQ model) to run in float."""
-    regions = RegionGraph(proto)
+    regions = RegionGraph(standard_form(proto))
     names = set(regions.units)
     twin, _ = float_units(proto)
     aliases = regions.aliases()
