@@ -137,7 +137,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if fusion is not None and fusion.unfused:
         warnings.warn(fusion.summary(), stacklevel=2)
     latency = None
-    if fusion is not None and check_latency:
+    if fusion is not None and check_latency and fusion.intended:  # nothing int8 (all float): nothing to time
         latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
         if latency.slower:
             warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)
