@@ -141,7 +141,7 @@ def _qdq_pad_conv(pads: list[int], value: float | None = None, mode: str = "cons
 
 
 @pytest.mark.parametrize("value", [None, 0.0])
-def test_merged_model_computes_the_same_values(value):
+def test_merged_model_computes_the_same_values(value, tmp_path):
     """Pad [0, 0, 1, 2 | 0, 0, 3, 0] (H: 1 before, 3 after; W: 2 before) after a DequantizeLinear and before the
     conv's Q/DQ: merged, the Conv pads add up, the requantization is dropped, and ORT gives the same output."""
     x = np.random.default_rng(1).uniform(0, 2, (1, 3, 9, 10)).astype(np.float32)
@@ -156,7 +156,7 @@ def test_merged_model_computes_the_same_values(value):
     for level in ("basic", "all"):
         outs = []
         for proto in (original, merged):
-            path = f"/tmp/merge_pads_{level}_{len(proto.graph.node)}.onnx"
+            path = str(tmp_path / f"{level}_{len(proto.graph.node)}.onnx")
             onnx.save(proto, path)
             outs.append(ort_session(path, level=level).run(None, {"x": x})[0])
         assert outs[0].shape == outs[1].shape == (1, 4, 7, 5)
