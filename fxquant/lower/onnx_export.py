@@ -3,8 +3,9 @@
 Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
 weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
 onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
-fuse QLinearConv/QGemm); nodes are named after the modules they come from; metadata records fxquant's version,
-the backend and the calibration methods; ONNX shape inference fills in every intermediate shape.
+fuse QLinearConv/QGemm); a zero Pad feeding only Convs becomes their ``pads``; nodes are named after the
+modules they come from; metadata records fxquant's version, the backend and the calibration methods; ONNX
+shape inference fills in every intermediate shape.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fxquant.lower.onnx_passes import (
     fold_weight_quantization,
     global_average_pools,
     infer_shapes,
+    merge_pads,
     name_nodes,
     quantize_biases,
 )
@@ -112,6 +114,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if dynamic_matmuls(proto):
         merge_shared_input(proto)
     global_average_pools(proto)
+    merge_pads(proto)  # zero pads (asymmetric "same" padding) into the Convs they feed: no float Pad left
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
