@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tune and fxquant.BACKENDS[args.backend].verify_level != "all":
+        raise fxquant.ConfigError(f"--tune times ONNX Runtime's fused int8 kernels; the {args.backend} backend's "
+                                  "graph targets another runtime: pass --backend onnxruntime")
     clock = Stopwatch()
     model, name, batches, data_note = load_model_and_data(args, clock)
     example = batches[0]

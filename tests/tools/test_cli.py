@@ -67,6 +67,23 @@ def test_quantize_from_an_image_folder(factory, tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= 4
 
 
+def test_quantize_tune_floats_what_is_slower(factory, tmp_path):
+    out = tmp_path / "tuned.onnx"
+    run = fxquant("quantize", f"{factory}:build", "--backend", "onnxruntime", "--calib", "random", "--input-shape",
+                  "3,16,16", "--batch-size", "1", "--num-batches", "2", "--tune", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    tuned = re.search(r"^tune\s{2,}(\d+) of (\d+) weighted layers stay int8", run.stdout, re.M)
+    assert tuned is not None, run.stdout
+    kept, units = map(int, tuned.groups())
+    assert units == 3
+    model = onnx.load(out)
+    weights = [n for n in model.graph.node if n.name.endswith("weight_quantizer/DequantizeLinear")]
+    integer = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(weights) + len(integer) == kept  # each layer kept int8 reads int8 weights, the rest float ones
+    summary = dict(re.findall(r"^(ops quantized / float)\s{2,}(.+)$", run.stdout, re.M))
+    assert int(summary["ops quantized / float"].split(" / ")[1].split()[0]) >= units - kept
+
+
 def test_report_writes_html_and_png(factory, tmp_path):
     pytest.importorskip("matplotlib")
     data = tmp_path / "calib.npy"
@@ -90,6 +107,8 @@ def test_report_writes_html_and_png(factory, tmp_path):
     (["quantize", "{factory}:missing", "--calib", "random"], "has no function 'missing'; it defines: build"),
     (["report", "{factory}:not_a_model", "--calib", "random"], "returned a int, not an nn.Module"),
     (["quantize", "{factory}:build", "--calib", "{bad}"], "expected samples along axis 0"),
+    (["quantize", "{factory}:build", "--calib", "random", "--input-shape", "3,16,16", "--tune"],
+     "--tune times ONNX Runtime's fused int8 kernels; the tensorrt backend's graph targets another runtime"),
 ])
 def test_errors_are_one_line_with_exit_code_2(factory, tmp_path, args, message):
     bad = tmp_path / "flat.npy"
