@@ -50,13 +50,12 @@ sys.path.insert(0, ROOT)
 
 import fxquant  # noqa: E402
 from benchmarks.bench_ort_resnet18 import (  # noqa: E402
-    _cpu_isa,
-    _cpu_name,
     ort_quantize_static,
     quiet,
     session,
     time_interleaved,
 )
+from benchmarks.results_meta import cpu_isa, cpu_name  # noqa: E402
 from fxquant.lower.onnx_export import export_float_onnx  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "cnn_pretrained.json")
@@ -273,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(tables)
     report = {"command": " ".join(["python", "benchmarks/cnn_pretrained.py", *(argv or sys.argv[1:])]),
               "config": vars(args), "photos": sorted(images),
-              "environment": {"torch": torch.__version__, "onnxruntime": ort.__version__, "cpu": _cpu_name(),
-                              "isa": _cpu_isa(), "load_average_1min": os.getloadavg()[0]},
+              "environment": {"torch": torch.__version__, "onnxruntime": ort.__version__, "cpu": cpu_name(),
+                              "isa": cpu_isa(), "load_average_1min": os.getloadavg()[0]},
               "models": results, "markdown": tables}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
