@@ -3,8 +3,9 @@
 Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
 weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
 onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
-fuse QLinearConv/QGemm); nodes are named after the modules they come from; metadata records fxquant's version,
-the backend and the calibration methods; ONNX shape inference fills in every intermediate shape.
+fuse QLinearConv/QGemm); for ORT CPU backends float ops are written in the forms its kernels run fastest
+(``fxquant.lower.ort_cpu_graph``); nodes are named after the modules they come from; metadata records fxquant's
+version, the backend and the calibration methods; ONNX shape inference fills in every intermediate shape.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from onnx import helper
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
-from fxquant.lower import ort_latency
+from fxquant.lower import ort_cpu_graph, ort_latency
 from fxquant.lower.dynamic_matmul import dynamic_matmuls, merge_shared_input
 from fxquant.lower.export_checks import (
     atomic_file,
@@ -111,6 +112,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if dynamic_matmuls(proto):
         merge_shared_input(proto)
     global_average_pools(proto)
+    if state.backend.ort_cpu_graph:
+        ort_cpu_graph.for_ort_cpu(proto)
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
