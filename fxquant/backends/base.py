@@ -31,7 +31,8 @@ class Backend:
     trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
     would run in higher precision (``fxquant.lower.trt_lint``).
     ort_cpu_graph: export writes float ops in the forms ONNX Runtime's CPU kernels run fastest, same values
-    (GELU in the order ORT fuses, residual adds before LayerNorm as Sum: ``fxquant.lower.ort_cpu_graph``).
+    (GELU in the order ORT fuses, residual adds before LayerNorm as Sum: ``fxquant.lower.ort_cpu_graph``; float
+    attention blocks as ORT's MultiHeadAttention: ``fxquant.lower.ort_attention``).
     """
 
     name: str

@@ -45,6 +45,7 @@ from fxquant.lower.onnx_passes import (
     name_nodes,
     quantize_biases,
 )
+from fxquant.lower.ort_attention import multi_head_attention
 from fxquant.lower.ort_fusion import FusionReport, fusion_report
 from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
@@ -114,6 +115,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     global_average_pools(proto)
     if state.backend.ort_cpu_graph:
         ort_cpu_graph.for_ort_cpu(proto)
+        multi_head_attention(proto)  # float attention blocks: one ORT kernel each
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)

@@ -29,7 +29,7 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return out
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -42,7 +42,7 @@ def _is(constants: dict, name: str, value: float) -> bool:
     return array is not None and array.size == 1 and math.isclose(float(array.reshape(())), value, rel_tol=1e-6)
 
 
-def _sole(users: dict, name: str, op_type: str) -> onnx.NodeProto | None:
+def sole(users: dict, name: str, op_type: str) -> onnx.NodeProto | None:
     found = users.get(name, [])
     return found[0] if len(found) == 1 and found[0].op_type == op_type else None
 
@@ -57,7 +57,7 @@ def fusable_gelu(proto: onnx.ModelProto) -> int:
     """Reorder every ``Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(0.5) -> Mul(x)`` into
     ``... -> Add(1) -> Mul(x) -> Mul(0.5)``, the order ORT fuses into Gelu; returns how many."""
     graph = proto.graph
-    constants, users = _constants(graph), _consumers(graph)
+    constants, users = _constants(graph), consumers(graph)
     producer = {o: n for n in graph.node for o in n.output}
     done = 0
     for erf in [n for n in graph.node if n.op_type == "Erf"]:
@@ -65,12 +65,12 @@ def fusable_gelu(proto: onnx.ModelProto) -> int:
         if div is None or div.op_type != "Div" or not _is(constants, div.input[1], math.sqrt(2)):
             continue
         x = div.input[0]
-        add = _sole(users, erf.output[0], "Add")
-        half = _sole(users, add.output[0], "Mul") if add is not None else None
+        add = sole(users, erf.output[0], "Add")
+        half = sole(users, add.output[0], "Mul") if add is not None else None
         if half is None or not _is(constants, _other(add, erf.output[0]), 1.0):
             continue
         half_const = _other(half, add.output[0])
-        outer = _sole(users, half.output[0], "Mul")
+        outer = sole(users, half.output[0], "Mul")
         if outer is None or not _is(constants, half_const, 0.5) or _other(outer, half.output[0]) != x:
             continue
         half.input[:] = [x, add.output[0]]  # x * (1 + erf)
@@ -82,7 +82,7 @@ def fusable_gelu(proto: onnx.ModelProto) -> int:
 def plain_residual_layernorm(proto: onnx.ModelProto) -> int:
     """Write every Add that feeds a LayerNormalization as Sum (same values); returns how many."""
     graph = proto.graph
-    users = _consumers(graph)
+    users = consumers(graph)
     done = 0
     for node in graph.node:
         if node.op_type == "Add" and any(u.op_type == "LayerNormalization" for u in users.get(node.output[0], [])):

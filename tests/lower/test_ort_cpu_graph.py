@@ -1,5 +1,6 @@
 """ORT CPU export passes: a BERT exported by the onnxruntime_dynamic recipe runs in ORT with no float op beyond
-the fp32 export's own, GELU fused, no SkipLayerNormalization, the same values, and close to fp32."""
+the fp32 export's own, GELU fused, attention in MultiHeadAttention, no SkipLayerNormalization, the same values,
+and close to fp32."""
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def test_ort_runs_integer_linears_and_no_float_op_beyond_the_fp32_models(exporte
     assert linears == 6 * LAYERS + 1
     # every Linear in one integer kernel; attention's q, k and v share one (merged GEMM, split after)
     assert int8["DynamicQuantizeMatMul"] == linears - 2 * LAYERS and int8["Split"] == LAYERS
-    assert int8["MatMul"] + int8["FusedMatMul"] + int8["Gemm"] + int8["FusedGemm"] == 2 * LAYERS  # attention
+    # attention (q k^T, mask, softmax, . v and the head reshapes) in one kernel per layer
+    assert int8["MultiHeadAttention"] == LAYERS
+    assert int8["MatMul"] + int8["FusedMatMul"] + int8["Gemm"] + int8["FusedGemm"] + int8["Softmax"] == 0
     assert int8["Gelu"] == LAYERS and int8["Erf"] == 0
     assert int8["SkipLayerNormalization"] == 0 and int8["LayerNormalization"] == 2 * LAYERS + 1
     assert fp32["SkipLayerNormalization"] == 2 * LAYERS  # the plain export is left as ORT fuses it
@@ -157,3 +160,38 @@ def test_add_layernorm_beats_ort_skiplayernorm_on_cpu():
             sessions[op].run(None, feed)
             times[op].append(time.perf_counter() - start)
     assert statistics.median(times["Add"]) > 1.5 * statistics.median(times["Sum"])
+
+
+class _Attention(torch.nn.Module):
+    """One attention block through F.scaled_dot_product_attention, with a boolean, float or no mask."""
+
+    def __init__(self, mask: str) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        q, k, v = (p(x).unflatten(-1, (4, 8)).transpose(1, 2) for p in (self.q, self.k, self.v))
+        mask = {"none": None, "bool": m[:, None, None, :] > 0, "float": (1.0 - m[:, None, None, :]) * -1e4}
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.mask])
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize(("mask", "fused"), [("none", 1), ("bool", 1), ("float", 0)])
+def test_float_attention_becomes_one_multihead_attention_where_it_matches(mask, fused, tmp_path):
+    torch.manual_seed(0)
+    model = _Attention(mask).eval()
+    m = torch.tensor([[1.0] * 6 + [0.0] * 3])
+    batches = [(torch.randn(1, 9, 32), m) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = fxquant.quantize(model, batches[0], batches, backend="onnxruntime_dynamic", progress=False)
+        result = fxquant.export_onnx(q, batches[0], tmp_path / "m.onnx", check_latency=False)
+    ops = _optimized(result.path, tmp_path)
+    assert ops["MultiHeadAttention"] == fused and ops["Softmax"] == 1 - fused  # a float mask stays decomposed
+    assert ops["DynamicQuantizeMatMul"] == 2  # q/k/v merged, output projection
+    x = torch.randn(1, 9, 32)
+    with torch.no_grad():
+        expected = q(x, m)
+    got = torch.from_numpy(run_ort(ort_session(str(result.path)), (x, m))[0])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
