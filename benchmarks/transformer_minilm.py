@@ -5,8 +5,9 @@ For each sequence length (padding to it, batch 1, one thread), in one run:
 - fp32: ``fxquant.export_float_onnx`` of the HF model;
 - ORT ``quantize_dynamic`` (int8 weights, dynamic uint8 activations) of that fp32 ONNX;
 - ORT ``quantize_static`` (QDQ, per-channel int8 weights, reduce_range, MinMax) on the calibration sentences;
-- fxquant ``onnxruntime`` preset with no config (SmoothQuant runs by default), exported with ``export_onnx``;
-- the same plus the opt-in rule ``LINEAR_FLOAT_OUTPUT`` (residual-branch Linears keep a float output);
+- fxquant ``onnxruntime`` preset with no config (SmoothQuant runs by default; Linears whose output only reaches
+  float ops keep a float output, exported as MatMulIntegerToFloat), exported with ``export_onnx``;
+- the same without that rule (``without_rules("linear_float_output")``: every Linear output uint8, QGemm);
 - fxquant ``onnxruntime_dynamic`` preset (dynamic uint8 Linear inputs, 7-bit int8 weights, DynamicQuantizeMatMul);
   the same with 8-bit uint8 weights (``U8_WEIGHTS``: no u8s8 saturation, ORT's slower u8u8 kernel); and the preset
   with the Linears ``fxquant.mixed_precision`` keeps float for a 22 dB output-SQNR target on the calibration data;
@@ -41,13 +42,13 @@ from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxquant
-from fxquant.backends.onnxruntime import LINEAR_FLOAT_OUTPUT, ONNXRUNTIME
+from fxquant.backends.onnxruntime import ONNXRUNTIME
 from fxquant.lower.onnx_export import export_float_onnx
 from fxquant.mixed_precision import mixed_precision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# opt-in rule: residual-branch Linears (attention output / FFN down-projection) keep a float output
-FLOAT_RESIDUAL = ONNXRUNTIME.with_rules(LINEAR_FLOAT_OUTPUT)
+# the preset before float-output Linears: every Linear output requantized to uint8 (QGemm)
+UINT8_OUTPUTS = ONNXRUNTIME.without_rules("linear_float_output")
 U8_WEIGHTS = fxquant.QuantConfig(weight=fxquant.QuantSpec(8, axis=0, symmetric=False))  # per-channel uint8 weights
 CALIB = [
     "The quick brown fox jumps over the lazy dog.", "Machine learning models need a lot of data.",
@@ -199,8 +200,8 @@ def main() -> None:
     calib = [tuple(tok([text], return_tensors="pt")[k] for k in ("input_ids", "attention_mask")) for text in CALIB]
     quantized = {"fxquant_onnxruntime": fxquant.quantize(model, calib[0], calib, backend="onnxruntime",
                                                           progress=False),
-                 "fxquant_ort_float_residual": fxquant.quantize(model, calib[0], calib, backend=FLOAT_RESIDUAL,
-                                                                 progress=False),
+                 "fxquant_ort_uint8_outputs": fxquant.quantize(model, calib[0], calib, backend=UINT8_OUTPUTS,
+                                                                progress=False),
                  "fxquant_ort_dynamic": fxquant.quantize(model, calib[0], calib, backend="onnxruntime_dynamic",
                                                           progress=False),
                  "fxquant_ort_dynamic_u8w": fxquant.quantize(model, calib[0], calib, backend="onnxruntime_dynamic",

@@ -31,6 +31,7 @@ from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
 from fxquant.rules import Pattern, Rule, RuleContext, Targets
 from fxquant.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from fxquant.spec import Override, QuantConfig, QuantSpec
+from fxquant.tune import TuneResult, tune
 from fxquant.version import __version__
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "Targets",
     "TensorQuantizer",
     "TraceError",
+    "TuneResult",
     "__version__",
     "adaround",
     "calibrate",
@@ -86,4 +88,5 @@ __all__ = [
     "sensitivity",
     "sqnr",
     "tensor_quant",
+    "tune",
 ]

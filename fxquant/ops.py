@@ -309,6 +309,21 @@ def parameter_arg(gm: fx.GraphModule, node: fx.Node, role: str = "weight") -> fx
     return None
 
 
+def quantized_weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightedOp | None:
+    """A functional weighted op of a prepared graph whose weight argument is a module call (its weight quantizer)
+    on a ``get_attr`` tensor, as a WeightedOp owning that tensor (its bias not tracked); else None."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL:
+        return None
+    q = _arg(node, 1, "weight", None)
+    if not isinstance(q, fx.Node) or q.op != "call_module" or not q.args or \
+            getattr(q.args[0], "op", None) != "get_attr":
+        return None
+    kind, groups_index, _ = _FUNCTIONAL[node.target]
+    path, name = _split(q.args[0].target)
+    groups = _arg(node, groups_index, "groups", 1) if groups_index is not None else 1
+    return WeightedOp(node, kind, gm, path, name, None, int(groups))
+
+
 def _weighted_op(gm: fx.GraphModule, node: fx.Node) -> WeightedOp | str | None:
     """The node as a WeightedOp; a reason when it is a weighted op whose weights cannot be rewritten; None when it
     is not a weighted op."""

@@ -57,6 +57,7 @@ class NodeInfo:
     expected_input: ExpectedInput | str | None = None  # E[input] for analytical bias correction, or why unknown
     decomposed_from: str | None = None  # the module a decomposition pass rewrote into this node
     residual: str | None = None  # why an add counts as a residual join (tensorrt placement)
+    pad_merged_into: str | None = None  # the convs whose ONNX pads export_onnx merges this zero pad into (fold_pad)
 
 
 def info(node: fx.Node) -> NodeInfo:

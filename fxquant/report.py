@@ -137,10 +137,15 @@ def graph_report(gm: fx.GraphModule, backend: str, ann: Annotations, notes: list
     kinds = GraphView(gm).kinds
     report = PrepareReport(backend)
     report.quantized = [OpEntry(n.name, kinds.get(n, "?"), rule) for n, rule in ann.quantized.items()]
-    report.passthrough = [OpEntry(n.name, kinds.get(n, "?"), "pass-through") for n in ann.passthrough]
+    report.passthrough = [OpEntry(n.name, kinds.get(n, "?"), _passthrough_detail(n)) for n in ann.passthrough]
     report.float_ops = [OpEntry(n.name, kinds.get(n, "?"), why) for n, why in ann.floats.items()]
     report.folded_bn = [read(n).folded_bn for n in gm.graph.nodes if read(n).folded_bn]
     report.skipped = list(notes)
     report.ptq.update(ptq)
     report.count_quantizers(gm)
     return report
+
+
+def _passthrough_detail(node: fx.Node) -> str:
+    merged = read(node).pad_merged_into
+    return f"merged into the ONNX Conv pads of {merged} by export_onnx" if merged else "pass-through"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fxquant.ops import parameter_arg
+from fxquant.provenance import read
 from fxquant.quant_modules import has_quant_form
 from fxquant.rules import Match
 from fxquant.rules.context import RuleContext
@@ -46,6 +47,8 @@ _ELEMENTWISE = frozenset({"add", "mul"})
 def _float_consumer(view, backend, user) -> str | None:
     """The reason ``user`` reads its input in floating point, or None."""
     kind = view.kinds[user]
+    if read(user).pad_merged_into:
+        return None  # export_onnx merges it into the convolutions it feeds
     if kind in backend.float_reasons and kind not in _CARRY and kind not in _ELEMENTWISE:
         return f"{kind} `{user.name}`"
     return None
@@ -71,7 +74,7 @@ def int8_consumers(view, backend) -> dict:
             reason = _float_consumer(view, backend, user)
             if reason is not None:
                 floats.append(reason)
-            elif kind in carry or kind in _ELEMENTWISE:
+            elif kind in carry or kind in _ELEMENTWISE or read(user).pad_merged_into:
                 if result.get(user) is None:
                     break
                 floats.extend(r for r in result[user] if r not in floats)

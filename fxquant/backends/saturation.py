@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
-from fxquant.ops import module_kind
+from fxquant.ops import module_kind, quantized_weight_op
 from fxquant.ptq.report import PTQReport, attach
 from fxquant.qmath import along_axis, quantize, symmetric_step
 from fxquant.quantizer import TensorQuantizer
@@ -30,7 +30,7 @@ from fxquant.spec import QuantConfig, QuantSpec
 
 PAIR_LIMIT = 128  # largest same-signed pair sum whose product with 255 fits int16 (255 * 128 = 32640)
 SAFE_BITS, FULL_BITS = 7, 8
-_FUNCTIONAL = {F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", torch.conv2d: "conv", F.linear: "linear"}
+KINDS = ("conv", "linear")  # the layers whose u8s8 reduction order is known (reduction_rows)
 
 
 def reduction_rows(weight: torch.Tensor, kind: str, groups: int = 1) -> torch.Tensor | None:
@@ -87,18 +87,15 @@ def weighted_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer, to
 
 
 def _functional(gm: fx.GraphModule, prefix: str) -> list[tuple[str, TensorQuantizer, torch.Tensor, str, int]]:
+    """Functional convs/linears (``fxquant.ops.quantized_weight_op``) whose weight goes through a quantizer."""
     found = []
     for node in gm.graph.nodes:
-        q = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(q, TensorQuantizer) or not node.args or getattr(node.args[0], "op", None) != "get_attr":
+        op = quantized_weight_op(gm, node)
+        if op is None or op.kind not in KINDS:
             continue
-        for user in node.users:
-            kind = _FUNCTIONAL.get(user.target) if user.op == "call_function" else None
-            if kind and len(user.args) > 1 and user.args[1] is node:
-                groups = user.kwargs.get("groups", user.args[6] if len(user.args) > 6 else 1)
-                weight = gm.get_parameter(node.args[0].target) if node.args[0].target in dict(
-                    gm.named_parameters()) else gm.get_buffer(node.args[0].target)
-                found.append((f"{prefix}.{user.name}" if prefix else user.name, q, weight, kind, int(groups)))
+        q = gm.get_submodule((node.args[1] if len(node.args) > 1 else node.kwargs["weight"]).target)
+        if isinstance(q, TensorQuantizer):
+            found.append((f"{prefix}.{node.name}" if prefix else node.name, q, op.weight, op.kind, op.groups))
     return found
 
 

@@ -3,9 +3,10 @@
 Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
 weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
 onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
-fuse QLinearConv/QGemm); for ORT CPU backends float ops are written in the forms its kernels run fastest
-(``fxquant.lower.ort_cpu_graph``); nodes are named after the modules they come from; metadata records fxquant's
-version, the backend and the calibration methods; ONNX shape inference fills in every intermediate shape.
+fuse QLinearConv/QGemm); a zero Pad feeding only Convs becomes their ``pads``; for ORT CPU backends float ops
+are written in the forms its kernels run fastest (``fxquant.lower.ort_cpu_graph``, ``fxquant.lower.ort_attention``);
+nodes are named after the modules they come from; metadata records fxquant's version, the backend and the
+calibration methods; ONNX shape inference fills in every intermediate shape.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from fxquant.lower.onnx_passes import (
     fold_weight_quantization,
     global_average_pools,
     infer_shapes,
+    merge_pads,
     name_nodes,
     quantize_biases,
 )
@@ -51,6 +53,7 @@ from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
+from fxquant.lower.static_matmul import integer_to_float_matmuls
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
@@ -113,12 +116,15 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if dynamic_matmuls(proto):
         merge_shared_input(proto)
     global_average_pools(proto)
+    merge_pads(proto)  # zero pads (asymmetric "same" padding) into the Convs they feed: no float Pad left
     if state.backend.ort_cpu_graph:
         ort_cpu_graph.for_ort_cpu(proto)
         multi_head_attention(proto)  # float attention blocks: one ORT kernel each
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
+    if state.backend.integer_float_output:  # after naming: the fused op keeps its module's name
+        integer_to_float_matmuls(proto)
     if state.backend.int32_bias:
         quantize_biases(proto)
     _set_metadata(proto, state, model)
@@ -139,7 +145,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if fusion is not None and fusion.unfused:
         warnings.warn(fusion.summary(), stacklevel=2)
     latency = None
-    if fusion is not None and check_latency:
+    if fusion is not None and check_latency and fusion.intended:  # nothing int8 (all float): nothing to time
         latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
         if latency.slower:
             warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)

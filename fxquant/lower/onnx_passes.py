@@ -166,3 +166,137 @@ def name_nodes(proto: onnx.ModelProto) -> None:
         base = f"{prefix}/{node.op_type}"
         used[base] += 1
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
+
+
+def merge_pads(proto: onnx.ModelProto) -> int:
+    """Merge a constant zero ``Pad`` of spatial dimensions into the ``Conv`` nodes it feeds, as their ``pads``
+    (which take begin and end amounts apart: the asymmetric TF "same" padding a torch conv cannot express).
+    The Pad may feed the Convs directly or through one QuantizeLinear -> DequantizeLinear (the convs' input
+    quantizer): quantizing a padded 0 gives the zero point, which dequantizes to 0, so Conv padding the
+    dequantized tensor with zeros computes the same values (and ORT's QLinearConv pads with the zero point).
+    Returns how many Pads were merged."""
+    graph = proto.graph
+    inits = _initializers(proto)
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    outputs = {o.name for o in graph.output}
+    merged = 0
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        consumers = _consumers(graph)
+        amounts = _zero_spatial_pad(pad, inits, constants)
+        path = _conv_path(pad.output[0], consumers, outputs) if amounts is not None else None
+        if not path:
+            continue
+        for conv in (n for n in path if n.op_type == "Conv"):
+            old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0] * len(amounts))
+            others = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*others, helper.make_attribute(
+                "pads", [o + a for o, a in zip(old, amounts, strict=True)])])
+        for user in consumers[pad.output[0]]:
+            user.input[list(user.input).index(pad.output[0])] = pad.input[0]
+        unpadded = {pad.output[0]} | {n.output[0] for n in path if n.op_type != "Conv"}  # their shapes changed
+        for info in [v for v in graph.value_info if v.name in unpadded]:
+            graph.value_info.remove(info)
+        graph.node.remove(pad)
+        _drop_unused(graph, pad.input[1:])
+        for user in consumers[pad.output[0]]:
+            _drop_requantize(graph, user, inits)
+        merged += 1
+    return merged
+
+
+def _drop_requantize(graph: onnx.GraphProto, q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> None:
+    """With the Pad gone, ``DequantizeLinear -> QuantizeLinear`` with the same scale and zero point (a float Pad's
+    requantization) gives back the codes it reads: the QuantizeLinear's readers take those codes directly."""
+    dq = next((n for n in graph.node if q.input[0] in n.output), None)
+    if q.op_type != "QuantizeLinear" or dq is None or dq.op_type != "DequantizeLinear" or \
+            len(q.input) < 3 or len(dq.input) < 3 or \
+            any(not _same(inits, a, b) for a, b in zip(q.input[1:3], dq.input[1:3], strict=True)) or \
+            {a.name: a.i for a in q.attribute if a.name == "axis"} != {a.name: a.i for a in dq.attribute
+                                                                       if a.name == "axis"}:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == q.output[0]:
+                node.input[i] = dq.input[0]
+    graph.node.remove(q)
+    if not any(dq.output[0] in n.input for n in graph.node) and dq.output[0] not in {o.name for o in graph.output}:
+        graph.node.remove(dq)
+
+
+def _same(inits: dict[str, onnx.TensorProto], a: str, b: str) -> bool:
+    """Whether two Q/DQ parameter inputs hold the same tensor (the same name, or equal initializers)."""
+    if a == b:
+        return True
+    x, y = _array(inits, a), _array(inits, b)
+    return x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _constant(name: str, inits: dict[str, onnx.TensorProto], constants: dict[str, onnx.NodeProto]) -> \
+        np.ndarray | None:
+    """The value of an initializer or a Constant node's output (tensor-valued ``value`` only), else None."""
+    if name in inits:
+        return _array(inits, name)
+    node = constants.get(name)
+    value = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
+    return numpy_helper.to_array(value.t) if value is not None else None
+
+
+def _zero_spatial_pad(pad: onnx.NodeProto, inits: dict, constants: dict) -> list[int] | None:
+    """The spatial pad amounts (Conv ``pads`` order: every begin, then every end) of a constant-mode Pad that
+    pads only dimensions 2.. by non-negative amounts with 0; None for any other Pad."""
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant" or len(pad.input) < 2 or (len(pad.input) > 3 and pad.input[3]):
+        return None  # another mode, or an ``axes`` input
+    amounts = _constant(pad.input[1], inits, constants)
+    value = _constant(pad.input[2], inits, constants) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    if amounts is None or value is None or value.size != 1 or value.item() != 0 or amounts.size < 6:
+        return None
+    rank = amounts.size // 2
+    begin, end = amounts[:rank].tolist(), amounts[rank:].tolist()
+    if begin[:2] != [0, 0] or end[:2] != [0, 0] or min(amounts) < 0:
+        return None
+    return begin[2:] + end[2:]
+
+
+def _conv_path(name: str, consumers: dict, outputs: set[str],
+               chain: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear")) -> list[onnx.NodeProto] | None:
+    """The nodes from ``name`` to the Convs (``auto_pad`` NOTSET) reading it as their data input, directly or
+    through one QuantizeLinear -> DequantizeLinear (``chain``: the steps still allowed); None when anything
+    else reads it or a graph output is on the way."""
+    users = consumers.get(name, [])
+    if name in outputs or not users:
+        return None
+    path: list[onnx.NodeProto] = []
+    for user in users:
+        if user.input[0] != name or name in user.input[1:]:
+            return None
+        if user.op_type == "Conv" and len(chain) != 1 and \
+                all(a.name != "auto_pad" or a.s == b"NOTSET" for a in user.attribute):
+            path.append(user)  # before the QuantizeLinear, or after the DequantizeLinear
+        elif chain and user.op_type == chain[0]:
+            inner = _conv_path(user.output[0], consumers, outputs, chain[1:])
+            if inner is None:
+                return None
+            path += [user, *inner]
+        else:
+            return None
+    return path
+
+
+def _drop_unused(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Remove the initializers and Constant nodes among ``names`` that no node reads any more."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for name in set(names) - read - {""}:
+        for init in [t for t in graph.initializer if t.name == name]:
+            graph.initializer.remove(init)
+        for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] == name]:
+            graph.node.remove(node)

@@ -7,7 +7,6 @@ already folded) as the fp32 model ORT would run, built without the torch model.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from fxquant.lower.ort_fusion import FusionReport
+from fxquant.lower.ort_regions import float_units
 
 
 @dataclass(frozen=True)
@@ -39,55 +38,10 @@ class LatencyCheck:
         return self.int8_ms > self.float_ms
 
 
-def _dequantized(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
-    q = inits[node.input[0]].astype(np.float64)
-    scale = inits[node.input[1]].astype(np.float64)
-    zero = inits[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
-    if scale.ndim == 1 and q.ndim > 1:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-        zero = zero.reshape(shape) if np.ndim(zero) else zero
-    return ((q - zero) * scale).astype(np.float32)
-
-
 def float_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` without quantization: constant DequantizeLinears become float initializers and activation
     QuantizeLinear -> DequantizeLinear pairs are bypassed."""
-    twin = copy.deepcopy(proto)
-    graph = twin.graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    rename: dict[str, str] = {}
-    for node in list(graph.node):
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            graph.initializer.append(numpy_helper.from_array(_dequantized(node, inits), node.output[0]))
-            graph.node.remove(node)
-    producer = {o: n for n in graph.node for o in n.output}
-    for node in list(graph.node):
-        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if q is not None and q.op_type == "QuantizeLinear":
-            rename[node.output[0]] = q.input[0]
-            graph.node.remove(node)
-    def source(name: str) -> str:  # back through chains of bypassed pairs (Q -> DQ -> Q -> DQ)
-        while name in rename:
-            name = rename[name]
-        return name
-
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = source(name)
-    for out in graph.output:
-        if out.name in rename:  # a graph output keeps its name: an Identity stands where the DQ was
-            graph.node.append(onnx.helper.make_node("Identity", [source(out.name)], [out.name]))
-    used = {i for n in graph.node for i in n.input}
-    for node in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in used]:
-        graph.node.remove(node)
-    keep = [t for t in graph.initializer if t.name in {i for n in graph.node for i in n.input}]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    del graph.value_info[:]
-    return twin
+    return float_units(proto)[0]
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -127,5 +81,6 @@ def slower_message(latency: LatencyCheck, fusion: FusionReport) -> str:
             f"Where: {where}; ORT's optimized graph keeps {ops.get('QuantizeLinear', 0)} QuantizeLinear and "
             f"{ops.get('DequantizeLinear', 0)} DequantizeLinear (float <-> int8 conversions around float ops). "
             "Why: at this size the conversions and requantizations cost more than the int8 kernels save (small "
-            "layers, batch 1). Ship the float model, keep the slow layers float (QuantConfig overrides with "
+            "layers, batch 1). Run fxquant.tune() on the converted model (it leaves float the layers where int8 is "
+            "slower), keep slow layers float (QuantConfig overrides with "
             "exclude=True), or pass check_latency=False if the measurement is not representative")

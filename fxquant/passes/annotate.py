@@ -12,7 +12,7 @@ import logging
 from torch import fx
 
 from fxquant.passes.manager import PassResult
-from fxquant.provenance import info
+from fxquant.provenance import info, read
 from fxquant.rules import GraphView, Match, Rule, ordered
 from fxquant.rules.context import Annotations, Policy, RuleContext
 from fxquant.spec import QuantConfig
@@ -70,7 +70,7 @@ def annotate(view: GraphView, backend: Policy, config: QuantConfig) -> Annotatio
     for n, kind in view.kinds.items():
         if n in claimed or kind in NON_OPS or not _computes_float(n):
             continue
-        if kind in backend.passthrough and n not in ctx.declined:
+        if (kind in backend.passthrough and n not in ctx.declined) or read(n).pad_merged_into:
             ctx.ann.passthrough.append(n)
         else:
             ctx.ann.floats[n] = ctx.excluded(n) or ctx.declined.get(n) or backend.float_reasons.get(kind) or (

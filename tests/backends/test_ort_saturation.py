@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -143,3 +144,32 @@ def test_saturation_aware_weights_in_ort(tmp_path) -> None:
     with torch.no_grad():
         reference = TwoConvs().eval()(x)
         assert fxquant.sqnr(reference, qmodel(x)) > fxquant.sqnr(reference, qseven(x)) + 1.0
+
+
+class FunctionalConvs(nn.Module):
+    """TwoConvs written with F.conv2d on its parameters, then a depthwise F.conv2d (ORT accumulates it in 32 bits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ref = TwoConvs()
+        self.wa, self.ba, self.wb, self.bb = ref.conv_a.weight, ref.conv_a.bias, ref.conv_b.weight, ref.conv_b.bias
+        self.wd = nn.Parameter(torch.full((8, 1, 3, 3), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(torch.relu(F.conv2d(x, self.wa, self.ba)) / 16, self.wb, self.bb)
+        return F.conv2d(y, self.wd, None, 1, 1, 1, 8)
+
+
+def test_functional_convs_get_the_weight_bits_their_module_twins_get() -> None:
+    """The choice reads the weights, not the module classes: F.conv2d layers get the module layers' widths."""
+    data = [0.7 + 0.3 * torch.rand(4, 16, 6, 6, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module, functional = (fxquant.quantize(m.eval(), data[0], data, backend="onnxruntime", progress=False)
+                              for m in (TwoConvs(), FunctionalConvs()))
+    by_module = fxquant.report_of(module).ptq["weight_bits"].data
+    report = fxquant.report_of(functional).ptq["weight_bits"]
+    assert report.data["conv2d"] == by_module["conv_a"] and report.data["conv2d"]["widened_channels"] == 8
+    assert report.data["conv2d_1"] == by_module["conv_b"]
+    assert report.data["conv2d_2"] == {"bits": 8, "saturating_pairs_at_8_bits": 0, "widened_channels": 0}
+    assert "`conv2d_2`: 8-bit weights (a conv ORT runs with 32-bit accumulation: depthwise)" in report.done

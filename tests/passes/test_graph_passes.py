@@ -227,11 +227,14 @@ class AsymmetricPad(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # TF "same" at stride 2: more padding at the end
 
 
-def test_asymmetric_pad_stays_with_the_reason():
+def test_asymmetric_pad_stays_in_torch_and_is_reported_as_merged_at_export():
     model = AsymmetricPad().eval()
     prepared = fxquant.prepare(model, X[:2], backend="onnxruntime")
-    skipped = fxquant.report_of(prepared).skipped
-    assert any("pad `pad` not folded into `conv`: the pad [0, 1, 0, 1] is asymmetric" in s for s in skipped), skipped
+    report = fxquant.report_of(prepared)
+    assert "pad `pad` not folded into `conv` in the torch graph: the pad [0, 1, 0, 1] is asymmetric (a torch " \
+           "convolution pads both sides equally); export_onnx merges it into the ONNX Conv pads (begin and end " \
+           "apart), so no Pad runs" in report.skipped, report.skipped
+    assert report.float_ops == []  # the export merges it (tests/lower/test_merge_pads.py)
     with float_mode(prepared), torch.no_grad():
         assert torch.equal(prepared(X), model(X))
 
