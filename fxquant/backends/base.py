@@ -30,6 +30,9 @@ class Backend:
     can (``fxquant.backends.saturation``).
     trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
     would run in higher precision (``fxquant.lower.trt_lint``).
+    ort_cpu_graph: export writes float ops in the forms ONNX Runtime's CPU kernels run fastest, same values
+    (GELU in the order ORT fuses, residual adds before LayerNorm as Sum: ``fxquant.lower.ort_cpu_graph``; float
+    attention blocks as ORT's MultiHeadAttention: ``fxquant.lower.ort_attention``).
     integer_float_output: export writes a Linear with a quantized input and weight but a float output as ORT's
     MatMulIntegerToFloat (``fxquant.lower.static_matmul``), which ORT would otherwise run in float.
     """
@@ -45,6 +48,7 @@ class Backend:
     verify_level: str = "basic"
     saturation_aware_weights: bool = False
     trt_fusion_lint: bool = False
+    ort_cpu_graph: bool = False
     integer_float_output: bool = False
 
     def __post_init__(self) -> None:

@@ -128,5 +128,6 @@ ONNXRUNTIME = Backend(
     int32_bias=True,  # ORT fuses QLinearConv/QGemm only with an int32 bias
     verify_level="all",  # verified as deployed: ORT's fused int8 kernels
     saturation_aware_weights=True,
+    ort_cpu_graph=True,  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNormalization)
     integer_float_output=True,  # float-output Linears (LINEAR_FLOAT_OUTPUT) run as MatMulIntegerToFloat
 )

@@ -47,4 +47,5 @@ ONNXRUNTIME_DYNAMIC = Backend(
     int32_bias=False,  # the bias is added in float after MatMulInteger's rescale
     verify_level="all",  # verified as deployed: DynamicQuantizeMatMul
     saturation_aware_weights=True,  # 8-bit codes where no adjacent pair can overflow ORT's int16 u8s8 sums
+    ort_cpu_graph=True,  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNormalization)
 )

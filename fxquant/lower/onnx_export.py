@@ -3,9 +3,10 @@
 Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
 weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
 onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
-fuse QLinearConv/QGemm); a zero Pad feeding only Convs becomes their ``pads``; nodes are named after the
-modules they come from; metadata records fxquant's version, the backend and the calibration methods; ONNX
-shape inference fills in every intermediate shape.
+fuse QLinearConv/QGemm); a zero Pad feeding only Convs becomes their ``pads``; for ORT CPU backends float ops
+are written in the forms its kernels run fastest (``fxquant.lower.ort_cpu_graph``, ``fxquant.lower.ort_attention``);
+nodes are named after the modules they come from; metadata records fxquant's version, the backend and the
+calibration methods; ONNX shape inference fills in every intermediate shape.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from onnx import helper
 from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
-from fxquant.lower import ort_latency
+from fxquant.lower import ort_cpu_graph, ort_latency
 from fxquant.lower.dynamic_matmul import dynamic_matmuls, merge_shared_input
 from fxquant.lower.export_checks import (
     atomic_file,
@@ -46,6 +47,7 @@ from fxquant.lower.onnx_passes import (
     name_nodes,
     quantize_biases,
 )
+from fxquant.lower.ort_attention import multi_head_attention
 from fxquant.lower.ort_fusion import FusionReport, fusion_report
 from fxquant.lower.ort_latency import LatencyCheck
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
@@ -115,6 +117,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         merge_shared_input(proto)
     global_average_pools(proto)
     merge_pads(proto)  # zero pads (asymmetric "same" padding) into the Convs they feed: no float Pad left
+    if state.backend.ort_cpu_graph:
+        ort_cpu_graph.for_ort_cpu(proto)
+        multi_head_attention(proto)  # float attention blocks: one ORT kernel each
     name_nodes(proto)
     if wrapped:
         strip_wrapper_prefix(proto)
