@@ -41,6 +41,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from results_meta import command, environment
+
 import fxquant
 from fxquant.backends.onnxruntime import ONNXRUNTIME
 from fxquant.lower.onnx_export import export_float_onnx
@@ -212,7 +214,8 @@ def main() -> None:
                                                             progress=False)}
     out_dir = os.path.join(HERE, "results", "transformer_minilm_models")
     os.makedirs(out_dir, exist_ok=True)
-    results = {"platform": platform.platform(), "onnxruntime": ort.__version__, "torch": torch.__version__,
+    results = {"command": command(), "environment": environment(),
+               "platform": platform.platform(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                "threads": 1, "batch": 1, "runs": args.runs, "eval_sentences": len(EVAL),
                "calib_sentences": len(CALIB), "lengths": {}}
     for length in args.lengths:

@@ -18,7 +18,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _weight(node: onnx.NodeProto, producer: dict, inits: dict) -> tuple[onnx.NodeProto, bool] | None:
+def linear_weight(node: onnx.NodeProto, producer: dict, inits: dict) -> tuple[onnx.NodeProto, bool] | None:
     """The weight's DequantizeLinear and whether it is already (K, N) (else (N, K), transposed by the op)."""
     if node.op_type == "Gemm":
         a = _attrs(node)
@@ -54,7 +54,7 @@ def dynamic_matmuls(proto: onnx.ModelProto) -> int:
     for node in list(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        dql, found = _dynamic_input(node, producer), _weight(node, producer, inits)
+        dql, found = _dynamic_input(node, producer), linear_weight(node, producer, inits)
         if dql is None or found is None:
             continue
         dq, transposed = found

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fxquant.lower.dynamic_matmul import _weight, prune
+from fxquant.lower.dynamic_matmul import linear_weight, prune
 
 MS_DOMAIN = "com.microsoft"
 
@@ -65,7 +65,7 @@ def integer_to_float_matmuls(proto: onnx.ModelProto) -> int:
     for node in list(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        q, found = _static_input(node, producer, inits), _weight(node, producer, inits)
+        q, found = _static_input(node, producer, inits), linear_weight(node, producer, inits)
         if q is None or found is None:
             continue
         bias, out = _float_output(node, consumers, inits)
