@@ -47,7 +47,8 @@ def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8
     tuned = fxquant.tune(models["onnxruntime"], one)  # timed layer by layer: float where int8 is slower
     models["onnxruntime+tune"] = tuned.model
     for backend, qmodel in models.items():
-        result = fxquant.export_onnx(qmodel, x_test[:16], os.path.join(out_dir, f"digits_{backend}.onnx"))
+        path = os.path.join(out_dir, f"digits_{backend.replace('+', '_')}.onnx")
+        result = fxquant.export_onnx(qmodel, x_test[:16], path)
         # The onnxruntime preset runs fused, as deployed; the tensorrt preset is meant for TensorRT, so ORT
         # runs its graph unfused (reference semantics) and its latency here says nothing about TensorRT.
         session = ort_session(result.path, level="basic" if backend == "tensorrt" else "all")
