@@ -80,13 +80,18 @@ def dynamic_matmuls(proto: onnx.ModelProto) -> int:
                helper.make_node("Mul", [names["float"], names["product"]], [out], name=f"{node.name}/Rescale")]
         if out != node.output[0]:
             new.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=f"{node.name}/Bias"))
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, n in enumerate(new):
-            graph.node.insert(at + offset, n)
+        splice(graph, node, new)
         done += 1
     prune(proto)
     return done
+
+
+def splice(graph: onnx.GraphProto, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+    """Replace ``node`` by the nodes ``new``, in its place in the graph's order."""
+    at = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, n in enumerate(new):
+        graph.node.insert(at + offset, n)
 
 
 def prune(proto: onnx.ModelProto) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fxquant.lower.dynamic_matmul import prune
 from fxquant.lower.static_matmul import integer_to_float_matmuls, unfuse_integer_matmuls
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -161,17 +162,6 @@ def _float_dynamic_matmuls(graph: onnx.GraphProto, inits: dict[str, np.ndarray])
                                                     [rescale.output[0]], name=f"{node.name}_float"))
 
 
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop nodes whose outputs nothing reads."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return
-        for n in dead:
-            graph.node.remove(n)
-
-
 def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tuple[onnx.ModelProto, set[str]]:
     """``proto`` with the units ``floated`` (node names; None: all) in float, and the quantizer modules whose
     Q/DQ nodes were removed (weight quantizers included)."""
@@ -183,7 +173,7 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     if everything:
         _float_dynamic_matmuls(graph, inits)
-        _prune(graph)
+        prune(twin)
     nodes = {n.name: n for n in graph.node}
     removed: set[str] = set()
     consumers: dict[str, set[str]] = {}
@@ -215,7 +205,7 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     for out in graph.output:
         if out.name in rename:  # a graph output keeps its name: an Identity stands where the DQ was
             graph.node.append(onnx.helper.make_node("Identity", [source(out.name)], [out.name]))
-    _prune(graph)
+    prune(twin)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fxquant.lower.dynamic_matmul import linear_weight, prune
+from fxquant.lower.dynamic_matmul import linear_weight, prune, splice
 
 MS_DOMAIN = "com.microsoft"
 
@@ -121,10 +121,7 @@ def unfuse_integer_matmuls(proto: onnx.ModelProto) -> int:
                helper.make_node("MatMul", [names[0], names[2]], [names[3] if bias else out], name=node.name)]
         if bias:
             new.append(helper.make_node("Add", [names[3], bias], [out], name=f"{module}/Add"))
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        for offset, n in enumerate(new):
-            graph.node.insert(at + offset, n)
+        splice(graph, node, new)
         done += 1
     prune(proto)
     return done
