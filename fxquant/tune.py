@@ -32,10 +32,14 @@ class TuneResult:
     candidates: list[Candidate]
 
     def summary(self) -> str:
-        head = (f"tune: {self.units - len(self.floated)} of {self.units} weighted layers stay int8; the tuned model "
-                f"runs {self.speedup:.2f}x the float model's speed in ONNX Runtime (one thread, example input)")
+        head = f"tune: {self.units - len(self.floated)} of {self.units} weighted layers stay int8; "
         if len(self.floated) == self.units:
-            head += ". Every layer is faster in float here: ship the float model"
+            head += ("every candidate with an int8 layer was slower than float in ONNX Runtime (one thread, example "
+                     f"input), so the tuned model is the float model (measured {self.speedup:.2f}x its float twin: "
+                     "the same graph, timing noise): ship the float model")
+        else:
+            head += (f"the tuned model runs {self.speedup:.2f}x the float model's speed in ONNX Runtime (one thread, "
+                     "example input)")
         return "\n".join([head] + [f"  float: {layer}: {why}" for layer, why in self.floated.items()])
 
 
