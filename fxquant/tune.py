@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fxquant.backends.base import Backend
 from fxquant.capture import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
 from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
@@ -43,6 +44,17 @@ class TuneResult:
         return "\n".join([head] + [f"  float: {layer}: {why}" for layer, why in self.floated.items()])
 
 
+def check_tunable(backend: Backend, dynamic: bool = False) -> None:
+    """Raise ConfigError unless models of ``backend`` (with static activations) can be tuned."""
+    if backend.verify_level != "all":
+        raise ConfigError(f"tune measures ONNX Runtime's fused int8 kernels; the {backend.name!r} backend's graph "
+                          "targets another runtime: tune models quantized with backend='onnxruntime'")
+    if dynamic or backend.activation.dynamic:
+        raise ConfigError("tune works on static int8 models; dynamic activations (QuantSpec(dynamic=True)) are "
+                          "quantized per call in ORT and need no tuning: leave a layer float with QuantConfig "
+                          "overrides instead")
+
+
 def tune(model: nn.Module, example_inputs: torch.Tensor | tuple, runs: int = 30) -> TuneResult:
     """Measure a converted ``onnxruntime``-preset model in ORT and leave float the layers (Conv/Gemm/MatMul with
     their activation quantizers) where int8 does not pay, so it is never slower than float on ``example_inputs``
@@ -50,14 +62,7 @@ def tune(model: nn.Module, example_inputs: torch.Tensor | tuple, runs: int = 30)
     state = get_state(model)
     if state is None or state.stage != "converted":
         raise ConversionError("tune() takes the model returned by fxquant.convert() or fxquant.quantize()")
-    if state.backend.verify_level != "all":
-        raise ConfigError(f"tune() measures ONNX Runtime's fused int8 kernels; the {state.backend.name!r} backend's "
-                          "graph is not run that way (it targets another runtime): tune models quantized with "
-                          "backend='onnxruntime'")
-    if any(isinstance(m, FrozenDynamicQuantizer) for m in model.modules()):
-        raise ConfigError("tune() works on static int8 models; dynamic activations (QuantSpec(dynamic=True)) are "
-                          "quantized per call in ORT and need no tuning: leave the layer float with "
-                          "QuantConfig overrides instead")
+    check_tunable(state.backend, dynamic=any(isinstance(m, FrozenDynamicQuantizer) for m in model.modules()))
     if not isinstance(runs, int) or runs < 5:
         raise ConfigError(f"runs must be an int >= 5 (timed runs per candidate), got {runs!r}")
     inputs = normalize_inputs(example_inputs)

@@ -7,6 +7,7 @@ already folded) as the fp32 model ORT would run, built without the torch model.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,28 +45,43 @@ def float_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
     return float_units(proto)[0]
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, profile_dir: str | None = None) -> ort.InferenceSession:
+    """A one-thread CPU session with every graph optimization, as deployed (profiling into ``profile_dir``)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "profile")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def feeds_for(s: ort.InferenceSession, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return {i.name: x for i, x in zip(s.get_inputs(), inputs, strict=False)}
+
+
+def interleaved_ms(protos: list[onnx.ModelProto], inputs: list[np.ndarray], runs: int = 30,
+                   warmup: int = 5) -> list[list[float]]:
+    """Wall times (ms) of ``runs`` one-thread runs of each model, rotating the order every round so machine
+    noise hits all alike."""
+    sessions = [session(p) for p in protos]
+    feeds = [feeds_for(s, inputs) for s in sessions]
+    for _ in range(warmup):
+        for s, f in zip(sessions, feeds, strict=True):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in protos]
+    for r in range(runs):
+        for k in [(r + i) % len(protos) for i in range(len(protos))]:
+            start = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def check_latency(proto: onnx.ModelProto, feeds: list[np.ndarray], runs: int = 30, warmup: int = 5) -> LatencyCheck:
     """Time ``proto`` against its float twin on ``feeds`` (one thread), alternating the order every round."""
-    sessions = [_session(proto), _session(float_twin(proto))]
-    named = [{i.name: x for i, x in zip(s.get_inputs(), feeds, strict=False)} for s in sessions]
-    for _ in range(warmup):
-        for s, f in zip(sessions, named, strict=True):
-            s.run(None, f)
-    times: list[list[float]] = [[], []]
-    for r in range(runs):
-        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            sessions[k].run(None, named[k])
-            times[k].append((time.perf_counter() - start) * 1e3)
+    times = interleaved_ms([proto, float_twin(proto)], feeds, runs, warmup)
     quartiles = [statistics.quantiles(t, n=4) for t in times]
     return LatencyCheck(quartiles[0][1], quartiles[1][1], (quartiles[0][0], quartiles[0][2]),
                         (quartiles[1][0], quartiles[1][2]), runs)

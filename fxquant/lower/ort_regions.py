@@ -68,11 +68,15 @@ class RegionGraph:
                 if src in parent:
                     parent[find(src)] = find(n.name)
         self.component = {n.name: find(n.name) for n in glue}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
         self.touches: dict[str, set[str]] = {}  # component -> the units it reads from or feeds
         for unit in self.units:
             node = self.nodes[unit]
             neighbours = [self.producer.get(i) for i in node.input]
-            neighbours += [c.name for c in graph.node if set(c.input) & set(node.output)]
+            neighbours += [c.name for o in node.output for c in self.consumers.get(o, [])]
             for other in neighbours:
                 if other in self.component:
                     self.touches.setdefault(self.component[other], set()).add(unit)
@@ -80,17 +84,13 @@ class RegionGraph:
     def aliases(self) -> dict[str, str]:
         """Names ORT's optimized nodes of each unit may carry -> the unit: its node name, and (NCHWc layout) the
         output tensor of the unit or of the ReLU/Clip/Add fused into it."""
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.proto.graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
         names = {}
         for unit in self.units:
             names[unit] = unit
             out = self.nodes[unit].output[0]
             for _ in range(3):
                 names[out] = unit
-                users = consumers.get(out, [])
+                users = self.consumers.get(out, [])
                 if len(users) != 1 or users[0].op_type not in ("Relu", "Clip", "Add"):
                     break
                 out = users[0].output[0]
@@ -167,7 +167,7 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     Q/DQ nodes were removed (weight quantizers included)."""
     twin = standard_form(proto)
     regions = RegionGraph(twin)
-    everything = floated is None
+    everything = floated is None or floated >= set(regions.units)
     floated = set(regions.units) if floated is None else floated
     graph = twin.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -183,7 +183,7 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     for name in regions.constant_dq:  # weights and biases of float units become float initializers
         node = nodes[name]
         users = consumers.get(node.output[0], set())
-        if users and (users <= floated or floated >= set(regions.units)):
+        if users and (users <= floated or everything):
             graph.initializer.append(numpy_helper.from_array(_dequantized(node, inits), node.output[0]))
             graph.node.remove(node)
             removed.add(quantizer_of(node))

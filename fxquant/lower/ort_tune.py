@@ -10,17 +10,15 @@ chosen model is never slower than float on the measurement.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from fxquant.lower.ort_latency import feeds_for, interleaved_ms, session
 from fxquant.lower.ort_regions import RegionGraph, float_units, standard_form
 
 
@@ -50,30 +48,15 @@ class TunePlan:
     units: int = 0
 
 
-def _options(profile_dir: str | None = None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if profile_dir is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(profile_dir, "profile")
-    return options
-
-
-def _feeds(session: ort.InferenceSession, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return {i.name: x for i, x in zip(session.get_inputs(), inputs, strict=False)}
-
-
 def profile_units(proto: onnx.ModelProto, inputs: list[np.ndarray], aliases: dict[str, str], runs: int = 20) -> dict:
     """Mean kernel time (us) per run of each unit in ORT. An optimized node is the unit's when its name, less
     ORT's ``_token_N`` / ``_nchwc`` suffixes, is one of the unit's ``aliases`` (RegionGraph.aliases)."""
     with tempfile.TemporaryDirectory() as tmp:
-        session = ort.InferenceSession(proto.SerializeToString(), _options(tmp), providers=["CPUExecutionProvider"])
-        feeds = _feeds(session, inputs)
+        profiled = session(proto, profile_dir=tmp)
+        feeds = feeds_for(profiled, inputs)
         for _ in range(runs + 3):
-            session.run(None, feeds)
-        with open(session.end_profiling()) as f:
+            profiled.run(None, feeds)
+        with open(profiled.end_profiling()) as f:
             events = json.load(f)
     total: dict[str, float] = defaultdict(float)
     for event in events:
@@ -84,25 +67,6 @@ def profile_units(proto: onnx.ModelProto, inputs: list[np.ndarray], aliases: dic
         if unit is not None:
             total[unit] += float(event["dur"])
     return {u: t / (runs + 3) for u, t in total.items()}
-
-
-def measure(protos: list[onnx.ModelProto], inputs: list[np.ndarray], runs: int, warmup: int = 5) -> list[float]:
-    """Median latency (ms) of each model, one thread, rotating the order every round."""
-    sessions = [ort.InferenceSession(p.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
-                for p in protos]
-    feeds = [_feeds(s, inputs) for s in sessions]
-    for _ in range(warmup):
-        for s, f in zip(sessions, feeds, strict=True):
-            s.run(None, f)
-    times: list[list[float]] = [[] for _ in protos]
-    for r in range(runs):
-        order = list(range(len(protos)))
-        order = order[r % len(order):] + order[:r % len(order)]
-        for k in order:
-            start = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def _steps(order: list[str], losing: int) -> list[tuple[str, ...]]:
@@ -127,7 +91,7 @@ def plan(proto: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 30) -> Tu
     losing = sum(1 for u in order if unit_us[u][0] >= unit_us[u][1])
     steps = _steps(order, losing)
     built = [float_units(proto, set(step)) for step in steps]
-    times = measure([twin] + [p for p, _ in built], inputs, runs)
+    times = [statistics.median(t) for t in interleaved_ms([twin] + [p for p, _ in built], inputs, runs)]
     float_ms = times[0]
     candidates = [Candidate(step, ms, float_ms) for step, ms in zip(steps, times[1:], strict=True)]
     allowed = [c for c in candidates if c.ms <= float_ms] or [candidates[-1]]  # all-float: the float model

@@ -11,6 +11,7 @@ import torch
 import fxquant
 from fxquant.tools.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.tools.summary import Stopwatch, config_from_args, print_table, quiet_warnings
+from fxquant.tune import check_tunable
 
 DESCRIPTION = """Targets a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
 calibrate on DATA, convert, export, check the ONNX model with onnx.checker and run it in ONNX Runtime against
@@ -38,9 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tune and fxquant.BACKENDS[args.backend].verify_level != "all":
-        raise fxquant.ConfigError(f"--tune times ONNX Runtime's fused int8 kernels; the {args.backend} backend's "
-                                  "graph targets another runtime: pass --backend onnxruntime")
+    if args.tune:  # before calibrating: the backend decides whether tune can run
+        check_tunable(fxquant.BACKENDS[args.backend])
     clock = Stopwatch()
     model, name, batches, data_note = load_model_and_data(args, clock)
     example = batches[0]

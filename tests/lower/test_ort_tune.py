@@ -144,6 +144,9 @@ def test_tune_refuses_what_it_cannot_measure(wide):
     trt = fxquant.quantize(model, data[0][:1], data, backend="tensorrt", progress=False)
     with pytest.raises(fxquant.ConfigError, match="backend='onnxruntime'"):
         fxquant.tune(trt, data[0][:1])
+    dynamic = fxquant.quantize(model, data[0][:1], data, backend="onnxruntime_dynamic", progress=False)
+    with pytest.raises(fxquant.ConfigError, match="tune works on static int8 models"):
+        fxquant.tune(dynamic, data[0][:1])
     with pytest.raises(fxquant.ConversionError, match=r"fxquant\.convert"):
         fxquant.tune(model, data[0][:1])
     with pytest.raises(fxquant.ConfigError, match="runs must be"):

@@ -108,7 +108,7 @@ def test_report_writes_html_and_png(factory, tmp_path):
     (["report", "{factory}:not_a_model", "--calib", "random"], "returned a int, not an nn.Module"),
     (["quantize", "{factory}:build", "--calib", "{bad}"], "expected samples along axis 0"),
     (["quantize", "{factory}:build", "--calib", "random", "--input-shape", "3,16,16", "--tune"],
-     "--tune times ONNX Runtime's fused int8 kernels; the tensorrt backend's graph targets another runtime"),
+     "tune measures ONNX Runtime's fused int8 kernels; the 'tensorrt' backend's graph targets another runtime"),
 ])
 def test_errors_are_one_line_with_exit_code_2(factory, tmp_path, args, message):
     bad = tmp_path / "flat.npy"
