@@ -111,8 +111,13 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
         raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
                                "(dist.init_process_group) on every rank")
     if ptq.needs_data(prepared, state.config, state.report):
-        batches = list(batches)  # the model's inputs per batch, as selected and checked
-        ptq.before_calibrate(prepared, batches, state.config, state.report)
+        try:
+            batches = list(batches)  # the model's inputs per batch, as selected and checked
+            ptq.before_calibrate(prepared, batches, state.config, state.report,
+                                 lambda i, batch: run_batch(prepared, batch, i, checked.expected))
+        except BaseException:
+            clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
+            raise
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled

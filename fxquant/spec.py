@@ -199,6 +199,10 @@ class QuantConfig:
             LayerNorm that feeds Linears into their weights, with the strength searched per LayerNorm on its
             batches (``fxquant.ptq.smoothquant``; float-exact). "auto" reports it only where it smoothed
             something; True always reports it.
+        outlier_channels: "auto" (default), True or False: calibrate() then runs the few input channels of a
+            Linear whose calibration maximum dwarfs the rest (transformers' "massive activations") in float beside
+            the int8 Linear, where that divides the output error on its batches by at least 2
+            (``fxquant.ptq.outlier_channels``; float-exact). "auto" reports it only where it split something.
     """
 
     weight: QuantSpec | None = None
@@ -215,6 +219,7 @@ class QuantConfig:
     bias_correction: bool | str = False
     adaround: bool | AdaRoundOptions = False
     smoothquant: bool | str = "auto"
+    outlier_channels: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation"):
@@ -246,8 +251,10 @@ class QuantConfig:
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
             raise ConfigError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
                               f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
-        if not (isinstance(self.smoothquant, bool) or self.smoothquant == "auto"):
-            raise ConfigError(f"QuantConfig.smoothquant must be 'auto', True or False, got {self.smoothquant!r}")
+        for name in ("smoothquant", "outlier_channels"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ConfigError(f"QuantConfig.{name} must be 'auto', True or False, got {value!r}")
         if not isinstance(self.adaround, (bool, AdaRoundOptions)):
             raise ConfigTypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
                                   f"got {type(self.adaround).__name__}")

@@ -1,5 +1,6 @@
-"""The PTQ passes calibrate() runs: SmoothQuant before calibration (it needs activation statistics and changes
-the weights whose ranges are calibrated), AdaRound then bias correction after it (they need ranges).
+"""The PTQ passes calibrate() runs: SmoothQuant, then the outlier-channel split, before calibration (they need
+activation statistics and change the weights whose ranges are calibrated), AdaRound then bias correction after
+it (they need ranges).
 
 The PTQ passes of prepare (BatchNorm statistics, equalization, bias absorption) are in ``fxquant.pipeline``.
 """
@@ -10,6 +11,8 @@ from torch import fx, nn
 
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
+from fxquant.ptq.outlier_channels import split_outlier_channels, splittable
+from fxquant.ptq.report import Forward
 from fxquant.ptq.smoothquant import smoothable, smoothquant
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
@@ -21,19 +24,32 @@ def smooths(prepared: nn.Module, config: QuantConfig, report: PrepareReport) -> 
         config.smoothquant is True or smoothable(prepared))
 
 
+def splits(prepared: nn.Module, config: QuantConfig, report: PrepareReport) -> bool:
+    """True when calibrate() looks for outlier input channels of Linears: asked for, not yet done, and a
+    per-tensor activation quantizer feeds a Linear."""
+    return bool(config.outlier_channels) and "outlier_channels" not in report.ptq and (
+        config.outlier_channels is True or splittable(prepared))
+
+
 def needs_data(prepared: nn.Module, config: QuantConfig, report: PrepareReport) -> bool:
     """True when calibrate() reads its batches more than once (so it keeps them in a list)."""
     return (bool(config.adaround_options) or config.bias_correction_method == "empirical"
-            or smooths(prepared, config, report))
+            or smooths(prepared, config, report) or splits(prepared, config, report))
 
 
-def before_calibrate(prepared: nn.Module, batches: list, config: QuantConfig, report: PrepareReport) -> None:
-    """SmoothQuant on the calibration batches, before ranges are calibrated (once per prepared model)."""
-    if not smooths(prepared, config, report):
-        return
-    result = smoothquant(prepared, batches)
-    if result.done or config.smoothquant is True:  # "auto" says nothing where there is nothing to smooth
-        report.ptq["smoothquant"] = result
+def before_calibrate(prepared: nn.Module, batches: list, config: QuantConfig, report: PrepareReport,
+                     run: Forward) -> None:
+    """SmoothQuant, then the outlier-channel split, on the calibration batches, before ranges are calibrated
+    (each once per prepared model), each batch through ``run``. "auto" reports a pass only where it changed
+    something."""
+    if smooths(prepared, config, report):
+        result = smoothquant(prepared, batches, run)
+        if result.done or config.smoothquant is True:
+            report.ptq["smoothquant"] = result
+    if splits(prepared, config, report):
+        result = split_outlier_channels(prepared, batches, run)
+        if result.done or config.outlier_channels is True:
+            report.ptq["outlier_channels"] = result
 
 
 def after_calibrate(prepared: fx.GraphModule, batches: list, config: QuantConfig, progress: bool) -> None:

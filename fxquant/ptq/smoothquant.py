@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import fx, nn
 
-from fxquant.ptq.report import PTQReport
+from fxquant.ptq.report import Forward, PTQReport, plain_forward
 from fxquant.quantizer import TensorQuantizer
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -74,7 +74,7 @@ def find_groups(gm: fx.GraphModule) -> tuple[list[Group], list[str]]:
     return groups, notes
 
 
-def _fake_quant(x: torch.Tensor, bits: int, symmetric: bool, dim: int | None) -> torch.Tensor:
+def minmax_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, dim: int | None) -> torch.Tensor:
     """Min/max fake quantization per tensor (dim None) or per slice along ``dim`` (for the alpha search)."""
     reduce = {} if dim is None else {"dim": tuple(d for d in range(x.dim()) if d != dim), "keepdim": True}
     if symmetric:
@@ -104,8 +104,8 @@ def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric:
     ref = [x @ w.t() for w in weights]
 
     def error(s: torch.Tensor) -> float:
-        xq = _fake_quant(x / s, act_bits, symmetric, None)
-        return float(sum(((xq @ _fake_quant(w * s, b, True, 0).t() - r) ** 2).sum()
+        xq = minmax_fake_quant(x / s, act_bits, symmetric, None)
+        return float(sum(((xq @ minmax_fake_quant(w * s, b, True, 0).t() - r) ** 2).sum()
                          for w, b, r in zip(weights, w_bits, ref, strict=True)))
 
     errors = {"none": error(torch.ones_like(x_max))}
@@ -119,7 +119,8 @@ def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric:
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, groups: dict[fx.GraphModule, list[Group]], batches: Iterable) -> dict[int, list]:
+def _collect(model: nn.Module, groups: dict[fx.GraphModule, list[Group]], batches: Iterable,
+             run: Forward | None) -> dict[int, list]:
     """Rows of every group's LayerNorm output over the batches (quantizers off)."""
     rows: dict[int, list[torch.Tensor]] = {}
     handles = []
@@ -131,8 +132,8 @@ def _collect(model: nn.Module, groups: dict[fx.GraphModule, list[Group]], batche
     for q in quantizers:
         q.set_mode("disabled")
     try:
-        for batch in batches:
-            model(*batch)
+        for i, batch in enumerate(batches):
+            (run or plain_forward(model))(i, batch)
     finally:
         for h in handles:
             h.remove()
@@ -171,8 +172,9 @@ def smoothable(model: nn.Module) -> bool:
     return any(find_groups(gm)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
 
 
-def smoothquant(model: nn.Module, batches: list) -> PTQReport:
-    """Smooth every eligible LayerNorm -> Linear group of ``model``'s traced parts in place (float-exact)."""
+def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> PTQReport:
+    """Smooth every eligible LayerNorm -> Linear group of ``model``'s traced parts in place (float-exact).
+    ``run(index, batch)`` runs one batch (calibrate passes its checked runner; default ``model(*batch)``)."""
     report = PTQReport("smoothquant")
     groups: dict[fx.GraphModule, list[Group]] = {}
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
@@ -183,7 +185,7 @@ def smoothquant(model: nn.Module, batches: list) -> PTQReport:
     if not groups:
         report.skipped.append("no LayerNorm feeds a Linear: nothing to smooth")
         return report
-    rows = _collect(model, groups, batches)
+    rows = _collect(model, groups, batches, run)
     layers = {}
     for gm, gs in groups.items():
         for g in gs:

@@ -1,0 +1,212 @@
+"""Outlier input channels in float beside the int8 Linear (LLM.int8()'s decomposition, Dettmers et al. 2022).
+
+A few input channels of some Linears carry values far above the rest: the "massive activations" trained
+transformers put on one or two channels of the FFN down-projection input (MiniLM's GELU outputs reach 25 on
+one channel at the [CLS] token, where the median channel's maximum is about 1). One per-tensor scale must then
+cover them, and every other channel is quantized with a step 5-25x too coarse. SmoothQuant cannot move them
+through the GELU into the up-projection, and scaling them into the weights moves the problem there.
+
+The split: for the outlier channels ``O`` of a Linear's input ``x`` (found on the calibration batches)
+
+    y = Linear_int8(x * mask) + x[..., O] @ W[:, O]^T
+
+``mask`` zeroes ``O`` before the input quantizer (static or dynamic, so its range no longer holds them), the
+Linear's weight columns ``O`` are zeroed (so its per-row weight ranges no longer hold them either) and a float
+matmul of ``|O|`` channels adds their exact contribution. The function is unchanged in float (tested); the
+float side path costs one Mul, one Gather, one ``T x |O| x N`` MatMul and one Add per Linear.
+
+Which channels: those whose calibration maximum ``|x|`` exceeds ``RATIO`` times the median channel's, at most
+``MAX_CHANNELS`` per Linear. The number kept is searched on the calibration activations (0, 1, 2, ... of those,
+largest first): the one with the least output error of the fake-quantized Linears (the input quantizer's bits
+and symmetry, per-tensor min/max; the weight quantizer's bits, per output channel), taken only when it divides
+the error of no split by at least ``MIN_GAIN``. Runs in ``calibrate()`` after SmoothQuant, before ranges are
+calibrated; Linears whose input quantizer is per-channel or also read by other ops are left, with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.ptq.report import Forward, PTQReport, plain_forward
+from fxquant.ptq.smoothquant import MAX_ROWS, minmax_fake_quant
+from fxquant.quantizer import TensorQuantizer
+
+RATIO = 8.0  # an outlier channel's calibration max |x| is above RATIO x the median channel's
+MAX_CHANNELS = 8  # at most this many float channels per Linear (the side matmul stays tiny)
+MIN_GAIN = 2.0  # the split must divide the Linears' output error on the calibration data by at least this
+
+
+@dataclass
+class Site:
+    """An activation input quantizer node, the node it reads, and the Linear nodes that read it."""
+
+    quantizer: fx.Node
+    source: fx.Node
+    linears: list[fx.Node]
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
+    """Every per-tensor activation quantizer that feeds only Linears (as their input); notes for those left."""
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    sites, notes = [], []
+    for node in gm.graph.nodes:
+        q = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(q, TensorQuantizer) or q.constant or not isinstance(node.args[0], fx.Node):
+            continue
+        readers = list(node.users)
+        linears = [u for u in readers if u.op == "call_module" and isinstance(modules.get(u.target), nn.Linear)
+                   and u.args[0] is node]
+        if not linears:
+            continue
+        if calls[node.target] > 1:
+            notes.append(f"`{node.target}`: one quantizer used at {calls[node.target]} places; its channels stay")
+        elif len(linears) != len(readers):
+            notes.append(f"`{node.target}`: also read by ops other than Linear inputs; its channels stay")
+        elif q.spec.axis is not None:
+            notes.append(f"`{node.target}`: per-channel already; nothing to split")
+        else:
+            sites.append(Site(node, node.args[0], linears))
+    return sites, notes
+
+
+@torch.no_grad()
+def _collect(model: nn.Module, sites: dict[fx.GraphModule, list[Site]], batches: Iterable,
+             run: Forward | None) -> dict[int, list]:
+    """Rows of every site's quantizer input over the batches (quantizers off)."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    handles = [gm.get_submodule(s.quantizer.target).register_forward_pre_hook(partial(_keep_rows, rows, id(s)))
+               for gm, ss in sites.items() for s in ss]
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.set_mode("disabled")
+    try:
+        for i, batch in enumerate(batches):
+            (run or plain_forward(model))(i, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)
+    return rows
+
+
+def _keep_rows(rows: dict[int, list], key: int, _module: nn.Module, args: tuple) -> None:
+    x = args[0].detach()
+    rows.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).float())
+
+
+def candidates(x: torch.Tensor) -> list[int]:
+    """The channels whose max |x| is above RATIO x the median channel's, largest first (at most MAX_CHANNELS)."""
+    channel_max = x.abs().amax(0)
+    order = channel_max.argsort(descending=True)[:MAX_CHANNELS]
+    limit = RATIO * channel_max.median()
+    return [int(c) for c in order if channel_max[c] > limit]
+
+
+def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, w_bits: list[int],
+            channels: list[int]) -> tuple[int, dict[int, float]]:
+    """(how many of ``channels`` to split, output error per count)."""
+    ref = [x @ w.t() for w in weights]
+    bits, symmetric = act.spec.num_bits, act.spec.symmetric
+
+    def error(k: int) -> float:
+        keep = torch.ones(x.shape[-1], dtype=x.dtype)
+        keep[channels[:k]] = 0
+        xq = minmax_fake_quant(x * keep, bits, symmetric, None)
+        side = x[:, channels[:k]]
+        return float(sum(((xq @ minmax_fake_quant(w * keep, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
+                          ** 2).sum() for w, b, r in zip(weights, w_bits, ref, strict=True)))
+
+    errors = {k: error(k) for k in range(len(channels) + 1)}
+    best = min(errors, key=errors.get)
+    return (best if errors[0] >= MIN_GAIN * errors[best] else 0), errors
+
+
+@torch.no_grad()
+def _apply(gm: fx.GraphModule, site: Site, channels: list[int]) -> None:
+    graph, src = gm.graph, site.source
+    base = site.quantizer.target.replace(".", "_")
+    width = gm.get_submodule(site.linears[0].target).in_features
+    keep = torch.ones(width)
+    keep[channels] = 0
+    gm.register_buffer(f"{base}_outlier_keep", keep)
+    gm.register_buffer(f"{base}_outlier_index", torch.tensor(channels, dtype=torch.long))
+    with graph.inserting_before(site.quantizer):
+        mask = graph.get_attr(f"{base}_outlier_keep")
+        masked = graph.call_function(operator.mul, (src, mask))
+        index = graph.get_attr(f"{base}_outlier_index")
+        picked = graph.call_function(torch.index_select, (src, -1, index))
+    site.quantizer.replace_input_with(src, masked)
+    for node in site.linears:
+        linear = gm.get_submodule(node.target)
+        name = f"{node.target.replace('.', '_')}_outlier_weight"
+        gm.register_buffer(name, linear.weight[:, channels].detach().clone())
+        linear.weight[:, channels] = 0
+        users = list(node.users)
+        with graph.inserting_after(node):
+            weight = graph.get_attr(name)
+        with graph.inserting_after(weight):
+            side = graph.call_function(F.linear, (picked, weight))
+        with graph.inserting_after(side):
+            total = graph.call_function(operator.add, (node, side))
+        for user in users:
+            user.replace_input_with(node, total)
+
+
+def splittable(model: nn.Module) -> bool:
+    """Whether a traced part of ``model`` has a per-tensor activation quantizer that only Linears read."""
+    return any(find_sites(gm)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
+
+
+def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None = None) -> PTQReport:
+    """Split the outlier input channels of every eligible Linear of ``model``'s traced parts (float-exact).
+    ``run(index, batch)`` runs one batch (calibrate passes its checked runner; default ``model(*batch)``)."""
+    report = PTQReport("outlier_channels")
+    sites: dict[fx.GraphModule, list[Site]] = {}
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        found, notes = find_sites(gm)
+        report.skipped += notes
+        if found:
+            sites[gm] = found
+    if not sites:
+        return report
+    rows = _collect(model, sites, batches, run)
+    layers = {}
+    for gm, ss in sites.items():
+        for site in ss:
+            x = torch.cat(rows.get(id(site), []) or [torch.zeros(1, 1)])[:MAX_ROWS]
+            channels = candidates(x)
+            if not channels:
+                continue
+            act = gm.get_submodule(site.quantizer.target)
+            linears = [gm.get_submodule(n.target) for n in site.linears]
+            w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
+            w_bits = [8 if s is None else s.num_bits for s in w_bits]
+            k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels)
+            readers = ", ".join(n.target for n in site.linears)
+            layers[readers] = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
+            channel_max = x.abs().amax(0)
+            if k == 0:
+                report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
+                                      f"(median channel {channel_max.median():.3g}), but running them in float "
+                                      f"divides the output error by less than {MIN_GAIN}")
+                continue
+            _apply(gm, site, channels[:k])
+            report.done.append(f"`{readers}`: input channel(s) {channels[:k]} (max |x| "
+                               f"{', '.join(f'{float(channel_max[c]):.3g}' for c in channels[:k])}; median channel "
+                               f"{float(channel_max.median()):.3g}) run in float beside the int8 Linear, output "
+                               f"error / {errors[0] / max(errors[k], 1e-30):.1f}")
+        gm.graph.lint()
+        gm.recompile()
+    report.data = {"layers": layers}
+    return report

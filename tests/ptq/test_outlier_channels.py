@@ -1,0 +1,162 @@
+"""Outlier input channels of a Linear in float beside the int8 Linear: exact in float, placed, exported, and
+worth its cost (fxquant.ptq.outlier_channels)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.errors import ConfigError
+from fxquant.metrics import sqnr
+from fxquant.ptq.outlier_channels import split_outlier_channels
+from fxquant.quantizer import TensorQuantizer
+
+MASSIVE = (5, 77)  # the FFN hidden channels that get massive activations
+
+
+class FFNBlock(nn.Module):
+    """A pre-norm transformer FFN: LayerNorm -> Linear -> GELU -> Linear, plus the residual."""
+
+    def __init__(self, width: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.act(self.up(self.norm(x))))
+
+
+def _model(massive: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = FFNBlock().eval()
+    if massive:  # two hidden channels reach ~30-40 (the median channel's max is ~2), as trained FFNs have
+        with torch.no_grad():
+            for c, bias in zip(MASSIVE, (40.0, 30.0), strict=True):
+                model.up.bias[c] = bias
+                model.up.weight[c] *= 4
+    return model
+
+
+def _batches(n: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, 16, 32, generator=g) for _ in range(n)]
+
+
+def _prepare(model: nn.Module, backend: str, **config) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxquant.prepare(model, _batches(1)[0], backend=backend, config=fxquant.QuantConfig(**config))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime_dynamic", "tensorrt"])
+def test_split_is_exact_in_float_and_names_the_channels(backend: str) -> None:
+    model = _model()
+    prepared = _prepare(model, backend)
+    for q in prepared.modules():
+        if isinstance(q, TensorQuantizer):
+            q.set_mode("disabled")
+    batches = _batches()
+    report = split_outlier_channels(prepared, batches)
+    assert report.data["layers"]["down"]["channels"] == list(MASSIVE)  # largest first
+    assert len(report.done) == 1 and "`down`: input channel(s) [5, 77]" in report.done[0]
+    down = prepared.get_submodule("down")
+    assert float(down.weight.detach()[:, list(MASSIVE)].abs().max()) == 0.0  # the int8 Linear no longer sees them
+    assert float(down.weight.abs().sum()) > 0
+    assert "up" not in report.data["layers"]  # the LayerNorm output has no outlier channel
+    for x in batches:
+        torch.testing.assert_close(prepared(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _down_input_only_db(prepared: nn.Module, model: nn.Module, x: torch.Tensor) -> float:
+    """SQNR of the FFN branch with only the down-projection's input quantizer on (the one the split changes)."""
+    down = next(n for n in prepared.graph.nodes if n.target == "down")
+    feeding = down.args[0].target
+    for name, q in prepared.named_modules():
+        if isinstance(q, TensorQuantizer):
+            q.set_mode("quant" if name == feeding else "disabled")
+    db = sqnr(model(x) - x, prepared(x) - x)
+    for q in prepared.modules():
+        if isinstance(q, TensorQuantizer):
+            q.set_mode("quant")
+    return db
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime_dynamic", "tensorrt"])
+def test_split_by_default_lifts_sqnr_and_exports_exact_ops(backend: str, tmp_path) -> None:
+    model, batches = _model(), _batches()
+    x = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(7))
+    results = {}
+    for split in (False, "auto"):
+        prepared = _prepare(model, backend, outlier_channels=split)
+        fxquant.calibrate(prepared, batches, progress=False)
+        db = _down_input_only_db(prepared, model, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = fxquant.convert(prepared)
+            exported = fxquant.export_onnx(q, x, tmp_path / f"{backend}_{split}.onnx", check_latency=False)
+        results[split] = (db, exported, fxquant.report_of(q))
+    (off_db, off, off_report), (on_db, on, on_report) = results[False], results["auto"]
+    assert "outlier_channels" not in off_report.ptq
+    assert on_report.ptq["outlier_channels"].data["layers"]["down"]["channels"] == list(MASSIVE)
+    assert on_db >= off_db + 15.0, (on_db, off_db)  # measured +27 to +29 dB
+    assert on.ort_sqnr_db >= 30.0
+    # the side path: a Mul (the mask), one Gather of the two channels, one float MatMul and one Add
+    added, removed = dict(on.op_counts - off.op_counts), dict(off.op_counts - on.op_counts)
+    if backend == "onnxruntime":
+        # the down Linear had a uint8 output (QGemm); now the side Add comes first, so it exports as
+        # MatMulIntegerToFloat (bias inside, no DequantizeLinear on its input or weight) feeding that Add
+        assert added == {"MatMulIntegerToFloat": 1, "Mul": 1, "Gather": 1}
+        assert removed == {"DequantizeLinear": 2, "Transpose": 1}
+    else:
+        assert added == {"Mul": 1, "Gather": 1, "MatMul": 1, "Add": 1}
+        assert removed == {}
+    gather = next(n for n in on.model.graph.node if n.op_type == "Gather")
+    index = next(t for t in on.model.graph.initializer if t.name == gather.input[1])
+    assert list(torch.tensor(list(index.int64_data) or torch.frombuffer(bytearray(index.raw_data),
+                                                                        dtype=torch.int64).tolist())) == list(MASSIVE)
+
+
+def test_no_outliers_no_split_and_the_input_model_is_untouched() -> None:
+    model, batches = _model(massive=False), _batches()
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet = fxquant.quantize(model, batches[0], batches, backend="onnxruntime", progress=False)
+        told = fxquant.quantize(_model(), batches[0], batches, backend="onnxruntime", progress=False,
+                                config=fxquant.QuantConfig(outlier_channels=True))
+    assert "outlier_channels" not in fxquant.report_of(quiet).ptq  # "auto": silent where nothing was split
+    assert not any(n.target is torch.index_select for n in quiet.graph.nodes)
+    assert fxquant.report_of(told).ptq["outlier_channels"].done
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    unsplit = fxquant.report_of(
+        fxquant.quantize(model, batches[0], batches, backend="onnxruntime", progress=False,
+                         config=fxquant.QuantConfig(outlier_channels=True))).ptq["outlier_channels"]
+    assert unsplit.done == [] and unsplit.data.get("layers", {}) == {}
+
+
+def test_small_gain_is_not_split_and_says_why() -> None:
+    model = _model(massive=False)
+    with torch.no_grad():  # one channel just above the ratio: splitting it barely helps
+        model.up.bias[5] = 3.5
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = fxquant.quantize(model, batches[0], batches, backend="onnxruntime_dynamic", progress=False,
+                             config=fxquant.QuantConfig(outlier_channels=True))
+    report = fxquant.report_of(q).ptq["outlier_channels"]
+    layers = report.data["layers"]
+    if layers.get("down", {}).get("channels"):
+        pytest.fail(f"split a channel that divides the error by {layers['down']['errors']}")
+    assert any("divides the output error by less than" in s for s in report.skipped) or "down" not in layers
+
+
+def test_bad_option_is_refused() -> None:
+    with pytest.raises(ConfigError, match="outlier_channels must be 'auto', True or False"):
+        fxquant.QuantConfig(outlier_channels="yes")
