@@ -34,6 +34,20 @@ def _quantized(name: str, producer: dict, inits: set) -> bool:
     return node is not None and node.op_type == "DequantizeLinear"
 
 
+def _outlier_side_path(node: onnx.NodeProto, producer: dict, inits: set) -> bool:
+    """A float MatMul of a few gathered input channels and a constant weight: the outlier channels that
+    ``fxquant.ptq.outlier_channels`` runs in float beside an int8 Linear on purpose."""
+    source = producer.get(node.input[0])
+    return (node.op_type == "MatMul" and source is not None and source.op_type == "Gather"
+            and source.input[1] in inits and (node.input[1] in inits or _constant(node.input[1], producer, inits)))
+
+
+def _constant(name: str, producer: dict, inits: set) -> bool:
+    """True when ``name`` is computed from initializers alone (a transposed weight the exporter left)."""
+    node = producer.get(name)
+    return node is not None and node.op_type in {"Transpose", "Identity"} and node.input[0] in inits
+
+
 def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
     """What TensorRT would run in higher precision, per its Q/DQ fusion rules; empty when everything fuses."""
     graph = proto.graph
@@ -45,6 +59,8 @@ def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
             consumers.setdefault(i, []).append(n)
     findings = []
     for node in graph.node:
+        if node.op_type in WEIGHTED and _outlier_side_path(node, producer, inits):
+            continue  # float by design: fxquant.ptq.outlier_channels, listed in report_of(model).ptq
         if node.op_type in WEIGHTED:
             operands = node.input[:2]
             missing = [i for i in operands if i and not _quantized(i, producer, inits)]
