@@ -6,7 +6,12 @@
 those ranges, checking that the graphs match first, so it converts and exports as the calibrated one does.
 Floats are written by ``repr`` and read back exactly, so a round trip reproduces every scale bit for bit.
 
-(A calibrated prepared model's ``state_dict()`` also loads into a fresh prepare with ``load_state_dict``.)
+(A calibrated prepared model's ``state_dict()`` also loads into a fresh prepare with ``load_state_dict``, unless
+calibrate() split outlier channels: their float side path adds buffers a fresh prepare does not have.)
+
+Ranges calibrated after a pass that changed the model (SmoothQuant, outlier channels in float: calibrate() runs
+them first) only fit a model those passes changed the same way. The file records what they did
+(``calibrate_passes``) and ``load_encodings`` refuses a model that differs, saying so.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fxquant.version import __version__
 
 FORMAT_VERSION = 1
 SPEC_FIELDS = ("num_bits", "axis", "symmetric", "unsigned", "narrow_range")  # must match the model's spec
+CHANGING_PASSES = ("smoothquant", "outlier_channels")  # calibrate() passes that change the model before its ranges
 _REDO = "prepare the same model with the same backend and config as the model the encodings were saved from"
 
 
@@ -89,7 +95,26 @@ def encodings_of(model: nn.Module) -> dict[str, Any]:
         raise CalibrationError(f"{len(missing)} quantizer(s) have no range yet ({_shown(missing)}); run "
                                "fxquant.calibrate(prepared, batches) before saving the encodings")
     return {"fxquant_version": __version__, "format_version": FORMAT_VERSION, "backend": state.backend.name,
-            "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
+            "calibrate_passes": _changes(state), "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
+
+
+def _changes(state: Any) -> dict[str, list[str]]:
+    """What the model-changing calibrate() passes did to this model (their report lines), by pass."""
+    return {name: list(state.report.ptq[name].done) for name in CHANGING_PASSES
+            if name in state.report.ptq and state.report.ptq[name].done}
+
+
+def _pass_mismatch(saved: object, mine: dict[str, list[str]]) -> str | None:
+    saved = saved if isinstance(saved, Mapping) else {}
+    differing = sorted(name for name in CHANGING_PASSES if list(saved.get(name, [])) != mine.get(name, []))
+    if not differing:
+        return None
+    told = "; ".join(f"{name}: {len(saved.get(name, []))} change(s) in the file, {len(mine.get(name, []))} in this "
+                     "model" for name in differing)
+    return (f"the encodings were calibrated on a model that calibrate()'s {' and '.join(differing)} changed "
+            f"differently ({told}): those ranges only fit the model they were calibrated on. Calibrate this model "
+            "with fxquant.calibrate(prepared, batches), or keep the calibrated model itself (torch.save) or its "
+            "exported ONNX")
 
 
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|Infinity|NaN)"
@@ -242,6 +267,9 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
         raise EncodingsError(f"the encodings were saved for backend {data.get('backend')!r} but this model was "
                              f"prepared for {state.backend.name!r}; prepare it with backend={data.get('backend')!r} "
                              "(the backend decides where quantizers go and their specs)")
+    mismatch = _pass_mismatch(data.get("calibrate_passes"), _changes(state))
+    if mismatch:
+        raise EncodingsError(mismatch)
     entries = data["quantizers"]
     missing = [name for name in quantizers if name not in entries]
     extra = [name for name in entries if name not in quantizers]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fxquant
+from fxquant.encodings import EncodingsError
 from fxquant.errors import ConfigError
 from fxquant.metrics import sqnr
 from fxquant.ptq.outlier_channels import split_outlier_channels
@@ -164,3 +165,20 @@ def test_small_gain_is_not_split_and_says_why() -> None:
 def test_bad_option_is_refused() -> None:
     with pytest.raises(ConfigError, match="outlier_channels must be 'auto', True or False"):
         fxquant.QuantConfig(outlier_channels="yes")
+
+
+def test_encodings_record_the_split_and_refuse_a_model_without_it(tmp_path) -> None:
+    model, batches = _model(), _batches()
+    calibrated = fxquant.calibrate(_prepare(model, "onnxruntime"), batches, progress=False)
+    data = fxquant.save_encodings(calibrated, tmp_path / "enc.json")
+    assert [line.split(":")[0] for line in data["calibrate_passes"]["outlier_channels"]] == ["`down`"]
+    # a fresh prepare has not split `down`: the down input's range (without the massive channels) would clip them
+    with pytest.raises(EncodingsError, match=r"outlier_channels and smoothquant changed differently \("
+                                             r"outlier_channels: 1 change\(s\) in the file, 0 in this model; "
+                                             r"smoothquant: 1 .*fxquant.calibrate\(prepared, batches\)"):
+        fxquant.load_encodings(_prepare(model, "onnxruntime"), tmp_path / "enc.json")
+    # the same split (calibrated on the same batches) takes the file, and converts to the same model
+    again = fxquant.calibrate(_prepare(model, "onnxruntime"), batches, progress=False)
+    fxquant.load_encodings(again, tmp_path / "enc.json")
+    x = _batches(1)[0]
+    torch.testing.assert_close(fxquant.convert(again)(x), fxquant.convert(calibrated)(x), atol=0, rtol=0)
