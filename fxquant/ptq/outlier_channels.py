@@ -120,7 +120,7 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, 
     bits, symmetric = act.spec.num_bits, act.spec.symmetric
 
     def error(k: int) -> float:
-        keep = torch.ones(x.shape[-1], dtype=x.dtype)
+        keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         keep[channels[:k]] = 0
         xq = minmax_fake_quant(x * keep, bits, symmetric, None)
         side = x[:, channels[:k]]
@@ -136,11 +136,11 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, 
 def _apply(gm: fx.GraphModule, site: Site, channels: list[int]) -> None:
     graph, src = gm.graph, site.source
     base = site.quantizer.target.replace(".", "_")
-    width = gm.get_submodule(site.linears[0].target).in_features
-    keep = torch.ones(width)
+    first = gm.get_submodule(site.linears[0].target)
+    keep = torch.ones(first.in_features, dtype=first.weight.dtype, device=first.weight.device)
     keep[channels] = 0
     gm.register_buffer(f"{base}_outlier_keep", keep)
-    gm.register_buffer(f"{base}_outlier_index", torch.tensor(channels, dtype=torch.long))
+    gm.register_buffer(f"{base}_outlier_index", torch.tensor(channels, dtype=torch.long, device=keep.device))
     with graph.inserting_before(site.quantizer):
         mask = graph.get_attr(f"{base}_outlier_keep")
         masked = graph.call_function(operator.mul, (src, mask))
