@@ -13,16 +13,20 @@ from fxquant.demo_model import accuracy, load_digits_split, train_digits
 from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
 
 
-def ort_latency_ms(session, x: torch.Tensor, runs: int = 300) -> float:
-    """Median wall time of one ORT run on ``x``, in milliseconds."""
+def interleaved_latency_ms(sessions: dict[str, object], x: torch.Tensor, runs: int = 300) -> dict[str, float]:
+    """Median wall time (ms) of one ORT run of each session on ``x``, the sessions timed in turn (the order
+    rotating every round) so that machine noise hits all of them alike."""
+    names = list(sessions)
     for _ in range(20):
-        run_ort(session, (x,))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run_ort(session, (x,))
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name in names:
+            run_ort(sessions[name], (x,))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            run_ort(sessions[name], (x,))
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8) -> dict:
@@ -37,9 +41,9 @@ def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8
     fp32_torch = accuracy(model, x_test, y_test)
     one = x_test[:1]
     fp32_path = export_float_onnx(model, one, os.path.join(out_dir, "digits_fp32.onnx"))
-    fp32_session = ort_session(fp32_path)
+    fp32_session = ort_session(fp32_path, threads=1)
     fp32_ort = accuracy(lambda x: run_ort(fp32_session, (x,))[0], x_test, y_test)
-    fp32_ms = ort_latency_ms(fp32_session, one)
+    sessions = {"fp32": fp32_session}
     batches = [x_train[i * 64:(i + 1) * 64] for i in range(calib_batches)]
     rows = {}
     models = {backend: fxquant.quantize(model, one, batches, backend=backend, progress=False)
@@ -51,14 +55,18 @@ def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8
         result = fxquant.export_onnx(qmodel, x_test[:16], path)
         # The onnxruntime preset runs fused, as deployed; the tensorrt preset is meant for TensorRT, so ORT
         # runs its graph unfused (reference semantics) and its latency here says nothing about TensorRT.
-        session = ort_session(result.path, level="basic" if backend == "tensorrt" else "all")
+        session = sessions[backend] = ort_session(result.path, threads=1,
+                                                  level="basic" if backend == "tensorrt" else "all")
         rows[backend] = {
             "int8_torch": accuracy(qmodel, x_test, y_test),
             "int8_ort": accuracy(lambda x, s=session: run_ort(s, (x,))[0], x_test, y_test),
-            "int8_ms": ort_latency_ms(session, one),
             "agreement_db": result.ort_sqnr_db,
             "path": result.path,
         }
+    latency = interleaved_latency_ms(sessions, one)
+    fp32_ms = latency["fp32"]
+    for backend, row in rows.items():
+        row["int8_ms"] = latency[backend]
     print(f"\n{tuned.summary()}")
     print(f"\n{'backend':<16} {'fp32 torch':>10} {'int8 torch':>10} {'fp32 ORT':>9} {'int8 ORT':>9} "
           f"{'ORT fp32 ms':>11} {'ORT int8 ms':>11} {'ORT~torch dB':>12}  ONNX")
@@ -66,7 +74,8 @@ def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8
         print(f"{backend:<16} {fp32_torch:>10.2f} {r['int8_torch']:>10.2f} {fp32_ort:>9.2f} {r['int8_ort']:>9.2f} "
               f"{fp32_ms:>11.3f} {r['int8_ms']:>11.3f} {r['agreement_db']:>12.1f}  {r['path']}")
     print(f"\nfp32 ONNX: {fp32_path}")
-    print("Accuracy in %, latency at batch 1 (median). The onnxruntime row runs ORT's fused int8 kernels; the "
+    print("Accuracy in %, latency at batch 1, one thread (median of 300 runs, the models timed in turn). The "
+          "onnxruntime row runs ORT's fused int8 kernels; the "
           "tensorrt row is for TensorRT and runs unfused in ORT, as a check of its meaning only; the "
           "onnxruntime+tune row is the onnxruntime model after fxquant.tune (float where int8 is slower).")
     return {"fp32_torch": fp32_torch, "fp32_ort": fp32_ort, "fp32_ms": fp32_ms, "backends": rows,
