@@ -12,7 +12,8 @@ The split: for the outlier channels ``O`` of a Linear's input ``x`` (found on th
 
 ``mask`` zeroes ``O`` before the input quantizer (static or dynamic, so its range no longer holds them), the
 Linear's weight columns ``O`` are zeroed (so its per-row weight ranges no longer hold them either) and a float
-matmul of ``|O|`` channels adds their exact contribution. The function is unchanged in float (tested); the
+matmul of ``|O|`` channels adds their exact contribution (its weight a parameter, so QAT trains it). The
+function is unchanged in float (tested); the
 float side path costs one Mul, one Gather, one ``T x |O| x N`` MatMul and one Add per Linear.
 
 Which channels: those whose calibration maximum ``|x|`` exceeds ``RATIO`` times the median channel's, at most
@@ -150,7 +151,9 @@ def _apply(gm: fx.GraphModule, site: Site, channels: list[int]) -> None:
     for node in site.linears:
         linear = gm.get_submodule(node.target)
         name = f"{node.target.replace('.', '_')}_outlier_weight"
-        gm.register_buffer(name, linear.weight[:, channels].detach().clone())
+        # a parameter, so that QAT after calibrate() trains the outlier channels' weights too
+        gm.register_parameter(name, nn.Parameter(linear.weight[:, channels].detach().clone(),
+                                                 requires_grad=linear.weight.requires_grad))
         linear.weight[:, channels] = 0
         users = list(node.users)
         with graph.inserting_after(node):

@@ -182,3 +182,20 @@ def test_encodings_record_the_split_and_refuse_a_model_without_it(tmp_path) -> N
     fxquant.load_encodings(again, tmp_path / "enc.json")
     x = _batches(1)[0]
     torch.testing.assert_close(fxquant.convert(again)(x), fxquant.convert(calibrated)(x), atol=0, rtol=0)
+
+
+def test_qat_after_calibrate_trains_the_outlier_weights() -> None:
+    model, batches = _model(), _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = fxquant.calibrate(fxquant.prepare_qat(model, batches[0], backend="tensorrt"), batches, progress=False)
+    side = dict(qat.named_parameters())["down_outlier_weight"]
+    assert side.shape == (32, 2) and side.requires_grad
+    before = side.detach().clone()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.1)
+    qat.train()
+    loss = qat(batches[0]).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    assert float((side.detach() - before).abs().max()) > 0  # the float path's weights learn
+    assert float(qat.get_submodule("down").weight.detach()[:, list(MASSIVE)].abs().max()) == 0.0  # masked: no grad
