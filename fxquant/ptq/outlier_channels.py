@@ -13,8 +13,8 @@ The split: for the outlier channels ``O`` of a Linear's input ``x`` (found on th
 ``mask`` zeroes ``O`` before the input quantizer (static or dynamic, so its range no longer holds them), the
 Linear's weight columns ``O`` are zeroed (so its per-row weight ranges no longer hold them either) and a float
 matmul of ``|O|`` channels adds their exact contribution (its weight a parameter, so QAT trains it). The
-function is unchanged in float (tested); the
-float side path costs one Mul, one Gather, one ``T x |O| x N`` MatMul and one Add per Linear.
+function is unchanged in float (tested); the float side path costs one Mul, one Gather, one ``T x |O| x N``
+MatMul and one Add per Linear.
 
 Which channels: those whose calibration maximum ``|x|`` exceeds ``RATIO`` times the median channel's, at most
 ``MAX_CHANNELS`` per Linear. The number kept is searched on the calibration activations (0, 1, 2, ... of those,
