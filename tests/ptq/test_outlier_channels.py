@@ -199,3 +199,35 @@ def test_qat_after_calibrate_trains_the_outlier_weights() -> None:
     optimizer.step()
     assert float((side.detach() - before).abs().max()) > 0  # the float path's weights learn
     assert float(qat.get_submodule("down").weight.detach()[:, list(MASSIVE)].abs().max()) == 0.0  # masked: no grad
+
+
+class TwoReaders(nn.Module):
+    """One LayerNorm output read by two Linears (as q/k/v are): one input quantizer, two side paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.a, self.b = nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.a(h) * self.b(h)
+
+
+def test_a_quantizer_read_by_two_linears_splits_both() -> None:
+    torch.manual_seed(0)
+    model = TwoReaders().eval()
+    with torch.no_grad():
+        model.norm.weight[7] = 40.0  # a LayerNorm outlier channel, left to the split (SmoothQuant off)
+    batches = _batches()
+    prepared = _prepare(model, "onnxruntime_dynamic", smoothquant=False)
+    calibrated = fxquant.calibrate(prepared, batches, progress=False)
+    layers = fxquant.report_of(calibrated).ptq["outlier_channels"].data["layers"]
+    assert layers["a, b"]["channels"] == [7]
+    sides = [n for n in calibrated.graph.nodes if n.target is torch.nn.functional.linear]
+    assert len(sides) == 2
+    for q in calibrated.modules():
+        if isinstance(q, TensorQuantizer):
+            q.set_mode("disabled")
+    for x in batches:
+        torch.testing.assert_close(calibrated(x), model(x), atol=1e-4, rtol=1e-5)
