@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxquant.ptq.activations import Forward
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
 from fxquant.ptq.outlier_channels import split_outlier_channels, splittable
-from fxquant.ptq.report import Forward
 from fxquant.ptq.smoothquant import smoothable, smoothquant
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ptq.report import Forward, PTQReport, plain_forward
-from fxquant.ptq.smoothquant import MAX_ROWS, minmax_fake_quant
+from fxquant.ptq.activations import Forward, float_rows, sites_by_part
+from fxquant.ptq.report import PTQReport
+from fxquant.ptq.smoothquant import minmax_fake_quant
 from fxquant.quantizer import TensorQuantizer
 
 RATIO = 8.0  # an outlier channel's calibration max |x| is above RATIO x the median channel's
@@ -77,33 +76,6 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
         else:
             sites.append(Site(node, node.args[0], linears))
     return sites, notes
-
-
-@torch.no_grad()
-def _collect(model: nn.Module, sites: dict[fx.GraphModule, list[Site]], batches: Iterable,
-             run: Forward | None) -> dict[int, list]:
-    """Rows of every site's quantizer input over the batches (quantizers off)."""
-    rows: dict[int, list[torch.Tensor]] = {}
-    handles = [gm.get_submodule(s.quantizer.target).register_forward_pre_hook(partial(_keep_rows, rows, id(s)))
-               for gm, ss in sites.items() for s in ss]
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("disabled")
-    try:
-        for i, batch in enumerate(batches):
-            (run or plain_forward(model))(i, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
-    return rows
-
-
-def _keep_rows(rows: dict[int, list], key: int, _module: nn.Module, args: tuple) -> None:
-    x = args[0].detach()
-    rows.setdefault(key, []).append(x.reshape(-1, x.shape[-1]).float())
 
 
 def candidates(x: torch.Tensor) -> list[int]:
@@ -175,19 +147,16 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
     """Split the outlier input channels of every eligible Linear of ``model``'s traced parts (float-exact).
     ``run(index, batch)`` runs one batch (calibrate passes its checked runner; default ``model(*batch)``)."""
     report = PTQReport("outlier_channels")
-    sites: dict[fx.GraphModule, list[Site]] = {}
-    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
-        found, notes = find_sites(gm)
-        report.skipped += notes
-        if found:
-            sites[gm] = found
+    sites, notes = sites_by_part(model, find_sites)
+    report.skipped += notes
     if not sites:
         return report
-    rows = _collect(model, sites, batches, run)
+    taps = {id(s): (gm.get_submodule(s.quantizer.target), "input") for gm, ss in sites.items() for s in ss}
+    rows = float_rows(model, taps, batches, run)
     layers = {}
     for gm, ss in sites.items():
         for site in ss:
-            x = torch.cat(rows.get(id(site), []) or [torch.zeros(1, 1)])[:MAX_ROWS]
+            x = rows[id(site)]
             channels = candidates(x)
             if not channels:
                 continue

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from fxquant.state import get_state
-
-Forward = Callable[[int, tuple], object]  # run(batch index, batch): one calibration forward, errors named
 
 
 @dataclass
@@ -53,8 +48,3 @@ def attach(model: object, report: PTQReport) -> None:
     state = get_state(model)
     if state is not None:
         state.report.ptq[report.name] = report
-
-
-def plain_forward(model: nn.Module) -> Forward:
-    """``model(*batch)``, for PTQ passes called outside calibrate()."""
-    return lambda _index, batch: model(*batch)

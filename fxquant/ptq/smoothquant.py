@@ -18,18 +18,16 @@ are skipped, with the reason, in ``report_of(prepared).ptq["smoothquant"]``.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import fx, nn
 
-from fxquant.ptq.report import Forward, PTQReport, plain_forward
+from fxquant.ptq.activations import Forward, float_rows, sites_by_part
+from fxquant.ptq.report import PTQReport
 from fxquant.quantizer import TensorQuantizer
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-MAX_ROWS = 8192  # activation rows (tokens) kept per LayerNorm for the search
 
 
 @dataclass
@@ -119,34 +117,6 @@ def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric:
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, groups: dict[fx.GraphModule, list[Group]], batches: Iterable,
-             run: Forward | None) -> dict[int, list]:
-    """Rows of every group's LayerNorm output over the batches (quantizers off)."""
-    rows: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for gm, gs in groups.items():
-        for g in gs:
-            handles.append(gm.get_submodule(g.norm.target).register_forward_hook(partial(_keep_rows, rows, id(g))))
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("disabled")
-    try:
-        for i, batch in enumerate(batches):
-            (run or plain_forward(model))(i, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
-    return rows
-
-
-def _keep_rows(rows: dict[int, list], key: int, _module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
-    rows.setdefault(key, []).append(out.detach().reshape(-1, out.shape[-1]).float())
-
-
-@torch.no_grad()
 def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
     norm = gm.get_submodule(g.norm.target)
     norm.weight.div_(s.to(norm.weight.dtype))
@@ -176,20 +146,17 @@ def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> 
     """Smooth every eligible LayerNorm -> Linear group of ``model``'s traced parts in place (float-exact).
     ``run(index, batch)`` runs one batch (calibrate passes its checked runner; default ``model(*batch)``)."""
     report = PTQReport("smoothquant")
-    groups: dict[fx.GraphModule, list[Group]] = {}
-    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
-        found, notes = find_groups(gm)
-        report.skipped += notes
-        if found:
-            groups[gm] = found
+    groups, notes = sites_by_part(model, find_groups)
+    report.skipped += notes
     if not groups:
         report.skipped.append("no LayerNorm feeds a Linear: nothing to smooth")
         return report
-    rows = _collect(model, groups, batches, run)
+    taps = {id(g): (gm.get_submodule(g.norm.target), "output") for gm, gs in groups.items() for g in gs}
+    rows = float_rows(model, taps, batches, run)
     layers = {}
     for gm, gs in groups.items():
         for g in gs:
-            x = torch.cat(rows.get(id(g), []) or [torch.zeros(1, 1)])[:MAX_ROWS]
+            x = rows[id(g)]
             spec = g.quantizer.spec if g.quantizer is not None else None
             bits, symmetric = (8, True) if spec is None else (spec.num_bits, spec.symmetric)
             linears = [gm.get_submodule(n.target) for n in g.linears]

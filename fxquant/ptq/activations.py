@@ -1,0 +1,73 @@
+"""What the calibrate-time PTQ passes (SmoothQuant, outlier channels) share: the sites they find in each traced
+part, and the float activations they decide on (what chosen modules read or return over the calibration
+batches, with every quantizer off)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import TypeVar
+
+import torch
+from torch import fx, nn
+
+from fxquant.quantizer import TensorQuantizer
+
+Forward = Callable[[int, tuple], object]  # run(batch index, batch): one calibration forward, errors named
+T = TypeVar("T")
+MAX_ROWS = 8192  # activation rows (tokens) kept per tap for the passes' searches
+
+
+def sites_by_part(model: nn.Module, find: Callable[[fx.GraphModule], tuple[list[T], list[str]]]
+                  ) -> tuple[dict[fx.GraphModule, list[T]], list[str]]:
+    """``find(gm) -> (sites, notes)`` over every traced part of ``model``: the parts with sites, and all notes."""
+    sites: dict[fx.GraphModule, list[T]] = {}
+    notes: list[str] = []
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        found, skipped = find(gm)
+        notes += skipped
+        if found:
+            sites[gm] = found
+    return sites, notes
+
+
+def plain_forward(model: nn.Module) -> Forward:
+    """``model(*batch)``, for PTQ passes called outside calibrate()."""
+    return lambda _index, batch: model(*batch)
+
+
+@torch.no_grad()
+def float_rows(model: nn.Module, taps: Mapping[int, tuple[nn.Module, str]], batches: Iterable,
+               run: Forward | None = None) -> dict[int, torch.Tensor]:
+    """Per tap ``key -> (module, "input" | "output")``: the rows (last dimension = channels, at most
+    ``MAX_ROWS``, float32) of what that module reads or returns over ``batches``, every quantizer disabled.
+    A tap that never ran gets one row of zeros."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    handles = [module.register_forward_pre_hook(partial(_keep_input, rows, key)) if where == "input"
+               else module.register_forward_hook(partial(_keep_output, rows, key))
+               for key, (module, where) in taps.items()]
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.set_mode("disabled")
+    try:
+        for i, batch in enumerate(batches):
+            (run or plain_forward(model))(i, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)
+    return {key: torch.cat(rows.get(key) or [torch.zeros(1, 1)])[:MAX_ROWS] for key in taps}
+
+
+def _keep(rows: dict[int, list], key: int, x: torch.Tensor) -> None:
+    rows.setdefault(key, []).append(x.detach().reshape(-1, x.shape[-1]).float())
+
+
+def _keep_input(rows: dict[int, list], key: int, _module: nn.Module, args: tuple) -> None:
+    _keep(rows, key, args[0])
+
+
+def _keep_output(rows: dict[int, list], key: int, _module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+    _keep(rows, key, out)
