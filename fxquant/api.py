@@ -114,7 +114,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
         try:
             batches = list(batches)  # the model's inputs per batch, as selected and checked
             ptq.before_calibrate(prepared, batches, state.config, state.report,
-                                 lambda i, batch: run_batch(prepared, batch, i, checked.expected))
+                                 lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
         except BaseException:
             clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
             raise

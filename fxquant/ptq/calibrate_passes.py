@@ -7,8 +7,11 @@ The PTQ passes of prepare (BatchNorm statistics, equalization, bias absorption) 
 
 from __future__ import annotations
 
+import warnings
+
 from torch import fx, nn
 
+from fxquant.errors import ConfigError
 from fxquant.ptq.activations import Forward
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
@@ -38,18 +41,30 @@ def needs_data(prepared: nn.Module, config: QuantConfig, report: PrepareReport) 
 
 
 def before_calibrate(prepared: nn.Module, batches: list, config: QuantConfig, report: PrepareReport,
-                     run: Forward) -> None:
+                     run: Forward, distributed: bool = False) -> None:
     """SmoothQuant, then the outlier-channel split, on the calibration batches, before ranges are calibrated
     (each once per prepared model), each batch through ``run``. "auto" reports a pass only where it changed
-    something."""
-    if smooths(prepared, config, report):
-        result = smoothquant(prepared, batches, run)
-        if result.done or config.smoothquant is True:
-            report.ptq["smoothquant"] = result
-    if splits(prepared, config, report):
-        result = split_outlier_channels(prepared, batches, run)
-        if result.done or config.outlier_channels is True:
-            report.ptq["outlier_channels"] = result
+    something. Under distributed calibration they would decide from each rank's own batches and change the
+    ranks' models differently: "auto" skips them (with a warning and a note), True raises."""
+    for name, wanted, run_pass in (("smoothquant", smooths, smoothquant), ("outlier_channels", splits,
+                                                                         split_outlier_channels)):
+        if not wanted(prepared, config, report):
+            continue
+        setting = getattr(config, name)
+        if distributed:
+            why = (f"{name} decides from each rank's own calibration batches, so the ranks would change their "
+                   "models differently")
+            fix = (f"calibrate on one rank (fxquant.calibrate(..., distributed=False) under `if rank == 0`) to "
+                   f"run it, or set QuantConfig({name}=False)")
+            if setting is True:
+                raise ConfigError(f"QuantConfig({name}=True) under distributed calibration: {why}; {fix}")
+            note = f"{name} skipped under distributed calibration: {why}; {fix}"
+            report.skipped.append(note)
+            warnings.warn(note, stacklevel=3)
+            continue
+        result = run_pass(prepared, batches, run)
+        if result.done or setting is True:
+            report.ptq[name] = result
 
 
 def after_calibrate(prepared: fx.GraphModule, batches: list, config: QuantConfig, progress: bool) -> None:

@@ -159,6 +159,40 @@ def _run_scenario(rank: int, setups: list[tuple]) -> dict:
     return {"quantizers": _record(prepared), "keys": _keys(prepared)}
 
 
+class _FFN(nn.Module):
+    """Linear -> GELU -> Linear whose hidden channel 3 is massive: the outlier split would fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.act, self.down = nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
+        with torch.no_grad():
+            self.up.bias[3] = 30.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+def _run_data_driven_pass(rank: int, setting: object) -> dict:
+    """calibrate() with the outlier split asked for ("auto" or True) under distributed calibration."""
+    torch.manual_seed(rank)
+    batches = [torch.randn(2, 8, 16) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare(_FFN().eval(), batches[0], backend="onnxruntime",
+                                   config=QuantConfig(outlier_channels=setting))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fxquant.calibrate(prepared, batches, progress=False)
+        except fxquant.FxQuantError as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+    report = fxquant.report_of(prepared)
+    return {"split": "outlier_channels" in report.ptq, "skipped": list(report.skipped),
+            "warnings": [str(w.message) for w in caught], "calibrated": all(
+                q.is_calibrated for q in prepared.modules() if isinstance(q, fxquant.TensorQuantizer))}
+
+
 def _worker(rank: int, port: int, group_name: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -169,6 +203,9 @@ def _worker(rank: int, port: int, group_name: str, out: str) -> None:
     try:
         for name, setups in (AGREE if group_name == "agree" else DISAGREE).items():
             results[name] = _run_scenario(rank, setups)
+        if group_name == "agree":
+            results["split-auto"] = _run_data_driven_pass(rank, "auto")
+            results["split-true"] = _run_data_driven_pass(rank, True)
     finally:
         torch.save(results, out)
         dist.destroy_process_group()
@@ -341,6 +378,18 @@ def test_the_group_keeps_working_after_a_disagreement(disagree):
     want = _single("tensorrt", "entropy", _batches())
     for name in want:
         assert torch.equal(got[name]["scale"], want[name]["scale"]), name
+
+
+def test_data_driven_graph_passes_are_skipped_with_a_warning_under_distributed_calibration(agree):
+    # each rank would pick its own outlier channels from its own batches: "auto" skips and says so, on every rank
+    for rank in agree:
+        auto = rank["split-auto"]
+        assert auto["calibrated"] and not auto["split"]
+        note = "outlier_channels skipped under distributed calibration"
+        assert any(note in s for s in auto["skipped"]) and any(note in w for w in auto["warnings"])
+        assert "distributed=False" in next(s for s in auto["skipped"] if note in s)
+        assert rank["split-true"]["error"].startswith("ConfigError: QuantConfig(outlier_channels=True) under "
+                                                      "distributed calibration")
 
 
 if __name__ == "__main__":
