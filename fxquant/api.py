@@ -110,14 +110,6 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     if merge and not dist_calib.is_distributed():
         raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
                                "(dist.init_process_group) on every rank")
-    if ptq.needs_data(prepared, state.config, state.report):
-        try:
-            batches = list(batches)  # the model's inputs per batch, as selected and checked
-            ptq.before_calibrate(prepared, batches, state.config, state.report,
-                                 lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
-        except BaseException:
-            clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
-            raise
     was_training = prepared.training
     prepared.eval()
     user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
@@ -130,6 +122,11 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     constants = [q for q in quantizers.values() if q.constant]  # weights, layer scales: the same every batch
     count = 0
     try:
+        if ptq.needs_data(prepared, state.config, state.report, merge):
+            batches = list(batches)  # the model's inputs per batch, as selected and checked
+        # SmoothQuant and the outlier split (eval mode, quantizers off): they change what is calibrated next
+        ptq.before_calibrate(prepared, batches, state.config, state.report,
+                             lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
         if merge:
             dist_calib.await_ranks()  # every rank must be here: detect a calibrate on one rank only
         for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):

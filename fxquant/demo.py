@@ -11,22 +11,7 @@ import torch
 import fxquant
 from fxquant.demo_model import accuracy, load_digits_split, train_digits
 from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
-
-
-def interleaved_latency_ms(sessions: dict[str, object], x: torch.Tensor, runs: int = 300) -> dict[str, float]:
-    """Median wall time (ms) of one ORT run of each session on ``x``, the sessions timed in turn (the order
-    rotating every round) so that machine noise hits all of them alike."""
-    names = list(sessions)
-    for _ in range(20):
-        for name in names:
-            run_ort(sessions[name], (x,))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(runs):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            run_ort(sessions[name], (x,))
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+from fxquant.lower.ort_latency import interleaved_session_ms
 
 
 def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8) -> dict:
@@ -63,7 +48,8 @@ def run_demo(out_dir: str = "fxquant_out", seed: int = 0, calib_batches: int = 8
             "agreement_db": result.ort_sqnr_db,
             "path": result.path,
         }
-    latency = interleaved_latency_ms(sessions, one)
+    times = interleaved_session_ms(list(sessions.values()), [one.numpy()], runs=300, warmup=20)
+    latency = dict(zip(sessions, (statistics.median(t) for t in times), strict=True))
     fp32_ms = latency["fp32"]
     for backend, row in rows.items():
         row["int8_ms"] = latency[backend]

@@ -65,14 +65,19 @@ def interleaved_ms(protos: list[onnx.ModelProto], inputs: list[np.ndarray], runs
                    warmup: int = 5) -> list[list[float]]:
     """Wall times (ms) of ``runs`` one-thread runs of each model, rotating the order every round so machine
     noise hits all alike."""
-    sessions = [session(p) for p in protos]
+    return interleaved_session_ms([session(p) for p in protos], inputs, runs, warmup)
+
+
+def interleaved_session_ms(sessions: list[ort.InferenceSession], inputs: list[np.ndarray], runs: int = 30,
+                           warmup: int = 5) -> list[list[float]]:
+    """``interleaved_ms`` for sessions already built (any options)."""
     feeds = [feeds_for(s, inputs) for s in sessions]
     for _ in range(warmup):
         for s, f in zip(sessions, feeds, strict=True):
             s.run(None, f)
-    times: list[list[float]] = [[] for _ in protos]
+    times: list[list[float]] = [[] for _ in sessions]
     for r in range(runs):
-        for k in [(r + i) % len(protos) for i in range(len(protos))]:
+        for k in [(r + i) % len(sessions) for i in range(len(sessions))]:
             start = time.perf_counter()
             sessions[k].run(None, feeds[k])
             times[k].append((time.perf_counter() - start) * 1e3)

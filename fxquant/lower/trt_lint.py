@@ -59,7 +59,7 @@ def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
             consumers.setdefault(i, []).append(n)
     findings = []
     for node in graph.node:
-        if node.op_type in WEIGHTED and _outlier_side_path(node, producer, inits):
+        if _outlier_side_path(node, producer, inits):
             continue  # float by design: fxquant.ptq.outlier_channels, listed in report_of(model).ptq
         if node.op_type in WEIGHTED:
             operands = node.input[:2]

@@ -8,6 +8,7 @@ The PTQ passes of prepare (BatchNorm statistics, equalization, bias absorption) 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 from torch import fx, nn
 
@@ -34,21 +35,28 @@ def splits(prepared: nn.Module, config: QuantConfig, report: PrepareReport) -> b
         config.outlier_channels is True or splittable(prepared))
 
 
-def needs_data(prepared: nn.Module, config: QuantConfig, report: PrepareReport) -> bool:
+def needs_data(prepared: nn.Module, config: QuantConfig, report: PrepareReport, distributed: bool = False) -> bool:
     """True when calibrate() reads its batches more than once (so it keeps them in a list)."""
     return (bool(config.adaround_options) or config.bias_correction_method == "empirical"
-            or smooths(prepared, config, report) or splits(prepared, config, report))
+            or (not distributed and (smooths(prepared, config, report) or splits(prepared, config, report))))
 
 
-def before_calibrate(prepared: nn.Module, batches: list, config: QuantConfig, report: PrepareReport,
+# calibrate()'s data-driven passes that change the model: (name, whether it applies, the pass, whether skipping
+# it under distributed calibration warns). SmoothQuant's trigger (a LayerNorm feeding Linears) means a
+# transformer that loses accuracy without it; the split's (any Linear) also fits every CNN head, where a warning
+# would be noise: the report note says it.
+MODEL_CHANGING = (("smoothquant", smooths, smoothquant, True),
+                  ("outlier_channels", splits, split_outlier_channels, False))
+
+
+def before_calibrate(prepared: nn.Module, batches: Iterable, config: QuantConfig, report: PrepareReport,
                      run: Forward, distributed: bool = False) -> None:
     """SmoothQuant, then the outlier-channel split, on the calibration batches, before ranges are calibrated
     (each once per prepared model), each batch through ``run``. "auto" reports a pass only where it changed
     something. Under distributed calibration they would decide from each rank's own batches and change the
-    ranks' models differently: "auto" skips them (with a warning and a note), True raises."""
-    for name, wanted, run_pass in (("smoothquant", smooths, smoothquant), ("outlier_channels", splits,
-                                                                         split_outlier_channels)):
-        if not wanted(prepared, config, report):
+    ranks' models differently: "auto" skips them (with a report note), True raises."""
+    for name, applies, run_pass, warn in MODEL_CHANGING:
+        if not applies(prepared, config, report):
             continue
         setting = getattr(config, name)
         if distributed:
@@ -60,7 +68,8 @@ def before_calibrate(prepared: nn.Module, batches: list, config: QuantConfig, re
                 raise ConfigError(f"QuantConfig({name}=True) under distributed calibration: {why}; {fix}")
             note = f"{name} skipped under distributed calibration: {why}; {fix}"
             report.skipped.append(note)
-            warnings.warn(note, stacklevel=3)
+            if warn:
+                warnings.warn(note, stacklevel=3)
             continue
         result = run_pass(prepared, batches, run)
         if result.done or setting is True:

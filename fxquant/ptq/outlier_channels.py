@@ -78,9 +78,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
     return sites, notes
 
 
-def candidates(x: torch.Tensor) -> list[int]:
+def candidates(channel_max: torch.Tensor) -> list[int]:
     """The channels whose max |x| is above RATIO x the median channel's, largest first (at most MAX_CHANNELS)."""
-    channel_max = x.abs().amax(0)
     order = channel_max.argsort(descending=True)[:MAX_CHANNELS]
     limit = RATIO * channel_max.median()
     return [int(c) for c in order if channel_max[c] > limit]
@@ -157,7 +156,8 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
     for gm, ss in sites.items():
         for site in ss:
             x = rows[id(site)]
-            channels = candidates(x)
+            channel_max = x.abs().amax(0)
+            channels = candidates(channel_max)
             if not channels:
                 continue
             act = gm.get_submodule(site.quantizer.target)
@@ -167,7 +167,6 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
             k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels)
             readers = ", ".join(n.target for n in site.linears)
             layers[readers] = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
-            channel_max = x.abs().amax(0)
             if k == 0:
                 report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
                                       f"(median channel {channel_max.median():.3g}), but running them in float "

@@ -381,12 +381,13 @@ def test_the_group_keeps_working_after_a_disagreement(disagree):
 
 
 def test_data_driven_graph_passes_are_skipped_with_a_warning_under_distributed_calibration(agree):
-    # each rank would pick its own outlier channels from its own batches: "auto" skips and says so, on every rank
+    # each rank would pick its own outlier channels from its own batches: "auto" skips and says so in the report
+    # on every rank (no warning: the split's trigger, any Linear, fits every CNN head)
     for rank in agree:
         auto = rank["split-auto"]
         assert auto["calibrated"] and not auto["split"]
         note = "outlier_channels skipped under distributed calibration"
-        assert any(note in s for s in auto["skipped"]) and any(note in w for w in auto["warnings"])
+        assert any(note in s for s in auto["skipped"]) and not any(note in w for w in auto["warnings"])
         assert "distributed=False" in next(s for s in auto["skipped"] if note in s)
         assert rank["split-true"]["error"].startswith("ConfigError: QuantConfig(outlier_channels=True) under "
                                                       "distributed calibration")
