@@ -83,13 +83,18 @@ def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, seed: int, batch_size: int,
         lr: float) -> nn.Module:
-    """AdamW + one-cycle schedule over ``run_epochs``; returns ``model`` in eval mode. Call
-    ``torch.manual_seed(seed)`` before building ``model`` for reproducible weights."""
+    """AdamW + one-cycle schedule over ``run_epochs``; returns ``model`` (float32) in eval mode. Call
+    ``torch.manual_seed(seed)`` before building ``model`` for reproducible weights.
+
+    Trains in float64: float32 sums depend on the CPU's vector width (AVX2 and AVX-512 kernels add in other
+    orders), and training amplifies those differences into different weights; in float64 they stay far below
+    float32's resolution, so the same seed gives the same float32 model on any x86 CPU."""
+    model.double()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(y_train) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    run_epochs(model, opt, x_train, y_train, epochs, seed, batch_size, sched)
-    return model
+    run_epochs(model, opt, x_train.double(), y_train, epochs, seed, batch_size, sched)
+    return model.float()
 
 
 def train_digits(epochs: int = 12, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,

@@ -50,6 +50,7 @@ from fxquant.lower.onnx_passes import (
 from fxquant.lower.ort_attention import multi_head_attention
 from fxquant.lower.ort_fusion import FusionReport, fusion_report
 from fxquant.lower.ort_latency import LatencyCheck
+from fxquant.lower.ort_targets import check_target, host_target, run_as
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
@@ -81,17 +82,22 @@ class ExportResult:
 
 def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, path: str | os.PathLike,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, verify: bool = True,
-                check_latency: bool = True) -> ExportResult:
+                check_latency: bool = True, check_cpu: str | None = None) -> ExportResult:
     """Export a converted model to QDQ ONNX at ``path``; check it with onnx.checker and, with ``verify``,
     run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``.
 
     For a backend verified as deployed in ORT (``Backend.verify_level == "all"``) export also reports the ops
     meant to run in int8 that ORT did not fuse (``ExportResult.fusion``) and, with ``check_latency``, times the
-    int8 model against its float twin on ``example_inputs`` (one thread), warning where int8 is slower."""
+    int8 model against its float twin on ``example_inputs`` (one thread), warning where int8 is slower.
+    ``check_cpu`` runs the ORT check as that CPU target (``fxquant.lower.ort_targets``: "vnni" or "avx2";
+    ORT's int8 kernels compute differently on each): None runs it on this machine, a target this machine is
+    not runs under the qemu-x86_64 emulator (small models: it is slow)."""
     state = get_state(model)
     if state is None or state.stage != "converted":
         raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
+    if check_cpu is not None:
+        check_target(check_cpu)
     if not isinstance(opset, int) or opset < 13:
         raise ConfigError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
     for name, m in model.named_modules():
@@ -136,10 +142,11 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.verify_level).
     with atomic_file(path) as tmp:  # the file appears only once the export and its check succeeded
         onnx.save(proto, tmp)
-        agreement = verify_in_ort(model, inputs, tmp, state.backend.verify_level) if verify else None
+        agreement = verify_in_ort(model, inputs, tmp, state.backend.verify_level, check_cpu) if verify else None
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
+        cause = _low_agreement_cause(model, state.backend, check_cpu or host_target())
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
-                      f"(< {MIN_AGREEMENT_DB} dB). {_low_agreement_cause(model, state.backend)}", stacklevel=2)
+                      f"(< {MIN_AGREEMENT_DB} dB). {cause}", stacklevel=2)
     # ops meant to run in int8 that ORT's optimized graph left in float: a backend verified as deployed only
     fusion = fusion_report(path) if verify and state.backend.verify_level == "all" else None
     if fusion is not None and fusion.unfused:
@@ -156,17 +163,20 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     return ExportResult(path, proto, agreement, fusion, latency, lint)
 
 
-def _low_agreement_cause(model: torch.nn.Module, backend: Backend) -> str:
-    """The likeliest reason for a low ORT agreement, from the model's quantizer widths."""
+def _low_agreement_cause(model: torch.nn.Module, backend: Backend, cpu: str | None) -> str:
+    """The likeliest reason for a low ORT agreement, from the model's quantizer widths and the CPU target ORT
+    ran as (``cpu``: only pre-VNNI x86 saturates)."""
     widths = [(m.num_bits, m.scale.dim() > 0) for m in model.modules() if hasattr(m, "num_bits")]
     narrowest = min((bits for bits, _ in widths), default=8)
     if narrowest < 7:
         return (f"With {narrowest}-bit quantizers every float rounding difference between torch and ORT flips a whole "
                 f"1/{2 ** narrowest} of a range, so low agreement is expected at this width: judge the model by its "
                 "accuracy in ORT")
-    if backend.verify_level == "all" and any(bits == 8 and per_channel for bits, per_channel in widths):
-        return ("On x86 CPUs without VNNI this can be ORT's u8s8 saturation with 8-bit weights: keep the weight "
-                "spec the backend chooses (Backend.saturation_aware_weights) or use 7-bit weights")
+    eight_bit_weights = any(bits == 8 and per_channel for bits, per_channel in widths)
+    if cpu == "avx2" and backend.verify_level == "all" and eight_bit_weights:
+        return ("ORT ran as an x86 CPU without VNNI, where 8-bit weights can hit ORT's u8s8 saturation (adjacent "
+                "products added in int16): keep the weight spec the backend chooses "
+                "(Backend.saturation_aware_weights) or use 7-bit weights")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
             "so agreement tracks the model's own int8-vs-fp32 SQNR: check that first (fxquant.sensitivity)")
 
@@ -275,11 +285,13 @@ def run_ort(session, inputs: tuple) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str = "all") -> float:
-    """Worst SQNR (dB) over the outputs of ONNX Runtime against the fake-quant model's on ``inputs``."""
+def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str = "all",
+                  cpu: str | None = None) -> float:
+    """Worst SQNR (dB) over the outputs of ONNX Runtime (run as the CPU target ``cpu``; None: this machine)
+    against the fake-quant model's on ``inputs``."""
     with torch.no_grad():
         expected = [t for _, t in flat_outputs(model(*clones(inputs)))]
-    got = run_ort(ort_session(path, level=level), inputs)
+    got = run_as(cpu, path, [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)], level)
     if len(got) != len(expected):
         raise ConversionError(f"the ONNX model has {len(got)} outputs but the torch model returns {len(expected)}")
     return min(sqnr(e, torch.from_numpy(np.asarray(g))) for e, g in zip(expected, got, strict=True))

@@ -9,6 +9,11 @@ The values are unchanged (bit for bit); only what ORT's graph optimizer makes of
   kernel (ORT 1.32, x86) runs 4-6x slower than its own Add plus LayerNormalization kernels (measured: 62 vs
   14 us per call at 24 x 384, 323 vs 51 us at 128 x 384, one thread; 12-14 % of all-MiniLM-L6-v2's int8 run
   time). The residual add is written as the equivalent ``Sum``, which that fusion does not match.
+- ``float_layers_stay_float``: ORT's WeightBiasQuantization (graph level 1) quantizes the float weight of a
+  Conv/ConvTranspose/Gemm to per-tensor int8 with its own scale when the op reads a per-tensor
+  DequantizeLinear and feeds a QuantizeLinear: a layer left float (an exclusion, mixed precision, ``tune``) between
+  int8 neighbours would silently run in int8. Such an op reads its input through its own DequantizeLinear with the
+  scale and zero point repeated along the channel axis (the same values), which that transform does not match.
 """
 
 from __future__ import annotations
@@ -91,6 +96,51 @@ def plain_residual_layernorm(proto: onnx.ModelProto) -> int:
     return done
 
 
+def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int]:
+    """(channel axis of input 0, its size) for a Conv/ConvTranspose/Gemm with ``weight``."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        return 1, weight.shape[1] * attrs.get("group", 1)
+    if node.op_type == "ConvTranspose":
+        return 1, weight.shape[0]
+    return (0 if attrs.get("transA", 0) else 1), weight.shape[1 if attrs.get("transB", 0) else 0]
+
+
+def float_layers_stay_float(proto: onnx.ModelProto) -> int:
+    """Give every Conv/ConvTranspose/Gemm with a float weight initializer that reads a per-tensor
+    DequantizeLinear its own per-channel DequantizeLinear of the same values; returns how many."""
+    graph = proto.graph
+    floats = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    producer = {o: n for n in graph.node for o in n.output}
+    users = consumers(graph)
+    constants = _constants(graph)
+    done = 0
+    for node in [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]:
+        dq = producer.get(node.input[0])
+        if len(node.input) < 2 or node.input[1] not in floats or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        scale = constants.get(dq.input[1])
+        zero = constants.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if scale is None or scale.size != 1 or (len(dq.input) > 2 and dq.input[2] and zero is None):
+            continue
+        axis, channels = _input_channels(node, numpy_helper.to_array(floats[node.input[1]]))
+        name = f"{node.name or node.output[0]}.input_dequantize"
+        inputs = [dq.input[0], f"{name}.scale"]
+        graph.initializer.append(numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), inputs[1]))
+        if zero is not None:
+            inputs.append(f"{name}.zero_point")
+            graph.initializer.append(numpy_helper.from_array(np.full(channels, zero.reshape(()), zero.dtype),
+                                                             inputs[2]))
+        per_channel = onnx.helper.make_node("DequantizeLinear", inputs, [f"{name}.output"], name=name, axis=axis)
+        graph.node.insert(list(graph.node).index(node), per_channel)
+        if len(users[node.input[0]]) == 1 and node.input[0] not in {o.name for o in graph.output}:
+            graph.node.remove(dq)  # the per-tensor DequantizeLinear fed only this op
+        node.input[0] = per_channel.output[0]
+        done += 1
+    return done
+
+
 def for_ort_cpu(proto: onnx.ModelProto) -> dict[str, int]:
-    """Run both passes; how many sites each rewrote."""
-    return {"gelu": fusable_gelu(proto), "residual_layernorm": plain_residual_layernorm(proto)}
+    """Run the passes; how many sites each rewrote."""
+    return {"gelu": fusable_gelu(proto), "residual_layernorm": plain_residual_layernorm(proto),
+            "float_layers": float_layers_stay_float(proto)}

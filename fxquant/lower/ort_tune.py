@@ -92,13 +92,18 @@ def plan(proto: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 30) -> Tu
     steps = _steps(order, losing)
     built = [float_units(proto, set(step)) for step in steps]
     times = [statistics.median(t) for t in interleaved_ms([twin] + [p for p, _ in built], inputs, runs)]
-    float_ms = times[0]
-    candidates = [Candidate(step, ms, float_ms) for step, ms in zip(steps, times[1:], strict=True)]
-    allowed = [c for c in candidates if c.ms <= float_ms] or [candidates[-1]]  # all-float: the float model
-    chosen = min(allowed, key=lambda c: (c.ms, len(c.floated)))
+    candidates = [Candidate(step, ms, times[0]) for step, ms in zip(steps, times[1:], strict=True)]
+    chosen = choose(candidates)
     quantizers = built[candidates.index(chosen)][1]
     floated = {u: _why(unit_us[u], chosen) for u in chosen.floated}
     return TunePlan(floated, quantizers, unit_us, candidates, chosen, len(names))
+
+
+def choose(candidates: list[Candidate]) -> Candidate:
+    """The fastest candidate not slower than the float twin (fewer float units on a tie); the last candidate,
+    every unit float (the float model itself), when each one with an int8 unit was slower."""
+    allowed = [c for c in candidates if c.ms <= c.float_ms] or [candidates[-1]]
+    return min(allowed, key=lambda c: (c.ms, len(c.floated)))
 
 
 def _why(us: tuple[float, float], chosen: Candidate) -> str:

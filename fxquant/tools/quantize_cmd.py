@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections import Counter
 
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         ("BatchNorm folded", str(len(report["folded_bn"]))),
         ("ONNX Q / DQ nodes", f"{ops['QuantizeLinear']} / {ops['DequantizeLinear']} (of {sum(ops.values())})"),
         ("fake-quant vs fp32", f"{int8_db:.1f} dB SQNR on the first calibration batch"),
-        ("ONNX Runtime vs fake-quant", f"{result.ort_sqnr_db:.1f} dB SQNR"),
+        ("ONNX Runtime vs fake-quant", "identical outputs (bit for bit)" if math.isinf(result.ort_sqnr_db)
+         else f"{result.ort_sqnr_db:.1f} dB SQNR"),
         *([("tune", tuned.summary().splitlines()[0].removeprefix("tune: "))] if tuned else []),
         ("time", clock.summary()),
         ("written", f"{os.path.abspath(out)} ({os.path.getsize(out) / 1e6:.2f} MB)"),

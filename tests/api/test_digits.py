@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -64,3 +65,28 @@ def test_prepared_and_converted_models_agree_bit_for_bit(digits, backend):
     fxquant.calibrate(prepared, [x_train[i:i + 64] for i in range(0, 256, 64)], progress=False)
     with torch.no_grad():
         assert torch.equal(prepared(x_test), fxquant.convert(prepared)(x_test))
+
+
+_TRAIN = """
+import sys, torch
+from fxquant.demo_model import load_digits_split, train_digits
+torch.set_num_threads(2)
+model = train_digits(epochs=3, seed=0, data=load_digits_split(seed=0))
+torch.save(model.state_dict(), sys.argv[1])
+"""
+
+
+def test_digits_training_gives_the_same_weights_with_avx2_and_avx512_kernels(tmp_path):
+    """Tests pin accuracy margins on models trained here, so training must not depend on the CPU: the same seed
+    gives the same float32 weights whether torch runs its AVX2 or AVX-512 kernels (float64 training keeps the
+    different summation orders far below float32's resolution). On an AVX2-only machine both runs are AVX2."""
+    weights = {}
+    for isa in ("avx2", "avx512"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": "AVX2" if isa == "avx2" else "ALL",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX2" if isa == "avx2" else "AVX512"}
+        out = subprocess.run([sys.executable, "-c", _TRAIN, str(tmp_path / f"{isa}.pt")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        weights[isa] = torch.load(tmp_path / f"{isa}.pt")
+    worst = max(float((weights["avx2"][k].float() - weights["avx512"][k].float()).abs().max()) for k in weights["avx2"])
+    assert worst <= 1e-6, worst

@@ -12,6 +12,8 @@ from torch import nn
 import fxquant
 from fxquant import Override, QuantConfig, QuantSpec
 from fxquant.backends import get_backend
+from fxquant.lower.onnx_export import _low_agreement_cause
+from tests.cpus import needs_vnni
 
 
 class Named(nn.Module):
@@ -80,14 +82,19 @@ def test_tensorrt_metadata_defaults(tmp_path):
         "tensorrt", get_backend("tensorrt").activation.calib_method, "")
 
 
-@pytest.mark.parametrize(("backend", "config", "cause"), [
+EIGHT_BIT_WEIGHTS = QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))
+
+
+@pytest.mark.parametrize(("backend", "config", "cpu", "cause"), [
     ("onnxruntime", QuantConfig(weight=QuantSpec(4, axis=0, narrow_range=True),
-                                activation=QuantSpec(4, symmetric=False)), "With 4-bit quantizers"),
-    ("onnxruntime", QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True)), "u8s8 saturation"),
-    ("tensorrt", None, "int8-vs-fp32 SQNR"),
+                                activation=QuantSpec(4, symmetric=False)), None, "With 4-bit quantizers"),
+    # the CPU ORT runs as decides: pre-VNNI x86 (AVX2) saturates 8-bit weight pairs, VNNI/AMX accumulate exactly
+    ("onnxruntime", EIGHT_BIT_WEIGHTS, "avx2", "u8s8 saturation"),
+    ("tensorrt", None, None, "int8-vs-fp32 SQNR"),
 ])
-def test_low_agreement_warning_names_the_likely_cause(tmp_path, monkeypatch, backend, config, cause):
-    """The warning's advice fits the model: narrow widths, 8-bit weights on ORT without VNNI, or neither."""
+def test_low_agreement_warning_names_the_likely_cause(tmp_path, monkeypatch, backend, config, cpu, cause):
+    """The warning's advice fits the model and the CPU ORT ran as: narrow widths, 8-bit weights on an x86 CPU
+    without VNNI (run as one under qemu when this machine has VNNI), or neither."""
     monkeypatch.setattr("fxquant.lower.onnx_export.MIN_AGREEMENT_DB", float("inf"))  # always warn
     torch.manual_seed(0)
     x = torch.randn(8, 3, 12, 12)
@@ -95,6 +102,23 @@ def test_low_agreement_warning_names_the_likely_cause(tmp_path, monkeypatch, bac
         warnings.simplefilter("ignore")
         qmodel = fxquant.quantize(Named().eval(), x[:1], [x], backend=backend, config=config, progress=False)
     with pytest.warns(UserWarning, match="agrees with the fake-quant model at only") as record:
-        fxquant.export_onnx(qmodel, x[:4], tmp_path / "m.onnx")
+        fxquant.export_onnx(qmodel, x[:4], tmp_path / "m.onnx", check_cpu=cpu)
     messages = [str(w.message) for w in record if "agrees with" in str(w.message)]
     assert len(messages) == 1 and cause in messages[0], messages
+
+
+@needs_vnni
+def test_eight_bit_weights_on_a_vnni_cpu_agree_and_are_not_blamed_on_saturation(tmp_path):
+    """VNNI/AMX accumulate u8s8 products exactly: the same plain 8-bit model that saturates as AVX2 agrees with
+    the fake-quant model here, and a low agreement would not be put down to saturation."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxquant.quantize(Named().eval(), x[:1], [x], backend="onnxruntime", config=EIGHT_BIT_WEIGHTS,
+                                  progress=False)
+        result = fxquant.export_onnx(qmodel, x[:4], tmp_path / "m.onnx", check_cpu="vnni")
+    assert result.ort_sqnr_db >= 40.0
+    backend = get_backend("onnxruntime")
+    assert "saturation" not in _low_agreement_cause(qmodel, backend, "vnni")
+    assert "saturation" in _low_agreement_cause(qmodel, backend, "avx2")

@@ -58,7 +58,8 @@ def test_quantize_from_an_image_folder(factory, tmp_path):
                               run.stdout, re.M))
     assert summary["calibration"].endswith("2 batch(es), 4 sample(s) of shape (3, 16, 16)"), run.stdout
     assert summary["ops quantized / float"].endswith("/ 0"), run.stdout
-    assert float(summary["ONNX Runtime vs fake-quant"].split()[0]) >= 30.0
+    agreement = summary["ONNX Runtime vs fake-quant"]  # bit for bit where ORT's kernels compute as torch did
+    assert agreement.startswith("identical outputs") or float(agreement.split()[0]) >= 30.0, agreement
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}

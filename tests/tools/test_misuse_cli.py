@@ -104,8 +104,10 @@ def test_integer_token_ids_stay_integer(user_file, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     proto = onnx.load(out)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    agreement = float(re.search(r"ONNX Runtime vs fake-quant\s+([\d.]+) dB", capsys.readouterr().out).group(1))
-    assert agreement > 40
+    # ORT's integer kernels may give the fake-quant model's outputs exactly (VNNI/AMX) or within float rounding
+    found = re.search(r"ONNX Runtime vs fake-quant\s+(identical outputs \(bit for bit\)|([\d.]+) dB SQNR)",
+                      capsys.readouterr().out)
+    assert found is not None and (found.group(2) is None or float(found.group(2)) > 40)
 
 
 def test_help_says_file_specs_are_executed():
