@@ -59,8 +59,8 @@ from onnxruntime.quantization import (
 from results_meta import cpu_isa, cpu_name
 
 import fxquant
+from fxquant.cli.torchvision_models import random_torchvision
 from fxquant.lower.onnx_export import export_float_onnx
-from fxquant.tools.torchvision_models import random_torchvision
 
 FLOAT_OPS = frozenset({"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"})
 QUANT_OPS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",

@@ -40,7 +40,7 @@ import torch
 
 import fxquant
 from fxquant.backends import get_backend
-from fxquant.demo_model import accuracy, load_digits_split, train_digits
+from fxquant.cli.demo_model import accuracy, load_digits_split, train_digits
 
 BACKENDS = ("tensorrt", "onnxruntime")
 # row label -> (calib_method, extra QuantSpec fields)

@@ -22,7 +22,7 @@ import torch
 from results_meta import write_results
 
 import fxquant
-from fxquant.demo_model import accuracy, load_digits_split
+from fxquant.cli.demo_model import accuracy, load_digits_split
 from fxquant.lower.onnx_export import ort_session, run_ort
 from tests.models.mobilenet_digits import train_mobilenet_digits, unbalance_channels
 

@@ -25,7 +25,7 @@ from torch import nn
 import fxquant
 import fxquant.qat
 from fxquant import QuantConfig, QuantSpec
-from fxquant.demo_model import accuracy, load_digits_split, run_epochs, train_digits
+from fxquant.cli.demo_model import accuracy, load_digits_split, run_epochs, train_digits
 
 EPOCHS, LR, BATCH = 3, 5e-4, 32
 WEIGHT = QuantSpec(num_bits=4, axis=0, narrow_range=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.demo_model import fit, load_digits_split
+from fxquant.cli.demo_model import fit, load_digits_split
 from fxquant.metrics import sqnr
 from fxquant.ptq.layers import float_mode
 from tests.models.mobilenet_digits import MobileNetDigits

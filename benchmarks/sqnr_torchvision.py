@@ -21,7 +21,7 @@ import torch
 from results_meta import write_results
 
 import fxquant
-from fxquant.tools.torchvision_models import random_torchvision
+from fxquant.cli.torchvision_models import random_torchvision
 
 
 def main() -> None:

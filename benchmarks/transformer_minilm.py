@@ -46,9 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_meta import command, environment
 
 import fxquant
+from fxquant.analysis.mixed_precision import mixed_precision
 from fxquant.backends.onnxruntime import ONNXRUNTIME
 from fxquant.lower.onnx_export import export_float_onnx
-from fxquant.mixed_precision import mixed_precision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the preset before float-output Linears: every Linear output requantized to uint8 (QGemm)

@@ -37,7 +37,7 @@ def export_resnet18(path: str, batch: int, calib_batches: int) -> str:
     import torch
 
     import fxquant
-    from fxquant.tools.torchvision_models import random_torchvision
+    from fxquant.cli.torchvision_models import random_torchvision
 
     model = random_torchvision("resnet18")
     gen = torch.Generator().manual_seed(0)

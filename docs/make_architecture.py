@@ -20,7 +20,7 @@ from torch import fx, nn
 
 import fxquant
 from fxquant.backends import get_backend
-from fxquant.capture import trace
+from fxquant.capture.trace import trace
 from fxquant.pipeline import prepare_graph
 from fxquant.spec import QuantConfig
 

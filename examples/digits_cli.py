@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.demo_model import load_digits_split, train_digits
+from fxquant.cli.demo_model import load_digits_split, train_digits
 
 
 def model() -> torch.nn.Module:

@@ -11,7 +11,7 @@ import torch
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
-from fxquant.demo_model import accuracy, load_digits_split, train_digits
+from fxquant.cli.demo_model import accuracy, load_digits_split, train_digits
 
 
 def main() -> None:

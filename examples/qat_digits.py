@@ -17,7 +17,7 @@ from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
-from fxquant.demo_model import accuracy, load_digits_split, train_digits
+from fxquant.cli.demo_model import accuracy, load_digits_split, train_digits
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.qat import param_groups
 

@@ -1,5 +1,8 @@
 """fxquant: torch.fx graph-mode quantization to fake-quant GraphModules and QDQ ONNX for TensorRT and ORT."""
 
+from fxquant.analysis.mixed_precision import MixedPrecisionResult, mixed_precision
+from fxquant.analysis.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
+from fxquant.analysis.tune import TuneResult, tune
 from fxquant.api import calibrate, convert, load_calib_amax, prepare, quantize, report_of
 from fxquant.backends import BACKENDS, Backend
 from fxquant.encodings import EncodingsError, encodings_of, load_encodings, save_encodings
@@ -22,16 +25,12 @@ from fxquant.errors import (
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
 from fxquant.metrics import sqnr
-from fxquant.mixed_precision import MixedPrecisionResult, mixed_precision
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
-from fxquant.ptq.options import AdaRoundOptions
 from fxquant.qat import QATError, check_optimizer, prepare_qat
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
 from fxquant.rules import Pattern, Rule, RuleContext, Targets
-from fxquant.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
-from fxquant.spec import Override, QuantConfig, QuantSpec
-from fxquant.tune import TuneResult, tune
+from fxquant.spec import AdaRoundOptions, Override, QuantConfig, QuantSpec
 from fxquant.version import __version__
 
 __all__ = [

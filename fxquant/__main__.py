@@ -1,5 +1,5 @@
 import sys
 
-from fxquant.cli import main
+from fxquant.cli.main import main
 
 sys.exit(main())

@@ -12,7 +12,6 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
-from fxquant.backends.saturation import choose_weight_bits
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
 from fxquant.checks.config import check_before_trace
@@ -21,6 +20,7 @@ from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, Conve
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import prepare_model
 from fxquant.ptq import calibrate_passes as ptq
+from fxquant.ptq.weight_widths import choose_weight_bits
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
 from fxquant.spec import CALIB_METHODS, QuantConfig

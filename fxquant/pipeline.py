@@ -17,16 +17,16 @@ import torch
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
-from fxquant.capture import normalize_inputs, propagate_shapes
+from fxquant.capture.partition import Unit, partition
+from fxquant.capture.trace import normalize_inputs, propagate_shapes
 from fxquant.checks.config import check_overrides
 from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import ExampleInputError, PassError
-from fxquant.hybrid import quantize_eager_code, unit_notes
-from fxquant.partition import Unit, partition
 from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.fold_pad import fold_pad, has_pads
+from fxquant.passes.hybrid import quantize_eager_code, unit_notes
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassRunner
 from fxquant.ptq.bias_absorption import absorb_high_bias

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.demo_model import load_digits_split, train_digits
+from fxquant.cli.demo_model import load_digits_split, train_digits
 
 
 @pytest.fixture(scope="session")

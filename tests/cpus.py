@@ -1,4 +1,4 @@
-"""Markers for tests that model one CPU target of ORT's int8 kernels (fxquant.lower.ort_targets).
+"""Markers for tests that model one CPU target of ORT's int8 kernels (fxquant.lower.ort.targets).
 
 A test that depends on the instruction set names the target it models and runs ORT as that target: natively when
 this machine is one, else under qemu-x86_64 (AVX2 only: qemu's TCG emulates no AVX-512/VNNI). `.ci/run` installs
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from fxquant.lower.ort_targets import QEMU_CPU, host_target
+from fxquant.lower.ort.targets import QEMU_CPU, host_target
 
 
 def can_run_as(target: str) -> bool:

@@ -27,14 +27,14 @@ class Backend:
     it (fused int8 kernels); "basic" checks the meaning of a graph meant for another runtime.
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
-    can (``fxquant.backends.saturation``).
+    can (``fxquant.ptq.weight_widths``).
     trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
     would run in higher precision (``fxquant.lower.trt_lint``).
     ort_cpu_graph: export writes float ops in the forms ONNX Runtime's CPU kernels run fastest, same values
-    (GELU in the order ORT fuses, residual adds before LayerNorm as Sum: ``fxquant.lower.ort_cpu_graph``; float
-    attention blocks as ORT's MultiHeadAttention: ``fxquant.lower.ort_attention``).
+    (GELU in the order ORT fuses, residual adds before LayerNorm as Sum: ``fxquant.lower.ort.cpu_graph``; float
+    attention blocks as ORT's MultiHeadAttention: ``fxquant.lower.ort.attention``).
     integer_float_output: export writes a Linear with a quantized input and weight but a float output as ORT's
-    MatMulIntegerToFloat (``fxquant.lower.static_matmul``), which ORT would otherwise run in float.
+    MatMulIntegerToFloat (``fxquant.lower.ort.static_matmul``), which ORT would otherwise run in float.
     """
 
     name: str

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fxquant.ops import parameter_arg
+from fxquant.ops.kinds import parameter_arg
+from fxquant.ops.quant_modules import has_quant_form
 from fxquant.provenance import read
-from fxquant.quant_modules import has_quant_form
 from fxquant.rules import Match
 from fxquant.rules.context import RuleContext
 from fxquant.rules.rule import Check

@@ -4,7 +4,7 @@
 - Weights are saturation-aware: without VNNI, ORT's u8s8 kernels add pairs of adjacent u8*s8 products in
   16 bits, which can saturate with full 8-bit weights (255 * 127 * 2 > 32767). After calibration each layer
   gets 8-bit weights when none of its adjacent weight pairs can overflow, else 7 bits ([-63, 63], as torch.ao's
-  fbgemm configs and ORT's ``reduce_range`` use everywhere); see fxquant.backends.saturation. Pass
+  fbgemm configs and ORT's ``reduce_range`` use everywhere); see fxquant.ptq.weight_widths. Pass
   ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))`` on VNNI/ARM machines (8 bits everywhere).
 - ``LINEAR_FLOAT_OUTPUT``: a Linear whose output only reaches float ops keeps a float output (a uint8 output
   there would hold the residual branch's outlier channels with one scale, or requantize logits for nothing);
@@ -29,7 +29,7 @@ from torch import fx
 
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import int8_consumers, output_reaches_int8, quantizable_weight, two_activation_inputs
-from fxquant.ops import WEIGHTED_KINDS
+from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.rules import Match, Pattern, Rule, Targets, single_user
 from fxquant.rules.context import RuleContext
 from fxquant.rules.rule import Check

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight
-from fxquant.ops import WEIGHTED_KINDS
+from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.provenance import info
 from fxquant.rules import Match, Pattern, Rule, Targets
 from fxquant.rules.context import RuleContext

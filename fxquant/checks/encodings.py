@@ -7,8 +7,8 @@ from torch import nn
 
 from fxquant import qmath
 from fxquant.backends.base import Backend
-from fxquant.backends.saturation import FULL_BITS, PAIR_LIMIT, SAFE_BITS, eligible, reduction_rows, widen
-from fxquant.ops import module_kind
+from fxquant.ops.kinds import module_kind
+from fxquant.ptq.weight_widths import FULL_BITS, PAIR_LIMIT, SAFE_BITS, eligible, reduction_rows, widen
 from fxquant.quantizer import TensorQuantizer
 from fxquant.spec import QuantConfig
 

@@ -4,7 +4,7 @@ Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op
 weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
 onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
 fuse QLinearConv/QGemm); a zero Pad feeding only Convs becomes their ``pads``; for ORT CPU backends float ops
-are written in the forms its kernels run fastest (``fxquant.lower.ort_cpu_graph``, ``fxquant.lower.ort_attention``);
+are written in the forms its kernels run fastest (``fxquant.lower.ort.cpu_graph``, ``fxquant.lower.ort.attention``);
 nodes are named after the modules they come from; metadata records fxquant's version, the backend and the
 calibration methods; ONNX shape inference fills in every intermediate shape.
 """
@@ -25,10 +25,8 @@ import torch
 from onnx import helper
 
 from fxquant.backends.base import Backend
-from fxquant.capture import normalize_inputs
+from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
-from fxquant.lower import ort_cpu_graph, ort_latency
-from fxquant.lower.dynamic_matmul import dynamic_matmuls, merge_shared_input
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -47,14 +45,17 @@ from fxquant.lower.onnx_passes import (
     name_nodes,
     quantize_biases,
 )
-from fxquant.lower.ort_attention import multi_head_attention
-from fxquant.lower.ort_fusion import FusionReport, fusion_report
-from fxquant.lower.ort_latency import LatencyCheck
-from fxquant.lower.ort_targets import check_target, host_target, run_as
+from fxquant.lower.ort import cpu_graph as ort_cpu_graph
+from fxquant.lower.ort import latency as ort_latency
+from fxquant.lower.ort.attention import multi_head_attention
+from fxquant.lower.ort.dynamic_matmul import dynamic_matmuls, merge_shared_input
+from fxquant.lower.ort.fusion import FusionReport, fusion_report
+from fxquant.lower.ort.latency import LatencyCheck
+from fxquant.lower.ort.static_matmul import integer_to_float_matmuls
+from fxquant.lower.ort.targets import check_target, host_target, run_as
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
-from fxquant.lower.static_matmul import integer_to_float_matmuls
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
@@ -89,7 +90,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     For a backend verified as deployed in ORT (``Backend.verify_level == "all"``) export also reports the ops
     meant to run in int8 that ORT did not fuse (``ExportResult.fusion``) and, with ``check_latency``, times the
     int8 model against its float twin on ``example_inputs`` (one thread), warning where int8 is slower.
-    ``check_cpu`` runs the ORT check as that CPU target (``fxquant.lower.ort_targets``: "vnni" or "avx2";
+    ``check_cpu`` runs the ORT check as that CPU target (``fxquant.lower.ort.targets``: "vnni" or "avx2";
     ORT's int8 kernels compute differently on each): None runs it on this machine, a target this machine is
     not runs under the qemu-x86_64 emulator (small models: it is slow)."""
     state = get_state(model)

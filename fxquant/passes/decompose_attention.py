@@ -18,7 +18,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from fxquant.capture import propagate_shapes
+from fxquant.capture.trace import propagate_shapes
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import info
 

@@ -4,7 +4,7 @@ Current Hugging Face models call SDPA (one opaque op: both attention matmuls wou
 (dropout 0) it computes ``softmax(Q K^T * scale + mask) V`` with ``scale = 1/sqrt(d)`` unless given; this pass
 writes that into the graph. The scale is folded into the query projection when Q comes from a Linear used only
 there through reshapes/transposes (as in BERT/ViT/DistilBERT: no float scalar multiply remains); otherwise the
-scores are multiplied by it. Masked scores (bool, float, causal) go through ``fxquant.attention_ops.masked_softmax``
+scores are multiplied by it. Masked scores (bool, float, causal) go through ``fxquant.ops.attention.masked_softmax``
 (kind ``masked_softmax``, kept float), unmasked ones through ``torch.softmax``. Calls with dropout or
 grouped-query attention stay whole, with a note.
 """
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.attention_ops import masked_softmax
-from fxquant.capture import propagate_shapes
-from fxquant.ops import node_kind
+from fxquant.capture.trace import propagate_shapes
+from fxquant.ops.attention import masked_softmax
+from fxquant.ops.kinds import node_kind
 from fxquant.passes.manager import PassResult
 
 TARGET = F.scaled_dot_product_attention

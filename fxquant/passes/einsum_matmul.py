@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxquant.capture import propagate_shapes
+from fxquant.capture.trace import propagate_shapes
 from fxquant.passes.manager import PassResult
 
 TARGET = torch.einsum

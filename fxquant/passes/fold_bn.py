@@ -1,6 +1,6 @@
 """Fold BatchNorm into the preceding Conv / ConvTranspose / Linear, when it is legal.
 
-The weighted op is any ``fxquant.ops.WeightedOp``: a module call (subclasses included) or a functional
+The weighted op is any ``fxquant.ops.kinds.WeightedOp``: a module call (subclasses included) or a functional
 ``F.conv*``/``F.linear`` with parameter weights; a functional op without bias gets one (a new parameter).
 
 Contract: output equal to the input graph's (float noise aside) for every folded pair; each pair that cannot
@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import PassError
-from fxquant.ops import WeightedOp, weighted_ops
+from fxquant.ops.kinds import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import info
 from fxquant.rules import GraphView, Match, Pattern

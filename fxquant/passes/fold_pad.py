@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ops import WeightedOp, weighted_ops
+from fxquant.ops.kinds import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import info
 

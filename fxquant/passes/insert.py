@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from fxquant.ops.quant_modules import with_weight_quantizer
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import QuantizerSite, info
-from fxquant.quant_modules import with_weight_quantizer
 from fxquant.quantizer import TensorQuantizer
 from fxquant.rules.context import Annotations
 from fxquant.spec import QuantSpec

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.models import swin_transformer
 
-from fxquant.capture import propagate_shapes
+from fxquant.capture.trace import propagate_shapes
 from fxquant.passes.manager import PassResult
 
 _PARAMS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",

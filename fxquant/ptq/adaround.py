@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from fxquant import qmath
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
-from fxquant.ptq.options import AdaRoundOptions
 from fxquant.ptq.report import PTQReport, attach
+from fxquant.spec import AdaRoundOptions
 from fxquant.state import QuantState, get_state
 
 ZETA, GAMMA = 1.1, -0.1

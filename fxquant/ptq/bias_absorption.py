@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxquant.ops import WeightedOp, weighted_ops
+from fxquant.ops.kinds import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.ptq.bn_stats import bn_stats, shift_stats
 from fxquant.ptq.chains import find_chains, input_response, op_name

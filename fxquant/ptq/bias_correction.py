@@ -25,8 +25,8 @@ from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
 from fxquant.ptq.chains import find_chains, input_response
 from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
-from fxquant.ptq.options import BIAS_CORRECTION_METHODS
 from fxquant.ptq.report import PTQReport, attach
+from fxquant.spec import BIAS_CORRECTION_METHODS
 from fxquant.state import get_state
 
 

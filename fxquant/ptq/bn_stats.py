@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from fxquant.ops import weighted_ops
+from fxquant.ops.kinds import weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import ChannelStats, info, read
 from fxquant.ptq.chains import LAYER_KINDS

@@ -4,7 +4,7 @@ Layer A feeds layer B through ReLU, identity, max/average pooling and flatten, a
 tensors in between. Then scaling A's output channel c by 1/s_c and B's input channel c by s_c leaves the
 function unchanged (ReLU(x/s) = ReLU(x)/s and pooling is linear or max for s > 0). Cross-layer equalization
 and high-bias absorption work on these links. Layers are the convolutions (grouped and depthwise included) and
-Linears of ``fxquant.ops.weighted_ops``: module calls or functional calls on parameters, whose weights no other
+Linears of ``fxquant.ops.kinds.weighted_ops``: module calls or functional calls on parameters, whose weights no other
 op reads. With ``relu6_as_relu``, ReLU6 (and Hardtanh clipping at 0) count as ReLU: the DFQ paper's recipe for
 MobileNetV2, which changes the function where activations exceed the clip (``equalize`` measures by how much).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ops import WeightedOp, module_kind, node_kind, weighted_ops
+from fxquant.ops.kinds import WeightedOp, module_kind, node_kind, weighted_ops
 
 LAYER_KINDS = frozenset({"conv", "linear"})
 CLIPPED = frozenset({"relu6", "hardtanh"})

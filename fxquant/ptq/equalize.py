@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxquant.ops import WeightedOp, weighted_ops
+from fxquant.ops.kinds import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.ptq import relu6
 from fxquant.ptq.bn_stats import scale_stats

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fxquant.capture import normalize_inputs
-from fxquant.ops import FUNCTION_KINDS, WEIGHTED_KINDS, WeightedOp, module_kind, node_kind
+from fxquant.capture.trace import normalize_inputs
+from fxquant.ops.kinds import FUNCTION_KINDS, WEIGHTED_KINDS, WeightedOp, module_kind, node_kind
 from fxquant.quantizer import TensorQuantizer
 
 

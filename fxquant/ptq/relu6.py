@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from fxquant.backends.base import Backend
-from fxquant.capture import normalize_inputs
+from fxquant.capture.trace import normalize_inputs
 from fxquant.metrics import sqnr
 from fxquant.spec import QuantConfig
 

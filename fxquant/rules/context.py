@@ -27,7 +27,7 @@ from typing import Protocol
 from torch import fx
 
 from fxquant.errors import PassError
-from fxquant.ops import WEIGHT_AXIS, WEIGHTED_KINDS, parameter_arg
+from fxquant.ops.kinds import WEIGHT_AXIS, WEIGHTED_KINDS, parameter_arg
 from fxquant.rules.pattern import GraphView
 from fxquant.spec import QuantConfig, QuantSpec
 

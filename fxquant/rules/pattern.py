@@ -2,7 +2,7 @@
 
 Why networkx rather than torch.fx's SubgraphMatcher: SubgraphMatcher compares exact call targets, so one
 pattern would be needed for ``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()``; matching on canonical
-kinds (fxquant.ops) makes one readable pattern cover them all. networkx also gives the ancestor and path
+kinds (fxquant.ops.kinds) makes one readable pattern cover them all. networkx also gives the ancestor and path
 queries the residual-add analysis needs on the same graph view.
 """
 
@@ -17,13 +17,13 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx, nn
 
 from fxquant.errors import ConfigError, ConfigTypeError
-from fxquant.ops import node_kind
+from fxquant.ops.kinds import node_kind
 
 Match = dict[str, fx.Node]
 
 
 Kind = str | type | Callable
-"""What a pattern node accepts: an op kind ("conv", see fxquant.ops), an nn.Module class (matches call_module
+"""What a pattern node accepts: an op kind ("conv", see fxquant.ops.kinds), an nn.Module class (matches call_module
 nodes of that class or a subclass), or a function (matches call_function nodes calling it)."""
 
 
@@ -40,7 +40,7 @@ def _kinds(value: object) -> frozenset:
 class Pattern:
     """Named nodes, each allowed a set of kinds, joined by directed edges (producer -> consumer).
 
-    A kind is an op-kind name (``"conv"``, ``"silu"``, ...; see ``fxquant.ops``), an ``nn.Module`` class
+    A kind is an op-kind name (``"conv"``, ``"silu"``, ...; see ``fxquant.ops.kinds``), an ``nn.Module`` class
     (matching modules of that class, e.g. a custom attention block kept as a leaf) or a function.
     """
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxquant.ops import WEIGHTED_KINDS
+from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.rules.pattern import GraphView
 
 

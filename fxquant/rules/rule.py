@@ -11,9 +11,9 @@ import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fxquant import ops
 from fxquant.errors import ConfigError, ConfigTypeError
-from fxquant.ops import WEIGHTED_KINDS
+from fxquant.ops import kinds as ops
+from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.rules.context import RuleContext
 from fxquant.rules.pattern import Match, Pattern
 
@@ -115,7 +115,7 @@ def single_user(*names: str) -> Check:
 
 
 def known_kinds() -> set[str]:
-    """Every op-kind name fxquant gives nodes (fxquant.ops), plus "other" for ops it does not know."""
+    """Every op-kind name fxquant gives nodes (fxquant.ops.kinds), plus "other" for ops it does not know."""
     return {*ops.MODULE_KINDS.values(), *ops.FUNCTION_KINDS.values(), *ops.METHOD_KINDS.values(), "other"}
 
 

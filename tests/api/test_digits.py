@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.demo_model import accuracy
+from fxquant.cli.demo_model import accuracy
 from fxquant.lower.onnx_export import ort_session, run_ort
 
 FLOAT_WEIGHTED = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"}
@@ -69,7 +69,7 @@ def test_prepared_and_converted_models_agree_bit_for_bit(digits, backend):
 
 _TRAIN = """
 import sys, torch
-from fxquant.demo_model import load_digits_split, train_digits
+from fxquant.cli.demo_model import load_digits_split, train_digits
 torch.set_num_threads(2)
 model = train_digits(epochs=3, seed=0, data=load_digits_split(seed=0))
 torch.save(model.state_dict(), sys.argv[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.tools.torchvision_models import random_torchvision
+from fxquant.cli.torchvision_models import random_torchvision
 
 
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.capture import propagate_shapes, trace
-from fxquant.export_capture import export_trace
+from fxquant.capture.export import export_trace
+from fxquant.capture.trace import propagate_shapes, trace
 from fxquant.passes.decompose_sdpa import decompose_sdpa
 from fxquant.ptq.smoothquant import smoothquant
 from fxquant.quantizer import TensorQuantizer

@@ -1,1 +1,1 @@
-"""Models shared by the tests and benchmarks (the digits CNN itself is the demo's: ``fxquant.demo_model``)."""
+"""Models shared by the tests and benchmarks (the digits CNN itself is the demo's: ``fxquant.cli.demo_model``)."""

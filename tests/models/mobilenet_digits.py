@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.demo_model import fit, load_digits_split
+from fxquant.cli.demo_model import fit, load_digits_split
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:

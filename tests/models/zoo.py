@@ -1,11 +1,11 @@
 """The torchvision zoo of issue 5: every classification family, with random weights and randomized BatchNorm
-statistics (``fxquant.tools.torchvision_models.random_torchvision``)."""
+statistics (``fxquant.cli.torchvision_models.random_torchvision``)."""
 
 from __future__ import annotations
 
 import torch
 
-from fxquant.tools.torchvision_models import random_torchvision
+from fxquant.cli.torchvision_models import random_torchvision
 
 # The zoo of issue 5: every torchvision classification family at 112x112 (4x4 final feature maps: at 64x64 the
 # 2x2 maps leave the global pool too little to average, and float rounding flips at the quantizers dominate the

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.capture import propagate_shapes, trace
+from fxquant.capture.trace import propagate_shapes, trace
 from fxquant.passes.fold_bn import fold_bn
 
 

@@ -13,11 +13,11 @@ import torch
 from onnx import numpy_helper
 
 import fxquant
-from fxquant.backends.saturation import reduction_rows, saturating_pairs
-from fxquant.demo_model import accuracy, load_digits_split
+from fxquant.cli.demo_model import accuracy, load_digits_split
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.ptq.bias_correction import relu_normal_mean
 from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
+from fxquant.ptq.weight_widths import reduction_rows, saturating_pairs
 from tests.models.mobilenet_digits import train_mobilenet_digits, unbalance_channels
 
 W8_PER_TENSOR = fxquant.QuantSpec(num_bits=8, axis=None, narrow_range=True)

@@ -15,7 +15,7 @@ from torch import nn
 import fxquant
 import fxquant.qat
 from fxquant import QATError, QuantConfig, QuantSpec
-from fxquant.demo_model import DigitsNet, accuracy, load_digits_split, run_epochs, train_digits
+from fxquant.cli.demo_model import DigitsNet, accuracy, load_digits_split, run_epochs, train_digits
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.qat import QATQuantizer, lsq_fake_quant
 

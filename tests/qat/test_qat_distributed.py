@@ -17,7 +17,7 @@ from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec
-from fxquant.demo_model import DigitsNet
+from fxquant.cli.demo_model import DigitsNet
 from tests.gloo_workers import spawn
 
 WORLD, STEPS, BATCH, FREEZE_AFTER = 2, 4, 16, 2

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.capture import trace
+from fxquant.capture.trace import trace
 from fxquant.passes.decompose_attention import decompose_attention
 from fxquant.quantizer import TensorQuantizer
 from tests.models.zoo import ZOO, zoo_model
@@ -95,7 +95,7 @@ def test_decomposed_attention_equals_multihead_attention(batch_first):
         model.attn.in_proj_bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, 3, 16, 16)
     gm = trace(model)
-    from fxquant.capture import propagate_shapes
+    from fxquant.capture.trace import propagate_shapes
     propagate_shapes(gm, (x,))
     result = decompose_attention(gm, (x,))
     assert result.modified and not result.notes
@@ -198,7 +198,7 @@ def test_mobilenet_v3_hardswish_and_hardsigmoid_are_deliberately_float():
 
 @pytest.mark.zoo  # swin_t traces to ~1,000 nodes: too slow for the default run on 2 cores
 def test_swin_window_attention_is_inlined_exactly_and_quantized():
-    from fxquant.capture import propagate_shapes
+    from fxquant.capture.trace import propagate_shapes
     from fxquant.passes.window_attention import inline_window_attention
 
     model, size = zoo_model("swin_t")

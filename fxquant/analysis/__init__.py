@@ -1,0 +1,1 @@
+"""Measure and choose: per-layer sensitivity and its report, mixed precision by measurement, tune (ORT-timed)."""

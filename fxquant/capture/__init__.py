@@ -1,0 +1,1 @@
+"""Capture: torch.fx tracing, torch.export capture for roots that do not trace, traced and eager parts."""

@@ -1,0 +1,156 @@
+"""Export pass: float attention, as the SDPA decomposition writes it, becomes ORT's MultiHeadAttention kernel.
+
+When a backend's rules leave both attention matmuls float (``onnxruntime_dynamic``), the exported graph holds,
+per layer, ``q, k, v (B, S, N*H) -> Reshape -> Transpose -> MatMul(q, k^T) [-> Where(mask, -inf)] -> Softmax ->
+MatMul(., v) -> Transpose -> Reshape``: ten float kernels and their intermediate tensors. ONNX Runtime's
+``com.microsoft.MultiHeadAttention`` CPU kernel computes the same ``softmax(q k^T * scale + bias) v`` in one.
+The scale is 1 (the decomposition folded ``1/sqrt(H)`` into the query projection; a graph with a scale op of
+its own is left as it is) and a boolean mask becomes one additive bias (0 / -inf) shared by every layer.
+Anything that does not match exactly (quantized matmuls, other layouts, float masks) stays as exported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fxquant.lower.ort.cpu_graph import consumers, sole
+from fxquant.lower.ort.dynamic_matmul import prune
+
+_BSNH = [0, 2, 1, 3]  # (B, S, N, H) <-> (B, N, S, H)
+
+
+def _attr(node: onnx.NodeProto, name: str) -> list[int] | int | None:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+class _Graph:
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        self.proto, graph = proto, proto.graph
+        self.inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.users = consumers(graph)
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        typed = (*inferred.graph.value_info, *inferred.graph.input)
+        self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                       for v in typed if v.type.tensor_type.HasField("shape")}
+
+    def made_by(self, name: str, op_type: str, single_use: bool = True) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        ok = node is not None and node.op_type == op_type and (not single_use or len(self.users.get(name, [])) == 1)
+        return node if ok else None
+
+    def heads(self, name: str, perm: list[int]) -> tuple[str, np.ndarray] | None:
+        """(the 3-D input, the 4-D shape) of ``Reshape(x, (B, S, N, H)) -> Transpose(perm)`` producing ``name``."""
+        transpose = self.made_by(name, "Transpose")
+        reshape = self.made_by(transpose.input[0], "Reshape") if transpose is not None else None
+        if reshape is None or list(_attr(transpose, "perm") or []) != perm or reshape.input[1] not in self.inits:
+            return None
+        shape = self.inits[reshape.input[1]]
+        return (reshape.input[0], shape) if shape.size == 4 and shape[3] > 0 else None
+
+    def is_constant(self, name: str, value: float) -> bool:
+        array = self.inits.get(name)
+        return array is not None and array.size == 1 and float(array.reshape(())) == value
+
+
+def _merged_output(g: _Graph, matmul: onnx.NodeProto, head: int) -> tuple[list[onnx.NodeProto], int] | None:
+    """The nodes ``[Reshape (B, N, S, H)] -> Transpose -> Reshape (B, S, N*H)`` after ``matmul``, and N*H."""
+    chain, name = [], matmul.output[0]
+    for op_type in ("Reshape", "Transpose", "Reshape"):
+        node = sole(g.users, name, op_type)
+        if node is None and op_type == "Reshape" and not chain:
+            continue  # the first Reshape is optional
+        if node is None:
+            return None
+        chain.append(node)
+        name = node.output[0]
+    *_, transpose, merge = chain
+    shape = g.inits.get(merge.input[1])
+    if list(_attr(transpose, "perm") or []) != _BSNH or shape is None or shape.size != 3 or shape[2] % head:
+        return None
+    return chain, int(shape[2])
+
+
+def _mask(g: _Graph, scores: onnx.NodeProto) -> tuple[str, str | None, list[onnx.NodeProto]] | None:
+    """(the q k^T tensor, the boolean keep-mask or None, the masking nodes) of the scores feeding the Softmax."""
+    if scores.op_type == "MatMul":
+        return scores.output[0], None, []
+    if scores.op_type != "Where":
+        return None
+    cond, a, b = scores.input
+    if g.is_constant(a, -np.inf) and (negated := g.producer.get(cond)) is not None and negated.op_type == "Not":
+        keep, raw = negated.input[0], b
+    elif g.is_constant(b, -np.inf):
+        keep, raw = cond, a
+    else:
+        return None
+    return raw, keep, [scores]
+
+
+def multi_head_attention(proto: onnx.ModelProto) -> int:
+    """Replace every float attention block that matches exactly by MultiHeadAttention; returns how many."""
+    g = _Graph(proto)
+    graph, done, biases = proto.graph, 0, {}
+    for softmax in [n for n in graph.node if n.op_type == "Softmax" and _attr(n, "axis") in (-1, 3)]:
+        source = g.producer.get(softmax.input[0])
+        masked = _mask(g, source) if source is not None and len(g.users[softmax.input[0]]) == 1 else None
+        if masked is None:
+            continue
+        raw, keep, mask_nodes = masked
+        qk = g.made_by(raw, "MatMul")
+        pv = sole(g.users, softmax.output[0], "MatMul")
+        if qk is None or pv is None or pv.input[0] != softmax.output[0]:
+            continue
+        q, k, v = g.heads(qk.input[0], _BSNH), g.heads(qk.input[1], [0, 2, 3, 1]), g.heads(pv.input[1], _BSNH)
+        if q is None or k is None or v is None or len({int(s[1][3]) for s in (q, k, v)}) != 1:
+            continue
+        head = int(q[1][3])
+        merged = _merged_output(g, pv, head)
+        if merged is None:
+            continue
+        chain, width = merged
+        inputs = [q[0], k[0], v[0]]
+        if keep is not None:
+            shape = _bias_shape(g.shapes.get(keep), int(q[1][1]), width // head)
+            if shape is None:
+                continue
+            if (keep, shape) not in biases:
+                biases[keep, shape] = _bias(graph, keep, shape)
+            inputs += ["", "", biases[keep, shape]]
+        fused = helper.make_node("MultiHeadAttention", inputs, [chain[-1].output[0]], domain="com.microsoft",
+                                 num_heads=width // head, scale=1.0, name=f"{softmax.name}/MultiHeadAttention")
+        at = list(graph.node).index(pv)
+        graph.node.insert(at, fused)
+        for node in (*mask_nodes, qk, softmax, pv, *chain):
+            graph.node.remove(node)
+        done += 1
+    if done:
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        prune(proto)
+    return done
+
+
+def _bias_shape(mask: list | None, queries: int, heads: int) -> tuple[int, ...] | None:
+    """What the mask's bias is expanded by to MultiHeadAttention's (B or 1, N or 1, S, T), when the mask is 4-D
+    with one or N heads and one or S query rows (batch and key length broadcast as they are)."""
+    if mask is None or len(mask) != 4 or queries <= 0 or mask[1] not in (1, heads) or mask[2] not in (1, queries):
+        return None
+    return (1, 1, queries, 1)
+
+
+def _bias(graph: onnx.GraphProto, keep: str, shape: tuple[int, ...]) -> str:
+    """An additive bias (0 where ``keep``, -inf elsewhere) expanded by ``shape``, computed once after ``keep``."""
+    name = f"{keep}_attention_bias_{shape[2]}"
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.0, np.float32), f"{name}_keep"),
+                              numpy_helper.from_array(np.array(-np.inf, np.float32), f"{name}_drop"),
+                              numpy_helper.from_array(np.array(shape, np.int64), f"{name}_shape")])
+    at = next((i + 1 for i, n in enumerate(graph.node) if keep in n.output), 0)
+    nodes = [helper.make_node("Where", [keep, f"{name}_keep", f"{name}_drop"], [f"{name}_where"],
+                              name=f"{name}/Where"),
+             helper.make_node("Expand", [f"{name}_where", f"{name}_shape"], [name], name=f"{name}/Expand")]
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+    return name

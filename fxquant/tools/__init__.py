@@ -1,1 +1,0 @@
-"""The command-line subcommands (``fxquant quantize``, ``fxquant report``); ``fxquant.cli`` dispatches to them."""

@@ -1,0 +1,172 @@
+"""Saturation-aware weights for ORT's u8s8 kernels (fxquant.ptq.weight_widths), checked in ORT running as a
+pre-VNNI x86 CPU (AVX2): natively on such a machine, under qemu-x86_64 -cpu Haswell-v4 on a VNNI one."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import fxquant
+from fxquant.backends.onnxruntime import ONNXRUNTIME
+from fxquant.lower.ort.targets import run_as
+from fxquant.ptq.weight_widths import reduction_rows, saturating_pairs
+from tests.cpus import needs_avx2, needs_vnni
+
+
+def ort_conv(codes: np.ndarray, groups: int, target: str, path) -> float:
+    """ORT (all optimizations: QLinearConv) as the CPU ``target`` on an all-ones input (uint8 code 255) through a
+    1-output-pixel QDQ conv with weight ``codes`` (scale 1); the exact result is ``codes.sum()`` per output
+    channel."""
+    out, cin = codes.shape[0], codes.shape[1] * groups
+    step = np.float32(127 * codes[0].size / 128)
+    inits = [numpy_helper.from_array(np.array(1 / 255, np.float32), "sx"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             numpy_helper.from_array(codes.astype(np.int8), "wq"),
+             numpy_helper.from_array(np.ones(out, np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(out, np.int8), "zw"),
+             numpy_helper.from_array(step, "so"), numpy_helper.from_array(np.array(128, np.uint8), "zo")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], group=groups),
+             helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["out"])]
+    shape = [1, cin, *codes.shape[2:]]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    got = run_as(target, path, [np.ones(shape, np.float32)])[0].ravel()[0]
+    return abs(float(got) - float(codes[0].sum())) / float(step)  # error in output steps
+
+
+def _codes(shape: tuple, where: list[tuple]) -> np.ndarray:
+    codes = np.zeros(shape, np.float32)
+    for index in where:
+        codes[index] = 127
+    return codes
+
+
+CASES = {  # name: (weight codes (O, C/g, kh, kw), groups)
+    "1x1 channels 0,1 (a pair)": (_codes((1, 4, 1, 1), [(0, 0, 0, 0), (0, 1, 0, 0)]), 1),
+    "1x1 channels 1,2 (two pairs)": (_codes((1, 4, 1, 1), [(0, 1, 0, 0), (0, 2, 0, 0)]), 1),
+    "3x3, 3 channels: channel 2 at tap 0 and channel 0 at tap 1 (adjacent in HWIO)":
+        (_codes((1, 3, 3, 3), [(0, 2, 0, 0), (0, 0, 0, 1)]), 1),
+    "3x3, 3 channels: channel 0 at taps 0 and 1 (not adjacent in HWIO)":
+        (_codes((1, 3, 3, 3), [(0, 0, 0, 0), (0, 0, 0, 1)]), 1),
+    "3x3, 4 channels: channel 3 at tap 0 and channel 0 at tap 1 (pair boundary)":
+        (_codes((1, 4, 3, 3), [(0, 3, 0, 0), (0, 0, 0, 1)]), 1),
+    "depthwise 3x3, every code 127": (np.full((8, 1, 3, 3), 127, np.float32), 8),
+    "grouped 1x1: channels 0,1 of each group": (_codes((2, 4, 1, 1), [(0, 0, 0, 0), (0, 1, 0, 0), (1, 0, 0, 0),
+                                                                      (1, 1, 0, 0)]), 2),
+}
+
+
+@needs_avx2
+def test_ort_as_avx2_saturates_exactly_where_predicted(tmp_path) -> None:
+    errors = {}
+    for k, (name, (codes, groups)) in enumerate(CASES.items()):
+        rows = reduction_rows(torch.from_numpy(codes), "conv", groups)
+        predicted = rows is not None and bool(saturating_pairs(rows).sum() > 0)
+        errors[name] = (ort_conv(codes, groups, "avx2", tmp_path / f"{k}.onnx"), predicted)
+    # a saturated pair loses (255 * 254 - 32767) / 255 = 125.5 of the exact 254: far more than one output step
+    agrees = {name: (err > 2.0) == predicted for name, (err, predicted) in errors.items()}
+    assert agrees == dict.fromkeys(CASES, True), errors
+    assert sum(predicted for _, predicted in errors.values()) == 3  # both outcomes are exercised
+
+
+@needs_vnni
+def test_ort_as_vnni_never_saturates(tmp_path) -> None:
+    for k, (name, (codes, groups)) in enumerate(CASES.items()):
+        # the cases that saturate as AVX2 are exact here (the all-127 depthwise one clips its output by a step)
+        assert ort_conv(codes, groups, "vnni", tmp_path / f"{k}.onnx") <= 1.0, name
+
+
+def test_pair_counting() -> None:
+    codes = torch.tensor([[127, 2, -64, -65, 63, 63], [64, 64, 65, -100, 1, 0]])
+    assert saturating_pairs(codes).tolist() == [2, 0]
+    assert saturating_pairs(codes, limit=126).tolist() == [2, 1]  # the 64 + 64 pair within a margin of 2
+    assert reduction_rows(torch.zeros(4, 3, 2, 2), "conv_transpose") is None
+
+
+class TwoConvs(nn.Module):
+    """conv_a's weights saturate at 8 bits (same-signed, large neighbours); conv_b's alternate in sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.conv_a = nn.Conv2d(16, 8, 1)
+        self.conv_b = nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.conv_a.weight.copy_(0.5 + 0.5 * torch.rand(8, 16, 1, 1, generator=gen))
+            signs = torch.tensor([1.0, -1.0]).repeat(4).view(1, 8, 1, 1)
+            self.conv_b.weight.copy_(signs * (0.5 + 0.5 * torch.rand(8, 8, 1, 1, generator=gen)) / 8)
+            self.conv_a.bias.zero_()
+            self.conv_b.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_b(torch.relu(self.conv_a(x)) / 16)
+
+
+def _quantize(config: fxquant.QuantConfig | None, data: list[torch.Tensor], path: str, cpu: str | None = None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxquant.quantize(TwoConvs().eval(), data[0], data, backend="onnxruntime", config=config,
+                                  progress=False)
+        return qmodel, fxquant.export_onnx(qmodel, data[0], path, check_cpu=cpu, check_latency=False)
+
+
+@needs_avx2
+def test_saturation_aware_weights_in_ort_as_avx2(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    data = [0.7 + 0.3 * torch.rand(4, 16, 6, 6, generator=gen) for _ in range(4)]
+    qmodel, aware = _quantize(None, data, tmp_path / "aware.onnx", "avx2")
+    layers = fxquant.report_of(qmodel).ptq["weight_bits"].data
+    assert layers["conv_a"]["bits"] == 8 and layers["conv_a"]["widened_channels"] == 8
+    assert layers["conv_a"]["saturating_pairs_at_8_bits"] == 64  # every pair of every channel
+    assert layers["conv_b"] == {"bits": 8, "saturating_pairs_at_8_bits": 0, "channels": 8, "widened_channels": 0,
+                                "min_effective_bits": 8.0}
+    assert aware.ort_sqnr_db > 35.0  # ORT with every fusion matches the fake-quant model: nothing saturates
+    plain8 = fxquant.QuantConfig(weight=ONNXRUNTIME.weight.with_(num_bits=8))
+    _, eight = _quantize(plain8, data, tmp_path / "eight.onnx", "avx2")
+    assert eight.ort_sqnr_db < 15.0  # the same layers with plain 8-bit weights saturate in ORT as AVX2
+    seven = fxquant.QuantConfig(weight=ONNXRUNTIME.weight)
+    qseven, _ = _quantize(seven, data, tmp_path / "seven.onnx")
+    x = data[0]
+    with torch.no_grad():
+        reference = TwoConvs().eval()(x)
+        assert fxquant.sqnr(reference, qmodel(x)) > fxquant.sqnr(reference, qseven(x)) + 1.0
+
+
+class FunctionalConvs(nn.Module):
+    """TwoConvs written with F.conv2d on its parameters, then a depthwise F.conv2d (ORT accumulates it in 32 bits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ref = TwoConvs()
+        self.wa, self.ba, self.wb, self.bb = ref.conv_a.weight, ref.conv_a.bias, ref.conv_b.weight, ref.conv_b.bias
+        self.wd = nn.Parameter(torch.full((8, 1, 3, 3), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(torch.relu(F.conv2d(x, self.wa, self.ba)) / 16, self.wb, self.bb)
+        return F.conv2d(y, self.wd, None, 1, 1, 1, 8)
+
+
+def test_functional_convs_get_the_weight_bits_their_module_twins_get() -> None:
+    """The choice reads the weights, not the module classes: F.conv2d layers get the module layers' widths."""
+    data = [0.7 + 0.3 * torch.rand(4, 16, 6, 6, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module, functional = (fxquant.quantize(m.eval(), data[0], data, backend="onnxruntime", progress=False)
+                              for m in (TwoConvs(), FunctionalConvs()))
+    by_module = fxquant.report_of(module).ptq["weight_bits"].data
+    report = fxquant.report_of(functional).ptq["weight_bits"]
+    assert report.data["conv2d"] == by_module["conv_a"] and report.data["conv2d"]["widened_channels"] == 8
+    assert report.data["conv2d_1"] == by_module["conv_b"]
+    assert report.data["conv2d_2"] == {"bits": 8, "saturating_pairs_at_8_bits": 0, "widened_channels": 0}
+    assert "`conv2d_2`: 8-bit weights (a conv ORT runs with 32-bit accumulation: depthwise)" in report.done
