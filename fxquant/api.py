@@ -28,7 +28,7 @@ from fxquant.state import attach_state, get_state
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
-            config: QuantConfig | None = None) -> nn.Module:
+            config: QuantConfig | None = None, dynamic_shapes: object = None) -> nn.Module:
     """Trace a copy of ``model`` (in eval mode), fold BatchNorm and insert quantizers for ``backend``.
 
     The user's model is never modified. Returns a GraphModule whose quantizers calibrate with
@@ -37,9 +37,15 @@ def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str
     parts as GraphModules and the Conv/Linear layers called from eager code swapped for quantized twins
     (``QuantConfig.strict=True`` raises a TraceError instead). The pass order is ``fxquant.pipeline``.
     For quantization-aware training use ``fxquant.prepare_qat`` (same arguments).
+
+    The result runs at any batch size and, where the model allows, any sequence length or image size: a size of
+    1 in the example does not fix that size. ``dynamic_shapes`` declares the dynamic axes as torch.export takes
+    them (one entry per example input, e.g. ``({0: Dim("batch"), 1: Dim("seq")}, {0: Dim("batch"), 1:
+    Dim("seq")})``; axes not named are static); export_onnx keeps them dynamic. A model captured with
+    torch.export checks every call against the sizes its graph holds and raises ``InputShapeError`` outside them.
     """
     backend, config = checked_arguments(model, backend, config, qat=False)
-    return prepare_model(model, example_inputs, backend, config)
+    return prepare_model(model, example_inputs, backend, config, dynamic_shapes)
 
 
 def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantConfig | None,
@@ -227,8 +233,9 @@ def convert(prepared: nn.Module) -> nn.Module:
 
 def quantize(model: nn.Module, example_inputs: torch.Tensor | tuple, batches: Iterable,
              backend: str | Backend = "tensorrt", config: QuantConfig | None = None,
-             progress: bool = True, inputs: Selector = None) -> fx.GraphModule:
-    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule (``inputs``: as calibrate's)."""
-    prepared = prepare(model, example_inputs, backend=backend, config=config)
+             progress: bool = True, inputs: Selector = None, dynamic_shapes: object = None) -> fx.GraphModule:
+    """prepare + calibrate + convert in one call; returns the fake-quant GraphModule (``inputs``: as calibrate's,
+    ``dynamic_shapes``: as prepare's)."""
+    prepared = prepare(model, example_inputs, backend=backend, config=config, dynamic_shapes=dynamic_shapes)
     calibrate(prepared, batches, progress=progress, inputs=inputs)
     return convert(prepared)

@@ -60,3 +60,7 @@ class QuantRangeError(FxQuantError, ValueError):
 
 class NegativeInputError(FxQuantError, TypeError):
     """Negative values reached an unsigned quantizer (a TypeError, as in pytorch_quantization)."""
+
+
+class InputShapeError(FxQuantError, ValueError):
+    """A captured model was called with input sizes outside what its capture holds (the message names the guard)."""

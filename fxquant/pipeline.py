@@ -17,7 +17,9 @@ import torch
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
+from fxquant.calib.batches import forward_arity
 from fxquant.capture.partition import Unit, partition
+from fxquant.capture.shapes import attach_shapes, declared_dims, declared_shapes, shapes_of
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
 from fxquant.checks.config import check_overrides
 from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
@@ -75,15 +77,20 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
 
 
 def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: Backend,
-                  config: QuantConfig) -> nn.Module:
-    """Capture a copy of ``model`` (eval mode), prepare every traced part, quantize eager layers by swap."""
+                  config: QuantConfig, dynamic_shapes: object = None) -> nn.Module:
+    """Capture a copy of ``model`` (eval mode), prepare every traced part, quantize eager layers by swap.
+    ``dynamic_shapes``: the axes the user declares dynamic, in torch.export's form (``fxquant.capture.shapes``)."""
     inputs = normalize_inputs(example_inputs)
+    declared = declared_dims(dynamic_shapes, forward_arity(model)[0], inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
     frozen = freeze_parametrizations(work)  # weight_norm & co: quantize the weight the model computes with
-    parts = partition(work, inputs, config)  # the whole model as one unit when torch.fx traces it
+    parts = partition(work, inputs, config, declared)  # the whole model as one unit when torch.fx traces it
     root: nn.Module = work
     report = PrepareReport(backend.name)
+    shapes = None
     for unit in parts.units:
+        if not unit.path:
+            shapes = shapes_of(unit.gm)  # a torch.export capture: its dynamic axes and guards
         gm, unit_report = _prepare_unit(unit, backend, config)
         if unit.path:
             work.set_submodule(unit.path, gm)
@@ -98,6 +105,7 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
     attach_state(root, QuantState(backend, config, "prepared", report))
+    attach_shapes(root, shapes or declared_shapes(declared, forward_arity(model)[0]))
     _warn(report)
     return root
 

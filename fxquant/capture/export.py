@@ -13,19 +13,27 @@ pipeline accepts:
   kinds are the ones the rules speak; the rest stay ATen calls (kind "other");
 - dropout in eval mode disappears; export's runtime assertions and guard call are dropped.
 
-Shapes are exported dynamic (``Dim.AUTO``) where the model allows, so the captured graph accepts other
-sequence lengths than the example's. The graph keeps export's pytree input/output handling: dict and
-``ModelOutput`` results come back as the model returns them.
+Shapes are exported dynamic (``Dim.AUTO``, or the axes the user declares) where the model allows, without
+specializing sizes of 1 (a batch-1 example), so the captured graph accepts other batches and sequence lengths
+than the example's; the sizes it holds and the conditions on sizes it follows are kept as guards
+(``fxquant.capture.shapes``) that every later call is checked against. The graph keeps export's pytree
+input/output handling: dict and ``ModelOutput`` results come back as the model returns them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.export import Dim
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
+
+from fxquant.capture.shapes import Declared, check_inputs, from_program
+from fxquant.errors import ConfigError
 
 aten = torch.ops.aten
 
@@ -46,23 +54,53 @@ _DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 _IDENTITY = {aten.dropout.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
 
 
-def export_trace(model: nn.Module, values: tuple) -> tuple[fx.GraphModule | None, str | None]:
+def export_trace(model: nn.Module, values: tuple, declared: Declared | None = None
+                 ) -> tuple[fx.GraphModule | None, str | None]:
     """Capture ``model`` called with the positional ``values`` (every forward argument, in signature order):
-    (GraphModule, None), or (None, why torch.export failed)."""
-    dims = tuple({i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None
-                 for v in values)
+    (GraphModule, None), or (None, why torch.export failed). ``declared``: the user's dynamic axes, one entry
+    per example input (``fxquant.capture.shapes.declared_dims``); without it every axis is ``Dim.AUTO``. The
+    GraphModule records its dynamic axes and guards (``fxquant.capture.shapes.shapes_of``)."""
+    names = list(inspect.signature(model.forward).parameters)[:len(values)]
+    if declared is None:
+        dims = tuple({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None for v in values)
+    else:
+        dims = tuple(declared) + (None,) * (len(values) - len(declared))
     try:
-        program = torch.export.export(model, values, dynamic_shapes=dims, strict=False)
+        program = _export(model, values, dims)
     except Exception as exc:  # export raises many types; the caller falls back to partial tracing
-        text = str(exc).strip().splitlines()
-        return None, f"{type(exc).__name__}: {text[0] if text else ''}"
+        if declared is not None and _violates(exc):
+            raise ConfigError(f"the model does not allow the declared dynamic_shapes: {_first_lines(exc)}") from exc
+        return None, f"{type(exc).__name__}: {_first_lines(exc, 1)}"
     gm = _lower(model, program.module())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, values, strict=False):
         if not isinstance(value, torch.Tensor) and isinstance(value, (bool, int, float, str, type(None))):
             node.args = (value,)  # callers may leave out arguments fixed at their example value
     gm.recompile()
+    tensors = [n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor)]
+    shapes = from_program(program, tensors)
+    gm.meta["fxquant_shapes"] = shapes if declared is None else dataclasses.replace(shapes, declared=True)
     return gm, None
+
+
+def _export(model: nn.Module, values: tuple, dims: tuple) -> torch.export.ExportedProgram:
+    """torch.export without 0/1 specialization: a batch-1 example must not fix the batch (size-oblivious
+    reasoning, as torch.onnx's exporter uses); a model that needs the specialization is exported with it (its
+    guards then say which sizes the graph holds)."""
+    try:
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            return torch.export.export(model, values, dynamic_shapes=dims, strict=False)
+    except Exception:  # retried with torch's default reasoning; its error is the one reported
+        return torch.export.export(model, values, dynamic_shapes=dims, strict=False)
+
+
+def _violates(exc: BaseException) -> bool:
+    return "Constraints violated" in str(exc) or type(exc).__name__ in ("UserError", "ConstraintViolationError")
+
+
+def _first_lines(exc: BaseException, n: int = 12) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(line.strip() for line in text[:n])
 
 
 def _param_owner(node: object, modules: dict[str, nn.Module], exported: nn.Module) -> tuple[str, str] | None:
@@ -173,10 +211,15 @@ def _lower(model: nn.Module, exported: fx.GraphModule) -> fx.GraphModule:
 
 
 class _OutputTree(_PyTreeCodeGen):
-    """Plain positional inputs (with defaults for fixed arguments); export's output tree (dicts, ModelOutput)."""
+    """Plain positional inputs (with defaults for fixed arguments), checked against the capture's guards first
+    (``fxquant.capture.shapes.check_inputs``); export's output tree (dicts, ModelOutput)."""
 
     def process_inputs(self, *inputs: object) -> tuple:
         return inputs
 
     def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
-        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+        head = CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+        return f"{head}\n    _fxquant_check_inputs(self, locals())"
+
+    def additional_globals(self) -> list[tuple[str, object]]:
+        return [*super().additional_globals(), ("_fxquant_check_inputs", check_inputs)]

@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from fxquant.capture.export import export_trace
+from fxquant.capture.shapes import Declared
 from fxquant.capture.trace import matches, try_trace
 from fxquant.errors import ExampleInputError, TraceError
 from fxquant.ops.quant_modules import has_quant_form
@@ -87,10 +88,12 @@ class _Recorder:
 
 
 class _Partitioner:
-    def __init__(self, model: nn.Module, example_inputs: tuple, config: QuantConfig) -> None:
+    def __init__(self, model: nn.Module, example_inputs: tuple, config: QuantConfig,
+                 declared: Declared | None = None) -> None:
         self.model = model
         self.inputs = example_inputs
         self.config = config
+        self.declared = declared
         self.result = Partition()
         self._recorder: _Recorder | None = None
 
@@ -175,7 +178,7 @@ class _Partitioner:
 
     def exported(self, module: nn.Module, values: tuple, fixed: dict[str, object], reason: str) -> bool:
         """Capture the whole root with torch.export when symbolic tracing fails (``fxquant.capture.export``)."""
-        gm, why = export_trace(module, values)
+        gm, why = export_trace(module, values, self.declared)
         if gm is None:
             self.result.notes.append(f"torch.export could not capture the model either ({why}); traced in parts")
             return False
@@ -189,9 +192,11 @@ def _is_torch_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def partition(model: nn.Module, example_inputs: tuple, config: QuantConfig) -> Partition:
-    """Split ``model`` into traced units and eager code (see the module docstring)."""
-    p = _Partitioner(model, example_inputs, config)
+def partition(model: nn.Module, example_inputs: tuple, config: QuantConfig,
+              declared: Declared | None = None) -> Partition:
+    """Split ``model`` into traced units and eager code (see the module docstring); ``declared``: the user's
+    dynamic axes, for a torch.export capture."""
+    p = _Partitioner(model, example_inputs, config, declared)
     if config.non_traceable and matches("", model, config.non_traceable):
         p.eager("", model, "named in QuantConfig.non_traceable")
     else:

@@ -25,8 +25,9 @@ import torch
 from onnx import helper
 
 from fxquant.backends.base import Backend
+from fxquant.capture.shapes import InputShapes, shapes_of
 from fxquant.capture.trace import normalize_inputs
-from fxquant.errors import ConfigError, ConversionError
+from fxquant.errors import ConfigError, ConversionError, ExportError
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -114,11 +115,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     check_dtypes(model, inputs)
     sample = run_example(model, inputs)  # on a copy: the user's example is never edited
     wrapped = needs_flattening(sample)  # dicts, dataclasses (ModelOutput-style), None entries: flat, named
+    shapes = shapes_of(model)  # the dynamic axes of its capture, or those declared at prepare
     if wrapped:
         proto = _export(FlatOutputs(model), clones(inputs), opset, dynamic_batch,
-                        output_names=[name for name, _ in flat_outputs(sample)])
+                        output_names=[name for name, _ in flat_outputs(sample)], shapes=shapes)
     else:
-        proto = _export(model, clones(inputs), opset, dynamic_batch)
+        proto = _export(model, clones(inputs), opset, dynamic_batch, shapes=shapes)
     fold_weight_quantization(proto)
     if dynamic_matmuls(proto):
         merge_shared_input(proto)
@@ -194,21 +196,31 @@ def export_float_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tup
 
 
 def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
-            output_names: list[str] | None = None) -> onnx.ModelProto:
+            output_names: list[str] | None = None, shapes: InputShapes | None = None) -> onnx.ModelProto:
+    """The ONNX model of ``model``: with the dynamic axes ``shapes`` holds (the capture's, or the user's), else a
+    dynamic batch, else (the model fixes it) the example's sizes, with a warning."""
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     kwargs = dict(dynamo=True, custom_translation_table=TRANSLATIONS, opset_version=opset, input_names=names,
                   output_names=output_names, verbose=False)
     if dynamic_batch:
-        try:
-            dims = _batch_dims(inputs)
-            if isinstance(model, FlatOutputs):  # its forward takes *args: one entry holding all inputs' dims
-                dims = (dims,)
-            return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": dims})
-        except ConversionError:  # fails with a static batch too (an op without ONNX translation)
-            raise
-        except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
-            warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
-                          "exporting with the example batch size instead", stacklevel=3)
+        tries = [] if shapes is None else [shapes.onnx_dims()[:len(inputs)]]
+        tries += [] if shapes is not None and shapes.declared else [_batch_dims(inputs)]
+        for dims in tries:
+            try:
+                if isinstance(model, FlatOutputs):  # its forward takes *args: one entry holding all inputs' dims
+                    dims = (dims,)
+                return _run_exporter(model, inputs, kwargs | {"dynamic_shapes": dims})
+            except ConversionError:  # fails with a static batch too (an op without ONNX translation)
+                raise
+            except Exception as exc:
+                if shapes is not None and shapes.declared:
+                    raise ExportError(f"the model does not export with the dynamic axes declared at prepare "
+                                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:500]}); declare "
+                                      "only axes the model leaves free") from exc
+                failed = exc
+        # a model that fixes its batch size still exports, with a static batch
+        warnings.warn(f"exporting with a dynamic batch dimension failed ({type(failed).__name__}); "
+                      "exporting with the example batch size instead", stacklevel=3)
     return _run_exporter(model, inputs, kwargs)
 
 

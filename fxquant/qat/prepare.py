@@ -51,8 +51,9 @@ def _count_steps(module: nn.Module, args: tuple) -> None:
 
 def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
                 config: QuantConfig | None = None, *, ranges: str = "fixed", ema_decay: float = 0.99,
-                freeze_ranges_after: int | None = None) -> nn.Module:
-    """``fxquant.prepare`` for quantization-aware training; calibrate it, then train it like any nn.Module.
+                freeze_ranges_after: int | None = None, dynamic_shapes: object = None) -> nn.Module:
+    """``fxquant.prepare`` for quantization-aware training (``dynamic_shapes``: as prepare's); calibrate it, then
+    train it like any nn.Module.
 
     BatchNorm is folded into the preceding Conv/Linear with its running statistics (see README, "BatchNorm
     during QAT"), and the folded weights train. Every quantizer fake-quantizes with a straight-through
@@ -72,7 +73,7 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend:
                        "; call fxquant.prepare_qat(float_model, example_inputs, ...) on the original nn.Module")
     options = QATOptions(ranges, ema_decay, freeze_ranges_after)
     backend, config = checked_arguments(model, backend, config, qat=True)
-    gm = prepare_model(model, example_inputs, backend, config)
+    gm = prepare_model(model, example_inputs, backend, config, dynamic_shapes)
     for name, q in list(gm.named_modules()):
         if isinstance(q, TensorQuantizer):
             twin = QATQuantizer(q.spec, q.constant, options.ranges, options.ema_decay,
