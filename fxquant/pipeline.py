@@ -25,6 +25,7 @@ from fxquant.checks.config import check_overrides
 from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import ExampleInputError, PassError
 from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
+from fxquant.passes.additive_mask import fold_additive_masks, has_softmax
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.fold_pad import fold_pad, has_pads
@@ -58,6 +59,8 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
         run(window_attention.inline_window_attention, inputs)
     if _calls(gm, einsum_matmul.TARGET):
         run(einsum_matmul.einsum_to_matmul, inputs)
+    if has_softmax(gm):
+        run(fold_additive_masks)  # softmax(scores + a mask from the inputs): the mask add stays float
     ptq = {}
     if has_pads(gm):
         run(fold_pad)  # explicit zero pads into the convolutions they feed, where the conv's padding can say it

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxquant.errors import CalibrationDataError, CalibrationTypeError, FxQuantError
+from fxquant.errors import CalibrationDataError, CalibrationTypeError, FxQuantError, InputShapeError
 
 Selector = int | str | Sequence[int | str] | Callable[[Any], Any] | None
 
@@ -168,6 +168,8 @@ def run_batch(model: nn.Module, inputs: tuple, index: int, expected: list) -> No
     """``model(*inputs)``; a failure becomes a CalibrationDataError naming the batch and what it held."""
     try:
         model(*inputs)
+    except InputShapeError as exc:  # outside the sizes the capture holds: name the batch
+        raise CalibrationDataError(f"calibration batch {index} ({describe(inputs)}): {exc}") from exc
     except FxQuantError:
         raise
     except Exception as exc:

@@ -50,7 +50,7 @@ class InputShapes:
     names: tuple[str, ...]
     dims: tuple[tuple[tuple[int, str], ...], ...]
     guards: tuple[str, ...] = ()
-    origins: tuple[tuple[str, str], ...] = ()
+    conditions: tuple[tuple[str, str, str], ...] = ()
     declared: bool = False  # the axes are the user's (prepare's dynamic_shapes): export keeps them or raises
 
     def check(self, given: Mapping[str, object]) -> None:
@@ -61,18 +61,15 @@ class InputShapes:
         if any(isinstance(d, torch.SymInt) for v in tensors.values() for d in v.shape):
             return  # traced with symbolic sizes (torch.export of the converted model): its own guards apply
         for guard in self.guards:
-            try:
-                ok = eval(_compiled(guard), _NAMESPACE, {"L": tensors})  # torch's own guard text
-            except (KeyError, IndexError):  # an input left out (a default None) or of another rank
-                ok = False
-            if not ok:
+            if not _holds(guard, tensors):
                 raise InputShapeError(self._message(guard, tensors))
 
     def _message(self, guard: str, tensors: dict[str, torch.Tensor]) -> str:
         sizes = ", ".join(f"{k}: {list(v.shape)}" for k, v in tensors.items())
-        text = _readable(guard)
-        where = [site for condition, site in self.origins if condition.replace(" ", "") == text.replace(" ", "")]
-        why = f", a condition of the model's code at {where[0]}" if where else ""
+        text, why = guard.replace("L['", "").replace("']", ""), ""
+        failed = next(((t, site) for code, t, site in self.conditions if not _holds(code, tensors)), None)
+        if failed is not None:
+            text, why = failed[0], f", a condition of the model's code at {failed[1]}" if failed[1] else ""
         return (f"this model was captured (torch.export) for inputs where `{text}`{why}, and these inputs "
                 f"({sizes}) are not: its graph would compute another function than the model here. Call it "
                 f"with inputs of the sizes it was captured for, or prepare it again with an example of the sizes "
@@ -93,8 +90,11 @@ def _compiled(guard: str) -> object:
     return compile(guard, "<fxquant guard>", "eval")
 
 
-def _readable(guard: str) -> str:
-    return guard.replace("L['", "").replace("']", "")
+def _holds(guard: str, tensors: dict[str, torch.Tensor]) -> bool:
+    try:
+        return bool(eval(_compiled(guard), _NAMESPACE, {"L": tensors}))  # torch's own guard text, or ours
+    except (KeyError, IndexError):  # an input left out (a default None) or of another rank
+        return False
 
 
 def check_inputs(module: torch.nn.Module, given: Mapping[str, object]) -> None:
@@ -129,27 +129,30 @@ def from_program(program: torch.export.ExportedProgram, names: Sequence[str]) ->
     wanted = set(program.graph_signature.user_inputs)
     user = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in wanted
             and isinstance(n.meta.get("val"), torch.Tensor)]
-    symbols: dict[sympy.Symbol, str] = {}  # symbol -> readable source, e.g. "input_ids.size()[1]"
+    symbols: dict[sympy.Symbol, str] = {}  # symbol -> its source, e.g. "L['input_ids'].size()[1]"
     dim_names: dict[sympy.Symbol, str] = {}
     dims, static = [], []
     for name, node in zip(names, user, strict=True):
         val = node.meta.get("val")
         axes = []
         for axis, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt) and size.node.maybe_as_int() is not None:
+                size = size.node.maybe_as_int()
             if isinstance(size, int):  # fixed by the code (or the capture): the graph holds this size
                 static.append(f"L['{name}'].size()[{axis}] == {size}")
             elif isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                 sym = size.node.expr
-                symbols.setdefault(sym, f"{name}.size()[{axis}]")
+                symbols.setdefault(sym, f"L['{name}'].size()[{axis}]")
                 dim_names.setdefault(sym, "batch" if axis == 0 else f"{name}_dim{axis}")
                 axes.append((axis, dim_names[sym]))
         dims.append(tuple(axes))
     guards = static + list(getattr(program, "_guards_code", []))
     for sym, (lo, hi) in _ranges(program).items():
         if sym in symbols:
-            source = "L['{}'].size()[{}]".format(*symbols[sym].replace("]", "").split(".size()["))
+            source = symbols[sym]
             guards += [f"{source} >= {lo}"] * (lo > 1) + [f"{source} <= {hi}"] * (hi is not None)
-    return InputShapes(tuple(names), tuple(dims), tuple(dict.fromkeys(guards)), _origins(user, symbols))
+    return InputShapes(tuple(names), tuple(dims), tuple(dict.fromkeys(guards)),
+                       _conditions(user))
 
 
 def _ranges(program: torch.export.ExportedProgram) -> dict[sympy.Symbol, tuple[int, int | None]]:
@@ -161,26 +164,47 @@ def _ranges(program: torch.export.ExportedProgram) -> dict[sympy.Symbol, tuple[i
     return out
 
 
-def _origins(user: list[fx.Node], symbols: dict[sympy.Symbol, str]) -> tuple[str, ...]:
-    """``size condition (file:line)`` for each guard the model's code (not torch's) set, in input terms."""
+def _conditions(user: list[fx.Node]) -> tuple[tuple[str, str, str], ...]:
+    """(code, readable text, site) of each condition on the input sizes in the capture's shape environment."""
     val = next((n.meta.get("val") for n in user if isinstance(n.meta.get("val"), torch.Tensor)), None)
     env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
     if env is None:
         return ()
-    lines = []
+    out = []
     for guard in env.guards:
+        sources = {s: env.var_to_sources.get(s) for s in guard.expr.free_symbols}
+        if not sources or not all(sources.values()):
+            continue  # a condition on sizes the inputs do not carry
+        names = {s: src[0].name for s, src in sources.items()}  # "L['x'].size()[1]"
+        code = _PRINTER.doprint(guard.expr.xreplace({s: sympy.Symbol(n) for s, n in names.items()}))
+        readable = {s: sympy.Symbol(n.replace("L['", "").replace("']", ""), positive=True, integer=True)
+                    for s, n in names.items()}
+        text = _PRINTER.doprint(_tidy(guard.expr.xreplace(readable)))
         frame = guard.sloc.framework_loc
         path = getattr(frame, "filename", "")
-        if not path or path.startswith((_TORCH_DIR, _OWN_DIR)):
-            continue
-        expr = env.simplify(guard.expr)
-        names = {s: sympy.Symbol(symbols[env.simplify(s)]) for s in expr.free_symbols if env.simplify(s) in symbols}
-        if len(names) != len(expr.free_symbols):
-            continue  # a condition on sizes the inputs do not carry
-        text = _PRINTER.doprint(expr.xreplace(names))
-        lines.append((text, f"{os.path.basename(path)}:{frame.lineno}"
-                      + (f" (`{frame.line.strip()}`)" if getattr(frame, "line", None) else "")))
-    return tuple(dict.fromkeys(lines))
+        site = "" if not path or path.startswith((_TORCH_DIR, _OWN_DIR)) else (
+            f"{os.path.basename(path)}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else ""))
+        out.append((code, text, site))
+    return tuple(dict.fromkeys(out))
+
+
+def _tidy(expr: sympy.Basic) -> sympy.Basic:
+    """``x == min(512, x)`` as ``x <= 512``; ``16*b*t == 96*b`` (sizes are positive) as ``t == 6``."""
+    if not isinstance(expr, sympy.Eq):
+        return expr
+    lhs, rhs = expr.args
+    for a, b in ((lhs, rhs), (rhs, lhs)):
+        if isinstance(b, sympy.Min) and a in b.args and len(b.args) == 2:
+            return sympy.Le(a, next(x for x in b.args if x != a))
+    diff = sympy.factor(lhs - rhs)
+    kept = [f for f in (diff.args if isinstance(diff, sympy.Mul) else (diff,)) if not f.is_positive]
+    rest = sympy.Mul(*kept)
+    if len(rest.free_symbols) == 1:
+        sym = next(iter(rest.free_symbols))
+        solutions = sympy.solve(rest, sym)
+        if len(solutions) == 1:
+            return sympy.Eq(sym, solutions[0])
+    return expr
 
 
 # ---- declared by the user -----------------------------------------------------------------------------------
