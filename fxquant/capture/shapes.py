@@ -190,20 +190,20 @@ def _conditions(user: list[fx.Node]) -> tuple[tuple[str, str, str], ...]:
 
 def _tidy(expr: sympy.Basic) -> sympy.Basic:
     """``x == min(512, x)`` as ``x <= 512``; ``16*b*t == 96*b`` (sizes are positive) as ``t == 6``."""
+    if isinstance(expr, sympy.Or):
+        return sympy.Or(*(_tidy(arg) for arg in expr.args))
     if not isinstance(expr, sympy.Eq):
         return expr
     lhs, rhs = expr.args
     for a, b in ((lhs, rhs), (rhs, lhs)):
-        if isinstance(b, sympy.Min) and a in b.args and len(b.args) == 2:
+        if type(b).__name__ == "Min" and a in b.args and len(b.args) == 2:  # sympy's or torch's Min
             return sympy.Le(a, next(x for x in b.args if x != a))
     diff = sympy.factor(lhs - rhs)
     kept = [f for f in (diff.args if isinstance(diff, sympy.Mul) else (diff,)) if not f.is_positive]
     rest = sympy.Mul(*kept)
-    if len(rest.free_symbols) == 1:
+    if len(rest.free_symbols) == 1 and rest.is_polynomial() and sympy.degree(rest) == 1:
         sym = next(iter(rest.free_symbols))
-        solutions = sympy.solve(rest, sym)
-        if len(solutions) == 1:
-            return sympy.Eq(sym, solutions[0])
+        return sympy.Eq(sym, sympy.solve(rest, sym)[0])
     return expr
 
 
