@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from fxquant.backends import Backend, get_backend
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
+from fxquant.calib.positions import counting_positions
 from fxquant.checks.config import check_before_trace
 from fxquant.checks.model import check_model
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
@@ -135,12 +136,15 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
                              lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
         if merge:
             dist_calib.await_ranks()  # every rank must be here: detect a calibrate on one rank only
-        for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
-            run_batch(prepared, batch, i, checked.expected)
-            if count == 0:  # constants are the same in every batch: their statistics are complete after one
-                for q in constants:
-                    q.set_mode("disabled")
-            count += 1
+        # padded positions (the model's attention_mask input) do not set ranges (fxquant.calib.positions)
+        with counting_positions(prepared, quantizers) as positions:
+            for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
+                run_batch(prepared, batch, i, checked.expected)
+                if count == 0:  # constants are the same in every batch: their statistics are complete after one
+                    for q in constants:
+                        q.set_mode("disabled")
+                count += 1
+        state.report.ptq["positions"] = positions.as_ptq()
         if merge:  # merge every rank's statistics: all ranks get the same ranges
             count = dist_calib.sync_calibrators(quantizers, count, device=dist_calib.module_device(prepared))
         if count == 0:
