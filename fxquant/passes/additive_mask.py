@@ -6,13 +6,15 @@ batches the scores lose every step of resolution, calibrated on unpadded ones th
 and padding gets attention at deployment. ``fxquant.ops.attention.masked_softmax`` (kind ``masked_softmax``,
 float in every backend, as SDPA's decomposition uses it) computes the same ``softmax(scores + mask, -1)``.
 
-The mask side is recognized by where it comes from: computed from the model's inputs (and constants) by ops
-that hold no weight and multiply no activations, while the scores come from a matmul or a weighted layer.
-A position bias computed from parameters (Swin, T5) is not an input and stays as it is.
+The mask side is recognized by where it comes from: computed from model inputs (and constants) by ops that hold
+no weight and multiply no activations, while the scores come from a matmul or a weighted layer and from other
+inputs (a residual of the scores' own input is no mask). A position bias computed from parameters (Swin, T5) is
+not an input and stays as it is.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from fxquant.ops.attention import masked_softmax
@@ -33,10 +35,10 @@ def fold_additive_masks(gm: fx.GraphModule) -> PassResult:
         if not isinstance(add, fx.Node) or node_kind(add, modules) != "add" or len(add.users) != 1 \
                 or len(add.args) != 2 or add.kwargs or not all(isinstance(a, fx.Node) for a in add.args):
             continue
-        sources = [_origin(a, modules) for a in add.args]
-        if sorted(sources) != ["computed", "inputs"]:
-            continue
-        scores, mask = add.args if sources[0] == "computed" else add.args[::-1]
+        (kind_a, inputs_a), (kind_b, inputs_b) = (_origin(a, modules) for a in add.args)
+        if sorted((kind_a, kind_b)) != ["computed", "inputs"] or inputs_a & inputs_b:
+            continue  # a mask is an input of its own, not a residual of the scores' input
+        scores, mask = add.args if kind_a == "computed" else add.args[::-1]
         with gm.graph.inserting_before(node):
             folded = gm.graph.call_function(masked_softmax, (scores, mask, False))
         folded.meta = dict(node.meta)
@@ -68,18 +70,26 @@ def _last_axis(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return isinstance(dim, int) and (dim == -1 or (rank is not None and dim == rank - 1))
 
 
-def _origin(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """"computed" when ``node`` depends on a weighted layer or a matmul, else "inputs" when it depends on a
-    model input, else "constants"."""
-    seen, stack, inputs = set(), [node], False
+def _origin(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, set[fx.Node]]:
+    """("computed" when ``node`` depends on a weighted layer or a matmul, else "inputs" when it depends on a model
+    input, else "constants"; the model inputs it depends on)."""
+    seen, stack, computed, inputs = set(), [node], False, set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
+        if _reads_size(n):
+            continue  # x.shape, x.size(), sym_size: a size, not the tensor's values
         kind = node_kind(n, modules)
-        if kind in _COMPUTED or (n.op == "call_module" and kind == "other"):
-            return "computed"
-        inputs = inputs or kind == "placeholder"
+        computed = computed or kind in _COMPUTED or (n.op == "call_module" and kind == "other")
+        if kind == "placeholder":
+            inputs.add(n)
         stack.extend(n.all_input_nodes)
-    return "inputs" if inputs else "constants"
+    return ("computed" if computed else "inputs" if inputs else "constants"), inputs
+
+
+def _reads_size(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, getattr)
+            and (node.target is not getattr or node.args[1] == "shape")) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))

@@ -70,3 +70,18 @@ def test_padded_calibration_keeps_the_scores_range(backend: str) -> None:
     x = _inputs(9)
     with torch.no_grad():
         assert fxquant.sqnr(model(*x), qmodel(*x)) >= 30.0
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(x) + x, dim=-1)  # a residual of the scores' own input: not a mask
+
+
+def test_a_residual_before_a_softmax_is_not_a_mask() -> None:
+    gm = trace(_Residual().eval())
+    propagate_shapes(gm, (torch.randn(2, 6),))
+    assert not fold_additive_masks(gm).modified
