@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from fxquant.lower.graph import OnnxGraph
+
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 COMMUTING = frozenset({"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Flatten",
                        "Squeeze", "Unsqueeze", "Concat", "Slice", "Pad", "Resize", "Identity", "Clip"})
@@ -50,15 +52,10 @@ def _constant(name: str, producer: dict, inits: set) -> bool:
 
 def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
     """What TensorRT would run in higher precision, per its Q/DQ fusion rules; empty when everything fuses."""
-    graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {t.name for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    g = OnnxGraph(proto)
+    producer, consumers, inits = g.producer, g.consumers, set(g.initializers)
     findings = []
-    for node in graph.node:
+    for node in g.graph.node:
         if _outlier_side_path(node, producer, inits):
             continue  # float by design: fxquant.ptq.outlier_channels, listed in report_of(model).ptq
         if node.op_type in WEIGHTED:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import onnx
 import onnxruntime as ort
 
+from fxquant.lower.graph import OnnxGraph
+
 INT8_KERNELS = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "QLinearMatMul", "Add": "QLinearAdd",
                 "Mul": "QLinearMul", "Concat": "QLinearConcat", "AveragePool": "QLinearAveragePool",
                 "GlobalAveragePool": "QLinearGlobalAveragePool", "Sigmoid": "QLinearSigmoid",
@@ -47,20 +49,11 @@ class FusionReport:
         return "\n".join(lines)
 
 
-def _graph_maps(graph: onnx.GraphProto) -> tuple[dict, dict]:
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producer, consumers
-
-
 def intended_int8(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes with an ORT int8 kernel whose activation inputs are all dequantized and outputs all quantized
     (directly or through a ReLU/Clip)."""
-    producer, consumers = _graph_maps(proto.graph)
-    inits = {t.name for t in proto.graph.initializer}
+    g = OnnxGraph(proto)
+    producer, consumers, inits = g.producer, g.consumers, g.initializers
     out = []
     for node in proto.graph.node:
         if node.op_type not in INT8_KERNELS:
@@ -119,8 +112,7 @@ def fusion_report(path: str | os.PathLike) -> FusionReport:
         ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath)
     left = {n.name: n.op_type for n in optimized.graph.node}
-    producer, _ = _graph_maps(proto.graph)
-    inits = {t.name: t for t in proto.graph.initializer}
-    unfused = [Unfused(n.name, n.op_type, _reason(n, producer, inits)) for n in intended
+    g = OnnxGraph(proto)
+    unfused = [Unfused(n.name, n.op_type, _reason(n, g.producer, g.initializers)) for n in intended
                if left.get(n.name) in (n.op_type, f"Fused{n.op_type}")]
     return FusionReport(len(intended), unfused, dict(Counter(n.op_type for n in optimized.graph.node)))
