@@ -23,7 +23,7 @@ class Backend:
     them on quantized data); they are not reported as float.
     float_reasons: kinds this backend deliberately leaves in floating point, with the reason the prepare
     report gives for each such op (a kind with neither a rule, pass-through nor reason is reported as unknown).
-    runtime: where the exported graph deploys, which decides export's checks. "onnxruntime": verified as ORT
+    runtime: where the exported graph deploys, which decides how export verifies it. "onnxruntime": verified as ORT
     deploys it (every fusion, its int8 kernels), with the report of ops meant for int8 that ORT left in float and
     the int8-vs-float latency check (``fxquant.tune`` needs it); "tensorrt": verified for its meaning in ORT
     (basic optimizations) and linted against TensorRT's Q/DQ fusion rules (``fxquant.lower.trt_lint``); None

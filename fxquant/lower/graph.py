@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})  # ONNX ops that multiply by a weight
+
 
 def attrs(node: onnx.NodeProto) -> dict:
     """A node's attributes by name, as Python values."""

@@ -26,15 +26,6 @@ from onnx import helper
 from fxquant.backends.base import Backend
 from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
-from fxquant.lower.export_checks import (
-    atomic_file,
-    check_dtypes,
-    clones,
-    export_path,
-    honour_opset,
-    run_example,
-    warn_static_batch,
-)
 from fxquant.lower.export_passes import run_export_passes
 from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
 from fxquant.lower.onnx_passes import infer_shapes
@@ -48,6 +39,15 @@ from fxquant.lower.specialize import data_dependent_site, export_specialized, un
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
+from fxquant.validate.export import (
+    atomic_file,
+    check_dtypes,
+    clones,
+    export_path,
+    honour_opset,
+    run_example,
+    warn_static_batch,
+)
 from fxquant.version import __version__
 
 DEFAULT_OPSET = 18

@@ -19,8 +19,6 @@ from torch import fx, nn
 from fxquant.backends.base import Backend
 from fxquant.capture.partition import TracedPart, partition
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
-from fxquant.checks.config import check_overrides
-from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import ExampleInputError, PassError
 from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
@@ -37,6 +35,8 @@ from fxquant.ptq.relu6 import through_relu6
 from fxquant.report import PrepareReport, graph_report
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState, attach_state
+from fxquant.validate.config import check_overrides
+from fxquant.validate.model import freeze_parametrizations, warn_dropped_hooks
 
 Observer = Callable[[str, fx.GraphModule], None]
 
@@ -94,7 +94,7 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
         report.notes += part_notes(part)
     quantize_eager_code(work, parts, backend, config, report)
     report.skipped += [f"{name}: parametrization frozen to its current value" for name in frozen]
-    check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.checks)
+    check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.validate)
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
     attach_state(root, QuantState(backend, config, "prepared", report))

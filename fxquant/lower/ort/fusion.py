@@ -23,7 +23,7 @@ INT8_KERNELS = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "QLinearMatMul
                 "Mul": "QLinearMul", "Concat": "QLinearConcat", "AveragePool": "QLinearAveragePool",
                 "GlobalAveragePool": "QLinearGlobalAveragePool", "Sigmoid": "QLinearSigmoid",
                 "Softmax": "QLinearSoftmax"}
-WEIGHTED = frozenset({"Conv", "Gemm"})
+BIASED_INT8 = frozenset({"Conv", "Gemm"})  # int8 kernels with a weight and an int32 bias
 EIGHT_BIT = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
 
 
@@ -85,11 +85,11 @@ def _zero_point_type(dq: onnx.NodeProto, inits: dict) -> int | None:
 def _reason(node: onnx.NodeProto, producer: dict, inits: dict) -> str:
     """Why ORT's QDQ selector would reject ``node`` (first failing condition)."""
     dq = [producer.get(i) for i in node.input]
-    if node.op_type in WEIGHTED:
+    if node.op_type in BIASED_INT8:
         w = dq[1] if len(dq) > 1 else None
         if w is None or w.op_type != "DequantizeLinear" or w.input[0] not in inits:
             return "its weight is not a DequantizeLinear of an integer initializer"
-    inputs = dq[:2] if node.op_type in WEIGHTED else dq  # the int32 bias is not an 8-bit operand
+    inputs = dq[:2] if node.op_type in BIASED_INT8 else dq  # the int32 bias is not an 8-bit operand
     types = {_zero_point_type(d, inits) for d in inputs if d is not None and d.op_type == "DequantizeLinear"}
     wide = sorted(onnx.TensorProto.DataType.Name(t) for t in types - {None, *EIGHT_BIT})
     if wide:

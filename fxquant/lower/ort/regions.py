@@ -17,10 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fxquant.lower.graph import OnnxGraph
+from fxquant.lower.graph import WEIGHTED_OPS, OnnxGraph
 from fxquant.lower.ort.static_matmul import integer_to_float_matmuls, unfuse_integer_matmuls
-
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass(frozen=True)
