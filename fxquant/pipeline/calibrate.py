@@ -32,12 +32,13 @@ STEPS: tuple[CalibrateStep, ...] = (
     # data-driven changes of the model its ranges are then calibrated on; skipped under distributed calibration
     # (SmoothQuant's trigger, a LayerNorm feeding Linears, means a transformer that loses accuracy without it: a
     # warning; the split's, any Linear, also fits every CNN head, where a warning would be noise)
-    CalibrateStep("smoothquant", smoothquant_step, smooths, always, distributed="skip_and_warn"),
-    CalibrateStep("outlier_channels", outlier_channels_step, splits, always, distributed="skip"),
+    CalibrateStep("smoothquant", smoothquant_step, applies=smooths, reads_batches=always,
+                  distributed="skip_and_warn"),
+    CalibrateStep("outlier_channels", outlier_channels_step, applies=splits, reads_batches=always, distributed="skip"),
     RANGES,
-    CalibrateStep("weight_bits", weight_bits_step, saturation_aware),  # ORT u8s8 saturation-safe weight codes
-    CalibrateStep("adaround", adaround_step, rounds, always),
-    CalibrateStep("bias_correction", bias_correction_step, corrects_bias, corrects_empirically),
+    CalibrateStep("weight_bits", weight_bits_step, applies=saturation_aware),  # ORT u8s8 saturation-safe codes
+    CalibrateStep("adaround", adaround_step, applies=rounds, reads_batches=always),
+    CalibrateStep("bias_correction", bias_correction_step, applies=corrects_bias, reads_batches=corrects_empirically),
 )
 
 

@@ -10,7 +10,8 @@ calibrate()'s order is the tuple ``fxquant.pipeline.calibrate.STEPS``; ``calibra
    ``result.notes`` to the report's ``skipped`` lines and adds ``result.fixed_weights`` to the weights later
    calibrations leave alone. Raise an ``FxQuantError`` subclass whose message says what to do;
 2. add one line to ``STEPS`` where it belongs:
-   ``CalibrateStep("my_pass", my_step, applies=lambda ctx: ctx.config.my_option, reads_batches=True)``.
+   ``CalibrateStep("my_pass", my_step, applies=lambda ctx: ctx.config.my_option, reads_batches=always)``
+   (``fxquant.ptq.step.always``; leave ``reads_batches`` out for a step that runs no batch).
 
 Where a step sits decides what it sees. Steps before ``ranges`` run while quantizers collect statistics (a step
 that reads activations in float disables them itself, e.g. ``fxquant.ptq.activations.float_rows``); a failure
