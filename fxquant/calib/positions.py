@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from fxquant.calib.batches import forward_arity
-from fxquant.ptq.report import PTQReport
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 
 MASK_INPUTS: dict[str, bool] = {  # forward argument name -> whether a 1 (True) marks a real position
     "attention_mask": True, "input_mask": True, "padding_mask": False, "key_padding_mask": False,
@@ -87,9 +87,11 @@ class PositionReport:
     padded: float = 0.0
     why_not: str | None = None
 
-    def as_ptq(self) -> PTQReport:
-        """As ``report_of(model).ptq["positions"]``."""
-        report = PTQReport("positions", data={"mask": self.mask, "padded": self.padded, "masked": self.masked})
+    def as_ptq(self) -> PTQReport | None:
+        """As ``report_of(model).ptq["ranges"]``; None for a model without a padding-mask input."""
+        if self.mask is None:
+            return None
+        report = PTQReport("ranges", data={"mask": self.mask, "padded": self.padded, "masked": self.masked})
         if self.mask is not None and self.masked and self.padded:
             report.done.append(f"ranges from the positions `{self.mask}` keeps: {len(self.masked)} quantizer(s) "
                                f"skipped the padded positions ({self.padded:.0%} of the calibration positions)")

@@ -89,7 +89,7 @@ def test_minilm_from_one_sentence_calibrated_on_padded_batches(minilm, backend: 
     report = fxquant.report_of(qmodel)
     assert report.eager == []
     if backend != "onnxruntime_dynamic":  # static ranges: padded positions did not set them
-        assert "attention_mask" in report.ptq["positions"].done[0]
+        assert "attention_mask" in report.ptq["ranges"].done[0]
     if backend == "onnxruntime":  # the defaults: SmoothQuant, outlier channels, float-output Linears, no config
         assert len(report.ptq["smoothquant"].done) == 12  # every LayerNorm that feeds Linears
         # the massive GELU channels of layers 0-3 (one or two each) run in float beside the int8 down-projections

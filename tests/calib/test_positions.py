@@ -58,7 +58,7 @@ def test_padded_batches_calibrate_the_ranges_of_the_unpadded_sentences(backend: 
     assert ranges.keys() == reference.keys()
     for name, amax in ranges.items():  # every range, to float noise: padding changed none of them
         assert amax == pytest.approx(reference[name], rel=1e-4), name
-    positions = fxquant.report_of(prepared).ptq["positions"]
+    positions = fxquant.report_of(prepared).ptq["ranges"]
     assert positions.data["mask"] == "attention_mask"
     assert len(positions.data["masked"]) >= len(ranges) - 1  # all but the pooler's ([CLS] rows only)
     assert "48%" in positions.done[0]
@@ -87,7 +87,7 @@ def test_key_padding_mask_marks_padding_with_true() -> None:
     x[pad] = 100.0  # padded positions hold what no real one does
     ranges, prepared = _ranges(_KeyPadding().eval(), "tensorrt", [(x, pad)], (x[:1], pad[:1]))
     assert ranges["x_to_fc_quantizer"] == pytest.approx(float(x[~pad].abs().max()))
-    assert fxquant.report_of(prepared).ptq["positions"].data["mask"] == "key_padding_mask"
+    assert fxquant.report_of(prepared).ptq["ranges"].data["mask"] == "key_padding_mask"
 
 
 class _Additive(nn.Module):
@@ -107,7 +107,7 @@ def test_a_mask_of_other_values_leaves_every_position_counting() -> None:
     x[:, 5:], additive[:, 5:] = 100.0, -1e4  # not 0/1: not read as padding
     ranges, prepared = _ranges(_Additive().eval(), "tensorrt", [(x, additive)], (x[:1], additive[:1]))
     assert ranges["x_to_fc_quantizer"] == pytest.approx(100.0)
-    assert fxquant.report_of(prepared).ptq["positions"].done == []
+    assert fxquant.report_of(prepared).ptq["ranges"].done == []
 
 
 @pytest.mark.parametrize("shape, where", [
