@@ -26,7 +26,6 @@ from torch import nn
 
 from fxquant.calib.batches import forward_arity
 from fxquant.quantizer import TensorQuantizer
-from fxquant.report import PTQReport
 
 MASK_INPUTS: dict[str, bool] = {  # forward argument name -> whether a 1 (True) marks a real position
     "attention_mask": True, "input_mask": True, "padding_mask": False, "key_padding_mask": False,
@@ -86,18 +85,6 @@ class PositionReport:
     masked: list[str] = field(default_factory=list)
     padded: float = 0.0
     why_not: str | None = None
-
-    def as_ptq(self) -> PTQReport | None:
-        """As ``report_of(model).ptq["ranges"]``; None for a model without a padding-mask input."""
-        if self.mask is None:
-            return None
-        report = PTQReport("ranges", data={"mask": self.mask, "padded": self.padded, "masked": self.masked})
-        if self.mask is not None and self.masked and self.padded:
-            report.done.append(f"ranges from the positions `{self.mask}` keeps: {len(self.masked)} quantizer(s) "
-                               f"skipped the padded positions ({self.padded:.0%} of the calibration positions)")
-        elif self.why_not:
-            report.skipped.append(self.why_not)
-        return report
 
 
 class _Positions:

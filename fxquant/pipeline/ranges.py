@@ -6,9 +6,10 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from fxquant.calib import distributed as dist_calib
-from fxquant.calib.positions import counting_positions
+from fxquant.calib.positions import PositionReport, counting_positions
 from fxquant.errors import CalibrationError
 from fxquant.ptq.step import CalibrationContext, StepResult
+from fxquant.report import PTQReport
 
 
 def collect_ranges(ctx: CalibrationContext) -> StepResult:
@@ -42,4 +43,17 @@ def collect_ranges(ctx: CalibrationContext) -> StepResult:
             q.load_calib_amax()
         except ValueError as exc:
             raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
-    return StepResult(positions.as_ptq())
+    return StepResult(_positions_report(positions))
+
+
+def _positions_report(positions: PositionReport) -> PTQReport | None:
+    """Which positions set the ranges; None for a model without a padding-mask input."""
+    if positions.mask is None:
+        return None
+    report = PTQReport("ranges", data={"mask": positions.mask, "padded": positions.padded, "masked": positions.masked})
+    if positions.masked and positions.padded:
+        report.done.append(f"ranges from the positions `{positions.mask}` keeps: {len(positions.masked)} quantizer(s) "
+                           f"skipped the padded positions ({positions.padded:.0%} of the calibration positions)")
+    elif positions.why_not:
+        report.skipped.append(positions.why_not)
+    return report
