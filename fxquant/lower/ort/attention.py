@@ -5,7 +5,8 @@ per layer, ``q, k, v (B, S, N*H) -> Reshape -> Transpose -> MatMul(q, k^T) [-> W
 MatMul(., v) -> Transpose -> Reshape``: ten float kernels and their intermediate tensors. ONNX Runtime's
 ``com.microsoft.MultiHeadAttention`` CPU kernel computes the same ``softmax(q k^T * scale + bias) v`` in one.
 The scale is 1 (the decomposition folded ``1/sqrt(H)`` into the query projection; a graph with a scale op of
-its own is left as it is) and a boolean mask becomes one additive bias (0 / -inf) shared by every layer.
+its own is left as it is) and a boolean mask becomes one additive bias (0 / -inf) shared by every layer. Sizes
+come from ONNX shape inference, so a graph exported with a dynamic batch and sequence length fuses too.
 Anything that does not match exactly (quantized matmuls, other layouts, float masks) stays as exported.
 """
 
@@ -17,17 +18,25 @@ from onnx import helper
 
 from fxquant.lower.graph import OnnxGraph, attr
 
+Shapes = dict[str, list[int | None]]
+
 _BSNH = [0, 2, 1, 3]  # (B, S, N, H) <-> (B, N, S, H)
 
 
-def _heads(g: OnnxGraph, name: str, perm: list[int]) -> tuple[str, np.ndarray] | None:
-    """(the 3-D input, the 4-D shape) of ``Reshape(x, (B, S, N, H)) -> Transpose(perm)`` producing ``name``."""
+def _heads(g: OnnxGraph, name: str, perm: list[int], shapes: Shapes) -> tuple[str, int, int] | None:
+    """(the 3-D input, heads N, head size H) of ``Reshape(x, (B, S, N, H)) -> Transpose(perm)`` producing ``name``,
+    from the inferred shapes (batch and length may be symbolic: a graph exported with dynamic axes)."""
     transpose = g.made_by(name, "Transpose", single_use=True)
     reshape = g.made_by(transpose.input[0], "Reshape", single_use=True) if transpose is not None else None
-    if reshape is None or list(attr(transpose, "perm") or []) != perm or reshape.input[1] not in g.initializers:
+    if reshape is None or list(attr(transpose, "perm") or []) != perm:
         return None
-    shape = g.array(reshape.input[1])
-    return (reshape.input[0], shape) if shape.size == 4 and shape[3] > 0 else None
+    split, flat = shapes.get(reshape.output[0]), shapes.get(reshape.input[0])
+    if split is None or flat is None or len(split) != 4 or len(flat) != 3:
+        return None
+    heads, head = split[2], split[3]
+    if not heads or not head or heads <= 0 or head <= 0 or flat[2] not in (None, heads * head):
+        return None
+    return reshape.input[0], heads, head
 
 
 def _is_constant(g: OnnxGraph, name: str, value: float) -> bool:
@@ -35,8 +44,9 @@ def _is_constant(g: OnnxGraph, name: str, value: float) -> bool:
     return array is not None and array.size == 1 and float(array.reshape(())) == value
 
 
-def _merged_output(g: OnnxGraph, matmul: onnx.NodeProto, head: int) -> tuple[list[onnx.NodeProto], int] | None:
-    """The nodes ``[Reshape (B, N, S, H)] -> Transpose -> Reshape (B, S, N*H)`` after ``matmul``, and N*H."""
+def _merged_output(g: OnnxGraph, matmul: onnx.NodeProto, width: int, shapes: Shapes) -> list[onnx.NodeProto] | None:
+    """The nodes ``[Reshape (B, N, S, H)] -> Transpose -> Reshape (B, S, N*H)`` after ``matmul``, when N*H is
+    ``width``."""
     chain, name = [], matmul.output[0]
     for op_type in ("Reshape", "Transpose", "Reshape"):
         node = g.sole(name, op_type)
@@ -47,10 +57,10 @@ def _merged_output(g: OnnxGraph, matmul: onnx.NodeProto, head: int) -> tuple[lis
         chain.append(node)
         name = node.output[0]
     *_, transpose, merge = chain
-    shape = g.array(merge.input[1])
-    if list(attr(transpose, "perm") or []) != _BSNH or shape is None or shape.size != 3 or shape[2] % head:
+    merged = shapes.get(merge.output[0])
+    if list(attr(transpose, "perm") or []) != _BSNH or merged is None or len(merged) != 3 or merged[2] != width:
         return None
-    return chain, int(shape[2])
+    return chain
 
 
 def _mask(g: OnnxGraph, scores: onnx.NodeProto) -> tuple[str, str | None, list[onnx.NodeProto]] | None:
@@ -83,24 +93,25 @@ def multi_head_attention(proto: onnx.ModelProto) -> int:
         pv = g.sole(softmax.output[0], "MatMul")
         if qk is None or pv is None or pv.input[0] != softmax.output[0]:
             continue
-        q, k, v = _heads(g, qk.input[0], _BSNH), _heads(g, qk.input[1], [0, 2, 3, 1]), _heads(g, pv.input[1], _BSNH)
-        if q is None or k is None or v is None or len({int(s[1][3]) for s in (q, k, v)}) != 1:
+        q, k, v = (_heads(g, qk.input[0], _BSNH, shapes), _heads(g, qk.input[1], [0, 2, 3, 1], shapes),
+                   _heads(g, pv.input[1], _BSNH, shapes))
+        if q is None or k is None or v is None or len({s[1:] for s in (q, k, v)}) != 1:
             continue
-        head = int(q[1][3])
-        merged = _merged_output(g, pv, head)
-        if merged is None:
+        _, heads, head = q
+        chain = _merged_output(g, pv, heads * head, shapes)
+        if chain is None:
             continue
-        chain, width = merged
         inputs = [q[0], k[0], v[0]]
         if keep is not None:
-            shape = _bias_shape(shapes.get(keep), int(q[1][1]), width // head)
-            if shape is None:
+            mask, queries = shapes.get(keep), shapes[q[0]][1]
+            if mask is None or len(mask) != 4 or mask[1] not in (1, heads) or mask[2] not in (None, 1, queries):
                 continue
-            if (keep, shape) not in biases:
-                biases[keep, shape] = _bias(g, keep, shape)
-            inputs += ["", "", biases[keep, shape]]
+            if keep not in biases:
+                biases[keep] = _bias(g, keep)
+            has_rows = queries is not None and mask[2] == queries
+            inputs += ["", "", biases[keep] if has_rows else _rows(g, biases[keep], q[0])]
         fused = helper.make_node("MultiHeadAttention", inputs, [chain[-1].output[0]], domain="com.microsoft",
-                                 num_heads=width // head, scale=1.0, name=f"{softmax.name}/MultiHeadAttention")
+                                 num_heads=heads, scale=1.0, name=f"{softmax.name}/MultiHeadAttention")
         g.insert(pv, [fused])
         g.remove(*mask_nodes, qk, softmax, pv, *chain)
         done += 1
@@ -110,22 +121,25 @@ def multi_head_attention(proto: onnx.ModelProto) -> int:
     return done
 
 
-def _bias_shape(mask: list | None, queries: int, heads: int) -> tuple[int, ...] | None:
-    """What the mask's bias is expanded by to MultiHeadAttention's (B or 1, N or 1, S, T), when the mask is 4-D
-    with one or N heads and one or S query rows (batch and key length broadcast as they are)."""
-    if mask is None or len(mask) != 4 or queries <= 0 or mask[1] not in (1, heads) or mask[2] not in (1, queries):
-        return None
-    return (1, 1, queries, 1)
-
-
-def _bias(g: OnnxGraph, keep: str, shape: tuple[int, ...]) -> str:
-    """An additive bias (0 where ``keep``, -inf elsewhere) expanded by ``shape``, computed once after ``keep``."""
-    name = f"{keep}_attention_bias_{shape[2]}"
+def _bias(g: OnnxGraph, keep: str) -> str:
+    """An additive bias (0 where ``keep``, -inf elsewhere), computed once after ``keep``."""
+    name = f"{keep}_attention_bias"
     g.add_initializer(np.array(0.0, np.float32), f"{name}_keep")
     g.add_initializer(np.array(-np.inf, np.float32), f"{name}_drop")
-    g.add_initializer(np.array(shape, np.int64), f"{name}_shape")
     at = next((i + 1 for i, n in enumerate(g.graph.node) if keep in n.output), 0)
-    g.insert(at, [helper.make_node("Where", [keep, f"{name}_keep", f"{name}_drop"], [f"{name}_where"],
-                                   name=f"{name}/Where"),
-                  helper.make_node("Expand", [f"{name}_where", f"{name}_shape"], [name], name=f"{name}/Expand")])
+    g.insert(at, [helper.make_node("Where", [keep, f"{name}_keep", f"{name}_drop"], [name], name=f"{name}/Where")])
+    return name
+
+
+def _rows(g: OnnxGraph, bias: str, queries: str) -> str:
+    """``bias`` with one row per query (MultiHeadAttention's (B or 1, N or 1, S, T)): expanded by (1, 1, S, 1),
+    S read from the 3-D ``queries`` (it may be symbolic), after both are computed."""
+    name = f"{bias}_rows_of_{queries}"
+    ones, one = g.add_initializer(np.array([1, 1], np.int64), f"{name}_11"), g.add_initializer(np.array([1], np.int64),
+                                                                                               f"{name}_1")
+    at = max(i for i, n in enumerate(g.graph.node) if queries in n.output or bias in n.output) + 1
+    g.insert(at, [helper.make_node("Shape", [queries], [f"{name}_s"], name=f"{name}/Shape", start=1, end=2),
+                  helper.make_node("Concat", [ones, f"{name}_s", one], [f"{name}_shape"], name=f"{name}/Concat",
+                                   axis=0),
+                  helper.make_node("Expand", [bias, f"{name}_shape"], [name], name=f"{name}/Expand")])
     return name

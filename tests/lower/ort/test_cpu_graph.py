@@ -31,11 +31,12 @@ def _bert() -> torch.nn.Module:
     return transformers.BertModel(config).eval()
 
 
-def _ids(seed: int, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def _ids(seed: int, length: int = 16, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(1, length, dtype=torch.long)
+    mask = torch.ones(batch, length, dtype=torch.long)
     mask[:, length - 1 - seed % 5:] = 0
-    return torch.randint(0, 256, (1, length), generator=g), mask
+    mask[1::2, length // 2:] = 0  # every other sequence of a batch is short
+    return torch.randint(0, 256, (batch, length), generator=g), mask
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +79,12 @@ def test_export_agrees_with_fake_quant_and_stays_close_to_fp32(exported):
     model, q, _, int8_path, result = exported
     assert result.ort_sqnr_db >= 30.0
     session = ort_session(str(int8_path), level="all")
-    for seed in range(1, 6):  # other sentences and padding than the export's example
-        ids = _ids(seed)
+    for seed in range(1, 6):  # other sentences, padding, batches and lengths than the export's example
+        ids = _ids(seed, 10 + 4 * seed, 1 + seed % 3)
         with torch.no_grad():
-            ref, fake = model(*ids).last_hidden_state[0], q(*ids)["last_hidden_state"][0]
-        got = torch.from_numpy(run_ort(session, ids)[0])[0]
-        keep = ids[1][0].bool()
+            ref, fake = model(*ids).last_hidden_state, q(*ids)["last_hidden_state"]
+        got = torch.from_numpy(run_ort(session, ids)[0])
+        keep = ids[1].bool()
         cos = torch.nn.functional.cosine_similarity(got[keep], ref[keep], dim=-1)
         assert float(cos.min()) >= 0.99, seed
         agree = torch.nn.functional.cosine_similarity(got[keep], fake[keep], dim=-1)
