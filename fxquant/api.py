@@ -217,7 +217,7 @@ def convert(prepared: nn.Module) -> nn.Module:
                               "fxquant.calibrate(prepared, batches) before convert()")
     qmodel = copy.deepcopy(prepared).eval()
     for name, q in list(_quantizers(qmodel).items()):
-        qmodel.set_submodule(name, freeze(q))
+        qmodel.set_submodule(name, freeze(q).eval())
     attach_state(qmodel, dataclasses.replace(state, stage="converted"))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
+from fxquant.capture.inplace import functionalize, has_inplace_ops
 from fxquant.capture.partition import Unit, partition
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
 from fxquant.checks.config import check_overrides
@@ -46,7 +47,9 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
     """Run the prepare passes on one traced graph, in this order; ``observer(pass_name, gm)`` sees the graph
     after each pass (docs/architecture.md is generated with it)."""
     run = PassRunner(gm, observer)
-    propagate_shapes(gm, inputs)  # tensor shapes and dtypes on every node: rules and passes read them
+    if has_inplace_ops(gm):
+        run(functionalize)  # y.relu_(), F.relu(y, inplace=True), ...: out of place, later readers read the result
+    propagate_shapes(run.gm, inputs)  # tensor shapes and dtypes on every node: rules and passes read them
     # graph rewrites that expose quantizable ops, each only where its target op is present
     if _calls(gm, decompose_attention.TARGET):
         run(decompose_attention.decompose_attention, inputs)

@@ -79,6 +79,9 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             continue
         bias = _array(inits, node.input[2]).astype(np.float64)
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
+        if np.any(np.abs(bias / np.maximum(scale, np.finfo(np.float32).tiny)) > 2**31 - 1):
+            _bias_after(graph, node, bias.astype(np.float32), len(_array(inits, dq_w.input[0]).shape))
+            continue  # int32 codes would saturate (16-bit scales, tiny weights): the bias stays float
         q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
         q = q.numpy().astype(np.int32)
         bias_name = node.input[2]
@@ -97,6 +100,21 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             graph.initializer.remove(inits[base])
         done += 1
     return done
+
+
+def _bias_after(graph: onnx.GraphProto, node: onnx.NodeProto, bias: np.ndarray, rank: int) -> None:
+    """Move the float bias of ``node`` (Conv/Gemm) into an Add after it: ORT's WeightBiasQuantization would
+    otherwise quantize it to int32 itself, saturating the same way."""
+    shape = (-1,) + (1,) * (rank - 2) if node.op_type == "Conv" else (-1,)
+    name = f"{node.input[2]}_after"
+    graph.initializer.append(numpy_helper.from_array(bias.reshape(shape), name))
+    out, old = node.output[0], node.input[2]
+    node.output[0] = f"{out}_without_bias"
+    del node.input[2]
+    if not any(old in n.input for n in graph.node):
+        graph.initializer.remove(next(t for t in graph.initializer if t.name == old))
+    add = helper.make_node("Add", [node.output[0], name], [out], name=f"{node.name}_bias")
+    graph.node.insert(list(graph.node).index(node) + 1, add)
 
 
 def _unused_stem(graph: onnx.GraphProto, name: str) -> str:

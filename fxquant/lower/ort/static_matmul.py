@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 from fxquant.lower.ort.dynamic_matmul import linear_weight, prune, splice
 
 MS_DOMAIN = "com.microsoft"
+EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
 
 def _static_input(node: onnx.NodeProto, producer: dict, inits: dict) -> onnx.NodeProto | None:
@@ -29,7 +30,7 @@ def _static_input(node: onnx.NodeProto, producer: dict, inits: dict) -> onnx.Nod
         return None
     if any(i not in inits for i in q.input[1:3]) or numpy_helper.to_array(inits[q.input[1]]).ndim != 0:
         return None
-    return q
+    return q if inits[q.input[2]].data_type in EIGHT_BIT else None  # ORT's op takes 8-bit codes only
 
 
 def _float_output(node: onnx.NodeProto, consumers: dict, inits: dict) -> tuple[str | None, str]:
@@ -72,6 +73,8 @@ def integer_to_float_matmuls(proto: onnx.ModelProto) -> int:
         if not out:
             continue
         dq, transposed = found
+        if inits[dq.input[0]].data_type not in EIGHT_BIT:
+            continue  # 16-bit weights: ORT has no integer matmul for them; the QDQ form runs (dequantized)
         scale = numpy_helper.to_array(inits[dq.input[1]])
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         if scale.ndim and axis % 2 != (0 if transposed else 1):

@@ -1,0 +1,168 @@
+"""In-place ops in a captured graph: written out of place, or refused where the graph cannot keep their meaning.
+
+torch.fx records ``y.relu_()``, ``y.add_(z)``, ``F.relu(y, inplace=True)``, ``torch.relu_(y)`` and an
+``nn.ReLU(inplace=True)`` call as nodes whose result nobody may read: later code reads ``y``, which the graph
+shows as the value *before* the op. Eager PyTorch runs them in order on one buffer, but once prepare inserts a
+quantizer between ``y`` and its next reader, that reader sees the unchanged tensor (a ReLU lost on the TensorRT
+backend). ``functionalize`` makes every such op out of place and points each later reader of ``y`` at its
+result, which is what the eager model computes.
+
+That holds only when nothing else shares ``y``'s memory: an in-place op on a view (``y.view(-1).relu_()``)
+changes the base too. ``aliasing_hazard`` finds an in-place op whose changed memory is read again through
+another value, and where a module's forward changes its own buffers (``self.steps += 1``, a running mean):
+torch.fx runs such code once at trace time (buffers are constants to it), so a graph cannot carry it. Capture
+then runs that module eagerly, where the ops run as written (``fxquant.capture.partition``).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from fxquant.passes.manager import PassResult
+
+# ops whose result shares memory with their first argument (conservative: reshape/flatten/contiguous may copy)
+VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
+    "permute", "expand", "expand_as", "narrow", "select", "unfold", "diagonal", "as_strided", "detach", "contiguous",
+    "swapaxes", "swapdims", "movedim", "moveaxis", "split", "chunk", "unbind", "split_with_sizes", "tensor_split",
+    "real", "imag", "view_as_real", "T", "mT", "H", "mH", "__getitem__",
+})
+VIEW_FUNCTIONS = frozenset({
+    torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.narrow,
+    torch.select, torch.diagonal, torch.detach, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
+    torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.t, operator.getitem, torch.as_strided,
+})
+# in-place methods with no out-of-place twin of the same name: (the twin, how it maps the arguments)
+_METHOD_TWINS = {"zero_": torch.zeros_like, "fill_": "fill", "copy_": "copy"}
+_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+              operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+              operator.imatmul: operator.matmul, operator.iand: operator.and_, operator.ior: operator.or_}
+
+
+def _filled(x: torch.Tensor, value: object) -> torch.Tensor:
+    """``x.fill_(value)`` out of place."""
+    return torch.full_like(x, 0).add(value) if isinstance(value, torch.Tensor) else torch.full_like(x, value)
+
+
+def _copied(x: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``x.copy_(src)`` out of place: ``src`` in ``x``'s dtype, broadcast to its shape."""
+    return src.to(x.dtype).expand_as(x).clone()
+
+
+def mutated_arg(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The value an in-place node changes (its first argument), or None for an out-of-place node."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.startswith("_") and name != "requires_grad_" else None
+    if node.op == "call_function":
+        if node.target in _OPERATORS or node.kwargs.get("inplace") is True:
+            return first
+        name = getattr(node.target, "__name__", "")
+        if isinstance(node.target, torch._ops.OpOverload):
+            name = node.target._schema.name.rpartition("::")[2]
+        if name.endswith("_") and not name.startswith("_") and (
+                getattr(torch, name, None) is node.target or isinstance(node.target, torch._ops.OpOverload)):
+            return first
+        return None
+    if node.op == "call_module":
+        return first if getattr(modules.get(node.target), "inplace", False) is True else None
+    return None
+
+
+def _functional_candidate(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The value ``node`` changes in place, unless it is model state: a buffer update (torch.export's
+    ``copy_(buffer, new)``) stays as written."""
+    arg = mutated_arg(node, modules)
+    while arg is not None and arg.op != "get_attr" and arg.args and isinstance(arg.args[0], fx.Node) \
+            and (_is_view(arg) or mutated_arg(arg, modules) is not None):
+        arg = arg.args[0]
+    return None if arg is None or arg.op == "get_attr" else mutated_arg(node, modules)
+
+
+def has_inplace_ops(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` has an in-place op ``functionalize`` rewrites."""
+    modules = dict(gm.named_modules())
+    return any(_functional_candidate(n, modules) is not None for n in gm.graph.nodes)
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in VIEW_METHODS
+    return node.op == "call_function" and node.target in VIEW_FUNCTIONS
+
+
+def _alias_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Each node -> the node whose memory it shares (itself when it owns its memory)."""
+    modules = dict(gm.named_modules())
+    root: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if base is not None and (_is_view(node) or mutated_arg(node, modules) is base):
+            root[node] = root.get(base, base)
+        else:
+            root[node] = node
+    return root
+
+
+def aliasing_hazard(gm: fx.GraphModule) -> fx.Node | None:
+    """The first in-place node whose changed memory is read later through another value (a view, its base, a
+    sibling view), or that changes a parameter or buffer; None when every in-place op can go out of place."""
+    modules = dict(gm.named_modules())
+    root = _alias_roots(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        arg = mutated_arg(node, modules)
+        if arg is None:
+            continue
+        if root[arg].op == "get_attr":
+            return node
+        sharing = [n for n in gm.graph.nodes if root[n] is root[arg] and n is not arg and n is not node
+                   and order[n] < order[node] and mutated_arg(n, modules) is None]
+        if any(order[u] > order[node] for n in sharing for u in n.users):
+            return node
+    return None
+
+
+def functionalize(gm: fx.GraphModule) -> PassResult[None]:
+    """Every in-place op of ``gm`` out of place, and every later reader of the value it changed reading its
+    result instead (see the module docstring). Run after ``aliasing_hazard`` found none."""
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        arg = _functional_candidate(node, modules)
+        if arg is None:
+            continue
+        _out_of_place(gm, node, modules)
+        for user in list(arg.users):
+            if user is not node and order.get(user, len(order)) > order[node]:
+                user.replace_input_with(arg, node)
+        changed = True
+    return PassResult(gm, changed)
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> None:
+    if node.op == "call_module":
+        modules[node.target].inplace = False  # prepare's copy; the same result, without changing the input
+    elif node.op == "call_function" and node.target in _OPERATORS:
+        node.target = _OPERATORS[node.target]
+    elif node.op == "call_function" and "inplace" in node.kwargs:
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        packet = getattr(torch.ops.aten, node.target._schema.name.rpartition("::")[2][:-1], None)
+        overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
+        if overload is not None:
+            node.target = overload
+    elif node.op == "call_function":
+        node.target = getattr(torch, node.target.__name__[:-1])
+    elif node.target in _METHOD_TWINS:
+        twin = _METHOD_TWINS[node.target]
+        node.op, node.target = "call_function", {"fill": _filled, "copy": _copied}.get(twin, twin)
+    elif hasattr(torch.Tensor, node.target[:-1]):
+        node.target = node.target[:-1]
