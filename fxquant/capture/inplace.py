@@ -110,6 +110,13 @@ def _alias_roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return root
 
 
+def _tensor_of(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """The node that made the tensor ``node`` is (an in-place op returns the tensor it changed)."""
+    while (arg := mutated_arg(node, modules)) is not None:
+        node = arg
+    return node
+
+
 def aliasing_hazard(gm: fx.GraphModule) -> fx.Node | None:
     """The first in-place node whose changed memory is read later through another value (a view, its base, a
     sibling view), or that changes a parameter or buffer; None when every in-place op can go out of place."""
@@ -122,8 +129,9 @@ def aliasing_hazard(gm: fx.GraphModule) -> fx.Node | None:
             continue
         if root[arg].op == "get_attr":
             return node
-        sharing = [n for n in gm.graph.nodes if root[n] is root[arg] and n is not arg and n is not node
-                   and order[n] < order[node] and mutated_arg(n, modules) is None]
+        tensor = _tensor_of(arg, modules)  # y, y.relu_(), y.relu_().add_(1): one tensor, rewired in order
+        sharing = [n for n in gm.graph.nodes if root[n] is root[arg] and order[n] < order[node]
+                   and _tensor_of(n, modules) is not tensor]
         if any(order[u] > order[node] for n in sharing for u in n.users):
             return node
     return None
