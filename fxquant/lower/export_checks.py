@@ -14,7 +14,6 @@ from onnx import version_converter
 
 from fxquant.errors import ConfigError, ExportError, FxQuantError
 from fxquant.files import output_path
-from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
 from fxquant.lower.outputs import flat_outputs
 
 
@@ -41,11 +40,15 @@ def check_dtypes(model: torch.nn.Module, inputs: tuple) -> None:
                               "cast the converted model and the examples with .float()")
 
 
+# modules whose forward depends on train/eval mode (the root's own code may too: it is checked as well)
+_MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+
+
 def check_eval_mode(model: torch.nn.Module) -> None:
     """ExportError for a model left in training mode: export and its ORT check run the forward as it runs now
     (dropout random, BatchNorm on batch statistics), so the reference would not be the deployed function."""
     training = [name or "the model" for name, m in model.named_modules()
-                if m.training and not isinstance(m, (FrozenQuantizer, FrozenDynamicQuantizer))]
+                if m.training and (not name or isinstance(m, _MODE_DEPENDENT))]
     if training:
         shown = ", ".join(f"`{n}`" for n in training[:4]) + (f" and {len(training) - 4} more" if len(training) > 4
                                                               else "")
