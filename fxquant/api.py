@@ -16,7 +16,7 @@ from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
 from fxquant.checks.config import check_before_trace
 from fxquant.checks.model import check_model
-from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
+from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError, NegativeInputError
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import prepare_model
 from fxquant.ptq import calibrate_passes as ptq
@@ -24,7 +24,7 @@ from fxquant.ptq.weight_widths import choose_weight_bits
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
 from fxquant.spec import CALIB_METHODS, QuantConfig
-from fxquant.state import attach_state, get_state
+from fxquant.state import attach_state, exclusive, get_state
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
@@ -75,7 +75,6 @@ def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-@torch.no_grad()
 def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inputs: Selector = None,
               distributed: bool | None = None) -> nn.Module:
     """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
@@ -94,6 +93,16 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
     (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again.
     """
+    state = get_state(prepared)
+    if state is None:
+        return _calibrate(prepared, batches, progress, inputs, distributed)  # raises, naming what to do
+    with exclusive(state, "calibrate()"):  # another thread calibrating this model: an error, not mixed ranges
+        return _calibrate(prepared, batches, progress, inputs, distributed)
+
+
+@torch.no_grad()
+def _calibrate(prepared: nn.Module, batches: Iterable, progress: bool, inputs: Selector,
+               distributed: bool | None) -> nn.Module:
     state = get_state(prepared)
     quantizers = _quantizers(prepared)
     if state is not None and state.stage == "converted":
@@ -140,14 +149,20 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
         if count == 0:
             raise CalibrationError("the calibration iterable was empty; pass at least one batch")
         checked.check_all_zero()
+        negative = []
         for name, q in quantizers.items():
             if q.spec.amax is None and q.calibrator.num_batches == 0:
                 raise CalibrationError(f"quantizer `{name}` saw no data during calibration: the branch it sits "
                                        "on never ran for these batches")
             try:
                 q.load_calib_amax()
+            except NegativeInputError as exc:
+                negative.append((name, exc))
             except ValueError as exc:
                 raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
+        if negative:  # unsigned specs on signed data: each named, not clipped to 0 in silence
+            raise NegativeInputError(f"{len(negative)} unsigned quantizer(s) saw negative calibration data ("
+                                     + ", ".join(f"`{n}`" for n, _ in negative[:6]) + "): " + str(negative[0][1]))
     except BaseException:
         clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
         raise

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
+from fxquant.backends.runtime import check_specs
 from fxquant.capture.inplace import functionalize, has_inplace_ops
 from fxquant.capture.partition import Unit, partition
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
@@ -80,6 +81,8 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
 def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: Backend,
                   config: QuantConfig) -> nn.Module:
     """Capture a copy of ``model`` (eval mode), prepare every traced part, quantize eager layers by swap."""
+    runtime_notes = check_specs(backend.runtime, backend.name, config,
+                                {"weight": backend.weight, "activation": backend.activation})
     inputs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
     frozen = freeze_parametrizations(work)  # weight_norm & co: quantize the weight the model computes with
@@ -100,7 +103,10 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.checks)
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
+    report.notes += runtime_notes
     attach_state(root, QuantState(backend, config, "prepared", report))
+    if runtime_notes:
+        warnings.warn(f"{backend.name}: " + ";\n  ".join(runtime_notes), stacklevel=3)
     _warn(report)
     return root
 

@@ -234,6 +234,12 @@ class TensorQuantizer(nn.Module):
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ConfigError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
                               "on the calibration data; check the data and the model")
+        low = self.calibrator.data_min()
+        if self.spec.unsigned and low is not None and low.numel() and bool(low.min() < 0):
+            raise NegativeInputError(f"Negative values encountered in unsigned quantization: the calibration data "
+                                     f"reaches {low.min().item():.4g}, which an unsigned quantizer ([0, amax]) clips "
+                                     "to 0; use unsigned=False (or symmetric=False for an affine range) for this "
+                                     "tensor, or keep unsigned=True for tensors after a ReLU only")
         self._set_range(lo, hi)
 
     @property

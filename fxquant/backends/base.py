@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from fxquant.backends.runtime import Runtime
 from fxquant.errors import ConfigError
 from fxquant.rules import Rule
 from fxquant.rules.rule import check_rules
@@ -35,6 +36,8 @@ class Backend:
     attention blocks as ORT's MultiHeadAttention: ``fxquant.lower.ort.attention``).
     integer_float_output: export writes a Linear with a quantized input and weight but a float output as ORT's
     MatMulIntegerToFloat (``fxquant.lower.ort.static_matmul``), which ORT would otherwise run in float.
+    runtime: what the deployment runtime executes (``fxquant.backends.runtime``): prepare refuses or warns about
+    specs it cannot run, and ops it has no dynamic kernel for stay float; None checks nothing.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Backend:
     trt_fusion_lint: bool = False
     ort_cpu_graph: bool = False
     integer_float_output: bool = False
+    runtime: Runtime | None = None
 
     def __post_init__(self) -> None:
         if self.verify_level not in VERIFY_LEVELS:

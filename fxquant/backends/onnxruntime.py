@@ -29,6 +29,7 @@ from torch import fx
 
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import int8_consumers, output_reaches_int8, quantizable_weight, two_activation_inputs
+from fxquant.backends.runtime import ORT_RUNTIME
 from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.rules import Match, Pattern, Rule, Targets, single_user
 from fxquant.rules.context import RuleContext
@@ -131,4 +132,5 @@ ONNXRUNTIME = Backend(
     saturation_aware_weights=True,
     ort_cpu_graph=True,  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNormalization)
     integer_float_output=True,  # float-output Linears (LINEAR_FLOAT_OUTPUT) run as MatMulIntegerToFloat
+    runtime=ORT_RUNTIME,
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import quantizable_weight
+from fxquant.backends.runtime import ORT_RUNTIME
 from fxquant.rules import Pattern, Rule, Targets
 from fxquant.spec import QuantSpec
 
@@ -48,4 +49,5 @@ ONNXRUNTIME_DYNAMIC = Backend(
     verify_level="all",  # verified as deployed: DynamicQuantizeMatMul
     saturation_aware_weights=True,  # 8-bit codes where no adjacent pair can overflow ORT's int16 u8s8 sums
     ort_cpu_graph=True,  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNormalization)
+    runtime=ORT_RUNTIME,
 )

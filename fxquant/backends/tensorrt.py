@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight
+from fxquant.backends.runtime import TENSORRT_RUNTIME
 from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.provenance import info
 from fxquant.rules import Match, Pattern, Rule, Targets
@@ -80,4 +81,5 @@ TENSORRT = Backend(
                            "permute", "split", "getitem", "identity", "batch_norm"}),
     float_reasons=FLOAT_REASONS,
     trt_fusion_lint=True,
+    runtime=TENSORRT_RUNTIME,
 )

@@ -30,3 +30,8 @@ class Calibrator:
 
     def reset(self) -> None:
         self.num_batches = 0
+
+    def data_min(self) -> torch.Tensor | None:
+        """The smallest value collected (per channel where the calibrator keeps channels), or None: the data's own
+        minimum, whatever range ``compute`` proposes (a symmetric method may propose -amax)."""
+        return getattr(self, "_min", None)
