@@ -72,9 +72,11 @@ def tune(model: nn.Module, example_inputs: torch.Tensor | tuple, runs: int = 30)
     chosen = plan(proto, [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)], runs)
     tuned = copy.deepcopy(model)
     float_layers(tuned, chosen.floated, chosen.quantizers)
-    get_state(tuned).report.notes.append(f"tune kept {chosen.units - len(chosen.floated)} of {chosen.units} "
+    kept = len({_layer(u) for u in chosen.unit_us} - {_layer(u) for u in chosen.floated})
+    get_state(tuned).report.notes.append(f"tune kept {kept} of {len({_layer(u) for u in chosen.unit_us})} "
                                          f"weighted layers int8 ({chosen.chosen.speedup:.2f}x float in ORT)")
-    return TuneResult(tuned, {_layer(u): why for u, why in chosen.floated.items()}, chosen.units,
+    layers = len({_layer(u) for u in chosen.unit_us})  # a layer called twice is two ONNX units, one module
+    return TuneResult(tuned, {_layer(u): why for u, why in chosen.floated.items()}, layers,
                       chosen.chosen.speedup, chosen.candidates)
 
 
@@ -90,8 +92,6 @@ def float_layers(model: nn.Module, floated: dict[str, str], quantizers: set[str]
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            if name.endswith("bias_quantizer"):  # the int32 bias is made at export: it follows the weight
-                continue
             raise ConversionError(f"tune: the ONNX quantizer `{name}` has no module in the model") from None
         if not isinstance(module, FrozenQuantizer):
             raise ConversionError(f"tune: `{name}` is a {type(module).__name__}, not a converted quantizer")
