@@ -37,6 +37,7 @@ from torch import fx, nn
 from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part
 from fxquant.ptq.report import PTQReport
 from fxquant.ptq.smoothquant import minmax_fake_quant
+from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
 from fxquant.quantizer import TensorQuantizer
 
 RATIO = 8.0  # an outlier channel's calibration max |x| is above RATIO x the median channel's
@@ -203,3 +204,14 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
         gm.recompile()
     report.data = {"layers": layers}
     return report
+
+
+def splits(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() looks for outlier input channels of Linears: asked for, not yet done, and (for "auto") a
+    per-tensor activation quantizer feeds a Linear."""
+    return auto_applies(ctx, "outlier_channels", splittable)
+
+
+def outlier_channels_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s outlier-channel split, on its checked batches (``fxquant.ptq.step``)."""
+    return auto_result(ctx, "outlier_channels", split_outlier_channels(ctx.model, ctx.batches, ctx.run))

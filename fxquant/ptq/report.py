@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fxquant.state import get_state
-
 
 @dataclass
 class PTQReport:
@@ -42,9 +40,3 @@ def _plain(value: object) -> object:
 
 _DROP = object()
 
-
-def attach(model: object, report: PTQReport) -> None:
-    """Record ``report`` in the prepare report of ``model`` (``fxquant.report_of(model).ptq``)."""
-    state = get_state(model)
-    if state is not None:
-        state.report.ptq[report.name] = report

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part
 from fxquant.ptq.report import PTQReport
+from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
 from fxquant.quantizer import TensorQuantizer
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -212,3 +213,13 @@ def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> 
         gm.recompile()
     report.data = {"layers": layers}
     return report
+
+
+def smooths(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() runs SmoothQuant: asked for, not yet done, and (for "auto") a LayerNorm feeds a Linear."""
+    return auto_applies(ctx, "smoothquant", smoothable)
+
+
+def smoothquant_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s SmoothQuant step, on its checked batches (``fxquant.ptq.step``)."""
+    return auto_result(ctx, "smoothquant", smoothquant(ctx.model, ctx.batches, ctx.run))

@@ -83,5 +83,6 @@ def test_dynamic_activations_reach_only_linears_on_onnx_runtime(tmp_path):
     assert result.op_counts["Conv"] == 2 and result.op_counts["MatMulInteger"] == 1
     producers = {o: n for n in result.model.graph.node for o in n.output}
     convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
-    assert all(getattr(producers.get(c.input[0]), "op_type", None) != "DequantizeLinear" for c in convs)  # float convs, no fake Q/DQ
+    # float convs, with no fake quantize-dequantize before them
+    assert all(getattr(producers.get(c.input[0]), "op_type", None) != "DequantizeLinear" for c in convs)
     assert result.ort_sqnr_db > 30

@@ -1,7 +1,8 @@
 """NVIDIA pytorch_quantization's own tests (tools/pytorch-quantization/tests in NVIDIA/TensorRT: tensor_quant_test,
 tensor_quantizer_test, calibrator_test), rewritten for fxquant's names.
 
-Not ported: CUDA-extension (its fp16/bf16 arithmetic is: computed in float32, then cast), E4M3, QuantDescriptor yaml/dict, learn_amax clip modules, pre_quant_scale, multi-axis
+Not ported: CUDA-extension (its fp16/bf16 arithmetic is: computed in float32, then cast), E4M3, QuantDescriptor
+yaml/dict, learn_amax clip modules, pre_quant_scale, multi-axis
 quantizers and ``calibrate_weights`` (fxquant has no such API). Where fxquant differs by design the test says so and
 checks the difference (TensorQuantizer's ``scale`` is the ONNX step and its codes are ``round(x / step)``).
 """
@@ -253,6 +254,7 @@ def test_a_per_tensor_quantizer_takes_one_amax_and_names_the_axis_for_more():
     assert np.array_equal(fresh.amax.numpy(), np.array([3.142, 2.718], dtype=np.float32))
 
 
+@pytest.mark.smoke
 def test_max_calibration_per_channel():
     q = TensorQuantizer(QuantSpec(axis=0))
     q.set_mode("calib")

@@ -1,4 +1,4 @@
-"""The prepare pipeline, in order, in one place.
+"""The prepare pipeline, in order, in one place (calibrate's is ``fxquant.pipeline.calibrate``).
 
 ``prepare_model`` captures a copy of the model (whole, or in traced parts with the rest eager), runs
 ``prepare_graph`` on every traced part, quantizes the Conv/Linear layers eager code calls, and records the
