@@ -29,7 +29,8 @@ from torch import fx
 import fxquant
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
-from tests.fuzz_graphs import FuzzModel, Program, programs
+from tests.fuzz_graphs import FuzzModel, Program
+from tests.fuzz_ops import programs
 
 BACKENDS = ("tensorrt", "onnxruntime")
 MIN_AGREEMENT_DB = 30.0
