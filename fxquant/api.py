@@ -13,19 +13,18 @@ from torch import fx, nn
 from fxquant.backends import Backend, get_backend
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector
-from fxquant.checks.config import check_before_trace
-from fxquant.checks.model import check_model
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import calibrate_model, prepare_model, record
 from fxquant.ptq.adaround import learn_rounding
 from fxquant.ptq.bias_correction import correct_layer_biases
-from fxquant.ptq.report import PTQReport
 from fxquant.ptq.step import StepResult
 from fxquant.quantizer import quantizers_of
-from fxquant.report import PrepareReport
+from fxquant.report import PrepareReport, PTQReport
 from fxquant.spec import CALIB_METHODS, AdaRoundOptions, QuantConfig
 from fxquant.state import attach_state, exclusive, get_state
+from fxquant.validate.config import check_before_trace
+from fxquant.validate.model import check_model
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
@@ -59,7 +58,7 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
         if spec is not None and spec.learn_amax and not qat:
             raise ConfigError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
                               "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
-    check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.checks)
+    check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.validate)
     check_before_trace(model, config)
     return backend, config
 

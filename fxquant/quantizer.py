@@ -233,7 +233,7 @@ class TensorQuantizer(nn.Module):
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ConfigError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
                               "on the calibration data; check the data and the model")
-        low = self.calibrator.data_min()
+        low = (self.calibrator.minmax() or (None,))[0]  # the data's own minimum, whatever range compute proposes
         if self.spec.unsigned and low is not None and low.numel() and bool(low.min() < 0):
             raise NegativeInputError(f"Negative values encountered in unsigned quantization: the calibration data "
                                      f"reaches {low.min().item():.4g}, which an unsigned quantizer ([0, amax]) clips "

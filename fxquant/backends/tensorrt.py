@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from fxquant.backends.base import Backend
 from fxquant.backends.checks import output_reaches_int8, quantizable_weight
-from fxquant.backends.runtime import TENSORRT_RUNTIME
 from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.provenance import info
 from fxquant.rules import Match, Pattern, Rule, Targets
@@ -80,6 +79,5 @@ TENSORRT = Backend(
     passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "mean", "pad", "roll", "reshape",
                            "permute", "split", "getitem", "identity", "batch_norm"}),
     float_reasons=FLOAT_REASONS,
-    trt_fusion_lint=True,
-    runtime=TENSORRT_RUNTIME,
+    runtime="tensorrt",  # verified for its meaning in ORT, linted against TensorRT's Q/DQ fusion rules
 )

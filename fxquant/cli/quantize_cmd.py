@@ -14,9 +14,10 @@ import fxquant
 from fxquant.analysis.tune import check_tunable
 from fxquant.cli.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.cli.summary import Stopwatch, config_from_args, print_table, quiet_warnings
-from fxquant.lower.export_checks import check_opset, export_path
 from fxquant.lower.onnx_export import DEFAULT_OPSET, export_float_onnx
 from fxquant.lower.outputs import flat_outputs
+from fxquant.spec import CALIB_METHODS
+from fxquant.validate.export import check_opset, export_path
 
 DESCRIPTION = """Targets a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
 calibrate on DATA, convert, export, check the ONNX model with onnx.checker and run it in ONNX Runtime against
@@ -32,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("quantize", help="quantize a model and export QDQ ONNX", description=DESCRIPTION,
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_args(parser)
-    parser.add_argument("--calib-method", choices=("max", "ema", "percentile", "entropy", "mse"), default=None,
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default=None,
                         help="activation calibration method (default: the backend's)")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="ONNX file to write (default: <model>_<backend>.onnx)")

@@ -18,11 +18,11 @@ from fxquant.pipeline.ranges import collect_ranges
 from fxquant.ptq.adaround import adaround_step, rounds
 from fxquant.ptq.bias_correction import bias_correction_step, corrects_bias, corrects_empirically
 from fxquant.ptq.outlier_channels import outlier_channels_step, splits
-from fxquant.ptq.report import PTQReport
 from fxquant.ptq.smoothquant import smoothquant_step, smooths
 from fxquant.ptq.step import CalibrateStep, CalibrationContext, StepResult, always
 from fxquant.ptq.weight_widths import saturation_aware, weight_bits_step
 from fxquant.quantizer import TensorQuantizer, quantizers_of
+from fxquant.report import PTQReport
 from fxquant.state import QuantState, get_state
 
 RANGES = CalibrateStep("ranges", collect_ranges)  # the calibrator loop: before it, steps change the model; after

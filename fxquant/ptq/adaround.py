@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from fxquant import qmath
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
-from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
-from fxquant.ptq.report import PTQReport
+from fxquant.ptq.layers import Layer, float_mode, followed_by_relu, layer_activations, quantized_layers
 from fxquant.ptq.step import CalibrationContext, StepResult
+from fxquant.report import PTQReport
 from fxquant.spec import AdaRoundOptions
 from fxquant.state import get_state
 
@@ -119,8 +119,8 @@ def _round_layer(model: fx.GraphModule, layer: Layer, batches: list, options: Ad
                  progress: bool, layers: list[Layer], originals: dict[str, torch.Tensor]) -> dict:
     quantizer = layer.quantizer
     with float_mode(model), original_weights(layers, originals):  # the target is the float model's output
-        targets = torch.cat(capture(model, layer, batches, "output", options.num_samples))
-    inputs = torch.cat(capture(model, layer, batches, "input", options.num_samples))
+        targets = torch.cat(layer_activations(model, layer, batches, "output", options.num_samples))
+    inputs = torch.cat(layer_activations(model, layer, batches, "input", options.num_samples))
     act = torch.relu if followed_by_relu(model, layer.node) else (lambda t: t)
     targets = act(targets)
     weight = layer.weight.detach()

@@ -24,9 +24,9 @@ from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
 from fxquant.ptq.chains import find_chains, input_response
-from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
-from fxquant.ptq.report import PTQReport
+from fxquant.ptq.layers import channel_sum, float_mode, layer_activations, quantized_layers
 from fxquant.ptq.step import CalibrationContext, StepResult
+from fxquant.report import PTQReport
 from fxquant.spec import BIAS_CORRECTION_METHODS
 from fxquant.state import get_state
 
@@ -85,10 +85,11 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
             with float_mode(prepared):  # the float model's means, before any bias changes
                 targets = {}
                 for layer in layers:
-                    parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
+                    parts = layer_activations(prepared, layer, batches, "output",
+                                              reduce=channel_sum(layer.channel_dim))
                     targets[layer.name] = sum(s for s, _ in parts) / sum(c for _, c in parts)
             for layer in tqdm(layers, desc="fxquant bias correction", unit="layer", disable=not progress):
-                parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
+                parts = layer_activations(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                 shift = sum(s for s, _ in parts) / sum(c for _, c in parts) - targets[layer.name]
                 _apply(layer, shift, report, shifts)
         else:

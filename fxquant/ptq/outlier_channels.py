@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part
-from fxquant.ptq.report import PTQReport
-from fxquant.ptq.smoothquant import minmax_fake_quant
 from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
+from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 
 RATIO = 8.0  # an outlier channel's calibration max |x| is above RATIO x the median channel's
 MAX_CHANNELS = 8  # at most this many float channels per Linear (the side matmul stays tiny)
@@ -102,10 +102,10 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, 
     def error(k: int) -> float:
         keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         keep[channels[:k]] = 0
-        xq = minmax_fake_quant(x * keep, bits, symmetric, None)
+        xq = fake_quant_minmax(x * keep, bits, symmetric, None)
         side = x[:, channels[:k]]
         zeroed = keep if zero_weights else torch.ones_like(keep)
-        return float(sum(((xq @ minmax_fake_quant(w * zeroed, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
+        return float(sum(((xq @ fake_quant_minmax(w * zeroed, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
                           ** 2).sum() for w, b, r in zip(weights, w_bits, ref, strict=True)))
 
     errors = {k: error(k) for k in range(len(channels) + 1)}

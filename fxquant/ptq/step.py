@@ -31,8 +31,8 @@ from torch import nn
 from fxquant.backends.base import Backend
 from fxquant.calib.batches import ModelBatches
 from fxquant.ptq.activations import Forward
-from fxquant.ptq.report import PTQReport
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState
 

@@ -23,10 +23,10 @@ from torch import fx, nn
 
 from fxquant.backends.base import Backend
 from fxquant.ops.kinds import module_kind, quantized_weight_op
-from fxquant.ptq.report import PTQReport
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.qmath import along_axis, quantize, symmetric_step
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 from fxquant.spec import QuantSpec
 
 PAIR_LIMIT = 128  # largest same-signed pair sum whose product with 255 fits int16 (255 * 128 = 32640)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.lower.ort.regions import RegionGraph, float_units, standard_form
-from fxquant.lower.ort.tune import profile_units, unit_medians
+from fxquant.lower.ort.regions import RegionGraph, standard_form, with_float_layers
+from fxquant.lower.ort.tune import layer_medians, profile_layers
 
 
 class Block(nn.Module):
@@ -60,14 +60,14 @@ def transformer(tmp_path_factory):
     return qmodel, x, proto
 
 
-def test_every_linear_of_a_transformer_export_is_a_unit(transformer):
+def test_every_linear_of_a_transformer_export_is_a_layer(transformer):
     # before: "0 of 0 weighted layers": the MatMuls read their weight through a Transpose (and MatMulIntegerToFloat)
     _, _, proto = transformer
     assert {n.op_type for n in proto.graph.node} >= {"MatMulIntegerToFloat", "Transpose"}
     regions = RegionGraph(standard_form(proto))
-    layers = sorted({u.module for u in regions.units.values()})
+    layers = sorted({u.module for u in regions.layers.values()})
     assert layers == sorted(f"{b}.{name}" for b in (0, 1) for name in ("q", "k", "v", "o", "up", "down"))
-    twin, removed = float_units(proto)
+    twin, removed = with_float_layers(proto)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat") for n in twin.graph.node)
     assert {f"{b}.{name}.weight_quantizer" for b in (0, 1) for name in ("q", "up")} <= removed
 
@@ -77,8 +77,8 @@ def test_tune_measures_each_layer_of_a_transformer(transformer):
     tuned = fxquant.tune(qmodel, x, runs=5)
     assert tuned.units == 12  # before: 0, and the float model came back "because every int8 candidate was slower"
     regions = RegionGraph(standard_form(proto))
-    times = profile_units(standard_form(proto), [x.numpy()], regions.aliases(), runs=5)
-    assert set(times) == set(regions.units) and all(t > 0 for t in times.values())
+    times = profile_layers(standard_form(proto), [x.numpy()], regions.aliases(), runs=5)
+    assert set(times) == set(regions.layers) and all(t > 0 for t in times.values())
 
 
 def test_per_layer_times_are_medians_of_the_steady_runs():
@@ -92,7 +92,7 @@ def test_per_layer_times_are_medians_of_the_steady_runs():
         events.append({"cat": "Node", "name": "fc_relu_token_3_kernel_time", "ts": start + 20, "dur": 1})
         events.append({"cat": "Node", "name": "conv/Conv_nchwc_kernel_time", "ts": start + 30, "dur": other})
     aliases = {"fc/MatMul": "fc", "fc_relu": "fc", "conv/Conv": "conv"}
-    assert unit_medians(events, aliases) == {"fc": 6.0, "conv": 2.0}  # runs 4-8; fc's fused ReLU counted with it
+    assert layer_medians(events, aliases) == {"fc": 6.0, "conv": 2.0}  # runs 4-8; fc's fused ReLU counted with it
 
 
 def test_tune_takes_a_conv_called_twice(tmp_path):

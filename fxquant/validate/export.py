@@ -1,5 +1,5 @@
-"""What export_onnx checks before and after exporting: the path, dtypes, the example, the opset, the batch
-dimension and the opset the model can be written at."""
+"""What export_onnx validates before and after exporting: the path (checked before the work), dtypes, the example,
+train mode and buffer updates, the opset the model can be written at, the batch dimension."""
 
 from __future__ import annotations
 
