@@ -4,7 +4,7 @@ torch.fx records ``y.relu_()``, ``y.add_(z)``, ``F.relu(y, inplace=True)``, ``to
 ``nn.ReLU(inplace=True)`` call as nodes whose result nobody may read: later code reads ``y``, which the graph
 shows as the value *before* the op. Eager PyTorch runs them in order on one buffer, but once prepare inserts a
 quantizer between ``y`` and its next reader, that reader sees the unchanged tensor (a ReLU lost on the TensorRT
-backend). ``functionalize`` makes every such op out of place and points each later reader of ``y`` at its
+backend). ``fxquant.passes.functionalize`` makes every such op out of place and points each later reader of ``y`` at its
 result, which is what the eager model computes.
 
 That holds only when nothing else shares ``y``'s memory: an in-place op on a view (``y.view(-1).relu_()``)
@@ -21,8 +21,6 @@ import operator
 import torch
 from torch import fx, nn
 
-from fxquant.passes.manager import PassResult
-
 # ops whose result shares memory with their first argument (conservative: reshape/flatten/contiguous may copy)
 VIEW_METHODS = frozenset({
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
@@ -35,21 +33,10 @@ VIEW_FUNCTIONS = frozenset({
     torch.select, torch.diagonal, torch.detach, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
     torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.t, operator.getitem, torch.as_strided,
 })
-# in-place methods with no out-of-place twin of the same name: (the twin, how it maps the arguments)
-_METHOD_TWINS = {"zero_": torch.zeros_like, "fill_": "fill", "copy_": "copy"}
-_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-              operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
-              operator.imatmul: operator.matmul, operator.iand: operator.and_, operator.ior: operator.or_}
-
-
-def _filled(x: torch.Tensor, value: object) -> torch.Tensor:
-    """``x.fill_(value)`` out of place."""
-    return torch.full_like(x, 0).add(value) if isinstance(value, torch.Tensor) else torch.full_like(x, value)
-
-
-def _copied(x: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
-    """``x.copy_(src)`` out of place: ``src`` in ``x``'s dtype, broadcast to its shape."""
-    return src.to(x.dtype).expand_as(x).clone()
+# augmented assignments (``y += z``) and their out-of-place operators
+INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                     operator.imatmul: operator.matmul, operator.iand: operator.and_, operator.ior: operator.or_}
 
 
 def mutated_arg(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
@@ -61,7 +48,7 @@ def mutated_arg(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
         name = str(node.target)
         return first if name.endswith("_") and not name.startswith("_") and name != "requires_grad_" else None
     if node.op == "call_function":
-        if node.target in _OPERATORS or node.kwargs.get("inplace") is True:
+        if node.target in INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
             return first
         name = getattr(node.target, "__name__", "")
         if isinstance(node.target, torch._ops.OpOverload):
@@ -75,7 +62,7 @@ def mutated_arg(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     return None
 
 
-def _functional_candidate(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+def functional_candidate(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     """The value ``node`` changes in place, unless it is model state: a buffer update (torch.export's
     ``copy_(buffer, new)``) stays as written."""
     arg = mutated_arg(node, modules)
@@ -88,7 +75,7 @@ def _functional_candidate(node: fx.Node, modules: dict[str, nn.Module]) -> fx.No
 def has_inplace_ops(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` has an in-place op ``functionalize`` rewrites."""
     modules = dict(gm.named_modules())
-    return any(_functional_candidate(n, modules) is not None for n in gm.graph.nodes)
+    return any(functional_candidate(n, modules) is not None for n in gm.graph.nodes)
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -135,42 +122,3 @@ def aliasing_hazard(gm: fx.GraphModule) -> fx.Node | None:
         if any(order[u] > order[node] for n in sharing for u in n.users):
             return node
     return None
-
-
-def functionalize(gm: fx.GraphModule) -> PassResult[None]:
-    """Every in-place op of ``gm`` out of place, and every later reader of the value it changed reading its
-    result instead (see the module docstring). Run after ``aliasing_hazard`` found none."""
-    modules = dict(gm.named_modules())
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    changed = False
-    for node in list(gm.graph.nodes):
-        arg = _functional_candidate(node, modules)
-        if arg is None:
-            continue
-        _out_of_place(gm, node, modules)
-        for user in list(arg.users):
-            if user is not node and order.get(user, len(order)) > order[node]:
-                user.replace_input_with(arg, node)
-        changed = True
-    return PassResult(gm, changed)
-
-
-def _out_of_place(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> None:
-    if node.op == "call_module":
-        modules[node.target].inplace = False  # prepare's copy; the same result, without changing the input
-    elif node.op == "call_function" and node.target in _OPERATORS:
-        node.target = _OPERATORS[node.target]
-    elif node.op == "call_function" and "inplace" in node.kwargs:
-        node.kwargs = {**node.kwargs, "inplace": False}
-    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        packet = getattr(torch.ops.aten, node.target._schema.name.rpartition("::")[2][:-1], None)
-        overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
-        if overload is not None:
-            node.target = overload
-    elif node.op == "call_function":
-        node.target = getattr(torch, node.target.__name__[:-1])
-    elif node.target in _METHOD_TWINS:
-        twin = _METHOD_TWINS[node.target]
-        node.op, node.target = "call_function", {"fill": _filled, "copy": _copied}.get(twin, twin)
-    elif hasattr(torch.Tensor, node.target[:-1]):
-        node.target = node.target[:-1]

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from fxquant.backends.base import Backend
 from fxquant.backends.runtime import check_specs
-from fxquant.capture.inplace import functionalize, has_inplace_ops
+from fxquant.capture.inplace import has_inplace_ops
 from fxquant.capture.partition import TracedPart, partition
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
 from fxquant.errors import ExampleInputError, PassError
@@ -26,6 +26,7 @@ from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, w
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.fold_pad import fold_pad, has_pads
+from fxquant.passes.functionalize import functionalize
 from fxquant.passes.hybrid import part_notes, quantize_eager_code
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassRunner

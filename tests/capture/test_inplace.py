@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.capture.inplace import aliasing_hazard, functionalize, has_inplace_ops
+from fxquant.capture.inplace import aliasing_hazard, has_inplace_ops
 from fxquant.capture.trace import try_trace
+from fxquant.passes.functionalize import functionalize
 
 BACKENDS = ("tensorrt", "onnxruntime")
 
