@@ -202,10 +202,15 @@ def _other_shapes(shape: tuple[int, ...], gen: torch.Generator) -> list[torch.Te
     return [torch.randn(s, generator=gen) for s in shapes]
 
 
-def check_shapes(program: Program, backend: str, workdir: str) -> None:
+def check_shapes(program: Program, backend: str) -> None:
     """Prepared from a batch-1 example and calibrated on padded batches of 3, the converted model runs at every
     batch and length the float model runs at: each sample gives what it gives alone (batch independence), the
     result tracks the float model as closely as at the example's shape, and ONNX Runtime agrees at batch 4."""
+    with tempfile.TemporaryDirectory() as workdir:
+        _check_shapes(program, backend, workdir)
+
+
+def _check_shapes(program: Program, backend: str, workdir: str) -> None:
     model = FuzzModel(program).eval()
     gen = torch.Generator().manual_seed(len(program.steps) + 7)
     one = torch.randn((1, *program.input_shape[1:]), generator=gen)
@@ -248,16 +253,14 @@ def test_fuzz_pipeline(program: Program) -> None:
 @SHAPES
 @given(programs(), st.sampled_from(BACKENDS))
 def test_fuzz_batch_one_example_runs_at_other_batches_and_lengths(program: Program, backend: str) -> None:
-    with tempfile.TemporaryDirectory() as workdir:
-        check_shapes(program, backend, workdir)
+    check_shapes(program, backend)
 
 
 @pytest.mark.fuzz
 @LONG
 @given(programs(), st.sampled_from(BACKENDS))
 def test_fuzz_shapes_long(program: Program, backend: str) -> None:
-    with tempfile.TemporaryDirectory() as workdir:
-        check_shapes(program, backend, workdir)
+    check_shapes(program, backend)
 
 
 @pytest.mark.fuzz

@@ -162,7 +162,7 @@ def _float_dynamic_matmuls(g: OnnxGraph, inits: dict[str, np.ndarray]) -> None:
 
 def with_float_layers(proto: onnx.ModelProto, floated: set[str] | None = None) -> tuple[onnx.ModelProto, set[str]]:
     """``proto`` with the layers ``floated`` (node names; None: all) in float, and the quantizer modules whose
-    Q/DQ nodes were removed (weight quantizers included)."""
+    Q/DQ nodes were removed (weight quantizers included; an int32 bias's DQ is made at export, by no module)."""
     twin = standard_form(proto)
     regions = RegionGraph(twin)
     everything = floated is None or floated >= set(regions.layers)
