@@ -32,6 +32,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
+from fxquant.capture.inplace import mutated_arg
 from fxquant.capture.shapes import Declared, check_inputs, from_program
 from fxquant.errors import ConfigError
 
@@ -49,6 +50,9 @@ _FUNCTIONS: dict[object, object] = {
     aten.conv1d.default: F.conv1d, aten.conv2d.default: F.conv2d,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
 }
+# the torch function that takes the ATen op's keyword arguments (alpha=) where an operator takes none
+_KEYWORD_TWINS = {operator.add: torch.add, operator.sub: torch.sub, operator.mul: torch.mul,
+                  operator.truediv: torch.div}
 _DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default}
 _IDENTITY = {aten.dropout.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
@@ -71,6 +75,8 @@ def export_trace(model: nn.Module, values: tuple, declared: Declared | None = No
         if declared is not None and _violates(exc):
             raise ConfigError(f"the model does not allow the declared dynamic_shapes: {_first_lines(exc)}") from exc
         return None, f"{type(exc).__name__}: {_first_lines(exc, 1)}"
+    if any(node.op == "call_function" and mutated_arg(node, {}) is not None for node in program.graph.nodes):
+        program = program.run_decompositions({})  # in-place ops (x[:, :2] = 0 on a view): functional ATen
     gm = _lower(model, program.module())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, values, strict=False):
@@ -195,6 +201,8 @@ def _lower(model: nn.Module, exported: fx.GraphModule) -> fx.GraphModule:
         new = graph.node_copy(node, env.__getitem__)
         if node.op == "call_function" and node.target in _FUNCTIONS:
             new.target = _FUNCTIONS[node.target]
+            if node.kwargs and new.target in _KEYWORD_TWINS:  # sub(a, b, alpha=2): operators take no keywords
+                new.target = _KEYWORD_TWINS[new.target]
             if node.target is aten.layer_norm.default:
                 new.args = new.args[:5]
         if node.op == "get_attr":
