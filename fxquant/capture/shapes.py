@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ class InputShapes:
     names: tuple[str, ...]
     dims: tuple[tuple[tuple[int, str], ...], ...]
     guards: tuple[str, ...] = ()
-    conditions: tuple[tuple[str, str, str], ...] = ()
+    conditions: tuple[tuple[str, str, str, bool], ...] = ()
     declared: bool = False  # the axes are the user's (prepare's dynamic_shapes): export keeps them or raises
 
     def check(self, given: Mapping[str, object]) -> None:
@@ -67,13 +68,22 @@ class InputShapes:
     def _message(self, guard: str, tensors: dict[str, torch.Tensor]) -> str:
         sizes = ", ".join(f"{k}: {list(v.shape)}" for k, v in tensors.items())
         text, why = guard.replace("L['", "").replace("']", ""), ""
-        failed = next(((t, site) for code, t, site in self.conditions if not _holds(code, tensors)), None)
+        failed = next(((t, site) for code, t, site, _ in self.conditions if not _holds(code, tensors)), None)
         if failed is not None:
             text, why = failed[0], f", a condition of the model's code at {failed[1]}" if failed[1] else ""
         return (f"this model was captured (torch.export) for inputs where `{text}`{why}, and these inputs "
                 f"({sizes}) are not: its graph would compute another function than the model here. Call it "
                 f"with inputs of the sizes it was captured for, or prepare it again with an example of the sizes "
                 f"you run (or declare them: prepare(..., dynamic_shapes=...))")
+
+    def unchecked(self) -> list[tuple[str, str, bool]]:
+        """(condition, site, whether the user's own code set it, not an installed package's) of each condition on
+        a size the ONNX export keeps dynamic: ONNX Runtime checks no such condition, so outside it the exported
+        graph computes the captured path."""
+        dynamic = [f"{name}.size()[{axis}]" for name, axes in zip(self.names, self.dims, strict=False)
+                   for axis, _ in axes]
+        return [(text, site, own) for _, text, site, own in self.conditions
+                if any(re.search(rf"(?<![\w.]){re.escape(d)}", text) for d in dynamic)]
 
     def onnx_dims(self) -> tuple[dict[int, Dim] | None, ...]:
         """torch.export ``dynamic_shapes`` for the ONNX export: one named Dim per dynamic size."""
@@ -164,8 +174,9 @@ def _ranges(program: torch.export.ExportedProgram) -> dict[sympy.Symbol, tuple[i
     return out
 
 
-def _conditions(user: list[fx.Node]) -> tuple[tuple[str, str, str], ...]:
-    """(code, readable text, site) of each condition on the input sizes in the capture's shape environment."""
+def _conditions(user: list[fx.Node]) -> tuple[tuple[str, str, str, bool], ...]:
+    """(code, readable text, site, whether the user's own code set it) of each condition on the input sizes in
+    the capture's shape environment."""
     val = next((n.meta.get("val") for n in user if isinstance(n.meta.get("val"), torch.Tensor)), None)
     env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
     if env is None:
@@ -184,7 +195,8 @@ def _conditions(user: list[fx.Node]) -> tuple[tuple[str, str, str], ...]:
         path = getattr(frame, "filename", "")
         site = "" if not path or path.startswith((_TORCH_DIR, _OWN_DIR)) else (
             f"{os.path.basename(path)}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else ""))
-        out.append((code, text, site))
+        own = bool(site) and not any(part in path for part in ("site-packages", "dist-packages"))
+        out.append((code, text, site, own))
     return tuple(dict.fromkeys(out))
 
 

@@ -130,6 +130,7 @@ def _export_checked(model: torch.nn.Module, inputs: tuple, path: str, opset: int
     backend = state.backend
     run_export_passes(proto, backend.export_passes, wrapped)  # common passes, then the backend's
     _set_metadata(proto, state, model)
+    _note_unchecked_sizes(proto, shapes)
     proto = honour_opset(infer_shapes(proto), opset)
     warn_static_batch(proto, dynamic_batch, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)
                                                   and x.dim() > 0), None))
@@ -246,6 +247,25 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
                       "that take the same branches. Use torch.cond for both branches, or pass example inputs "
                       "that take the branch you deploy", stacklevel=5)
     return program.model_proto
+
+
+def _note_unchecked_sizes(proto: onnx.ModelProto, shapes: InputShapes | None) -> None:
+    """The conditions on dynamic sizes the capture holds (``fxquant.capture.shapes``), which ONNX Runtime does not
+    check: listed in the metadata (``fxquant.input_conditions``), and a warning for those the user's own code set
+    (a branch on a size: outside it the ONNX graph computes the captured path, not the model's; an installed
+    library's, such as transformers' ``q_length > 1``, is listed only)."""
+    unchecked = shapes.unchecked() if shapes is not None else []
+    if not unchecked:
+        return
+    helper.set_model_props(proto, {p.key: p.value for p in proto.metadata_props} | {
+        "fxquant.input_conditions": "; ".join(text + (f" ({site})" if site else "") for text, site, _ in unchecked)})
+    branches = [f"`{text}` ({site})" for text, site, own in unchecked if own]
+    if branches:
+        warnings.warn(f"the exported graph holds only for inputs where {', '.join(branches)}, conditions of "
+                      "your model's code on sizes its ONNX inputs keep dynamic; ONNX Runtime does not check them, so "
+                      "other sizes compute the captured path, not the model's. Check the sizes before running it "
+                      "(they are in the ONNX metadata, fxquant.input_conditions; the fake-quant model raises "
+                      "InputShapeError), or declare the axis static: prepare(..., dynamic_shapes=...)", stacklevel=3)
 
 
 def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Module | None = None) -> None:

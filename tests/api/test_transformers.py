@@ -144,6 +144,9 @@ def test_bert_from_one_sentence_calibrates_padded_and_runs_at_any_batch_and_leng
         result = fxquant.export_onnx(qmodel, example, tmp_path / "bert.onnx", check_latency=False)
     assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in result.model.graph.input] == \
         [["batch", "input_ids_dim1"]] * 2
+    # conditions on the length the capture holds, listed (transformers' own `q_length > 1`: no warning)
+    conditions = {p.key: p.value for p in result.model.metadata_props}["fxquant.input_conditions"]
+    assert "input_ids.size()[1] <= 64" in conditions and "input_ids.size()[1] > 1 (sdpa_attention.py:" in conditions
     session = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
     for batch, length in ((1, 9), (3, 20), (2, 64)):
         ids, mask = _ids(7, length, batch)

@@ -126,7 +126,7 @@ def test_traced_cnn_reading_its_shape_exports_a_dynamic_batch_from_a_batch_one_e
         assert fxquant.sqnr(qmodel(x), _ort(result.path, (x,))) >= 30.0
 
 
-def test_a_branch_on_a_size_raises_outside_the_captured_path_and_names_the_line() -> None:
+def test_a_branch_on_a_size_raises_outside_the_captured_path_and_names_the_line(tmp_path) -> None:
     torch.manual_seed(0)
     model = Branch().eval()
     prepared = _prepare(model, torch.randn(1, 8, 8))
@@ -140,6 +140,14 @@ def test_a_branch_on_a_size_raises_outside_the_captured_path_and_names_the_line(
     for m in (prepared, qmodel, copy.deepcopy(qmodel)):
         with pytest.raises(InputShapeError, match=r"`x\.size\(\)\[1\] > 6`.*`if x\.shape\[1\] > 6:`.*\[2, 5, 8\]"):
             m(torch.randn(2, 5, 8))  # the other path: never computed silently
+    # ONNX Runtime checks no condition on a dynamic size: the export says so and lists it in the metadata
+    with pytest.warns(UserWarning, match=r"`x\.size\(\)\[1\] > 6` \(test_shapes\.py:\d+ .*ONNX Runtime does not check"):
+        result = fxquant.export_onnx(qmodel, x, tmp_path / "branch.onnx", check_latency=False)
+    assert _dims(result) == [["batch", "x_dim1", 8]]
+    props = {p.key: p.value for p in result.model.metadata_props}
+    assert props["fxquant.input_conditions"].startswith("x.size()[1] > 6 (test_shapes.py:")
+    with torch.no_grad():
+        assert fxquant.sqnr(qmodel(x), _ort(result.path, (x,))) >= 30.0  # inside it, ORT computes the model
 
 
 def test_a_size_the_code_fixes_is_a_guard() -> None:
