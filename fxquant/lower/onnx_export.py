@@ -265,7 +265,7 @@ def _note_unchecked_sizes(proto: onnx.ModelProto, shapes: InputShapes | None) ->
                       "your model's code on sizes its ONNX inputs keep dynamic; ONNX Runtime does not check them, so "
                       "other sizes compute the captured path, not the model's. Check the sizes before running it "
                       "(they are in the ONNX metadata, fxquant.input_conditions; the fake-quant model raises "
-                      "InputShapeError), or declare the axis static: prepare(..., dynamic_shapes=...)", stacklevel=3)
+                      "InputShapeError), or declare the axis static: prepare(..., dynamic_shapes=...)", stacklevel=4)
 
 
 def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Module | None = None) -> None:
