@@ -58,6 +58,10 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
         if spec is not None and spec.learn_amax and not qat:
             raise ConfigError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
                               "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
+    if config.target is not None and backend.verify_level != "all":
+        raise ConfigError(f"QuantConfig.target={config.target!r} chooses ONNX Runtime's CPU int8 kernels, which the "
+                          f"{backend.name} backend does not deploy to: drop the target, or use an ONNX Runtime "
+                          "backend (onnxruntime, onnxruntime_dynamic)")
     check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.checks)
     check_before_trace(model, config)
     return backend, config

@@ -16,6 +16,20 @@ HISTOGRAM_METHODS = frozenset({"percentile", "entropy", "mse"})
 """Calibration methods that derive a range from one histogram per tensor (one calibrator serves them all)."""
 CALIB_METHODS = ("max", "ema", *sorted(HISTOGRAM_METHODS))
 """Every ``QuantSpec.calib_method`` name; ``fxquant.calib.CALIBRATORS`` maps each to its calibrator."""
+CPU_TARGETS = {
+    "vnni": "x86 CPUs whose int8 dot products accumulate exactly in int32 (AVX-VNNI, AVX-512 VNNI, AMX)",
+    "avx2": "x86 CPUs without VNNI (AVX2, AVX-512 without VNNI): ORT adds adjacent u8s8 products in saturating int16",
+}
+"""The CPU targets of ONNX Runtime's int8 kernels (``QuantConfig.target``, ``fxquant.convert(exact=...)``): they
+compute differently on each (``fxquant.lower.ort.targets``)."""
+
+
+def check_cpu_target(target: object, what: str = "target") -> str:
+    """``target`` if it names a CPU target; ConfigError listing them otherwise."""
+    if not isinstance(target, str) or target not in CPU_TARGETS:
+        raise ConfigError(f"unknown CPU {what} {target!r}; valid targets: " +
+                          "; ".join(f"{name!r} ({what_it_is})" for name, what_it_is in CPU_TARGETS.items()))
+    return target
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -246,6 +260,11 @@ class QuantConfig:
             Linear whose calibration maximum dwarfs the rest (transformers' "massive activations") in float beside
             the int8 Linear, where that divides the output error on its batches by at least 2
             (``fxquant.ptq.outlier_channels``; float-exact). "auto" reports it only where it split something.
+        target: the CPU ONNX Runtime will run the model on (ORT backends only; its int8 kernels compute
+            differently per CPU): "vnni" (AVX-VNNI, AVX-512 VNNI, AMX: exact int32 sums) gives every layer plain
+            8-bit weights; "avx2" (x86 without VNNI: adjacent u8 x s8 products added in a saturating int16) and
+            None (not declared: safe on both) give saturation-aware weights (``fxquant.ptq.weight_widths``).
+            Recorded in the encodings and the ONNX metadata. Never guessed from the machine that quantizes.
     """
 
     weight: QuantSpec | None = None
@@ -263,6 +282,7 @@ class QuantConfig:
     adaround: bool | AdaRoundOptions = False
     smoothquant: bool | str = "auto"
     outlier_channels: bool | str = "auto"
+    target: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation"):
@@ -301,6 +321,8 @@ class QuantConfig:
         if not isinstance(self.adaround, (bool, AdaRoundOptions)):
             raise ConfigTypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
                                   f"got {type(self.adaround).__name__}")
+        if self.target is not None:
+            check_cpu_target(self.target, "target (QuantConfig.target)")
         if (self.equalize or self.absorb_bias or self.bias_correction == "analytical") and not self.fold_bn:
             raise ConfigError("equalize, absorb_bias and analytical bias correction work on folded BatchNorm; "
                               "keep fold_bn=True")

@@ -27,7 +27,7 @@ class Backend:
     it (fused int8 kernels); "basic" checks the meaning of a graph meant for another runtime.
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
-    can (``fxquant.ptq.weight_widths``).
+    can (``fxquant.ptq.weight_widths``); plain 8 bits everywhere for ``QuantConfig(target="vnni")``.
     trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
     would run in higher precision (``fxquant.lower.trt_lint``).
     ort_cpu_graph: export writes float ops in the forms ONNX Runtime's CPU kernels run fastest, same values

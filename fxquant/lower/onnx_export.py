@@ -52,12 +52,13 @@ from fxquant.lower.ort.dynamic_matmul import dynamic_matmuls, merge_shared_input
 from fxquant.lower.ort.fusion import FusionReport, fusion_report
 from fxquant.lower.ort.latency import LatencyCheck
 from fxquant.lower.ort.static_matmul import integer_to_float_matmuls
-from fxquant.lower.ort.targets import check_target, host_target, run_as
+from fxquant.lower.ort.targets import host_target, run_as
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
+from fxquant.spec import CPU_TARGETS, check_cpu_target
 from fxquant.state import QuantState, get_state
 from fxquant.version import __version__
 
@@ -98,7 +99,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
     if check_cpu is not None:
-        check_target(check_cpu)
+        check_cpu_target(check_cpu, "check_cpu")
     if not isinstance(opset, int) or opset < 13:
         raise ConfigError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
     for name, m in model.named_modules():
@@ -176,8 +177,9 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend, cpu: str | No
     eight_bit_weights = any(bits == 8 and per_channel for bits, per_channel in widths)
     if cpu == "avx2" and backend.verify_level == "all" and eight_bit_weights:
         return ("ORT ran as an x86 CPU without VNNI, where 8-bit weights can hit ORT's u8s8 saturation (adjacent "
-                "products added in int16): keep the weight spec the backend chooses "
-                "(Backend.saturation_aware_weights) or use 7-bit weights")
+                "products added in int16): declare the CPU (QuantConfig(target='avx2'), or no target: weights safe "
+                "on both), keep the weight spec the backend chooses (Backend.saturation_aware_weights) or use "
+                "7-bit weights")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
             "so agreement tracks the model's own int8-vs-fp32 SQNR: check that first (fxquant.sensitivity)")
 
@@ -244,7 +246,9 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
 
 
 def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Module | None = None) -> None:
-    """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
+    """Record fxquant's version, the backend, the calibration methods in use, the ops left float and, for ORT CPU
+    backends, the CPU target the weights were chosen for (``fxquant.target``: "vnni", "avx2", or "vnni,avx2" when
+    none was declared: safe on both)."""
     backend, config = state.backend, state.config
 
     frozen = [] if model is None else [m for m in model.modules()
@@ -263,6 +267,8 @@ def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Mod
     props.update({"fxquant.version": __version__, "fxquant.backend": backend.name,
                   "fxquant.calib_method": methods("activation"), "fxquant.weight_calib_method": methods("weight"),
                   "fxquant.float_ops": ",".join(e.node for e in state.report.float_ops)})
+    if backend.verify_level == "all":  # ORT CPU backends: their int8 kernels compute differently per CPU
+        props["fxquant.target"] = config.target or ",".join(CPU_TARGETS)
     helper.set_model_props(proto, props)
 
 
