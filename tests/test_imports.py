@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 import fxquant
 
@@ -45,6 +46,7 @@ def _targets(node: ast.Import | ast.ImportFrom, mods: dict[str, Path]) -> list[s
             if base in mods or f"{base}.{a.name}" in mods]
 
 
+@pytest.mark.smoke
 def test_no_import_cycles_between_modules():
     mods = _modules()
     graph = nx.DiGraph()

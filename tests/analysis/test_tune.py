@@ -132,6 +132,7 @@ def test_tune_takes_the_fastest_measured_candidate_and_exports_it(wide, tmp_path
     ({0: 1.00, 1: 0.95, 2: 0.92, 4: 0.90}, 4),  # every int8 candidate slower than float: the float model
     ({0: 0.90, 1: 0.95, 2: 0.97, 4: 0.90}, 0),  # all-int8 as fast as float: kept
 ])
+@pytest.mark.smoke
 def test_choice_given_measurements(times, floated):
     """The decision alone, on given timings (ms; the float twin measured 0.90 ms)."""
     order = ("fc", "stem", "conv1", "conv2")
