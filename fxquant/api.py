@@ -17,6 +17,7 @@ from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batc
 from fxquant.checks.config import check_before_trace
 from fxquant.checks.model import check_model
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
+from fxquant.lower.exact.convert import check_exact, convert_exact
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import prepare_model
 from fxquant.ptq import calibrate_passes as ptq
@@ -206,9 +207,18 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
     return prepared
 
 
-def convert(prepared: nn.Module) -> nn.Module:
+def convert(prepared: nn.Module, exact: str | None = None,
+            example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
     """A copy of the calibrated model with every quantizer frozen into a Q/DQ op (exportable to ONNX); a
-    GraphModule when the model was traced whole."""
+    GraphModule when the model was traced whole.
+
+    ``exact="vnni"`` or ``"avx2"`` (ONNX Runtime backends) returns instead a model that computes what ONNX
+    Runtime's CPU kernels compute on that CPU (``QuantConfig.target`` explains the two), bit for bit wherever ORT
+    runs the graph in its integer kernels, and as close as torch allows in its float kernels
+    (docs/deploy-exact.md): evaluate it to know the deployed accuracy. It exports to the same QDQ ONNX, and
+    ``export_onnx`` counts the outputs ORT computes differently and names the first differing tensor.
+    ``example_inputs`` (default: prepare's) is what the model is exported with to let ORT build its graph.
+    """
     state = get_state(prepared)
     if state is None:
         raise ConversionError("convert() takes the model returned by fxquant.prepare() (after calibrate())")
@@ -219,6 +229,8 @@ def convert(prepared: nn.Module) -> nn.Module:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ConversionError(f"{len(missing)} quantizer(s) have no range yet ({shown}); run "
                               "fxquant.calibrate(prepared, batches) before convert()")
+    if exact is not None:
+        check_exact(exact, state.backend)
     qmodel = copy.deepcopy(prepared).eval()
     for name, q in list(_quantizers(qmodel).items()):
         qmodel.set_submodule(name, freeze(q))
@@ -226,7 +238,9 @@ def convert(prepared: nn.Module) -> nn.Module:
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):
             m.recompile()
-    return qmodel
+    if exact is None:
+        return qmodel
+    return convert_exact(qmodel, exact, state.example_inputs if example_inputs is None else example_inputs)
 
 
 def quantize(model: nn.Module, example_inputs: torch.Tensor | tuple, batches: Iterable,

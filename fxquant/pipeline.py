@@ -97,7 +97,8 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.checks)
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
-    attach_state(root, QuantState(backend, config, "prepared", report))
+    example = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    attach_state(root, QuantState(backend, config, "prepared", report, example_inputs=example))
     _warn(report)
     return root
 

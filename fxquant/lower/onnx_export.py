@@ -27,6 +27,7 @@ from onnx import helper
 from fxquant.backends.base import Backend
 from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
+from fxquant.lower.exact.check import ExactCheck, Mismatch, check_exact, exact_differs_message
 from fxquant.lower.export_checks import (
     atomic_file,
     check_dtypes,
@@ -76,6 +77,17 @@ class ExportResult:
     fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (verify_level "all")
     latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (verify_level "all")
     trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (Backend.trt_fusion_lint)
+    exact: ExactCheck | None = None  # an exact model: ORT's outputs element by element, the first differing tensor
+
+    @property
+    def differing_outputs(self) -> int | None:
+        """For an exact model (convert(exact=...)): how many output elements ORT computes differently."""
+        return None if self.exact is None else self.exact.differing
+
+    @property
+    def first_mismatch(self) -> Mismatch | None:
+        """For an exact model: the first ONNX tensor (graph order) whose values ORT computes differently."""
+        return None if self.exact is None else self.exact.first_mismatch
 
     @property
     def op_counts(self) -> Counter:
@@ -100,6 +112,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
     if check_cpu is not None:
         check_cpu_target(check_cpu, "check_cpu")
+    exact, checked = state.exact, model
+    if exact is not None:  # the exact model exports its fake-quant twin's QDQ ONNX and is checked as its CPU
+        if check_cpu not in (None, exact.target):
+            raise ConfigError(f"this model computes what ONNX Runtime computes on a {exact.target!r} CPU; its check "
+                              f"runs as that CPU: drop check_cpu={check_cpu!r}, or convert with exact={check_cpu!r}")
+        model, check_cpu = exact.fake, exact.target
     if not isinstance(opset, int) or opset < 13:
         raise ConfigError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
     for name, m in model.named_modules():
@@ -142,10 +160,17 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     onnx.checker.check_model(proto, full_check=True)
     # A backend for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
     # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.verify_level).
+    exact_check = None
     with atomic_file(path) as tmp:  # the file appears only once the export and its check succeeded
         onnx.save(proto, tmp)
-        agreement = verify_in_ort(model, inputs, tmp, state.backend.verify_level, check_cpu) if verify else None
-    if agreement is not None and agreement < MIN_AGREEMENT_DB:
+        if verify and exact is not None:
+            exact_check = check_exact(checked, inputs, tmp, exact.target)
+            agreement = exact_check.sqnr_db
+        else:
+            agreement = verify_in_ort(model, inputs, tmp, state.backend.verify_level, check_cpu) if verify else None
+    if exact_check is not None and exact_check.differing:
+        warnings.warn(exact_differs_message(exact_check, exact.target), stacklevel=2)
+    elif exact_check is None and agreement is not None and agreement < MIN_AGREEMENT_DB:
         cause = _low_agreement_cause(model, state.backend, check_cpu or host_target())
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {cause}", stacklevel=2)
@@ -162,7 +187,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     if lint:
         warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
                       + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
-    return ExportResult(path, proto, agreement, fusion, latency, lint)
+    return ExportResult(path, proto, agreement, fusion, latency, lint, exact_check)
 
 
 def _low_agreement_cause(model: torch.nn.Module, backend: Backend, cpu: str | None) -> str:
@@ -269,6 +294,8 @@ def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Mod
                   "fxquant.float_ops": ",".join(e.node for e in state.report.float_ops)})
     if backend.verify_level == "all":  # ORT CPU backends: their int8 kernels compute differently per CPU
         props["fxquant.target"] = config.target or ",".join(CPU_TARGETS)
+    if state.exact is not None:
+        props["fxquant.exact"] = state.exact.target  # exported from an exact model: checked bit for bit as this CPU
     helper.set_model_props(proto, props)
 
 

@@ -1,0 +1,132 @@
+"""``fxquant.convert(prepared, exact=target)``: the converted model as ONNX Runtime computes it on ``target``.
+
+The fake-quant model is exported to QDQ ONNX as ``export_onnx`` writes it, ONNX Runtime optimizes that graph
+(``ORT_ENABLE_EXTENDED``: every QDQ fusion, ``optimized_model_filepath``), and ``build_program`` turns ORT's graph
+into a torch program of exact kernels. ``ExactModel`` runs it with the fake-quant model's calling convention and
+output structure; its state records the target and the fake-quant twin, which ``export_onnx`` exports (the same QDQ
+ONNX) and checks against.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from fxquant.errors import ConversionError
+from fxquant.lower.exact.program import Program, build_program
+from fxquant.lower.outputs import flat_outputs
+
+VERIFIED_ORT = "1.32.0"
+"""The ONNX Runtime version whose kernels the exact program was verified against, bit for bit."""
+
+
+@dataclass
+class ExactInfo:
+    """What an exact model carries: its CPU target and the fake-quant model it was made from (export writes
+    that one's QDQ ONNX)."""
+
+    target: str
+    fake: nn.Module
+    ort_version: str
+
+
+def check_ort_version() -> str | None:
+    """A warning message when the installed ONNX Runtime is not the version the kernels were verified against."""
+    if ort.__version__ == VERIFIED_ORT:
+        return None
+    return (f"exact conversion reproduces ONNX Runtime {VERIFIED_ORT}'s CPU kernels, but onnxruntime "
+            f"{ort.__version__} is installed: its kernels may round differently. export_onnx's check counts the "
+            "differing outputs and names the first differing tensor; install onnxruntime=="
+            f"{VERIFIED_ORT} for a verified emulation")
+
+
+def _rebuild(template: object, tensors: list[torch.Tensor], index: list[int]) -> object:
+    """``template`` (the fake-quant model's output) with its tensors replaced by ``tensors``, in
+    ``flat_outputs`` order."""
+    if isinstance(template, torch.Tensor):
+        index[0] += 1
+        return tensors[index[0] - 1]
+    if template is None:
+        return None
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        out = copy.copy(template)
+        for f in dataclasses.fields(template):
+            setattr(out, f.name, _rebuild(getattr(template, f.name), tensors, index))
+        return out
+    if isinstance(template, Mapping):
+        return type(template)((k, _rebuild(v, tensors, index)) for k, v in template.items())
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        return type(template)(*(_rebuild(v, tensors, index) for v in template))
+    if isinstance(template, (tuple, list)):
+        return type(template)(_rebuild(v, tensors, index) for v in template)
+    return template
+
+
+class ExactModel(nn.Module):
+    """A converted model that computes what ONNX Runtime's CPU kernels compute on its target, bit for bit where
+    ORT runs integer kernels. Call it as the fake-quant model; ``program`` is ORT's graph as a GraphModule."""
+
+    def __init__(self, program: Program, positions: list[int], template: object, target: str) -> None:
+        super().__init__()
+        self.program = program
+        self.positions = positions  # which tensor argument feeds each program input
+        self.template = template
+        self.target = target
+
+    def forward(self, *args: object) -> object:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        with torch.no_grad():
+            outputs = self.program(*(tensors[p] for p in self.positions))
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        return _rebuild(self.template, list(outputs), [0])
+
+    def extra_repr(self) -> str:
+        return f"target={self.target!r}, {len(self.program.graph.nodes)} program nodes"
+
+
+def ort_optimized(path: str, optimized: str) -> onnx.ModelProto:
+    """ONNX Runtime's graph of the model at ``path`` after every QDQ fusion (ORT_ENABLE_EXTENDED)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = optimized
+    options.log_severity_level = 3
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnx.load(optimized)
+
+
+def exact_model(fake: nn.Module, example_inputs: tuple, target: str) -> ExactModel:
+    """The exact model of the converted fake-quant model ``fake`` for ``target``."""
+    from fxquant.lower.onnx_export import export_onnx  # lazy: export_onnx checks exact models with this package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # export's own warnings were the user's to see at export time
+            export_onnx(fake, example_inputs, path, verify=False)
+        proto = onnx.load(path)
+        optimized = ort_optimized(path, os.path.join(tmp, "optimized.onnx"))
+    program = build_program(optimized, target)
+    graph_inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    missing = [n for n in program.input_names if n not in graph_inputs]
+    if missing:
+        raise ConversionError(f"ONNX Runtime's graph reads inputs the exported model does not have: {missing}")
+    positions = [graph_inputs.index(n) for n in program.input_names]
+    with torch.no_grad():
+        sample = fake(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
+    count = len(flat_outputs(sample))
+    produced = len(next(n for n in program.graph.nodes if n.op == "output").args[0])
+    if count != produced:
+        raise ConversionError(f"the model returns {count} tensors but ONNX Runtime's graph computes {produced}")
+    template = _rebuild(sample, [torch.empty(0)] * count, [0])  # the structure, without the example's values
+    return ExactModel(program, positions, template, target)
