@@ -40,23 +40,134 @@ def mlas_logistic(x: torch.Tensor) -> torch.Tensor:
     return (p / q + 0.5).clamp(0.0, 1.0)
 
 
+_ERF_SMALL = (-5.99104969e-4, 4.99339588e-3, -2.67667342e-2, 1.12818025e-1, -3.76124859e-1, 1.28379151e-1)
+_ERF_BIG = (1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.06777847e-1, 6.34846687e-1,
+            1.28717512e-1)
+_EXP = (1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1, 1.0, 1.0)
+_LOG2E, _LOG2_HI, _LOG2_LO, _EXP_C = 1.44269504088896341, -6.93145752e-1, -1.42860677e-6, 1.25829120e+7
+
+
+def _chain(start: torch.Tensor, x: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+    acc = start
+    for c in coefficients:
+        acc = fma32(acc, x, _const(c))
+    return acc
+
+
 def erf(x: torch.Tensor) -> torch.Tensor:
-    return torch.erf(x)
+    """MlasErfKernelFma3: a polynomial in x^2 below |x| = 0.921875, ``1 - exp(-poly(|x|))`` above (MLAS's own exp,
+    2^i by exponent bits), the sign copied back; each multiply-add fused."""
+    x = x.float()
+    va = torch.minimum(x.abs(), _const(3.925))
+    big = _const(0.921875) <= va
+    sq = va * va
+    small = fma32(_chain(_const(_ERF_SMALL[0]), sq, _ERF_SMALL[1:]), va, va)
+    small = torch.where(big, torch.zeros_like(small), small)
+    vb = torch.where(big, va, torch.zeros_like(va))
+    r = -fma32(_chain(_const(_ERF_BIG[0]), vb, _ERF_BIG[1:]), vb, vb)
+    r = torch.maximum(r, _const(-88.3762626647949))
+    t = fma32(_const(_LOG2E), r, _const(_EXP_C)) - _const(_EXP_C)  # round(r / ln 2) by the 1.5 * 2^23 trick
+    f = fma32(t, _const(_LOG2_LO), fma32(t, _const(_LOG2_HI), r))
+    y = _chain(_const(_EXP[0]), f, _EXP[1:])
+    power = ((t.to(torch.int32) + 127) << 23).view(torch.float32)  # 2^trunc(t)
+    y = _const(1.0) - y * power
+    magnitude = torch.where(big, y, small)
+    return torch.where(torch.signbit(x), -magnitude, magnitude)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """ORT's Gelu contrib op: ``0.5 * x * (1 + erf(x / sqrt 2))``."""
-    return 0.5 * x * (1.0 + erf(x * torch.tensor(0.7071067811865476, dtype=_F32)))
+    """ORT's Gelu contrib op: ``0.5 * x * (erf(x * sqrt 1/2) + 1)``, left to right, MLAS's erf."""
+    x = x.float()
+    e = erf(x * _const(0.7071067811865476))
+    return (_const(0.5) * x) * (e + _const(1.0))
 
 
 def layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dims: list[int],
                epsilon: float) -> torch.Tensor:
-    """ORT's LayerNormalization: mean and mean of squares, ``(x - mean) / sqrt(var + eps) * scale + bias``."""
+    """ORT's LayerNormalization, as far as it was reproduced: the mean from a float64 sum (bit for bit), the
+    normalization ``fma((x - mean) * inv_std, scale, bias)`` (bit for bit given ORT's mean and inverse standard
+    deviation); the inverse standard deviation from float64 sums of squares with a float32 square of the mean,
+    within 2 units in the last place of ORT's (its exact evaluation order was not recovered)."""
+    x = x.float()
     n = 1
     for d in dims:
         n *= x.shape[d]
-    mean = x.sum(dims, keepdim=True) / n
-    mean_square = (x * x).sum(dims, keepdim=True) / n
-    std = torch.sqrt(mean_square - mean * mean + epsilon)
-    y = (x - mean) / std * scale
-    return y if bias is None else y + bias
+    xd = x.double()
+    mean = (xd.sum(dims, keepdim=True) / n).float()
+    var = (xd * xd).sum(dims, keepdim=True) / n - (mean * mean).double() + epsilon
+    inv = 1.0 / torch.sqrt(var).float()
+    y = (x - mean) * inv
+    if bias is None:
+        return y * scale.float()
+    return fma32(y, scale.float(), bias.float())
+
+
+_EXP_POLY = tuple(float.fromhex(h) for h in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
+                                             "0x1.fffff6p-2"))
+_ROUNDING_BIAS = 12582912.0  # 1.5 * 2^23: adding it rounds to an integer
+# The sum-of-exp kernel differs by vector width: "vnni" models AVX-512 (MlasComputeSumExpF32KernelAvx512F: 16 lanes,
+# inputs clamped at -103.97, 2^m by vscalefps), "avx2" models AVX2 + FMA3 (...KernelFma3: 8 lanes, inputs clamped
+# at -88.38, 2^m from exponent bits).
+_SUM_EXP = {"vnni": (16, -103.9720840454), "avx2": (8, -88.3762626647949)}
+
+
+def sum_exp_terms(x: torch.Tensor, negative_maximum: torch.Tensor, target: str) -> torch.Tensor:
+    """MLAS's sum-of-exp kernel's terms ``exp(x - max)``: range reduction to ``2^m exp(r)``, a degree-6
+    polynomial, every multiply-add fused (bit for bit)."""
+    lanes, lower = _SUM_EXP[target]
+    v = torch.maximum(x.float() + negative_maximum, _const(lower))
+    biased = fma32(v, _const(1.44269504088896341), _const(_ROUNDING_BIAS))
+    m = biased - _const(_ROUNDING_BIAS)
+    v = fma32(m, _const(-1.42860677e-6), fma32(m, _const(-6.93145752e-1), v))
+    p = _chain(_const(_EXP_POLY[0]), v, _EXP_POLY[1:] + (1.0, 1.0))
+    if lanes == 16:  # vscalefps: p * 2^m rounded once
+        return (p.double() * torch.exp2(m.double())).float()
+    return p * ((biased.view(torch.int32) << 23) + 0x3F800000).view(torch.float32)
+
+
+def lane_sum(terms: torch.Tensor, lanes: int) -> torch.Tensor:
+    """A float32 sum over the last axis as MLAS's vector kernels add: element i into lane ``i % lanes`` in order,
+    16 lanes folded to 8, then pairwise (``vhaddps`` twice) and the two 128-bit halves."""
+    pad = (-terms.shape[-1]) % lanes
+    vectors = torch.nn.functional.pad(terms, (0, pad)).unflatten(-1, (-1, lanes))
+    acc = vectors[..., 0, :]
+    for k in range(1, vectors.shape[-2]):
+        acc = acc + vectors[..., k, :]
+    if lanes == 16:
+        acc = acc[..., 8:] + acc[..., :8]
+    pairs = acc[..., 0::2] + acc[..., 1::2]
+    quads = pairs[..., 0::2] + pairs[..., 1::2]
+    return quads[..., 1] + quads[..., 0]
+
+
+def softmax(x: torch.Tensor, axis: int, target: str) -> torch.Tensor:
+    """MlasComputeSoftmax on the CPU ``target``: the row maximum, the sum-of-exp kernel's terms and sum, then each
+    term times ``1 / sum`` (bit for bit on both vector widths)."""
+    x = x.float().movedim(axis, -1)
+    terms = sum_exp_terms(x, -x.amax(-1, keepdim=True), target)
+    total = lane_sum(terms, _SUM_EXP[target][0]).unsqueeze(-1)
+    return (terms * (_const(1.0) / total)).movedim(-1, axis)
+
+
+def sgemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MLAS's float GEMM for short reductions: each output a chain of fused multiply-adds over k in order."""
+    a, b = a.float(), b.float()
+    acc = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]))
+    for k in range(a.shape[-1]):
+        acc = fma32(a[..., :, k:k + 1], b[..., k:k + 1, :], acc)
+    return acc
+
+
+def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                         heads: int, scale: float, target: str) -> torch.Tensor:
+    """ORT's MultiHeadAttention CPU kernel for (B, S, N*H) inputs: ``softmax(q k^T * scale + bias) v`` per head,
+    the products as MLAS's GEMM chains, the softmax as MLAS's."""
+    batch, length, width = query.shape
+    q, k, v = (t.float().reshape(batch, -1, heads, width // heads).transpose(1, 2) for t in (query, key, value))
+    scores = sgemm(q, k.transpose(-1, -2))
+    if scale != 1.0:
+        scores = scores * _const(scale)
+    if bias is not None:
+        scores = scores + bias.float()
+    probs = softmax(scores, -1, target)
+    return sgemm(probs, v).transpose(1, 2).reshape(batch, length, width)

@@ -88,6 +88,19 @@ def gather(x, indices, *, axis: int = 0, **_):
         *x.shape[:axis % x.dim()], *idx.shape, *x.shape[axis % x.dim() + 1:])
 
 
+def gather_nd(x, indices, *, batch_dims: int = 0, **_):
+    """GatherND: ``indices[..., :k]`` index the first k axes after ``batch_dims`` batch axes."""
+    idx = indices.to(torch.int64)
+    k = idx.shape[-1]
+    batch = x.shape[:batch_dims]
+    flat_x = x.reshape(math.prod(batch), *x.shape[batch_dims:])
+    flat_i = idx.reshape(math.prod(batch), -1, k)
+    dims = torch.tensor(x.shape[batch_dims:batch_dims + k], dtype=torch.int64)
+    flat_i = torch.where(flat_i < 0, flat_i + dims, flat_i)
+    rows = [flat_x[b][tuple(flat_i[b].unbind(-1))] for b in range(flat_x.shape[0])]
+    return torch.stack(rows).reshape(*idx.shape[:-1], *x.shape[batch_dims + k:])
+
+
 def shape(x, *, start: int = 0, end: int | None = None, **_):
     return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
 
@@ -173,8 +186,8 @@ def leaky_relu(x, *, alpha: float = 0.01, **_):
     return torch.where(x >= 0, x, torch.tensor(alpha, dtype=torch.float32) * x)
 
 
-def softmax(x, *, axis: int = -1, **_):
-    return torch.softmax(x, axis)
+def softmax(x, *, axis: int = -1, target: str, **_):
+    return floats.softmax(x, axis, target)
 
 
 def reduce(fn):
@@ -296,3 +309,14 @@ def gelu(x, **_):
 
 def erf(x, **_):
     return floats.erf(x)
+
+
+def multi_head_attention(query, key, value, bias=None, key_padding_mask=None, attention_bias=None, *args,
+                         num_heads: int, scale: float | None = None, target: str, **_):
+    if bias is not None or key_padding_mask is not None or args:
+        raise ConversionError("MultiHeadAttention with a packed bias, key padding mask or past state is not "
+                              "emulated (fxquant writes query, key, value and an attention bias)")
+    heads = num_heads
+    width = query.shape[-1]
+    factor = scale if scale else 1.0 / math.sqrt(width // heads)
+    return floats.multi_head_attention(query, key, value, attention_bias, heads, factor, target)

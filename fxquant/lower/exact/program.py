@@ -45,7 +45,8 @@ KERNELS: dict[tuple[str, str], Callable] = {
     # tensor plumbing
     ("", "Reshape"): O.reshape, ("", "Transpose"): O.transpose, ("", "Flatten"): O.flatten,
     ("", "Squeeze"): O.squeeze, ("", "Unsqueeze"): O.unsqueeze, ("", "Concat"): O.concat, ("", "Split"): O.split,
-    ("", "Slice"): O.slice_, ("", "Gather"): O.gather, ("", "Shape"): O.shape, ("", "Expand"): O.expand,
+    ("", "Slice"): O.slice_, ("", "Gather"): O.gather, ("", "GatherND"): O.gather_nd, ("", "Shape"): O.shape,
+    ("", "Expand"): O.expand,
     ("", "Cast"): O.cast, ("", "Identity"): O.identity, ("", "ConstantOfShape"): O.constant_of_shape,
     ("", "Range"): O.range_, ("", "Where"): O.where, ("", "Tile"): O.tile, ("", "Pad"): O.pad,
     ("", "MaxPool"): O.max_pool,
@@ -67,6 +68,7 @@ KERNELS: dict[tuple[str, str], Callable] = {
     ("", "ConvTranspose"): O.conv_transpose, ("", "AveragePool"): O.average_pool,
     ("", "GlobalAveragePool"): O.global_average_pool, ("", "BatchNormalization"): O.batch_norm,
     ("", "LayerNormalization"): O.layer_norm, (MS, "Gelu"): O.gelu,
+    (MS, "MultiHeadAttention"): O.multi_head_attention,
     ("", "ReduceMean"): O.reduce(torch.mean), ("", "ReduceSum"): O.reduce(torch.sum),
     ("", "ReduceMax"): O.reduce(lambda x, dim, keepdim: x.amax(dim, keepdim)),
 }
