@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 from torch import fx, nn
 
-from fxquant.quantizer import TensorQuantizer
+from fxquant.ptq.layers import float_mode
 
 Forward = Callable[[int, tuple], object]  # run(batch index, batch): one calibration forward, errors named
 T = TypeVar("T")
@@ -46,18 +46,13 @@ def float_rows(model: nn.Module, taps: Mapping[int, tuple[nn.Module, str]], batc
     handles = [module.register_forward_pre_hook(partial(_keep_input, rows, key)) if where == "input"
                else module.register_forward_hook(partial(_keep_output, rows, key))
                for key, (module, where) in taps.items()]
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("disabled")
     try:
-        for i, batch in enumerate(batches):
-            (run or plain_forward(model))(i, batch)
+        with float_mode(model):
+            for i, batch in enumerate(batches):
+                (run or plain_forward(model))(i, batch)
     finally:
         for h in handles:
             h.remove()
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
     return {key: torch.cat(rows.get(key) or [torch.zeros(1, 1)])[:MAX_ROWS] for key in taps}
 
 

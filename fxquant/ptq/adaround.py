@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from fxquant import qmath
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
-from fxquant.ptq.layers import Layer, capture, float_mode, followed_by_relu, quantized_layers
-from fxquant.ptq.report import PTQReport, attach
+from fxquant.ptq.layers import Layer, float_mode, followed_by_relu, layer_activations, quantized_layers
+from fxquant.ptq.step import CalibrationContext, StepResult
+from fxquant.report import PTQReport
 from fxquant.spec import AdaRoundOptions
-from fxquant.state import QuantState, get_state
+from fxquant.state import get_state
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -55,7 +56,7 @@ class SoftRounding(nn.Module):
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
 
 
-def _check(prepared: nn.Module, batches: object) -> tuple[QuantState, list]:
+def _check(prepared: nn.Module, batches: object) -> list:
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
         raise CalibrationError("adaround() needs a model that fxquant.calibrate() has run on (weights and "
@@ -65,20 +66,18 @@ def _check(prepared: nn.Module, batches: object) -> tuple[QuantState, list]:
     batches = list(batches)
     if not batches:
         raise ConfigError("adaround() needs at least one calibration batch")
-    return state, batches
+    return batches
 
 
-def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None = None,
-             progress: bool = True) -> PTQReport:
-    """Learn the rounding of every quantized weight of a calibrated ``prepared`` model, in place.
-
-    ``batches`` is re-read once per layer (a list is best). Returns the report (also in
-    ``fxquant.report_of(prepared).ptq['adaround']``); ``report.data['codes']`` holds each layer's integer codes.
-    """
+def learn_rounding(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None = None,
+                   progress: bool = True) -> StepResult:
+    """Learn the rounding of every quantized weight of a calibrated ``prepared`` model, in place (``batches`` is
+    re-read once per layer: a list is best). The report's ``data['codes']`` holds each layer's integer codes; the
+    rounded layers' weight quantizers are the result's ``fixed_weights``."""
     options = AdaRoundOptions() if options is None else options
     if not isinstance(options, AdaRoundOptions):
         raise ConfigTypeError(f"options must be an AdaRoundOptions, got {type(options).__name__}")
-    state, batches = _check(prepared, batches)
+    batches = _check(prepared, batches)
     report = PTQReport("adaround")
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
@@ -101,19 +100,27 @@ def adaround(prepared: fx.GraphModule, batches, options: AdaRoundOptions | None 
                                "the other way")
     finally:
         prepared.train(was_training)
-    state.fixed_weights.update(layer.quantizer_path or f"{layer.name}.weight_quantizer" for layer in layers
-                               if layer.name in codes)
     report.data = {"codes": codes, "layers": losses, "options": options}
-    attach(prepared, report)
-    return report
+    return StepResult(report, fixed_weights={layer.quantizer_path or f"{layer.name}.weight_quantizer"
+                                             for layer in layers if layer.name in codes})
+
+
+def rounds(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() runs AdaRound: ``QuantConfig(adaround=...)`` asks for it."""
+    return ctx.config.adaround_options is not None
+
+
+def adaround_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s AdaRound step, on its batches (``fxquant.ptq.step``)."""
+    return learn_rounding(ctx.model, ctx.batches, ctx.config.adaround_options, ctx.progress)
 
 
 def _round_layer(model: fx.GraphModule, layer: Layer, batches: list, options: AdaRoundOptions,
                  progress: bool, layers: list[Layer], originals: dict[str, torch.Tensor]) -> dict:
     quantizer = layer.quantizer
     with float_mode(model), original_weights(layers, originals):  # the target is the float model's output
-        targets = torch.cat(capture(model, layer, batches, "output", options.num_samples))
-    inputs = torch.cat(capture(model, layer, batches, "input", options.num_samples))
+        targets = torch.cat(layer_activations(model, layer, batches, "output", options.num_samples))
+    inputs = torch.cat(layer_activations(model, layer, batches, "input", options.num_samples))
     act = torch.relu if followed_by_relu(model, layer.node) else (lambda t: t)
     targets = act(targets)
     weight = layer.weight.detach()

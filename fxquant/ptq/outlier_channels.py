@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.ptq.activations import Forward, float_rows, sites_by_part
-from fxquant.ptq.report import PTQReport
-from fxquant.ptq.smoothquant import minmax_fake_quant
+from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
+from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 
 RATIO = 8.0  # an outlier channel's calibration max |x| is above RATIO x the median channel's
 MAX_CHANNELS = 8  # at most this many float channels per Linear (the side matmul stays tiny)
@@ -94,9 +95,9 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, 
     def error(k: int) -> float:
         keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         keep[channels[:k]] = 0
-        xq = minmax_fake_quant(x * keep, bits, symmetric, None)
+        xq = fake_quant_minmax(x * keep, bits, symmetric, None)
         side = x[:, channels[:k]]
-        return float(sum(((xq @ minmax_fake_quant(w * keep, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
+        return float(sum(((xq @ fake_quant_minmax(w * keep, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
                           ** 2).sum() for w, b, r in zip(weights, w_bits, ref, strict=True)))
 
     errors = {k: error(k) for k in range(len(channels) + 1)}
@@ -181,3 +182,14 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
         gm.recompile()
     report.data = {"layers": layers}
     return report
+
+
+def splits(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() looks for outlier input channels of Linears: asked for, not yet done, and (for "auto") a
+    per-tensor activation quantizer feeds a Linear."""
+    return auto_applies(ctx, "outlier_channels", splittable)
+
+
+def outlier_channels_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s outlier-channel split, on its checked batches (``fxquant.ptq.step``)."""
+    return auto_result(ctx, "outlier_channels", split_outlier_channels(ctx.model, ctx.batches, ctx.run))

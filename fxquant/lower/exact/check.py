@@ -23,7 +23,7 @@ from onnx import helper
 from torch import fx
 
 from fxquant.lower.exact.model import ExactModel, ort_optimized
-from fxquant.lower.export_checks import clones
+from fxquant.lower.graph import OnnxGraph
 from fxquant.lower.ort.targets import run_as
 from fxquant.lower.outputs import flat_outputs
 from fxquant.metrics import sqnr
@@ -70,7 +70,8 @@ def check_exact(model: ExactModel, inputs: tuple, path: str, target: str) -> Exa
     """Run the ONNX file ``path`` in ORT as ``target`` and compare with ``model`` on ``inputs``."""
     feeds = [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)]
     with torch.no_grad():
-        expected = [t.numpy() for _, t in flat_outputs(model(*clones(inputs)))]
+        expected = [t.numpy() for _, t in flat_outputs(model(*(x.clone() if isinstance(x, torch.Tensor) else x
+                                                                for x in inputs)))]
     got = run_as(target, path, feeds, "all")
     differing = sum(int(_differ(e, g).sum()) for e, g in zip(expected, got, strict=True))
     total = sum(int(np.asarray(e).size) for e in expected)
@@ -126,7 +127,7 @@ def locate(model: ExactModel, path: str, feeds: list[np.ndarray], target: str) -
     ops, survivors = _optimized_ops(path)
     outputs = [o.name for o in proto.graph.output]
     known = set(model.program.tensor_names.values())
-    producers = {o: n for n in proto.graph.node for o in n.output}
+    producers = OnnxGraph(proto).producer
     candidates = [o for n in proto.graph.node for o in n.output
                   if o in survivors and o in known and o not in outputs]
     codes = [c for c in candidates if _is_code(proto, c)]

@@ -119,7 +119,7 @@ def sum_exp_terms(x: torch.Tensor, negative_maximum: torch.Tensor, target: str) 
     biased = fma32(v, _const(1.44269504088896341), _const(_ROUNDING_BIAS))
     m = biased - _const(_ROUNDING_BIAS)
     v = fma32(m, _const(-1.42860677e-6), fma32(m, _const(-6.93145752e-1), v))
-    p = _chain(_const(_EXP_POLY[0]), v, _EXP_POLY[1:] + (1.0, 1.0))
+    p = _chain(_const(_EXP_POLY[0]), v, (*_EXP_POLY[1:], 1.0, 1.0))
     if lanes == 16:  # vscalefps: p * 2^m rounded once
         return (p.double() * torch.exp2(m.double())).float()
     return p * ((biased.view(torch.int32) << 23) + 0x3F800000).view(torch.float32)
@@ -152,7 +152,7 @@ def softmax(x: torch.Tensor, axis: int, target: str) -> torch.Tensor:
 def sgemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """MLAS's float GEMM for short reductions: each output a chain of fused multiply-adds over k in order."""
     a, b = a.float(), b.float()
-    acc = torch.zeros(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]))
+    acc = torch.zeros((*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]))
     for k in range(a.shape[-1]):
         acc = fma32(a[..., :, k:k + 1], b[..., k:k + 1, :], acc)
     return acc

@@ -1,8 +1,8 @@
 """``fxquant.convert(prepared, exact=target)``: the converted model as ONNX Runtime computes it on ``target``.
 
-The fake-quant model is exported to QDQ ONNX as ``export_onnx`` writes it, ONNX Runtime optimizes that graph
-(``ORT_ENABLE_EXTENDED``: every QDQ fusion, ``optimized_model_filepath``), and ``build_program`` turns ORT's graph
-into a torch program of exact kernels. ``ExactModel`` runs it with the fake-quant model's calling convention and
+``fxquant.lower.exact.convert`` exports the fake-quant model to QDQ ONNX as ``export_onnx`` writes it, ONNX Runtime
+optimizes that graph (``ort_optimized``: every QDQ fusion), and ``build_program`` turns ORT's graph into a torch
+program of exact kernels. ``ExactModel`` runs it with the fake-quant model's calling convention and
 output structure; its state records the target and the fake-quant twin, which ``export_onnx`` exports (the same QDQ
 ONNX) and checks against.
 """
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,9 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fxquant.errors import ConversionError
-from fxquant.lower.exact.program import Program, build_program
-from fxquant.lower.outputs import flat_outputs
+from fxquant.lower.exact.program import Program
 
 VERIFIED_ORT = "1.32.0"
 """The ONNX Runtime version whose kernels the exact program was verified against, bit for bit."""
@@ -50,9 +45,13 @@ def check_ort_version() -> str | None:
             f"{VERIFIED_ORT} for a verified emulation")
 
 
-def _rebuild(template: object, tensors: list[torch.Tensor], index: list[int]) -> object:
+def rebuild(template: object, tensors: list[torch.Tensor]) -> object:
     """``template`` (the fake-quant model's output) with its tensors replaced by ``tensors``, in
     ``flat_outputs`` order."""
+    return _rebuild(template, tensors, [0])
+
+
+def _rebuild(template: object, tensors: list[torch.Tensor], index: list[int]) -> object:
     if isinstance(template, torch.Tensor):
         index[0] += 1
         return tensors[index[0] - 1]
@@ -89,7 +88,7 @@ class ExactModel(nn.Module):
             outputs = self.program(*(tensors[p] for p in self.positions))
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        return _rebuild(self.template, list(outputs), [0])
+        return rebuild(self.template, list(outputs))
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}, {len(self.program.graph.nodes)} program nodes"
@@ -103,30 +102,3 @@ def ort_optimized(path: str, optimized: str) -> onnx.ModelProto:
     options.log_severity_level = 3
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return onnx.load(optimized)
-
-
-def exact_model(fake: nn.Module, example_inputs: tuple, target: str) -> ExactModel:
-    """The exact model of the converted fake-quant model ``fake`` for ``target``."""
-    from fxquant.lower.onnx_export import export_onnx  # lazy: export_onnx checks exact models with this package
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # export's own warnings were the user's to see at export time
-            export_onnx(fake, example_inputs, path, verify=False)
-        proto = onnx.load(path)
-        optimized = ort_optimized(path, os.path.join(tmp, "optimized.onnx"))
-    program = build_program(optimized, target)
-    graph_inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    missing = [n for n in program.input_names if n not in graph_inputs]
-    if missing:
-        raise ConversionError(f"ONNX Runtime's graph reads inputs the exported model does not have: {missing}")
-    positions = [graph_inputs.index(n) for n in program.input_names]
-    with torch.no_grad():
-        sample = fake(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
-    count = len(flat_outputs(sample))
-    produced = len(next(n for n in program.graph.nodes if n.op == "output").args[0])
-    if count != produced:
-        raise ConversionError(f"the model returns {count} tensors but ONNX Runtime's graph computes {produced}")
-    template = _rebuild(sample, [torch.empty(0)] * count, [0])  # the structure, without the example's values
-    return ExactModel(program, positions, template, target)
