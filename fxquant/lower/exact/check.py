@@ -37,12 +37,13 @@ class Mismatch:
     node: str  # the QDQ graph's node that computes it
     op_type: str
     ort_op: str  # the op ONNX Runtime's optimized graph computes it with (a fused integer kernel, or the same op)
+    ort_node: str  # that node's name in ORT's graph (a fused kernel is named after the layer: `conv2/Conv`)
     differing: int
     total: int
 
     def __str__(self) -> str:
         return (f"`{self.tensor}`, output of `{self.node}` ({self.op_type}; ONNX Runtime computes it with "
-                f"{self.ort_op}): {self.differing} of {self.total} values differ")
+                f"{self.ort_op} `{self.ort_node}`): {self.differing} of {self.total} values differ")
 
 
 @dataclass
@@ -83,11 +84,11 @@ def check_exact(model: ExactModel, inputs: tuple, path: str, target: str) -> Exa
     return check
 
 
-def _optimized_ops(path: str) -> tuple[Counter, dict[str, str]]:
-    """The op counts of ORT's optimized graph of ``path``, and the op type computing each of its tensors."""
+def _optimized_ops(path: str) -> tuple[Counter, dict[str, onnx.NodeProto]]:
+    """The op counts of ORT's optimized graph of ``path``, and the node computing each of its tensors."""
     with tempfile.TemporaryDirectory() as tmp:
-        graph = ort_optimized(path, os.path.join(tmp, "optimized.onnx")).graph
-    return Counter((n.domain, n.op_type) for n in graph.node), {o: n.op_type for n in graph.node for o in n.output}
+        proto = ort_optimized(path, os.path.join(tmp, "optimized.onnx"))
+    return Counter((n.domain, n.op_type) for n in proto.graph.node), OnnxGraph(proto).producer
 
 
 def _with_outputs(proto: onnx.ModelProto, names: list[str], path: str) -> None:
@@ -150,8 +151,10 @@ def locate(model: ExactModel, path: str, feeds: list[np.ndarray], target: str) -
         bad = _differ(mine[name].numpy(), ort_values[name])
         if bad.any():
             node = producers.get(name)
+            fused = survivors.get(name)
             return Mismatch(name, node.name if node else name, node.op_type if node else "graph input",
-                            survivors.get(name, "?"), int(bad.sum()), int(bad.size)), None
+                            fused.op_type if fused else "?", fused.name if fused else "?", int(bad.sum()),
+                            int(bad.size)), None
     return None, "no exposed tensor differs, yet the outputs do"
 
 
