@@ -10,7 +10,7 @@ started, which is what most rewrites want (the nodes they match are not the ones
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -113,6 +113,19 @@ class OnnxGraph:
         if self.array(dq.input[0]).ndim != 2:
             return None
         return dq, transposed
+
+    def column_weighted_linears(self) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, bool]]:
+        """Each MatMul/Gemm whose weight ``linear_weight`` finds with one scale per tensor or per output column,
+        in graph order over the nodes as they were when iteration began (a pass may splice as it goes):
+        (node, the weight's DequantizeLinear, whether the weight is (N, K))."""
+        for node in list(self.graph.node):
+            found = self.linear_weight(node) if node.op_type in ("MatMul", "Gemm") else None
+            if found is None:
+                continue
+            dq, transposed = found
+            if self.array(dq.input[1]).ndim and attr(dq, "axis", 1) % 2 != (0 if transposed else 1):
+                continue  # per-channel along the reduced axis: not a per-column scale
+            yield node, dq, transposed
 
     def outputs(self) -> set[str]:
         """The graph's output names."""
