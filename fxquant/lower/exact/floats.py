@@ -82,26 +82,6 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return (_const(0.5) * x) * (e + _const(1.0))
 
 
-def layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dims: list[int],
-               epsilon: float) -> torch.Tensor:
-    """ORT's LayerNormalization, as far as it was reproduced: the mean from a float64 sum (bit for bit), the
-    normalization ``fma((x - mean) * inv_std, scale, bias)`` (bit for bit given ORT's mean and inverse standard
-    deviation); the inverse standard deviation from float64 sums of squares with a float32 square of the mean,
-    within 2 units in the last place of ORT's (its exact evaluation order was not recovered)."""
-    x = x.float()
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    xd = x.double()
-    mean = (xd.sum(dims, keepdim=True) / n).float()
-    var = (xd * xd).sum(dims, keepdim=True) / n - (mean * mean).double() + epsilon
-    inv = 1.0 / torch.sqrt(var).float()
-    y = (x - mean) * inv
-    if bias is None:
-        return y * scale.float()
-    return fma32(y, scale.float(), bias.float())
-
-
 _EXP_POLY = tuple(float.fromhex(h) for h in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
                                              "0x1.fffff6p-2"))
 _ROUNDING_BIAS = 12582912.0  # 1.5 * 2^23: adding it rounds to an integer

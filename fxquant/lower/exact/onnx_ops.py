@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.errors import ConversionError
-from fxquant.lower.exact import floats
+from fxquant.lower.exact import floats, norm
+from fxquant.lower.exact.arith import sqrt32
 
 ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
                9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
@@ -294,13 +295,13 @@ def global_average_pool(x, **_):
 
 def batch_norm(x, scale, bias, mean, var, *, epsilon: float = 1e-5, **_):
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + epsilon) * scale.reshape(shape) + \
+    return (x - mean.reshape(shape)) / sqrt32(var.reshape(shape) + epsilon) * scale.reshape(shape) + \
         bias.reshape(shape)
 
 
 def layer_norm(x, scale, bias=None, *, axis: int = -1, epsilon: float = 1e-5, **_):
     dims = list(range(axis % x.dim(), x.dim()))
-    return floats.layer_norm(x, scale, bias, dims, epsilon)
+    return norm.layer_norm(x, scale, bias, dims, epsilon)
 
 
 def gelu(x, **_):

@@ -25,6 +25,7 @@ from fxquant.errors import ConversionError
 from fxquant.lower.exact import elementwise as E
 from fxquant.lower.exact import integer as I
 from fxquant.lower.exact import onnx_ops as O
+from fxquant.lower.exact.arith import sqrt32
 
 MS = "com.microsoft"
 
@@ -56,7 +57,7 @@ KERNELS: dict[tuple[str, str], Callable] = {
     ("", "Equal"): O._binary(torch.eq), ("", "Less"): O._binary(torch.lt), ("", "Greater"): O._binary(torch.gt),
     ("", "And"): O._binary(torch.logical_and), ("", "Or"): O._binary(torch.logical_or),
     ("", "Not"): lambda x, **_: torch.logical_not(x), ("", "Neg"): lambda x, **_: -x,
-    ("", "Abs"): lambda x, **_: x.abs(), ("", "Sqrt"): lambda x, **_: torch.sqrt(x),
+    ("", "Abs"): lambda x, **_: x.abs(), ("", "Sqrt"): lambda x, **_: sqrt32(x),
     ("", "Reciprocal"): lambda x, **_: 1.0 / x, ("", "Exp"): lambda x, **_: torch.exp(x),
     ("", "Log"): lambda x, **_: torch.log(x), ("", "Erf"): O.erf, ("", "Tanh"): lambda x, **_: torch.tanh(x),
     ("", "Sigmoid"): lambda x, **_: O.floats.mlas_logistic(x), ("", "Relu"): lambda x, **_: torch.relu(x),
