@@ -82,6 +82,21 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return (_const(0.5) * x) * (e + _const(1.0))
 
 
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """MLAS's Tanh kernel (Eigen's rational approximation): x clamped to [-9, 9], ``x * P(x^2) / Q(x^2)`` with
+    each polynomial a chain of fused multiply-adds (bit for bit on both targets)."""
+    x = x.float().clamp(-9.0, 9.0)
+    sq = x * x
+    p = _chain(fma32(sq, _const(_TANH_P[0]), _const(_TANH_P[1])), sq, _TANH_P[2:]) * x
+    q = _chain(fma32(sq, _const(_TANH_Q[0]), _const(_TANH_Q[1])), sq, _TANH_Q[2:])
+    return p / q
+
+
 _EXP_POLY = tuple(float.fromhex(h) for h in ("0x1.694000p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.555450p-3",
                                              "0x1.fffff6p-2"))
 _ROUNDING_BIAS = 12582912.0  # 1.5 * 2^23: adding it rounds to an integer

@@ -229,7 +229,7 @@ def _activation(y, name: str | None, params) -> torch.Tensor:
     if name == "HardSigmoid":
         return hard_sigmoid(y, alpha=params[0], beta=params[1])
     if name == "Tanh":
-        return torch.tanh(y)
+        return floats.tanh(y)
     raise ConversionError(f"fused activation {name!r} is not emulated")
 
 

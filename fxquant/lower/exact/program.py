@@ -59,7 +59,7 @@ KERNELS: dict[tuple[str, str], Callable] = {
     ("", "Not"): lambda x, **_: torch.logical_not(x), ("", "Neg"): lambda x, **_: -x,
     ("", "Abs"): lambda x, **_: x.abs(), ("", "Sqrt"): lambda x, **_: sqrt32(x),
     ("", "Reciprocal"): lambda x, **_: 1.0 / x, ("", "Exp"): lambda x, **_: torch.exp(x),
-    ("", "Log"): lambda x, **_: torch.log(x), ("", "Erf"): O.erf, ("", "Tanh"): lambda x, **_: torch.tanh(x),
+    ("", "Log"): lambda x, **_: torch.log(x), ("", "Erf"): O.erf, ("", "Tanh"): lambda x, **_: O.floats.tanh(x),
     ("", "Sigmoid"): lambda x, **_: O.floats.mlas_logistic(x), ("", "Relu"): lambda x, **_: torch.relu(x),
     ("", "Clip"): O.clip, ("", "HardSigmoid"): O.hard_sigmoid, ("", "LeakyRelu"): O.leaky_relu,
     ("", "Max"): lambda *xs, **_: torch.stack(torch.broadcast_tensors(*xs)).amax(0),
