@@ -163,3 +163,15 @@ def transformer_minilm(data: dict) -> str:
                          f"{'-' if ms is None else f'{ms:.1f}'} | {'-' if up is None else f'{up:.2f}x'} | "
                          f"{'' if check is None else _db(check)} |")
     return "\n".join(lines)
+
+
+def exact_models(data: dict) -> str:
+    """The convert(exact=...) table: differing outputs on new inputs, ORT vs fake-quant before and exact after."""
+    lines = ["| model | preset | target | differing outputs (new inputs) | export check differing | "
+             "ORT vs fake-quant dB (before) | ORT vs exact dB (after) | first mismatch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['backend']} | {r['target']} | {r['differing']} of {r['outputs']} | "
+                     f"{r['export_check_differing']} | {_db(r['ort_vs_fakequant_db'])} | {_db(r['ort_vs_exact_db'])} "
+                     f"| {r['first_mismatch'] or '-'} |")
+    return "\n".join(lines)

