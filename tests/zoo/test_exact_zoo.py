@@ -55,6 +55,8 @@ def test_zoo_export_reports_exact_or_the_first_mismatch(name, tmp_path):
     result = export(exact, x, tmp_path / f"{name}.onnx")
     check = result.exact
     assert check is not None and check.total == 1000
+    print(f"exact check {name}: {check.differing} of {check.total} differ; first mismatch: {check.first_mismatch}; "
+          f"{check.note or ''}")
     if name in INTEGER_ONLY:
         assert check.differing == 0
         assert_exact_on(exact, result.path, torch.randn(2, 3, size, size, generator=gen), "vnni")
