@@ -294,9 +294,13 @@ def global_average_pool(x, **_):
 
 
 def batch_norm(x, scale, bias, mean, var, *, epsilon: float = 1e-5, **_):
+    """ORT's BatchNormalization (Eigen, no FMA): ``x * s + (bias - mean * s)`` with
+    ``s = (1 / sqrt(var + eps)) * scale`` per channel, each step rounded to float32 (bit for bit)."""
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return (x - mean.reshape(shape)) / sqrt32(var.reshape(shape) + epsilon) * scale.reshape(shape) + \
-        bias.reshape(shape)
+    inv_std = torch.ones(()) / sqrt32(var.float() + torch.tensor(epsilon, dtype=torch.float32))
+    new_scale = inv_std * scale.float()
+    new_bias = bias.float() - mean.float() * new_scale
+    return x.float() * new_scale.reshape(shape) + new_bias.reshape(shape)
 
 
 def layer_norm(x, scale, bias=None, *, axis: int = -1, epsilon: float = 1e-5, **_):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from fxquant.lower.exact import floats, norm
+from fxquant.lower.exact import floats, norm, onnx_ops
 from fxquant.lower.ort.targets import run_as
 from tests.cpus import can_run_as
 
@@ -62,3 +62,16 @@ def test_softmax(tmp_path, length) -> None:
     x = _values((48, length), 5.0)
     got = _ort(tmp_path, helper.make_node("Softmax", ["x"], ["y"], axis=-1), x)
     assert np.array_equal(floats.softmax(torch.from_numpy(x), -1, TARGET).numpy(), got)
+
+
+def test_batch_norm(tmp_path) -> None:  # a BatchNorm fxquant cannot fold (DenseNet's, after a concat)
+    channels = 64
+    rng = np.random.default_rng(0)
+    x = _values((8, channels, 16, 16), 2.0)
+    params = {"s": rng.uniform(0.5, 1.5, channels), "b": rng.uniform(-0.3, 0.3, channels),
+              "m": rng.uniform(-0.5, 0.5, channels), "v": rng.uniform(0.5, 2.0, channels)}
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-5)
+    got = _ort(tmp_path, node, x, [helper.make_tensor(k, TensorProto.FLOAT, [channels], v) for k, v in params.items()])
+    mine = onnx_ops.batch_norm(*(torch.from_numpy(a) for a in (x, params["s"], params["b"], params["m"], params["v"])))
+    assert np.array_equal(mine.numpy(), got)
