@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})  # ONNX ops that multiply by a weight
+EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)  # the codes ORT's integer matmuls take
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -115,12 +116,13 @@ class OnnxGraph:
         return dq, transposed
 
     def column_weighted_linears(self) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, bool]]:
-        """Each MatMul/Gemm whose weight ``linear_weight`` finds with one scale per tensor or per output column,
-        in graph order over the nodes as they were when iteration began (a pass may splice as it goes):
-        (node, the weight's DequantizeLinear, whether the weight is (N, K))."""
+        """Each MatMul/Gemm whose 8-bit weight ``linear_weight`` finds with one scale per tensor or per output
+        column, in graph order over the nodes as they were when iteration began (a pass may splice as it goes):
+        (node, the weight's DequantizeLinear, whether the weight is (N, K)). A 16-bit weight is left out: ORT has
+        no integer matmul for it, so its QDQ form runs (dequantized)."""
         for node in list(self.graph.node):
             found = self.linear_weight(node) if node.op_type in ("MatMul", "Gemm") else None
-            if found is None:
+            if found is None or self.initializers[found[0].input[0]].data_type not in EIGHT_BIT:
                 continue
             dq, transposed = found
             if self.array(dq.input[1]).ndim and attr(dq, "axis", 1) % 2 != (0 if transposed else 1):

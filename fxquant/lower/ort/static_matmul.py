@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from fxquant.lower.graph import OnnxGraph
+from fxquant.lower.graph import EIGHT_BIT, OnnxGraph
 
 MS_DOMAIN = "com.microsoft"
 
@@ -29,7 +29,7 @@ def _static_input(node: onnx.NodeProto, g: OnnxGraph) -> onnx.NodeProto | None:
         return None
     if any(i not in g.initializers for i in q.input[1:3]) or g.array(q.input[1]).ndim != 0:
         return None
-    return q
+    return q if g.initializers[q.input[2]].data_type in EIGHT_BIT else None  # ORT's op takes 8-bit codes only
 
 
 def _float_output(node: onnx.NodeProto, g: OnnxGraph) -> tuple[str | None, str]:
