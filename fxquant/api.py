@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -20,6 +21,8 @@ from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, Conve
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import prepare_model
 from fxquant.ptq import calibrate_passes as ptq
+from fxquant.ptq.activations import kept_rows
+from fxquant.ptq.outlier_channels import OutlierWatch
 from fxquant.ptq.weight_widths import choose_weight_bits
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
@@ -92,7 +95,7 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     on this rank alone (e.g. under ``if rank == 0:``); a rank that calls calibrate while the others do not raises
     after ``FXQUANT_ARRIVAL_TIMEOUT_S`` seconds instead of hanging.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
-    (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again.
+    (read again, or kept in a list when ``batches`` is a one-shot iterator); weights AdaRound rounded keep their ranges when calibrate() runs again.
     """
     state = get_state(prepared)
     quantizers = _quantizers(prepared)
@@ -120,21 +123,20 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
         q.calibrator.reset()
         q.set_mode("calib")
     constants = [q for q in quantizers.values() if q.constant]  # weights, layer scales: the same every batch
-    count = 0
     try:
-        if ptq.needs_data(prepared, state.config, state.report, merge):
-            batches = list(batches)  # the model's inputs per batch, as selected and checked
+        if ptq.needs_data(prepared, state.config, state.report, merge) and isinstance(batches.batches, Iterator):
+            batches = list(batches)  # a one-shot iterator read more than once: keep the checked model inputs
         # SmoothQuant and the outlier split (eval mode, quantizers off): they change what is calibrated next
-        ptq.before_calibrate(prepared, batches, state.config, state.report,
-                             lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
+        watch = ptq.before_calibrate(prepared, batches, state.config, state.report,
+                                     lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
         if merge:
             dist_calib.await_ranks()  # every rank must be here: detect a calibrate on one rank only
-        for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
-            run_batch(prepared, batch, i, checked.expected)
-            if count == 0:  # constants are the same in every batch: their statistics are complete after one
-                for q in constants:
-                    q.set_mode("disabled")
-            count += 1
+        count = _collect(prepared, batches, checked, constants, progress, watch)
+        if ptq.after_pass(watch, state.config, state.report):  # the split changed what was collected: again
+            for q in quantizers.values():
+                q.calibrator.reset()
+                q.set_mode("calib")
+            count = _collect(prepared, batches, checked, constants, progress)
         if merge:  # merge every rank's statistics: all ranks get the same ranges
             count = dist_calib.sync_calibrators(quantizers, count, device=dist_calib.module_device(prepared))
         if count == 0:
@@ -160,6 +162,23 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     choose_weight_bits(prepared, state.backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
     ptq.after_calibrate(prepared, batches, state.config, progress)
     return prepared
+
+
+def _collect(prepared: nn.Module, batches: Iterable, checked: ModelBatches, constants: list[TensorQuantizer],
+             progress: bool, watch: OutlierWatch | None = None) -> int:
+    """One calibration pass: every batch through ``prepared`` with its quantizers collecting (constants only on
+    the first batch: the same every batch), ``watch``'s sites keeping their inputs; returns the batch count."""
+    count = 0
+    with kept_rows(watch.taps) if watch is not None else contextlib.nullcontext() as rows:
+        for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
+            run_batch(prepared, batch, i, checked.expected)
+            if count == 0:  # constants are the same in every batch: their statistics are complete after one
+                for q in constants:
+                    q.set_mode("disabled")
+            count += 1
+    if watch is not None:
+        watch.rows = rows
+    return count
 
 
 def _nothing_to_calibrate(report: PrepareReport) -> str:

@@ -16,8 +16,10 @@ from fxquant.errors import ConfigError
 from fxquant.ptq.activations import Forward
 from fxquant.ptq.adaround import adaround
 from fxquant.ptq.bias_correction import correct_bias
-from fxquant.ptq.outlier_channels import split_outlier_channels, splittable
+from fxquant.ptq.outlier_channels import OutlierWatch, split_outlier_channels, splittable
+from fxquant.ptq.report import PTQReport
 from fxquant.ptq.smoothquant import smoothable, smoothquant
+from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
 
@@ -41,39 +43,68 @@ def needs_data(prepared: nn.Module, config: QuantConfig, report: PrepareReport, 
             or (not distributed and (smooths(prepared, config, report) or splits(prepared, config, report))))
 
 
-# calibrate()'s data-driven passes that change the model: (name, whether it applies, the pass, whether skipping
-# it under distributed calibration warns). SmoothQuant's trigger (a LayerNorm feeding Linears) means a
-# transformer that loses accuracy without it; the split's (any Linear) also fits every CNN head, where a warning
-# would be noise: the report note says it.
-MODEL_CHANGING = (("smoothquant", smooths, smoothquant, True),
-                  ("outlier_channels", splits, split_outlier_channels, False))
+def float_pass(prepared: nn.Module) -> bool:
+    """True when calibrate's own pass runs the float model: every quantizer it does not calibrate passes its
+    input through, which a dynamic quantizer (quantizing each forward as deployed) does not."""
+    return not any(isinstance(q, TensorQuantizer) and q.spec.dynamic and q.mode != "disabled"
+                   for q in prepared.modules())
+
+
+def _distributed_skip(name: str, setting: object, report: PrepareReport, warn: bool) -> None:
+    """Under distributed calibration a pass that decides from data would change the ranks' models differently:
+    True raises, "auto" skips with a report note (and a warning where ``warn``)."""
+    why = f"{name} decides from each rank's own calibration batches, so the ranks would change their models differently"
+    fix = (f"calibrate on one rank (fxquant.calibrate(..., distributed=False) under `if rank == 0`) to run it, or "
+           f"set QuantConfig({name}=False)")
+    if setting is True:
+        raise ConfigError(f"QuantConfig({name}=True) under distributed calibration: {why}; {fix}")
+    note = f"{name} skipped under distributed calibration: {why}; {fix}"
+    report.skipped.append(note)
+    if warn:
+        warnings.warn(note, stacklevel=4)
 
 
 def before_calibrate(prepared: nn.Module, batches: Iterable, config: QuantConfig, report: PrepareReport,
-                     run: Forward, distributed: bool = False) -> None:
+                     run: Forward, distributed: bool = False) -> OutlierWatch | None:
     """SmoothQuant, then the outlier-channel split, on the calibration batches, before ranges are calibrated
     (each once per prepared model), each batch through ``run``. "auto" reports a pass only where it changed
     something. Under distributed calibration they would decide from each rank's own batches and change the
-    ranks' models differently: "auto" skips them (with a report note), True raises."""
-    for name, applies, run_pass, warn in MODEL_CHANGING:
-        if not applies(prepared, config, report):
-            continue
-        setting = getattr(config, name)
+    ranks' models differently: "auto" skips them (with a report note; SmoothQuant, whose trigger means a
+    transformer that loses accuracy without it, also warns; the split's (any Linear) fits every CNN head, where a
+    warning would be noise), True raises.
+
+    The split decides on float activations: where calibrate's own pass runs the float model (``float_pass``),
+    it does not run them here but returns an ``OutlierWatch`` for calibrate to fill during its pass and apply
+    with ``after_pass`` (a second pass then runs only where it split something); otherwise it runs here."""
+    if smooths(prepared, config, report):
         if distributed:
-            why = (f"{name} decides from each rank's own calibration batches, so the ranks would change their "
-                   "models differently")
-            fix = (f"calibrate on one rank (fxquant.calibrate(..., distributed=False) under `if rank == 0`) to "
-                   f"run it, or set QuantConfig({name}=False)")
-            if setting is True:
-                raise ConfigError(f"QuantConfig({name}=True) under distributed calibration: {why}; {fix}")
-            note = f"{name} skipped under distributed calibration: {why}; {fix}"
-            report.skipped.append(note)
-            if warn:
-                warnings.warn(note, stacklevel=3)
-            continue
-        result = run_pass(prepared, batches, run)
-        if result.done or setting is True:
-            report.ptq[name] = result
+            _distributed_skip("smoothquant", config.smoothquant, report, warn=True)
+        else:
+            _record(report, "smoothquant", config.smoothquant, smoothquant(prepared, batches, run))
+    if not splits(prepared, config, report):
+        return None
+    if distributed:
+        _distributed_skip("outlier_channels", config.outlier_channels, report, warn=False)
+        return None
+    if float_pass(prepared):
+        return OutlierWatch(prepared)
+    _record(report, "outlier_channels", config.outlier_channels, split_outlier_channels(prepared, batches, run))
+    return None
+
+
+def after_pass(watch: OutlierWatch | None, config: QuantConfig, report: PrepareReport) -> bool:
+    """Apply the outlier split decided on the rows calibrate's pass collected for ``watch``; True when it changed
+    the model (calibrate then collects its statistics again)."""
+    if watch is None:
+        return False
+    result = watch.split()
+    _record(report, "outlier_channels", config.outlier_channels, result)
+    return bool(result.done)
+
+
+def _record(report: PrepareReport, name: str, setting: object, result: PTQReport) -> None:
+    if result.done or setting is True:
+        report.ptq[name] = result
 
 
 def after_calibrate(prepared: fx.GraphModule, batches: list, config: QuantConfig, progress: bool) -> None:
