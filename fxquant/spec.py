@@ -148,16 +148,24 @@ BIAS_CORRECTION_METHODS = ("empirical", "analytical")
 
 @dataclass(frozen=True)
 class AdaRoundOptions:
-    """AdaRound (Nagel et al. 2020) settings; defaults follow the paper and AIMET, scaled for speed.
+    """Reconstruction settings: AdaRound's learned rounding (Nagel et al. 2020) fitted block by block (BRECQ, Li et
+    al. 2021) with activation quantization in the loop, dropped at random (QDrop, Wei et al. 2022).
 
     Args:
-        iterations: Adam steps per layer.
-        batch_size: samples per step, drawn from the captured layer inputs.
-        num_samples: most calibration samples whose layer inputs are kept (memory: one layer at a time).
+        iterations: Adam steps per block.
+        batch_size: samples per step.
+        num_samples: most calibration samples used (read once from the batches; memory: two copies of the
+            tensors crossing one block boundary for this many samples).
         lr: Adam learning rate of the rounding variables.
         reg_weight: lambda, weight of the regularizer that pushes each rounding to 0 or 1.
         beta_start, beta_end: the regularizer's exponent, annealed linearly after the warm-up.
         warm_up: share of the iterations without the regularizer.
+        granularity: "block" (the residual units and the stretches between them) or "layer" (one layer at a
+            time, AdaRound's objective).
+        act_drop: probability that an activation stays float per element in a step (the block's input and each
+            activation quantizer inside it): 0.5 is QDrop's, 0 quantizes them always (BRECQ), 1 never.
+        crop: train on random ``crop`` x ``crop`` windows of a block's input feature maps where they are larger
+            (the float block recomputes the target on the same window); None trains on whole maps.
         seed: seeds the sampling of steps, so a run is reproducible.
     """
 
@@ -169,6 +177,9 @@ class AdaRoundOptions:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warm_up: float = 0.2
+    granularity: str = "block"
+    act_drop: float = 0.5
+    crop: int | None = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -176,15 +187,21 @@ class AdaRoundOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise ConfigError(f"AdaRoundOptions.{name} must be a positive int, got {value!r}")
-        for name in ("lr", "reg_weight", "beta_start", "beta_end", "warm_up"):
+        for name in ("lr", "reg_weight", "beta_start", "beta_end", "warm_up", "act_drop"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
                 raise ConfigError(f"AdaRoundOptions.{name} must be a finite number >= 0, got {value!r}")
         if not 0 <= self.warm_up < 1:
             raise ConfigError(f"AdaRoundOptions.warm_up must be in [0, 1), got {self.warm_up}")
+        if self.act_drop > 1:
+            raise ConfigError(f"AdaRoundOptions.act_drop is a probability in [0, 1], got {self.act_drop}")
         if self.lr == 0:
             raise ConfigError("AdaRoundOptions.lr must be > 0")
+        if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
+            raise ConfigError(f"AdaRoundOptions.crop must be a positive int or None, got {self.crop!r}")
+        if self.granularity not in ("block", "layer"):
+            raise ConfigError(f"AdaRoundOptions.granularity must be 'block' or 'layer', got {self.granularity!r}")
 
 
 @dataclass(frozen=True)
