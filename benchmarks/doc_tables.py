@@ -163,3 +163,44 @@ def transformer_minilm(data: dict) -> str:
                          f"{'-' if ms is None else f'{ms:.1f}'} | {'-' if up is None else f'{up:.2f}x'} | "
                          f"{'' if check is None else _db(check)} |")
     return "\n".join(lines)
+
+
+CNN_ROWS = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
+            "fxquant_ort_adaround": "fxquant `onnxruntime` + reconstruction (`adaround=True`)",
+            "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
+            "quantize_static": "ORT `quantize_static` (per-channel, 8-bit weights)",
+            "quantize_static_rr": "ORT `quantize_static` (per-channel, reduce_range: 7-bit weights)",
+            "torch_ao_fx": "torch.ao FX (x86 qconfig)"}
+
+
+def cnn_pretrained(data: dict) -> str:
+    """One table per model: agreement and SQNR per evaluation crop set, calibrate time, ORT speed, graph."""
+    seeds = data["config"].get("eval_seeds", [1])
+    sets = " / ".join(f"seed {s}" for s in seeds)
+    tables = []
+    for name, rows in data["models"].items():
+        lines = [f"**{name}** (evaluation crops: {sets}; the first set is the benchmark's)", "",
+                 "| tool | top-1 agreement | SQNR dB | prepare + calibrate s | ORT speed vs fp32 (median, paired) | "
+                 "BatchNorm / float Conv left in ORT graph |", "|---|---|---|---|---|---|"]
+        for key, label in [*CNN_ROWS.items(), ("fp32_onnx", "fp32 ONNX")]:
+            if key not in rows:
+                continue
+            r, timed = rows[key], rows["fp32" if key == "fp32_onnx" else key]
+            fx = r.get("fxquant", {})
+            calib = f"{fx['prepare_s'] + fx['calibrate_s']:.0f}" if "calibrate_s" in fx else "-"
+            if key == "fp32_onnx":
+                speed = f"1.00x ({timed['median_ms']:.2f} ms, IQR {timed['q1_ms']:.2f}-{timed['q3_ms']:.2f})"
+            else:
+                speed = (f"{timed['speedup_vs_fp32']:.2f}x ({timed['speedup_vs_fp32_paired']:.2f}x)"
+                         if "speedup_vs_fp32" in timed else "-")
+            graph = (f"{timed['BatchNormalization']} / {timed['float_conv_gemm_matmul']}"
+                     if "BatchNormalization" in timed else "-")
+            agree = " / ".join(f"{a:.1%}" for a in _as_list(r["top1_agreement"]))
+            sqnr = " / ".join(f"{d:.1f}" for d in _as_list(r["sqnr_db"]))
+            lines.append(f"| {label} | {agree} | {sqnr} | {calib} | {speed} | {graph} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def _as_list(value: float | list[float]) -> list[float]:
+    return value if isinstance(value, list) else [value]

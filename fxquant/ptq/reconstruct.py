@@ -83,7 +83,9 @@ def reconstruct(gm: fx.GraphModule, layers: list, samples: tuple[torch.Tensor, .
             pairs = [(layer, soft) for layer in block.layers if (soft := rounding_for(layer)) is not None]
             if pairs:
                 bar.set_postfix_str(block.name, refresh=False)
+                fitting = time.perf_counter()
                 fit(module, block, pairs, (fp_in, q_in, targets), options, generator, bar)
+                stats.setdefault(block.name, {"layers": {}})["fit_seconds"] = time.perf_counter() - fitting
                 for layer, soft in pairs:
                     codes[layer.name] = harden(layer, soft)
                     flipped = float((codes[layer.name] != soft.nearest).float().mean())
