@@ -106,7 +106,8 @@ def walk(backend_name: str) -> str:
     parts.extend(["### convert and export\n",
                   "`convert` freezes every TensorQuantizer into a Q/DQ op with fixed scales; `export_onnx` lowers it "
                   "to QuantizeLinear/DequantizeLinear, folds weight quantization into integer initializers"
-                  + (", writes int32 biases" if backend.int32_bias else "") + f" and verifies in ONNX Runtime "
+                  + (", writes int32 biases" if "int32_bias" in backend.export_passes else "")
+                  + " and verifies in ONNX Runtime "
                   f"(optimization level `{backend.verify_level}`). ONNX ops: {ops}.\n"])
     return "\n".join(parts)
 

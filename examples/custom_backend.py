@@ -72,8 +72,8 @@ EDGE = Backend(
         Rule("add", Pattern.chain(("op", "add")), Targets(inputs="op", output="op"), priority=20),
     ),
     passthrough=frozenset({"relu", "mean"}),
-    int32_bias=False,
-    verify_level="basic",
+    runtime=None,  # another runtime: export verifies the graph's meaning in ORT (basic optimizations)
+    export_passes=(),  # no backend-specific ONNX pass (float biases)
 )
 MY_TRT = dataclasses.replace(fxquant.BACKENDS["tensorrt"], name="my_trt",
                              activation=QuantSpec(num_bits=6, calib_method="max"))

@@ -3,7 +3,7 @@
 from fxquant.analysis.mixed_precision import MixedPrecisionResult, mixed_precision
 from fxquant.analysis.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from fxquant.analysis.tune import TuneResult, tune
-from fxquant.api import calibrate, convert, load_calib_amax, prepare, quantize, report_of
+from fxquant.api import adaround, calibrate, convert, correct_bias, load_calib_amax, prepare, quantize, report_of
 from fxquant.backends import BACKENDS, Backend
 from fxquant.encodings import EncodingsError, encodings_of, load_encodings, save_encodings
 from fxquant.errors import (
@@ -25,8 +25,6 @@ from fxquant.errors import (
 )
 from fxquant.lower.onnx_export import ExportResult, export_onnx
 from fxquant.metrics import sqnr
-from fxquant.ptq.adaround import adaround
-from fxquant.ptq.bias_correction import correct_bias
 from fxquant.qat import QATError, check_optimizer, prepare_qat
 from fxquant.quantizer import TensorQuantizer, fake_tensor_quant, tensor_quant
 from fxquant.rules import Pattern, Rule, RuleContext, Targets

@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from fxquant.backends import Backend, get_backend
 from fxquant.calib import distributed as dist_calib
-from fxquant.calib.batches import ModelBatches, Selector, clear_ranges, run_batch
-from fxquant.checks.config import check_before_trace
-from fxquant.checks.model import check_model
+from fxquant.calib.batches import ModelBatches, Selector
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
 from fxquant.lower.frozen import freeze
-from fxquant.pipeline import prepare_model
-from fxquant.ptq import calibrate_passes as ptq
-from fxquant.ptq.activations import kept_rows
-from fxquant.ptq.outlier_channels import OutlierWatch
-from fxquant.ptq.weight_widths import choose_weight_bits
-from fxquant.quantizer import TensorQuantizer
-from fxquant.report import PrepareReport
-from fxquant.spec import CALIB_METHODS, QuantConfig
+from fxquant.pipeline import calibrate_model, prepare_model, record
+from fxquant.ptq.adaround import learn_rounding
+from fxquant.ptq.bias_correction import correct_layer_biases
+from fxquant.ptq.step import StepResult
+from fxquant.quantizer import quantizers_of
+from fxquant.report import PrepareReport, PTQReport
+from fxquant.spec import CALIB_METHODS, AdaRoundOptions, QuantConfig
 from fxquant.state import attach_state, get_state
+from fxquant.validate.config import check_before_trace
+from fxquant.validate.model import check_model
 
 
 def prepare(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: str | Backend = "tensorrt",
@@ -61,7 +58,7 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
         if spec is not None and spec.learn_amax and not qat:
             raise ConfigError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
                               "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
-    check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.checks)
+    check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.validate)
     check_before_trace(model, config)
     return backend, config
 
@@ -74,11 +71,6 @@ def report_of(model: nn.Module) -> PrepareReport:
     return state.report
 
 
-def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-
-
-@torch.no_grad()
 def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inputs: Selector = None,
               distributed: bool | None = None) -> nn.Module:
     """Run ``batches`` through ``prepared`` in eval mode and freeze each quantizer's range from the data.
@@ -95,91 +87,43 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     on this rank alone (e.g. under ``if rank == 0:``); a rank that calls calibrate while the others do not raises
     after ``FXQUANT_ARRIVAL_TIMEOUT_S`` seconds instead of hanging.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
-    (read again, or kept in a list when ``batches`` is a one-shot iterator); weights AdaRound rounded keep their
-    ranges when calibrate() runs again.
+    (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again. The steps, in
+    order: ``fxquant.pipeline.calibrate.STEPS``.
     """
     state = get_state(prepared)
-    quantizers = _quantizers(prepared)
     if state is not None and state.stage == "converted":
         raise CalibrationError("this model is already converted (its ranges are frozen); calibrate the prepared "
                                "model before convert()")
     if state is None:
         raise CalibrationError("this model has no fxquant quantizers; call fxquant.prepare(model, example_inputs) "
                                "and calibrate what it returns")
-    if not quantizers:
+    if not quantizers_of(prepared):
         raise CalibrationError(_nothing_to_calibrate(state.report))
-    batches = ModelBatches(batches, prepared, inputs)
-    checked = batches
+    data = ModelBatches(batches, prepared, inputs)
     merge = dist_calib.is_distributed() if distributed is None else bool(distributed)
     if merge and not dist_calib.is_distributed():
         raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
                                "(dist.init_process_group) on every rank")
-    was_training = prepared.training
-    prepared.eval()
-    user_disabled = {name for name, q in quantizers.items() if q.mode == "disabled"}  # they stay disabled
-    fixed = state.fixed_weights  # weights AdaRound rounded: their range fixes their codes
-    # dynamic quantizers take each forward's own range: nothing to calibrate, they quantize as deployed meanwhile
-    quantizers = {name: q for name, q in quantizers.items() if name not in user_disabled | fixed and not q.spec.dynamic}
-    for q in quantizers.values():
-        q.calibrator.reset()
-        q.set_mode("calib")
-    constants = [q for q in quantizers.values() if q.constant]  # weights, layer scales: the same every batch
-    try:
-        if ptq.needs_data(prepared, state.config, state.report, merge) and isinstance(batches.batches, Iterator):
-            batches = list(batches)  # a one-shot iterator read more than once: keep the checked model inputs
-        # SmoothQuant and the outlier split (eval mode, quantizers off): they change what is calibrated next
-        watch = ptq.before_calibrate(prepared, batches, state.config, state.report,
-                                     lambda i, batch: run_batch(prepared, batch, i, checked.expected), merge)
-        if merge:
-            dist_calib.await_ranks()  # every rank must be here: detect a calibrate on one rank only
-        count = _collect(prepared, batches, checked, constants, progress, watch)
-        if ptq.after_pass(watch, state.config, state.report):  # the split changed what was collected: again
-            for q in quantizers.values():
-                q.calibrator.reset()
-                q.set_mode("calib")
-            count = _collect(prepared, batches, checked, constants, progress)
-        if merge:  # merge every rank's statistics: all ranks get the same ranges
-            count = dist_calib.sync_calibrators(quantizers, count, device=dist_calib.module_device(prepared))
-        if count == 0:
-            raise CalibrationError("the calibration iterable was empty; pass at least one batch")
-        checked.check_all_zero()
-        for name, q in quantizers.items():
-            if q.spec.amax is None and q.calibrator.num_batches == 0:
-                raise CalibrationError(f"quantizer `{name}` saw no data during calibration: the branch it sits "
-                                       "on never ran for these batches")
-            try:
-                q.load_calib_amax()
-            except ValueError as exc:
-                raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
-    except BaseException:
-        clear_ranges(quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
-        raise
-    finally:
-        for q in quantizers.values():
-            q.set_mode("quant")
-        prepared.train(was_training)
-    state.stage = "calibrated"
-    # AdaRound may move each code by one: keep two codes of headroom per pair
-    choose_weight_bits(prepared, state.backend, state.config, fixed, margin=2 if state.config.adaround_options else 0)
-    ptq.after_calibrate(prepared, batches, state.config, progress)
-    return prepared
+    return calibrate_model(prepared, data, progress, merge)
 
 
-def _collect(prepared: nn.Module, batches: Iterable, checked: ModelBatches, constants: list[TensorQuantizer],
-             progress: bool, watch: OutlierWatch | None = None) -> int:
-    """One calibration pass: every batch through ``prepared`` with its quantizers collecting (constants only on
-    the first batch: the same every batch), ``watch``'s sites keeping their inputs; returns the batch count."""
-    count = 0
-    with kept_rows(watch.taps) if watch is not None else contextlib.nullcontext() as rows:
-        for i, batch in enumerate(tqdm(batches, desc="fxquant calibrate", unit="batch", disable=not progress)):
-            run_batch(prepared, batch, i, checked.expected)
-            if count == 0:  # constants are the same in every batch: their statistics are complete after one
-                for q in constants:
-                    q.set_mode("disabled")
-            count += 1
-    if watch is not None:
-        watch.rows = rows
-    return count
+def adaround(prepared: nn.Module, batches: Iterable, options: AdaRoundOptions | None = None,
+             progress: bool = True) -> PTQReport:
+    """Learn the rounding of every quantized weight of a calibrated ``prepared`` model, in place (AdaRound).
+
+    ``batches`` is re-read once per layer (a list is best). Returns the report (also in
+    ``fxquant.report_of(prepared).ptq['adaround']``); ``report.data['codes']`` holds each layer's integer codes.
+    """
+    return record(get_state(prepared), "adaround", learn_rounding(prepared, batches, options, progress))
+
+
+def correct_bias(prepared: nn.Module, batches: Iterable | None = None, method: str = "empirical",
+                 progress: bool = True) -> PTQReport:
+    """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
+    ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
+    ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
+    report = correct_layer_biases(prepared, batches, method, progress)
+    return record(get_state(prepared), "bias_correction", StepResult(report))
 
 
 def _nothing_to_calibrate(report: PrepareReport) -> str:
@@ -203,7 +147,7 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
         raise CalibrationError("load_calib_amax() needs a model that fxquant.calibrate() has run on")
     if method not in CALIB_METHODS:
         raise ConfigError(f"unknown calib method {method!r}; valid methods: {sorted(CALIB_METHODS)}")
-    quantizers = _quantizers(prepared)
+    quantizers = quantizers_of(prepared)
     if any(q.spec.amax is None and q.calibrator.num_batches == 0 for q in quantizers.values()):
         raise CalibrationError("load_calib_amax() re-derives ranges from calibration statistics, but this model's "
                                "ranges were loaded (load_encodings/load_state_dict), not calibrated here; run "
@@ -230,13 +174,13 @@ def convert(prepared: nn.Module) -> nn.Module:
         raise ConversionError("convert() takes the model returned by fxquant.prepare() (after calibrate())")
     if state.stage == "converted":
         raise ConversionError("this model is already converted")
-    missing = [name for name, q in _quantizers(prepared).items() if not q.is_calibrated and q.mode != "disabled"]
+    missing = [name for name, q in quantizers_of(prepared).items() if not q.is_calibrated and q.mode != "disabled"]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ConversionError(f"{len(missing)} quantizer(s) have no range yet ({shown}); run "
                               "fxquant.calibrate(prepared, batches) before convert()")
     qmodel = copy.deepcopy(prepared).eval()
-    for name, q in list(_quantizers(qmodel).items()):
+    for name, q in list(quantizers_of(qmodel).items()):
         qmodel.set_submodule(name, freeze(q))
     attach_state(qmodel, dataclasses.replace(state, stage="converted"))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from fxquant import qmath
-from fxquant.checks.encodings import chosen_widths, weight_mismatches
 from fxquant.errors import CalibrationError
-from fxquant.quantizer import TensorQuantizer
+from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.spec import QuantSpec
 from fxquant.state import get_state
+from fxquant.validate.encodings import chosen_widths, weight_mismatches
 from fxquant.version import __version__
 
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ class EncodingsError(CalibrationError, ValueError):
 
 def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     """The quantizers that hold a range; dynamic ones (``QuantSpec(dynamic=True)``) have none to save or load."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer) and not m.spec.dynamic}
+    return {name: q for name, q in quantizers_of(model).items() if not q.spec.dynamic}
 
 
 def _values(t: torch.Tensor, cast: type) -> float | int | list:

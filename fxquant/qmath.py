@@ -112,6 +112,21 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor 
     return dequantize(quantize(x, step, zero_point, qmin, qmax, rounding), step, zero_point)
 
 
+def fake_quant_minmax(x: torch.Tensor, num_bits: int, symmetric: bool, dim: int | None = None) -> torch.Tensor:
+    """Fake quantization with ``x``'s own min/max range, per tensor (``dim`` None) or per slice along ``dim``:
+    symmetric (codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``) or affine (``[0, 2^b - 1]``, the range widened to hold 0).
+    The PTQ searches (SmoothQuant's alpha, the outlier split) score candidates with it."""
+    reduce = {} if dim is None else {"dim": tuple(d for d in range(x.dim()) if d != dim), "keepdim": True}
+    if symmetric:
+        qmax = 2 ** (num_bits - 1) - 1
+        amax = x.abs().amax(**reduce) if reduce else x.abs().max()
+        return fake_quantize(x, symmetric_step(amax, qmax), 0.0, -qmax, qmax)
+    qmin, qmax = qrange(num_bits, symmetric=False)
+    lo, hi = (x.amin(**reduce), x.amax(**reduce)) if reduce else (x.min(), x.max())
+    step, zero_point = affine_qparams(lo, hi, qmin, qmax)
+    return fake_quantize(x, step, zero_point, qmin, qmax)
+
+
 def quantize_by_multiplier(x: torch.Tensor, scale: torch.Tensor, min_bound: float, max_bound: float) -> torch.Tensor:
     """NVIDIA's codes ``clamp(round(x * scale), min_bound, max_bound)`` in float32."""
     return torch.clamp((x.float() * scale).round_(), min_bound, max_bound)

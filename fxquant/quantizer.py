@@ -317,3 +317,8 @@ class TensorQuantizer(nn.Module):
         if spec.dynamic:
             return f"8-bit affine [0, 255] dynamic {'per-token' if spec.per_token else 'per-tensor'} {self.mode}"
         return f"{spec.num_bits}-bit {kind} [{spec.qmin}, {spec.qmax}] {axis} {spec.calib_method} {self.mode} {state}"
+
+
+def quantizers_of(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """Every TensorQuantizer of ``model``, by module name (the one definition of "the model's quantizers")."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}

@@ -1,4 +1,5 @@
-"""The prepare report: what was quantized, what passes through, what stayed float and why."""
+"""The reports: the prepare report (what was quantized, what passes through, what stayed float and why) and each
+PTQ pass's report (what it did and skipped, with reasons), which the prepare report holds in ``ptq``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from fxquant.provenance import read
-from fxquant.quantizer import TensorQuantizer
+from fxquant.quantizer import quantizers_of
 from fxquant.rules.context import Annotations
 from fxquant.rules.pattern import GraphView
 
@@ -18,6 +19,42 @@ class OpEntry:
     node: str
     kind: str
     detail: str  # the rule that quantized it, or the reason it stayed float
+
+
+@dataclass
+class PTQReport:
+    """One pass's account: ``done`` lines (what changed), ``skipped`` lines (what was left, and why), and
+    ``data`` (numbers for programs, e.g. iterations or per-layer losses)."""
+
+    name: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """JSON-ready: tensors (e.g. AdaRound's codes) and option objects are left out of ``data``."""
+        return {"name": self.name, "done": list(self.done), "skipped": list(self.skipped),
+                "data": _plain(self.data)}
+
+    def summary(self) -> str:
+        lines = [f"{self.name}: {len(self.done)} done, {len(self.skipped)} skipped"]
+        lines += [f"  done   {line}" for line in self.done]
+        lines += [f"  skip   {line}" for line in self.skipped]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if _plain(v) is not _DROP}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value if _plain(v) is not _DROP]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else _DROP
+
+
+_DROP = object()
 
 
 @dataclass
@@ -35,7 +72,7 @@ class PrepareReport:
     float_ops: list[OpEntry] = field(default_factory=list)
     folded_bn: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # notes of passes that skipped something
-    ptq: dict = field(default_factory=dict)  # PTQ pass name -> fxquant.ptq.report.PTQReport
+    ptq: dict = field(default_factory=dict)  # PTQ pass name -> PTQReport
     activation_quantizers: int = 0
     weight_quantizers: int = 0
     traced: list[str] = field(default_factory=list)  # module paths traced as graphs ("" is the root)
@@ -60,7 +97,7 @@ class PrepareReport:
 
     def count_quantizers(self, root: nn.Module) -> None:
         """Count the weight (constant) and activation quantizers of the prepared model ``root``."""
-        quantizers = [m for m in root.modules() if isinstance(m, TensorQuantizer)]
+        quantizers = list(quantizers_of(root).values())
         self.weight_quantizers = sum(1 for q in quantizers if q.constant)
         self.activation_quantizers = len(quantizers) - self.weight_quantizers
 

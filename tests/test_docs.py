@@ -68,6 +68,7 @@ def test_readme_figures_come_from_the_benchmark_tables() -> None:
     assert not stale, f"README figures not in docs/benchmarks*.md: {stale}"
 
 
+@pytest.mark.smoke
 def test_every_public_name_is_documented() -> None:
     text = "\n".join(p.read_text() for p in [README, *DOCS])
     missing = [n for n in fxquant.__all__ if not re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text)]

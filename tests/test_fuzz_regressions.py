@@ -59,6 +59,7 @@ class SharedBiasConv(nn.Module):
         return self.conv(self.conv(x))
 
 
+@pytest.mark.smoke
 def test_shared_conv_bias_gets_one_int32_bias_per_call(tmp_path):
     """The ORT bias pass named both int32 copies `conv.bias_quantized`: onnx.checker refused the duplicate."""
     x = torch.randn(2, 4, 6, 6)

@@ -4,11 +4,13 @@ alone, and imports sit at the top of files unless a comment says why one must be
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 import fxquant
 
@@ -45,6 +47,7 @@ def _targets(node: ast.Import | ast.ImportFrom, mods: dict[str, Path]) -> list[s
             if base in mods or f"{base}.{a.name}" in mods]
 
 
+@pytest.mark.smoke
 def test_no_import_cycles_between_modules():
     mods = _modules()
     graph = nx.DiGraph()
@@ -89,3 +92,45 @@ def test_imports_inside_functions_say_why():
 def test_every_fxquant_exception_derives_from_fxquant_error():
     errors = [v for v in vars(fxquant).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert len(errors) >= 8 and all(issubclass(e, fxquant.FxQuantError) for e in errors)
+
+
+INTRO = ROOT / "docs" / "architecture_intro.md"
+
+
+def _floors() -> list[tuple[str, list[str]]]:
+    """The layer table of docs/architecture_intro.md, bottom first: (layer, the paths in its files column)."""
+    rows = [line.split("|") for line in INTRO.read_text().splitlines() if line.startswith("| ")]
+    rows = [(cells[1].strip(), re.findall(r"`([\w/]+(?:\.py|/))`", cells[2])) for cells in rows[1:]]
+    return rows[::-1]
+
+
+def _floor_of(module: str, floors: list[tuple[str, list[str]]]) -> int | None:
+    """The index of the layer whose most specific path holds ``module`` (a package path holds what is below)."""
+    rel = module.removeprefix("fxquant").removeprefix(".").replace(".", "/")
+    best = None
+    for index, (_, paths) in enumerate(floors):
+        for path in paths:
+            stem = path.removesuffix(".py").removesuffix("/").removesuffix("__init__").removesuffix("/")
+            holds = rel == stem or (path.endswith("/") and rel.startswith(stem + "/"))
+            if holds and (best is None or len(stem) > best[1]):
+                best = (index, len(stem))
+    return None if best is None else best[0]
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    """docs/architecture_intro.md's table is the real floors: every module is in one layer, and no import (at
+    module level, under TYPE_CHECKING, or inside a function) reaches a layer above its own."""
+    floors, mods = _floors(), _modules()
+    assert len(floors) >= 10 and floors[-1][0] == "command line"
+    unplaced = [m for m in mods if _floor_of(m, floors) is None]
+    assert unplaced == [], f"modules in no layer of {INTRO.name}: {unplaced}"
+    upward = []
+    for name, path in mods.items():
+        own = _floor_of(name, floors)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in _targets(node, mods):
+                    if _floor_of(target, floors) > own:
+                        upward.append(f"{name} ({floors[own][0]}) imports {target} "
+                                      f"({floors[_floor_of(target, floors)][0]})")
+    assert upward == []

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
@@ -29,7 +29,7 @@ from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import CalibrationError, ConfigTypeError
 from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
-from fxquant.quantizer import TensorQuantizer
+from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.spec import Override
 from fxquant.state import get_state
 
@@ -52,10 +52,6 @@ class QuantUnit:
 
 
 # ---- layers -------------------------------------------------------------------------------------------
-def _quantizer_modules(model: nn.Module) -> dict[str, TensorQuantizer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-
-
 def quantized_units(prepared: fx.GraphModule) -> list[QuantUnit]:
     """The quantized units of a prepared model, in topological order, with the quantizers each asks for."""
     state = get_state(prepared)
@@ -69,7 +65,7 @@ def quantized_units(prepared: fx.GraphModule) -> list[QuantUnit]:
     by_name = {n.name: n for n in nodes}
     order = {n.name: i for i, n in enumerate(nodes)}
     kinds = {e.node: e.kind for e in state.report.quantized}
-    quantizers = _quantizer_modules(prepared)
+    quantizers = quantizers_of(prepared)
     asked: dict[str, list[str]] = {}  # unit -> quantizer modules
     members: dict[str, list[fx.Node]] = {}  # unit -> its op nodes
     for n in nodes:
@@ -129,7 +125,7 @@ class Probe:
         self.batches = [normalize_inputs(b) for b in batches]
         if not self.batches:
             raise CalibrationError("sensitivity needs at least one batch of data")
-        self.quantizers = _quantizer_modules(prepared)
+        self.quantizers = quantizers_of(prepared)
         self.modes = {name: q.mode for name, q in self.quantizers.items()}
         self.weight_units = {f"{n.target}.weight_quantizer": read(n).unit for n in prepared.graph.nodes
                              if n.op == "call_module" and f"{n.target}.weight_quantizer" in self.quantizers

@@ -46,7 +46,7 @@ class TuneResult:
 
 def check_tunable(backend: Backend, dynamic: bool = False) -> None:
     """Raise ConfigError unless models of ``backend`` (with static activations) can be tuned."""
-    if backend.verify_level != "all":
+    if backend.runtime != "onnxruntime":
         raise ConfigError(f"tune measures ONNX Runtime's fused int8 kernels; the {backend.name!r} backend's graph "
                           "targets another runtime: tune models quantized with backend='onnxruntime'")
     if dynamic or backend.activation.dynamic:
@@ -72,9 +72,9 @@ def tune(model: nn.Module, example_inputs: torch.Tensor | tuple, runs: int = 30)
     chosen = plan(proto, [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)], runs)
     tuned = copy.deepcopy(model)
     float_layers(tuned, chosen.floated, chosen.quantizers)
-    get_state(tuned).report.notes.append(f"tune kept {chosen.units - len(chosen.floated)} of {chosen.units} "
+    get_state(tuned).report.notes.append(f"tune kept {chosen.layers - len(chosen.floated)} of {chosen.layers} "
                                          f"weighted layers int8 ({chosen.chosen.speedup:.2f}x float in ORT)")
-    return TuneResult(tuned, {_layer(u): why for u, why in chosen.floated.items()}, chosen.units,
+    return TuneResult(tuned, {_layer(u): why for u, why in chosen.floated.items()}, chosen.layers,
                       chosen.chosen.speedup, chosen.candidates)
 
 
@@ -84,7 +84,7 @@ def _layer(node: str) -> str:
 
 def float_layers(model: nn.Module, floated: dict[str, str], quantizers: set[str]) -> None:
     """In ``model`` (converted), replace ``quantizers`` (the second result of
-    ``fxquant.lower.ort.regions.float_units``) by Identity and report the ONNX nodes ``floated`` (node -> why) as
+    ``fxquant.lower.ort.regions.with_float_layers``) by Identity and report the ONNX nodes ``floated`` (node -> why) as
     float."""
     for name in sorted(quantizers):
         try:

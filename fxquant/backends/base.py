@@ -1,4 +1,5 @@
-"""A deployment backend: default specs, placement rules and pass-through kinds, declared as data."""
+"""A deployment backend: default specs, placement rules, pass-through kinds, the runtime it deploys to and its
+export passes, declared as data."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from fxquant.errors import ConfigError
+from fxquant.lower.export_passes import EXPORT_PASSES
 from fxquant.rules import Rule
 from fxquant.rules.rule import check_rules
 from fxquant.spec import QuantSpec
 
-VERIFY_LEVELS = ("all", "basic")
+RUNTIMES = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -21,20 +23,16 @@ class Backend:
     them on quantized data); they are not reported as float.
     float_reasons: kinds this backend deliberately leaves in floating point, with the reason the prepare
     report gives for each such op (a kind with neither a rule, pass-through nor reason is reported as unknown).
-    int32_bias: export writes the bias of each quantized Conv/Gemm as int32 codes (scale s_x * s_w) read by a
-    DequantizeLinear, as ONNX Runtime needs to fuse QLinearConv/QGemm; TensorRT takes float biases.
-    verify_level: the ONNX Runtime optimization level export verifies with: "all" runs the model as ORT deploys
-    it (fused int8 kernels); "basic" checks the meaning of a graph meant for another runtime.
+    runtime: where the exported graph deploys, which decides how export verifies it. "onnxruntime": verified as ORT
+    deploys it (every fusion, its int8 kernels), with the report of ops meant for int8 that ORT left in float and
+    the int8-vs-float latency check (``fxquant.tune`` needs it); "tensorrt": verified for its meaning in ORT
+    (basic optimizations) and linted against TensorRT's Q/DQ fusion rules (``fxquant.lower.trt_lint``); None
+    (another runtime): verified for its meaning in ORT.
+    export_passes: names of the ONNX passes export runs for this backend after the common ones, in this order
+    (``fxquant.lower.export_passes.EXPORT_PASSES``: "ort_cpu_graph", "integer_float_output", "int32_bias").
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
     can (``fxquant.ptq.weight_widths``).
-    trt_fusion_lint: export lints the QDQ graph against TensorRT's Q/DQ fusion rules and warns about what TensorRT
-    would run in higher precision (``fxquant.lower.trt_lint``).
-    ort_cpu_graph: export writes float ops in the forms ONNX Runtime's CPU kernels run fastest, same values
-    (GELU in the order ORT fuses, residual adds before LayerNorm as Sum: ``fxquant.lower.ort.cpu_graph``; float
-    attention blocks as ORT's MultiHeadAttention: ``fxquant.lower.ort.attention``).
-    integer_float_output: export writes a Linear with a quantized input and weight but a float output as ORT's
-    MatMulIntegerToFloat (``fxquant.lower.ort.static_matmul``), which ORT would otherwise run in float.
     """
 
     name: str
@@ -44,16 +42,25 @@ class Backend:
     rules: tuple[Rule, ...]
     passthrough: frozenset[str]
     float_reasons: Mapping[str, str] = field(default_factory=dict)
-    int32_bias: bool = False
-    verify_level: str = "basic"
+    runtime: str | None = None
+    export_passes: tuple[str, ...] = ()
     saturation_aware_weights: bool = False
-    trt_fusion_lint: bool = False
-    ort_cpu_graph: bool = False
-    integer_float_output: bool = False
 
     def __post_init__(self) -> None:
-        if self.verify_level not in VERIFY_LEVELS:
-            raise ConfigError(f"Backend.verify_level must be one of {VERIFY_LEVELS}, got {self.verify_level!r}")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise ConfigError(f"Backend.runtime must be one of {RUNTIMES} or None (another runtime), got "
+                              f"{self.runtime!r}")
+        if isinstance(self.export_passes, str) or not isinstance(self.export_passes, tuple):
+            raise ConfigError(f"Backend.export_passes must be a tuple of pass names, got {self.export_passes!r}")
+        unknown = [name for name in self.export_passes if name not in EXPORT_PASSES]
+        if unknown:
+            raise ConfigError(f"Backend.export_passes names unknown pass(es) {unknown}; valid: {sorted(EXPORT_PASSES)}")
+
+    @property
+    def verify_level(self) -> str:
+        """The ONNX Runtime optimization level export verifies with: "all" (as deployed, fused int8 kernels) for
+        the onnxruntime runtime, "basic" (the meaning of the ONNX ops) for a graph meant for another runtime."""
+        return "all" if self.runtime == "onnxruntime" else "basic"
 
     def with_rules(self, *rules: Rule) -> Backend:
         """This backend plus ``rules``. Rules run by descending priority (the built-in ones use 30 for fused

@@ -126,9 +126,9 @@ ONNXRUNTIME = Backend(
     ),
     passthrough=frozenset(),
     float_reasons=FLOAT_REASONS,
-    int32_bias=True,  # ORT fuses QLinearConv/QGemm only with an int32 bias
-    verify_level="all",  # verified as deployed: ORT's fused int8 kernels
+    runtime="onnxruntime",  # verified as deployed: ORT's fused int8 kernels
+    export_passes=("ort_cpu_graph",  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNorm)
+                   "integer_float_output",  # float-output Linears (LINEAR_FLOAT_OUTPUT) run as MatMulIntegerToFloat
+                   "int32_bias"),  # ORT fuses QLinearConv/QGemm only with an int32 bias
     saturation_aware_weights=True,
-    ort_cpu_graph=True,  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNormalization)
-    integer_float_output=True,  # float-output Linears (LINEAR_FLOAT_OUTPUT) run as MatMulIntegerToFloat
 )

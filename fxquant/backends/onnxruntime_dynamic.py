@@ -44,8 +44,8 @@ ONNXRUNTIME_DYNAMIC = Backend(
                 checks=(quantizable_weight("op"),), priority=20),),
     passthrough=frozenset({"reshape", "permute", "identity"}),
     float_reasons=FLOAT_REASONS,
-    int32_bias=False,  # the bias is added in float after MatMulInteger's rescale
-    verify_level="all",  # verified as deployed: DynamicQuantizeMatMul
+    runtime="onnxruntime",  # verified as deployed: DynamicQuantizeMatMul
+    # no int32 bias: the bias is added in float after MatMulInteger's rescale
+    export_passes=("ort_cpu_graph",),  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNorm)
     saturation_aware_weights=True,  # 8-bit codes where no adjacent pair can overflow ORT's int16 u8s8 sums
-    ort_cpu_graph=True,  # Gelu fused, no SkipLayerNormalization (slower on CPU than Add + LayerNormalization)
 )

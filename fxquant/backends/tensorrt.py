@@ -79,5 +79,5 @@ TENSORRT = Backend(
     passthrough=frozenset({"relu", "relu6", "hardtanh", "max_pool", "avg_pool", "mean", "pad", "roll", "reshape",
                            "permute", "split", "getitem", "identity", "batch_norm"}),
     float_reasons=FLOAT_REASONS,
-    trt_fusion_lint=True,
+    runtime="tensorrt",  # verified for its meaning in ORT, linted against TensorRT's Q/DQ fusion rules
 )

@@ -63,9 +63,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from fxquant.calib.ema import EmaCalibrator
-from fxquant.calib.histogram import NUM_BINS, HistogramCalibrator
-from fxquant.calib.max import MaxCalibrator
+from fxquant.calib.base import has_stats
 from fxquant.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -118,23 +116,19 @@ def _comm_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _stats(cal: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    return getattr(cal, "_min", None), getattr(cal, "_max", None)
-
-
 def _local_info(quantizers: dict[str, TensorQuantizer], local_batches: int) -> dict[str, Any]:
     """What every rank tells the others: the graph signature, specs and the shape of each local statistic."""
     entries = []
     for name, q in quantizers.items():
-        lo, hi = _stats(q.calibrator)
-        has_data = q.spec.amax is None and q.calibrator.num_batches > 0 and lo is not None
+        has_data = q.spec.amax is None and has_stats(q.calibrator)
+        lo, hi = q.calibrator.minmax() if has_data else (None, None)
         finite = not has_data or bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
         entries.append({
             "key": (name, q.spec.calib_method, q.spec.axis),
             "spec": q.spec,
             "shape": tuple(lo.shape) if has_data else None,
             "num_batches": q.calibrator.num_batches if has_data else 0,
-            "exponent": q.calibrator.exponent if has_data and isinstance(q.calibrator, HistogramCalibrator) else None,
+            "meta": q.calibrator.merge_meta() if has_data else None,
             "finite": finite,
             "weights": _digest(lo, hi) if has_data and q.constant else None,
         })
@@ -205,12 +199,12 @@ def sync_calibrators(quantizers: dict[str, TensorQuantizer], local_batches: int 
     per_name = {name: [info["entries"][i] for info in infos] for i, name in enumerate(names)}
 
     # ---- plan: what each quantizer contributes, in sorted name order -------------------------------------
-    plan = []  # (name, shape of min/max, common exponent or None)
+    plan = []  # (name, shape of the statistics, every rank's merge_meta)
     for name in sorted(names):
         q, entries = quantizers[name], per_name[name]
         if q.spec.amax is not None:
             continue  # a fixed range: nothing was collected
-        if not isinstance(q.calibrator, (MaxCalibrator, HistogramCalibrator, EmaCalibrator)):
+        if not q.calibrator.mergeable:
             raise CalibrationError(f"quantizer `{name}` uses a {type(q.calibrator).__name__}, which distributed "
                                    "calibration cannot merge across ranks")
         shapes = {e["shape"] for e in entries if e["shape"] is not None}
@@ -220,74 +214,28 @@ def sync_calibrators(quantizers: dict[str, TensorQuantizer], local_batches: int 
             seen = ", ".join(f"{e['shape']} on rank {r}" for r, e in enumerate(entries) if e["shape"] is not None)
             raise CalibrationError(f"quantizer `{name}` collected statistics of different shapes on different "
                                    f"ranks ({seen}): the per-channel count must be the same on every rank")
-        exponents = [e["exponent"] for e in entries if e["exponent"] is not None]
-        plan.append((name, shapes.pop(), max(exponents) if exponents else None))
+        plan.append((name, shapes.pop(), [e["meta"] for e in entries]))
 
-    # ---- pack: minima and negated maxima (one MIN), histograms and EMA sums (one SUM) ---------------------
+    # ---- pack: each calibrator's minima (one MIN) and sums (one SUM) ---------------------------------------
     mins, sums = [], []
-    for name, shape, exponent in plan:
-        cal = quantizers[name].calibrator
-        lo, hi = _stats(cal)
-        has_data = cal.num_batches > 0 and lo is not None
-        if isinstance(cal, EmaCalibrator):
-            if has_data:
-                correction = 1 - cal.decay ** cal.num_batches
-                sums += [lo.double().flatten() / correction, hi.double().flatten() / correction]
-            else:
-                sums += [torch.zeros(2 * _numel(shape), dtype=torch.float64)]
-            continue
-        if has_data:
-            mins += [lo.float().flatten(), -hi.float().flatten()]
-        else:
-            mins += [torch.full((2 * _numel(shape),), float("inf"))]
-        if isinstance(cal, HistogramCalibrator):
-            cal.widen_to(exponent)
-            hist = cal.hist if has_data else None
-            sums.append(hist if hist is not None else torch.zeros(NUM_BINS, dtype=torch.float64))
+    for name, shape, metas in plan:
+        to_min, to_sum = quantizers[name].calibrator.merge_parts(shape, metas)
+        mins += to_min
+        sums += to_sum
     packed_min = _all_reduce([t.to(comm) for t in mins], dist.ReduceOp.MIN, group, torch.float32, comm)
     packed_sum = _all_reduce([t.to(comm) for t in sums], dist.ReduceOp.SUM, group, torch.float64, comm)
 
     # ---- unpack into every rank's calibrators ------------------------------------------------------------
     at_min = at_sum = 0
-    for name, shape, exponent in plan:
+    for name, shape, _ in plan:
         cal, entries = quantizers[name].calibrator, per_name[name]
-        target = _stats(cal)[0].device if _stats(cal)[0] is not None else (device or comm)
-        n = _numel(shape)
-        counts = [e["num_batches"] for e in entries]
-        finite = all(e["finite"] for e in entries)
-        if isinstance(cal, EmaCalibrator):
-            lo, hi = packed_sum[at_sum:at_sum + n], packed_sum[at_sum + n:at_sum + 2 * n]
-            at_sum += 2 * n
-            contributors, steps = sum(c > 0 for c in counts), max(counts)
-            correction = 1 - cal.decay ** steps
-            lo, hi = lo / contributors * correction, hi / contributors * correction
-            cal._min, cal._max = _place(lo, shape, target, finite), _place(hi, shape, target, finite)
-            cal.num_batches = steps
-            continue
-        lo, hi = packed_min[at_min:at_min + n], -packed_min[at_min + n:at_min + 2 * n]
-        at_min += 2 * n
-        lo, hi = _place(lo, shape, target, finite), _place(hi, shape, target, finite)
-        if isinstance(cal, HistogramCalibrator):
-            hist = packed_sum[at_sum:at_sum + NUM_BINS].to(target)
-            at_sum += NUM_BINS
-            cal.merge_state(exponent, hist, lo, hi)
-        else:
-            cal._min, cal._max = lo, hi
-        cal.num_batches = sum(counts)
+        stats = cal.minmax()
+        target = stats[0].device if stats is not None else (device or comm)
+        n_min, n_sum = cal.merge_sizes(shape)
+        cal.merge(packed_min[at_min:at_min + n_min], packed_sum[at_sum:at_sum + n_sum], shape,
+                  [e["num_batches"] for e in entries], all(e["finite"] for e in entries), target)
+        at_min, at_sum = at_min + n_min, at_sum + n_sum
     return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _place(values: torch.Tensor, shape: tuple[int, ...], device: torch.device, finite: bool) -> torch.Tensor:
-    out = values.float().reshape(shape).to(device)
-    # a NaN/Inf range on any rank becomes NaN on every rank, so all of them report it the same way
-    return out if finite else torch.full_like(out, float("nan"))
 
 
 def _all_reduce(parts: list[torch.Tensor], op: Any, group: Any, dtype: torch.dtype,

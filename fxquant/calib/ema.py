@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.calib.base import Calibrator
+from fxquant.calib.base import Calibrator, Stats, has_stats, numel, place
 from fxquant.calib.max import channel_minmax
 from fxquant.errors import CalibrationError, ConfigError
 
@@ -17,6 +17,7 @@ class EmaCalibrator(Calibrator):
     """Bias-corrected EMA of per-batch min and max, per tensor or per channel."""
 
     methods = ("ema",)
+    mergeable = True  # the mean over the ranks with data of each one's bias-corrected EMA
 
     def __init__(self, axis: int | None, decay: float = 0.9) -> None:
         super().__init__(axis)
@@ -46,3 +47,25 @@ class EmaCalibrator(Calibrator):
     def reset(self) -> None:
         super().reset()
         self._min = self._max = None
+
+    def minmax(self) -> Stats | None:
+        return None if self._min is None else (self._min, self._max)
+
+    def merge_sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return 0, 2 * numel(shape)
+
+    def merge_parts(self, shape: tuple[int, ...], metas: list[object]) -> tuple[list[torch.Tensor],
+                                                                               list[torch.Tensor]]:
+        if not has_stats(self):
+            return [], [torch.zeros(2 * numel(shape), dtype=torch.float64)]
+        correction = 1 - self.decay ** self.num_batches
+        return [], [self._min.double().flatten() / correction, self._max.double().flatten() / correction]
+
+    def merge(self, mins: torch.Tensor, sums: torch.Tensor, shape: tuple[int, ...], counts: list[int],
+              finite: bool, device: torch.device) -> None:
+        n = numel(shape)
+        contributors, steps = sum(c > 0 for c in counts), max(counts)
+        correction = 1 - self.decay ** steps
+        lo, hi = sums[:n] / contributors * correction, sums[n:2 * n] / contributors * correction
+        self._min, self._max = place(lo, shape, device, finite), place(hi, shape, device, finite)
+        self.num_batches = steps

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from fxquant.calib.base import Calibrator
+from fxquant.calib.base import Calibrator, Stats, has_stats, merged_minmax, minmax_parts, numel
 from fxquant.errors import CalibrationError, ConfigError
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
@@ -100,6 +100,7 @@ class HistogramCalibrator(Calibrator):
     """Collects a histogram and the exact min/max of one tensor (per tensor only)."""
 
     methods = ("max", "percentile", "entropy", "mse")
+    mergeable = True  # histograms widened to the largest range of any rank and summed, exact minima/maxima
 
     def __init__(self, axis: int | None) -> None:
         if axis is not None:
@@ -141,9 +142,26 @@ class HistogramCalibrator(Calibrator):
         """False once a collected tensor held NaN or Inf."""
         return self._min is None or bool(torch.isfinite(self._min) & torch.isfinite(self._max))
 
-    def merge_state(self, exponent: int, hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Replace this calibrator's state (used after an all-reduce across processes)."""
-        self.exponent, self.hist, self._min, self._max = exponent, hist, lo, hi
+    def minmax(self) -> Stats | None:
+        return None if self._min is None else (self._min, self._max)
+
+    def merge_meta(self) -> object:
+        return self.exponent
+
+    def merge_sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return 2 * numel(shape), NUM_BINS
+
+    def merge_parts(self, shape: tuple[int, ...], metas: list[object]) -> tuple[list[torch.Tensor],
+                                                                               list[torch.Tensor]]:
+        self.widen_to(max(e for e in metas if e is not None))  # every rank's bins: the widest range of any
+        hist = self.hist if has_stats(self) else None
+        return minmax_parts(self, shape), [hist if hist is not None else torch.zeros(NUM_BINS, dtype=torch.float64)]
+
+    def merge(self, mins: torch.Tensor, sums: torch.Tensor, shape: tuple[int, ...], counts: list[int],
+              finite: bool, device: torch.device) -> None:
+        self._min, self._max = merged_minmax(mins, shape, device, finite)
+        self.hist = sums[:NUM_BINS].to(device)
+        self.num_batches = sum(counts)
 
     def widen_to(self, exponent: int) -> None:
         """Rebin to the range [-2^exponent, 2^exponent) (a smaller exponent than the current one is a no-op)."""

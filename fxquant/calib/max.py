@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.calib.base import Calibrator
+from fxquant.calib.base import Calibrator, Stats, merged_minmax, minmax_parts, numel
 from fxquant.errors import CalibrationError, ConfigError
 
 
@@ -20,6 +20,7 @@ class MaxCalibrator(Calibrator):
     """Tracks the running min and max; with symmetric specs the range is max(|min|, |max|)."""
 
     methods = ("max",)
+    mergeable = True  # all-reduce MIN of the minima and MAX of the maxima: the range of the union of the shards
 
     def __init__(self, axis: int | None) -> None:
         super().__init__(axis)
@@ -47,3 +48,18 @@ class MaxCalibrator(Calibrator):
     def reset(self) -> None:
         super().reset()
         self._min = self._max = None
+
+    def minmax(self) -> Stats | None:
+        return None if self._min is None else (self._min, self._max)
+
+    def merge_sizes(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return 2 * numel(shape), 0
+
+    def merge_parts(self, shape: tuple[int, ...], metas: list[object]) -> tuple[list[torch.Tensor],
+                                                                               list[torch.Tensor]]:
+        return minmax_parts(self, shape), []
+
+    def merge(self, mins: torch.Tensor, sums: torch.Tensor, shape: tuple[int, ...], counts: list[int],
+              finite: bool, device: torch.device) -> None:
+        self._min, self._max = merged_minmax(mins, shape, device, finite)
+        self.num_batches = sum(counts)

@@ -25,8 +25,8 @@ from fxquant.spec import QuantConfig
 
 
 @dataclass
-class Unit:
-    """A traced part: ``path`` is its qualified name in the model ("" for the root)."""
+class TracedPart:
+    """A traced part of the model: ``path`` is its qualified name in the model ("" for the root)."""
 
     path: str
     gm: fx.GraphModule
@@ -36,9 +36,9 @@ class Unit:
 
 @dataclass
 class Partition:
-    """Traced units, eager modules with the reason, and weighted layers called from eager code."""
+    """Traced parts, eager modules with the reason, and weighted layers called from eager code."""
 
-    units: list[Unit] = field(default_factory=list)
+    traced: list[TracedPart] = field(default_factory=list)
     eager: list[tuple[str, str, str]] = field(default_factory=list)  # (path, class name, reason)
     swaps: list[tuple[str, tuple]] = field(default_factory=list)  # (path, positional inputs of its first call)
     eager_float: list[tuple[str, nn.Module]] = field(default_factory=list)  # other torch.nn ops in eager code
@@ -168,7 +168,7 @@ class _Partitioner:
             for inner in [name for name in leaves if name.startswith(f"{failure.module}.")]:
                 del leaves[inner]  # inside the new leaf: revisited from there
             leaves[failure.module] = (module.get_submodule(failure.module), f"torch.fx failed: {failure.reason}")
-        self.result.units.append(Unit(path, gm, values, fixed))
+        self.result.traced.append(TracedPart(path, gm, values, fixed))
         for name, (child, reason) in leaves.items():
             self.eager(_join(path, name), child, reason)
 
@@ -179,7 +179,7 @@ class _Partitioner:
         if gm is None:
             self.result.notes.append(f"torch.export could not capture the model either ({why}); traced in parts")
             return False
-        self.result.units.append(Unit("", gm, values, fixed))
+        self.result.traced.append(TracedPart("", gm, values, fixed))
         self.result.notes.append(f"captured whole with torch.export (torch.fx failed: {reason})")
         return True
 
@@ -190,7 +190,7 @@ def _is_torch_leaf(module: nn.Module) -> bool:
 
 
 def partition(model: nn.Module, example_inputs: tuple, config: QuantConfig) -> Partition:
-    """Split ``model`` into traced units and eager code (see the module docstring)."""
+    """Split ``model`` into traced parts and eager code (see the module docstring)."""
     p = _Partitioner(model, example_inputs, config)
     if config.non_traceable and matches("", model, config.non_traceable):
         p.eager("", model, "named in QuantConfig.non_traceable")

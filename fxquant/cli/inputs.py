@@ -21,6 +21,7 @@ from torch import nn
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
+from fxquant.backends import BACKENDS
 from fxquant.cli.torchvision_models import random_torchvision
 from fxquant.errors import FxQuantError
 
@@ -41,7 +42,7 @@ def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
                              "BatchNorm statistics: no download) or path/to/file.py:factory, a function returning "
                              "an nn.Module (the file is executed as Python code, once, to get it: only name files "
                              "you trust)")
-    parser.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="tensorrt",
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="tensorrt",
                         help="deployment runtime whose quantizer placement to use (default: tensorrt)")
     parser.add_argument("--calib", required=True, metavar="DATA",
                         help="calibration data: an ImageFolder directory (resize, center crop, ImageNet "

@@ -13,6 +13,8 @@ import fxquant
 from fxquant.analysis.tune import check_tunable
 from fxquant.cli.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.cli.summary import Stopwatch, config_from_args, print_table, quiet_warnings
+from fxquant.lower.onnx_export import DEFAULT_OPSET
+from fxquant.spec import CALIB_METHODS
 
 DESCRIPTION = """Targets a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
 calibrate on DATA, convert, export, check the ONNX model with onnx.checker and run it in ONNX Runtime against
@@ -28,11 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("quantize", help="quantize a model and export QDQ ONNX", description=DESCRIPTION,
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_args(parser)
-    parser.add_argument("--calib-method", choices=("max", "ema", "percentile", "entropy", "mse"), default=None,
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default=None,
                         help="activation calibration method (default: the backend's)")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="ONNX file to write (default: <model>_<backend>.onnx)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 13; default: 18)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (>= 13; default: {DEFAULT_OPSET})")
     parser.add_argument("--tune", action="store_true",
                         help="onnxruntime backend: time the model in ONNX Runtime on the first calibration batch and "
                              "leave float the layers where int8 is slower, so the ONNX is never slower than float")

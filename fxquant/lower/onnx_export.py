@@ -1,12 +1,11 @@
 """Lower a converted model to QDQ ONNX, then check it and verify it in ONNX Runtime.
 
-Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then ONNX-level passes:
-weights become integer initializers read by DequantizeLinear (as ORT's quantize_static writes them); for the
-onnxruntime backend biases of quantized Conv/Gemm become int32 DequantizeLinear inputs (ORT needs that to
-fuse QLinearConv/QGemm); a zero Pad feeding only Convs becomes their ``pads``; for ORT CPU backends float ops
-are written in the forms its kernels run fastest (``fxquant.lower.ort.cpu_graph``, ``fxquant.lower.ort.attention``);
-nodes are named after the modules they come from; metadata records fxquant's version, the backend and the
-calibration methods; ONNX shape inference fills in every intermediate shape.
+Export goes through the dynamo exporter with a translation for fxquant's Q/DQ op, then the ONNX passes in
+order (``fxquant.lower.export_passes``: the common ones, then those the backend declares in
+``Backend.export_passes``), then the checks: metadata records fxquant's version, the backend and the
+calibration methods; ONNX shape inference fills in every intermediate shape; onnx.checker, and ONNX Runtime
+as the backend's ``runtime`` asks (as deployed for ORT, with its fusion and latency reports; for its meaning,
+with TensorRT's fusion lint, for TensorRT).
 """
 
 from __future__ import annotations
@@ -27,7 +26,20 @@ from onnx import helper
 from fxquant.backends.base import Backend
 from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError
-from fxquant.lower.export_checks import (
+from fxquant.lower.export_passes import run_export_passes
+from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
+from fxquant.lower.onnx_passes import infer_shapes
+from fxquant.lower.ort import latency as ort_latency
+from fxquant.lower.ort.fusion import FusionReport, fusion_report
+from fxquant.lower.ort.latency import LatencyCheck
+from fxquant.lower.ort.targets import check_target, host_target, run_as
+from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening
+from fxquant.lower.qdq_op import TRANSLATIONS
+from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
+from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
+from fxquant.metrics import sqnr
+from fxquant.state import QuantState, get_state
+from fxquant.validate.export import (
     atomic_file,
     check_dtypes,
     clones,
@@ -36,29 +48,6 @@ from fxquant.lower.export_checks import (
     run_example,
     warn_static_batch,
 )
-from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
-from fxquant.lower.onnx_passes import (
-    fold_weight_quantization,
-    global_average_pools,
-    infer_shapes,
-    merge_pads,
-    name_nodes,
-    quantize_biases,
-)
-from fxquant.lower.ort import cpu_graph as ort_cpu_graph
-from fxquant.lower.ort import latency as ort_latency
-from fxquant.lower.ort.attention import multi_head_attention
-from fxquant.lower.ort.dynamic_matmul import dynamic_matmuls, merge_shared_input
-from fxquant.lower.ort.fusion import FusionReport, fusion_report
-from fxquant.lower.ort.latency import LatencyCheck
-from fxquant.lower.ort.static_matmul import integer_to_float_matmuls
-from fxquant.lower.ort.targets import check_target, host_target, run_as
-from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening, strip_wrapper_prefix
-from fxquant.lower.qdq_op import TRANSLATIONS
-from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
-from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
-from fxquant.metrics import sqnr
-from fxquant.state import QuantState, get_state
 from fxquant.version import __version__
 
 DEFAULT_OPSET = 18
@@ -72,9 +61,9 @@ class ExportResult:
     path: str
     model: onnx.ModelProto
     ort_sqnr_db: float | None
-    fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (verify_level "all")
-    latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (verify_level "all")
-    trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (Backend.trt_fusion_lint)
+    fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (runtime onnxruntime)
+    latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (runtime onnxruntime)
+    trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (runtime tensorrt)
 
     @property
     def op_counts(self) -> Counter:
@@ -87,7 +76,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     """Export a converted model to QDQ ONNX at ``path``; check it with onnx.checker and, with ``verify``,
     run it in ONNX Runtime (all graph optimizations on) against the model on ``example_inputs``.
 
-    For a backend verified as deployed in ORT (``Backend.verify_level == "all"``) export also reports the ops
+    For a backend that deploys on ORT (``Backend.runtime == "onnxruntime"``) export also reports the ops
     meant to run in int8 that ORT did not fuse (``ExportResult.fusion``) and, with ``check_latency``, times the
     int8 model against its float twin on ``example_inputs`` (one thread), warning where int8 is slower.
     ``check_cpu`` runs the ORT check as that CPU target (``fxquant.lower.ort.targets``: "vnni" or "avx2";
@@ -119,37 +108,24 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
                         output_names=[name for name, _ in flat_outputs(sample)])
     else:
         proto = _export(model, clones(inputs), opset, dynamic_batch)
-    fold_weight_quantization(proto)
-    if dynamic_matmuls(proto):
-        merge_shared_input(proto)
-    global_average_pools(proto)
-    merge_pads(proto)  # zero pads (asymmetric "same" padding) into the Convs they feed: no float Pad left
-    if state.backend.ort_cpu_graph:
-        ort_cpu_graph.for_ort_cpu(proto)
-        multi_head_attention(proto)  # float attention blocks: one ORT kernel each
-    name_nodes(proto)
-    if wrapped:
-        strip_wrapper_prefix(proto)
-    if state.backend.integer_float_output:  # after naming: the fused op keeps its module's name
-        integer_to_float_matmuls(proto)
-    if state.backend.int32_bias:
-        quantize_biases(proto)
+    backend = state.backend
+    run_export_passes(proto, backend.export_passes, wrapped)  # common passes, then the backend's
     _set_metadata(proto, state, model)
     proto = honour_opset(infer_shapes(proto), opset)
     warn_static_batch(proto, dynamic_batch, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)
                                                   and x.dim() > 0), None))
     onnx.checker.check_model(proto, full_check=True)
-    # A backend for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
-    # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.verify_level).
+    # A graph for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
+    # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.runtime).
     with atomic_file(path) as tmp:  # the file appears only once the export and its check succeeded
         onnx.save(proto, tmp)
-        agreement = verify_in_ort(model, inputs, tmp, state.backend.verify_level, check_cpu) if verify else None
+        agreement = verify_in_ort(model, inputs, tmp, backend.verify_level, check_cpu) if verify else None
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
-        cause = _low_agreement_cause(model, state.backend, check_cpu or host_target())
+        cause = _low_agreement_cause(model, backend, check_cpu or host_target())
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {cause}", stacklevel=2)
-    # ops meant to run in int8 that ORT's optimized graph left in float: a backend verified as deployed only
-    fusion = fusion_report(path) if verify and state.backend.verify_level == "all" else None
+    # ops meant to run in int8 that ORT's optimized graph left in float: a graph that deploys on ORT only
+    fusion = fusion_report(path) if verify and backend.runtime == "onnxruntime" else None
     if fusion is not None and fusion.unfused:
         warnings.warn(fusion.summary(), stacklevel=2)
     latency = None
@@ -157,7 +133,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
         if latency.slower:
             warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)
-    lint = trt_fusion_lint(proto) if state.backend.trt_fusion_lint else None
+    lint = trt_fusion_lint(proto) if backend.runtime == "tensorrt" else None
     if lint:
         warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
                       + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
@@ -174,7 +150,7 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend, cpu: str | No
                 f"1/{2 ** narrowest} of a range, so low agreement is expected at this width: judge the model by its "
                 "accuracy in ORT")
     eight_bit_weights = any(bits == 8 and per_channel for bits, per_channel in widths)
-    if cpu == "avx2" and backend.verify_level == "all" and eight_bit_weights:
+    if cpu == "avx2" and backend.runtime == "onnxruntime" and eight_bit_weights:
         return ("ORT ran as an x86 CPU without VNNI, where 8-bit weights can hit ORT's u8s8 saturation (adjacent "
                 "products added in int16): keep the weight spec the backend chooses "
                 "(Backend.saturation_aware_weights) or use 7-bit weights")

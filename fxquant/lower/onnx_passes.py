@@ -11,97 +11,77 @@ from collections import Counter
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from fxquant import qmath
-
-
-def _initializers(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in proto.graph.initializer}
-
-
-def _array(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
-    return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
-def _axis(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+from fxquant.lower.graph import OnnxGraph, attr
 
 
 def fold_weight_quantization(proto: onnx.ModelProto) -> int:
     """Replace ``initializer -> QuantizeLinear`` by an integer initializer; returns how many were folded."""
-    graph = proto.graph
-    inits = _initializers(proto)
-    consumers = Counter(i for n in graph.node for i in n.input)
+    g = OnnxGraph(proto)
+    uses = Counter({name: len(users) for name, users in g.consumers.items()})
     folded = 0
-    for node in list(graph.node):
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+    for node in list(g.graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in g.initializers or len(node.input) < 3:
             continue
-        w, scale, zp = (_array(inits, n) for n in node.input[:3])
+        w, scale, zp = (g.array(n) for n in node.input[:3])
         if scale is None or zp is None:
             continue
-        axis = _axis(node) % w.ndim if scale.ndim else 0
+        axis = attr(node, "axis", 1) % w.ndim if scale.ndim else 0
         info = np.iinfo(zp.dtype)
         per_axis = axis if scale.ndim else None
         step = qmath.along_axis(torch.tensor(scale), w.ndim, per_axis)
         zero_point = qmath.along_axis(torch.tensor(zp, dtype=torch.float32), w.ndim, per_axis)
         q = qmath.quantize(torch.tensor(w), step, zero_point, info.min, info.max).numpy().astype(zp.dtype)
-        name = f"{node.input[0]}_quantized"
-        graph.initializer.append(numpy_helper.from_array(q, name))
-        for other in graph.node:
-            for i, inp in enumerate(other.input):
-                if inp == node.output[0]:
-                    other.input[i] = name
-        graph.node.remove(node)
-        consumers[node.input[0]] -= 1
-        if consumers[node.input[0]] == 0:
-            graph.initializer.remove(inits[node.input[0]])
+        g.replace_input(node.output[0], g.add_initializer(q, f"{node.input[0]}_quantized"))
+        g.remove(node)
+        uses[node.input[0]] -= 1
+        if uses[node.input[0]] == 0:
+            g.remove_initializer(node.input[0])
         folded += 1
     return folded
 
 
 def quantize_biases(proto: onnx.ModelProto) -> int:
     """Give Conv/Gemm whose input and weight are dequantized an int32 bias (scale = s_x * s_w, zero point 0)."""
-    graph = proto.graph
-    inits = _initializers(proto)
-    producer = {o: n for n in graph.node for o in n.output}
+    g = OnnxGraph(proto)
     done = 0
-    for node in list(graph.node):
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+    for node in list(g.graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in g.initializers:
             continue
-        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        dq_x, dq_w = g.producer.get(node.input[0]), g.producer.get(node.input[1])
         if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
             continue
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute):
             continue
-        s_x, s_w = _array(inits, dq_x.input[1]), _array(inits, dq_w.input[1])
+        s_x, s_w = g.array(dq_x.input[1]), g.array(dq_w.input[1])
         if s_x is None or s_w is None or s_x.ndim != 0:
             continue
-        bias = _array(inits, node.input[2]).astype(np.float64)
+        bias = g.array(node.input[2]).astype(np.float64)
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
         q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
         q = q.numpy().astype(np.int32)
         bias_name = node.input[2]
-        base = _unused_stem(graph, bias_name)  # a shared Conv's bias: one int32 copy per call (its input scale)
-        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_quantized"),
-                                  numpy_helper.from_array(scale, f"{base}_quantizer.scale"),
-                                  numpy_helper.from_array(np.zeros_like(q) if scale.ndim else np.array(0, np.int32),
-                                                          f"{base}_quantizer.zero_point")])
+        base = _unused_stem(g, bias_name)  # a shared Conv's bias: one int32 copy per call (its input scale)
+        g.add_initializer(q, f"{base}_quantized")
+        g.add_initializer(scale, f"{base}_quantizer.scale")
+        g.add_initializer(np.zeros_like(q) if scale.ndim else np.array(0, np.int32), f"{base}_quantizer.zero_point")
         dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_quantizer.scale",
                                                   f"{base}_quantizer.zero_point"],
                               [f"{base}_dequantized"], name=f"{base}_quantizer/DequantizeLinear", axis=0)
-        graph.node.insert(list(graph.node).index(node), dq)
+        g.insert(node, [dq])
         node.input[2] = f"{base}_dequantized"
-        base = bias_name
-        if sum(1 for n in graph.node for i in n.input if i == base) == 0:
-            graph.initializer.remove(inits[base])
+        g.changed()
+        if not g.users(bias_name):
+            g.remove_initializer(bias_name)
         done += 1
     return done
 
 
-def _unused_stem(graph: onnx.GraphProto, name: str) -> str:
+def _unused_stem(g: OnnxGraph, name: str) -> str:
     """``name``, or ``name_1``, ``name_2``... : the first whose ``_quantized`` initializer does not exist yet."""
-    taken = {t.name for t in graph.initializer}
+    taken = g.initializers
     stem, k = name, 0
     while f"{stem}_quantized" in taken:
         k += 1
@@ -114,26 +94,23 @@ def global_average_pools(proto: onnx.ModelProto) -> int:
     adaptive average pooling to 1x1 and ``x.mean((2, 3), keepdim=True)``) as ``GlobalAveragePool``, the same
     values, which ONNX Runtime fuses with its Q/DQ into QLinearGlobalAveragePool (it has no int8 ReduceMean) and
     TensorRT runs as a pooling layer. Returns how many were rewritten."""
-    graph = proto.graph
-    ranks = {v.name: len(v.type.tensor_type.shape.dim)
-             for v in onnx.shape_inference.infer_shapes(proto).graph.value_info if v.type.tensor_type.HasField("shape")}
-    ranks.update((v.name, len(v.type.tensor_type.shape.dim)) for v in graph.input)
-    inits = _initializers(proto)
+    g = OnnxGraph(proto)
+    ranks = {name: len(shape) for name, shape in g.shapes().items()}
     rewritten = 0
-    for node in graph.node:
+    for node in g.graph.node:
         rank = ranks.get(node.input[0]) if node.op_type == "ReduceMean" else None
-        if rank is None or rank < 3 or len(node.input) < 2 or node.input[1] not in inits:
+        if rank is None or rank < 3 or len(node.input) < 2 or node.input[1] not in g.initializers:
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axes = {int(a) % rank for a in np.atleast_1d(_array(inits, node.input[1]))}
-        if attrs.get("keepdims", 1) != 1 or axes != set(range(2, rank)):
+        axes = {int(a) % rank for a in np.atleast_1d(g.array(node.input[1]))}
+        if attr(node, "keepdims", 1) != 1 or axes != set(range(2, rank)):
             continue
         axes_input = node.input[1]
         node.op_type = "GlobalAveragePool"
         del node.input[1:]
         del node.attribute[:]
-        if not any(axes_input in n.input for n in graph.node):
-            graph.initializer.remove(inits[axes_input])
+        g.changed()
+        if not g.users(axes_input):
+            g.remove_initializer(axes_input)
         rewritten += 1
     return rewritten
 
@@ -175,15 +152,11 @@ def merge_pads(proto: onnx.ModelProto) -> int:
     quantizer): quantizing a padded 0 gives the zero point, which dequantizes to 0, so Conv padding the
     dequantized tensor with zeros computes the same values (and ORT's QLinearConv pads with the zero point).
     Returns how many Pads were merged."""
-    graph = proto.graph
-    inits = _initializers(proto)
-    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    outputs = {o.name for o in graph.output}
+    g = OnnxGraph(proto)
     merged = 0
-    for pad in [n for n in graph.node if n.op_type == "Pad"]:
-        consumers = _consumers(graph)
-        amounts = _zero_spatial_pad(pad, inits, constants)
-        path = _conv_path(pad.output[0], consumers, outputs) if amounts is not None else None
+    for pad in [n for n in g.graph.node if n.op_type == "Pad"]:
+        amounts = _zero_spatial_pad(pad, g)
+        path = _conv_path(pad.output[0], g) if amounts is not None else None
         if not path:
             continue
         for conv in (n for n in path if n.op_type == "Conv"):
@@ -192,72 +165,51 @@ def merge_pads(proto: onnx.ModelProto) -> int:
             del conv.attribute[:]
             conv.attribute.extend([*others, helper.make_attribute(
                 "pads", [o + a for o, a in zip(old, amounts, strict=True)])])
-        for user in consumers[pad.output[0]]:
-            user.input[list(user.input).index(pad.output[0])] = pad.input[0]
+        users = list(g.users(pad.output[0]))  # each reads the Pad once, as its data input (_conv_path)
+        g.replace_input(pad.output[0], pad.input[0])
         unpadded = {pad.output[0]} | {n.output[0] for n in path if n.op_type != "Conv"}  # their shapes changed
-        for info in [v for v in graph.value_info if v.name in unpadded]:
-            graph.value_info.remove(info)
-        graph.node.remove(pad)
-        _drop_unused(graph, pad.input[1:])
-        for user in consumers[pad.output[0]]:
-            _drop_requantize(graph, user, inits)
+        for info in [v for v in g.graph.value_info if v.name in unpadded]:
+            g.graph.value_info.remove(info)
+        g.remove(pad)
+        g.drop_unused(pad.input[1:])
+        for user in users:
+            _drop_requantize(g, user)
         merged += 1
     return merged
 
 
-def _drop_requantize(graph: onnx.GraphProto, q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> None:
+def _drop_requantize(g: OnnxGraph, q: onnx.NodeProto) -> None:
     """With the Pad gone, ``DequantizeLinear -> QuantizeLinear`` with the same scale and zero point (a float Pad's
     requantization) gives back the codes it reads: the QuantizeLinear's readers take those codes directly."""
-    dq = next((n for n in graph.node if q.input[0] in n.output), None)
+    dq = g.producer.get(q.input[0])
     if q.op_type != "QuantizeLinear" or dq is None or dq.op_type != "DequantizeLinear" or \
             len(q.input) < 3 or len(dq.input) < 3 or \
-            any(not _same(inits, a, b) for a, b in zip(q.input[1:3], dq.input[1:3], strict=True)) or \
+            any(not _same(g, a, b) for a, b in zip(q.input[1:3], dq.input[1:3], strict=True)) or \
             {a.name: a.i for a in q.attribute if a.name == "axis"} != {a.name: a.i for a in dq.attribute
                                                                        if a.name == "axis"}:
         return
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == q.output[0]:
-                node.input[i] = dq.input[0]
-    graph.node.remove(q)
-    if not any(dq.output[0] in n.input for n in graph.node) and dq.output[0] not in {o.name for o in graph.output}:
-        graph.node.remove(dq)
+    g.replace_input(q.output[0], dq.input[0])
+    g.remove(q)
+    if not g.users(dq.output[0]) and dq.output[0] not in g.outputs():
+        g.remove(dq)
 
 
-def _same(inits: dict[str, onnx.TensorProto], a: str, b: str) -> bool:
+def _same(g: OnnxGraph, a: str, b: str) -> bool:
     """Whether two Q/DQ parameter inputs hold the same tensor (the same name, or equal initializers)."""
     if a == b:
         return True
-    x, y = _array(inits, a), _array(inits, b)
+    x, y = g.array(a), g.array(b)
     return x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y)
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            found.setdefault(name, []).append(node)
-    return found
-
-
-def _constant(name: str, inits: dict[str, onnx.TensorProto], constants: dict[str, onnx.NodeProto]) -> \
-        np.ndarray | None:
-    """The value of an initializer or a Constant node's output (tensor-valued ``value`` only), else None."""
-    if name in inits:
-        return _array(inits, name)
-    node = constants.get(name)
-    value = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
-    return numpy_helper.to_array(value.t) if value is not None else None
-
-
-def _zero_spatial_pad(pad: onnx.NodeProto, inits: dict, constants: dict) -> list[int] | None:
+def _zero_spatial_pad(pad: onnx.NodeProto, g: OnnxGraph) -> list[int] | None:
     """The spatial pad amounts (Conv ``pads`` order: every begin, then every end) of a constant-mode Pad that
     pads only dimensions 2.. by non-negative amounts with 0; None for any other Pad."""
-    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    mode = attr(pad, "mode", b"constant")
     if mode != b"constant" or len(pad.input) < 2 or (len(pad.input) > 3 and pad.input[3]):
         return None  # another mode, or an ``axes`` input
-    amounts = _constant(pad.input[1], inits, constants)
-    value = _constant(pad.input[2], inits, constants) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    amounts = g.constant(pad.input[1])
+    value = g.constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
     if amounts is None or value is None or value.size != 1 or value.item() != 0 or amounts.size < 6:
         return None
     rank = amounts.size // 2
@@ -267,13 +219,13 @@ def _zero_spatial_pad(pad: onnx.NodeProto, inits: dict, constants: dict) -> list
     return begin[2:] + end[2:]
 
 
-def _conv_path(name: str, consumers: dict, outputs: set[str],
+def _conv_path(name: str, g: OnnxGraph,
                chain: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear")) -> list[onnx.NodeProto] | None:
     """The nodes from ``name`` to the Convs (``auto_pad`` NOTSET) reading it as their data input, directly or
     through one QuantizeLinear -> DequantizeLinear (``chain``: the steps still allowed); None when anything
     else reads it or a graph output is on the way."""
-    users = consumers.get(name, [])
-    if name in outputs or not users:
+    users = g.users(name)
+    if name in g.outputs() or not users:
         return None
     path: list[onnx.NodeProto] = []
     for user in users:
@@ -283,20 +235,10 @@ def _conv_path(name: str, consumers: dict, outputs: set[str],
                 all(a.name != "auto_pad" or a.s == b"NOTSET" for a in user.attribute):
             path.append(user)  # before the QuantizeLinear, or after the DequantizeLinear
         elif chain and user.op_type == chain[0]:
-            inner = _conv_path(user.output[0], consumers, outputs, chain[1:])
+            inner = _conv_path(user.output[0], g, chain[1:])
             if inner is None:
                 return None
             path += [user, *inner]
         else:
             return None
     return path
-
-
-def _drop_unused(graph: onnx.GraphProto, names: list[str]) -> None:
-    """Remove the initializers and Constant nodes among ``names`` that no node reads any more."""
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for name in set(names) - read - {""}:
-        for init in [t for t in graph.initializer if t.name == name]:
-            graph.initializer.remove(init)
-        for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] == name]:
-            graph.node.remove(node)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import onnx
 
-WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+from fxquant.lower.graph import WEIGHTED_OPS, OnnxGraph
+
 COMMUTING = frozenset({"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Flatten",
                        "Squeeze", "Unsqueeze", "Concat", "Slice", "Pad", "Resize", "Identity", "Clip"})
 
@@ -50,18 +51,13 @@ def _constant(name: str, producer: dict, inits: set) -> bool:
 
 def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
     """What TensorRT would run in higher precision, per its Q/DQ fusion rules; empty when everything fuses."""
-    graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {t.name for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    g = OnnxGraph(proto)
+    producer, consumers, inits = g.producer, g.consumers, set(g.initializers)
     findings = []
-    for node in graph.node:
+    for node in g.graph.node:
         if _outlier_side_path(node, producer, inits):
             continue  # float by design: fxquant.ptq.outlier_channels, listed in report_of(model).ptq
-        if node.op_type in WEIGHTED:
+        if node.op_type in WEIGHTED_OPS:
             operands = node.input[:2]
             missing = [i for i in operands if i and not _quantized(i, producer, inits)]
             if missing:
@@ -71,13 +67,13 @@ def trt_fusion_lint(proto: onnx.ModelProto) -> list[LintFinding]:
             quantized = [_quantized(i, producer, inits) for i in node.input]
             if sum(quantized) == 1:
                 other = producer.get(node.input[quantized.index(False)])
-                if other is None or other.op_type not in WEIGHTED:
+                if other is None or other.op_type not in WEIGHTED_OPS:
                     findings.append(LintFinding(node.name, "Add", "residual add with one Q/DQ input whose other "
                                                 "input does not come from a Conv/Gemm: nothing to fuse it into, it "
                                                 "runs in fp16/fp32"))
         elif node.op_type == "DequantizeLinear" and node.input[0] not in inits:
             stranded = sorted({c.op_type for c in consumers.get(node.output[0], [])
-                               if c.op_type not in WEIGHTED | COMMUTING | {"Add", "QuantizeLinear"}})
+                               if c.op_type not in WEIGHTED_OPS | COMMUTING | {"Add", "QuantizeLinear"}})
             if stranded:
                 findings.append(LintFinding(node.name, "DequantizeLinear", f"Q/DQ stranded before {stranded}, which "
                                             "TensorRT cannot fuse it into: the DQ runs as a scale layer and the op "

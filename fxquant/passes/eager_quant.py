@@ -84,19 +84,20 @@ def _one_op_graph(path: str, module: nn.Module, inputs: tuple) -> tuple[fx.Graph
     return gm, node
 
 
-def swap_layer(root: nn.Module, path: str, inputs: tuple, backend: Backend, config: QuantConfig) -> OpEntry:
-    """Targets the layer at ``path`` of ``root`` as the backend's rules place it; returns its report entry
-    (``quantized`` is told by the entry's detail: the rule, or the reason it stayed float)."""
+def swap_layer(root: nn.Module, path: str, inputs: tuple, backend: Backend, config: QuantConfig
+               ) -> tuple[bool, OpEntry]:
+    """Quantizes the layer at ``path`` of ``root`` as the backend's rules place it (by module swap); returns
+    whether it did, and the layer's report entry (the rule, or the reason it stayed float)."""
     module = root.get_submodule(path)
     gm, node = _one_op_graph(path, module, inputs)
     ann = annotate(GraphView(gm), backend, config)
     kind = module_kind(module)
     if node not in ann.quantized:
-        return OpEntry(path, kind, ann.floats.get(node, "no rule quantizes it"))
+        return False, OpEntry(path, kind, ann.floats.get(node, "no rule quantizes it"))
     rule = ann.quantized[node]
     if node not in ann.weights:
-        return OpEntry(path, kind, f"rule `{rule}` leaves its weight float; eager layers are quantized with their "
-                                   "weight or not at all")
+        return False, OpEntry(path, kind, f"rule `{rule}` leaves its weight float; eager layers are quantized with "
+                                          "their weight or not at all")
     spec, _ = ann.weights[node]
     twin = with_weight_quantizer(module, TensorQuantizer(spec, constant=True).train(module.training))
     twin.__class__ = EAGER_CLASSES[type(twin)]
@@ -106,4 +107,4 @@ def swap_layer(root: nn.Module, path: str, inputs: tuple, backend: Backend, conf
         elif request.user is node and request.value.op == "placeholder" and request.value.name == "input_0":
             twin.input_quantizer = TensorQuantizer(request.spec).train(module.training)
     root.set_submodule(path, twin)
-    return OpEntry(path, kind, f"{rule} (eager code: module swap)")
+    return True, OpEntry(path, kind, f"{rule} (eager code: module swap)")

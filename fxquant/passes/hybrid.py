@@ -1,6 +1,6 @@
 """The parts of a prepared model that are not traced graphs: notes on traced parts, and eager code.
 
-A fully traceable model is one unit at the root. Otherwise the prepared model is the model's own (copied)
+A fully traceable model is one traced part at the root. Otherwise the prepared model is the model's own (copied)
 module tree with each traced part replaced by its prepared GraphModule (``fxquant.pipeline``) and each
 Conv/Linear called from eager code replaced by its quantized twin (here); the report lists what ran eagerly
 and why.
@@ -11,19 +11,19 @@ from __future__ import annotations
 from torch import nn
 
 from fxquant.backends.base import Backend
-from fxquant.capture.partition import Partition, Unit
+from fxquant.capture.partition import Partition, TracedPart
 from fxquant.ops.kinds import module_kind
 from fxquant.passes.eager_quant import swap_layer
 from fxquant.report import OpEntry, PrepareReport
 from fxquant.spec import QuantConfig
 
 
-def unit_notes(unit: Unit) -> list[str]:
+def part_notes(part: TracedPart) -> list[str]:
     """A note naming the arguments a traced part was specialized on, if any."""
-    if not unit.fixed:
+    if not part.fixed:
         return []
-    where = f"`{unit.path}`" if unit.path else "the root"
-    args = ", ".join(f"{k}={v!r}" for k, v in unit.fixed.items())
+    where = f"`{part.path}`" if part.path else "the root"
+    args = ", ".join(f"{k}={v!r}" for k, v in part.fixed.items())
     return [f"{where} was traced with {args} (the values it was called with); other values raise at run time"]
 
 
@@ -32,8 +32,8 @@ def quantize_eager_code(work: nn.Module, parts: Partition, backend: Backend, con
     """Swap the Conv/Linear layers eager code calls for quantized twins and report every eager module."""
     report.eager = [OpEntry(path, cls, reason) for path, cls, reason in parts.eager]
     for path, layer_inputs in parts.swaps:
-        entry = swap_layer(work, path, layer_inputs, backend, config)
-        (report.quantized if entry.detail.endswith("module swap)") else report.float_ops).append(entry)
+        quantized, entry = swap_layer(work, path, layer_inputs, backend, config)
+        (report.quantized if quantized else report.float_ops).append(entry)
     for path, module in parts.eager_float:
         kind = module_kind(module)
         if kind in backend.passthrough:

@@ -4,15 +4,14 @@ batches, with every quantizer off)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import TypeVar
 
 import torch
 from torch import fx, nn
 
-from fxquant.quantizer import TensorQuantizer
+from fxquant.ptq.layers import float_mode
 
 Forward = Callable[[int, tuple], object]  # run(batch index, batch): one calibration forward, errors named
 T = TypeVar("T")
@@ -37,46 +36,28 @@ def plain_forward(model: nn.Module) -> Forward:
     return lambda _index, batch: model(*batch)
 
 
-@contextlib.contextmanager
-def kept_rows(taps: Mapping[int, tuple[nn.Module, str]]) -> Iterator[dict[int, torch.Tensor]]:
-    """While the block runs, keep the rows (last dimension = channels, float32, the first ``MAX_ROWS``) of what
-    each tap ``key -> (module, "input" | "output")`` reads or returns. The dict it yields is filled on exit: a tap
-    that never ran gets one row of zeros."""
+@torch.no_grad()
+def float_rows(model: nn.Module, taps: Mapping[int, tuple[nn.Module, str]], batches: Iterable,
+               run: Forward | None = None) -> dict[int, torch.Tensor]:
+    """Per tap ``key -> (module, "input" | "output")``: the rows (last dimension = channels, at most
+    ``MAX_ROWS``, float32) of what that module reads or returns over ``batches``, every quantizer disabled.
+    A tap that never ran gets one row of zeros."""
     rows: dict[int, list[torch.Tensor]] = {}
     handles = [module.register_forward_pre_hook(partial(_keep_input, rows, key)) if where == "input"
                else module.register_forward_hook(partial(_keep_output, rows, key))
                for key, (module, where) in taps.items()]
-    result: dict[int, torch.Tensor] = {}
     try:
-        yield result
-    finally:
-        for h in handles:
-            h.remove()
-    result.update({key: torch.cat(rows.get(key) or [torch.zeros(1, 1)])[:MAX_ROWS] for key in taps})
-
-
-@torch.no_grad()
-def float_rows(model: nn.Module, taps: Mapping[int, tuple[nn.Module, str]], batches: Iterable,
-               run: Forward | None = None) -> dict[int, torch.Tensor]:
-    """``kept_rows`` over one run of ``batches`` through ``model`` with every quantizer disabled."""
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("disabled")
-    try:
-        with kept_rows(taps) as rows:
+        with float_mode(model):
             for i, batch in enumerate(batches):
                 (run or plain_forward(model))(i, batch)
     finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
-    return rows
+        for h in handles:
+            h.remove()
+    return {key: torch.cat(rows.get(key) or [torch.zeros(1, 1)])[:MAX_ROWS] for key in taps}
 
 
 def _keep(rows: dict[int, list], key: int, x: torch.Tensor) -> None:
-    kept = rows.setdefault(key, [])
-    if sum(r.shape[0] for r in kept) < MAX_ROWS:  # enough kept: later rows are dropped anyway
-        kept.append(x.detach().reshape(-1, x.shape[-1]).float())
+    rows.setdefault(key, []).append(x.detach().reshape(-1, x.shape[-1]).float())
 
 
 def _keep_input(rows: dict[int, list], key: int, _module: nn.Module, args: tuple) -> None:

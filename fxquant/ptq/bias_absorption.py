@@ -17,7 +17,7 @@ from fxquant.ops.kinds import WeightedOp, weighted_ops
 from fxquant.passes.manager import PassResult
 from fxquant.ptq.bn_stats import bn_stats, shift_stats
 from fxquant.ptq.chains import find_chains, input_response, op_name
-from fxquant.ptq.report import PTQReport
+from fxquant.report import PTQReport
 
 
 def _padding_free(padding: object) -> bool:

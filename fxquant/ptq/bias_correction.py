@@ -24,8 +24,9 @@ from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
 from fxquant.ptq.chains import find_chains, input_response
-from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
-from fxquant.ptq.report import PTQReport, attach
+from fxquant.ptq.layers import channel_sum, float_mode, layer_activations, quantized_layers
+from fxquant.ptq.step import CalibrationContext, StepResult
+from fxquant.report import PTQReport
 from fxquant.spec import BIAS_CORRECTION_METHODS
 from fxquant.state import get_state
 
@@ -59,11 +60,10 @@ def record_expected_inputs(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=False)
 
 
-def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirical",
-                 progress: bool = True) -> PTQReport:
+def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "empirical",
+                         progress: bool = True) -> PTQReport:
     """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
-    ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
-    ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
+    ``batches``, or "analytical" from BatchNorm statistics); returns the report."""
     if method not in BIAS_CORRECTION_METHODS:
         raise ConfigError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
     state = get_state(prepared)
@@ -85,10 +85,11 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
             with float_mode(prepared):  # the float model's means, before any bias changes
                 targets = {}
                 for layer in layers:
-                    parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
+                    parts = layer_activations(prepared, layer, batches, "output",
+                                              reduce=channel_sum(layer.channel_dim))
                     targets[layer.name] = sum(s for s, _ in parts) / sum(c for _, c in parts)
             for layer in tqdm(layers, desc="fxquant bias correction", unit="layer", disable=not progress):
-                parts = capture(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
+                parts = layer_activations(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                 shift = sum(s for s, _ in parts) / sum(c for _, c in parts) - targets[layer.name]
                 _apply(layer, shift, report, shifts)
         else:
@@ -105,8 +106,24 @@ def correct_bias(prepared: fx.GraphModule, batches=None, method: str = "empirica
     finally:
         prepared.train(was_training)
     report.data = {"method": method, "max_shift": shifts}
-    attach(prepared, report)
     return report
+
+
+def corrects_bias(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() corrects biases: ``QuantConfig(bias_correction=...)`` asks for it."""
+    return ctx.config.bias_correction_method is not None
+
+
+def corrects_empirically(ctx: CalibrationContext) -> bool:
+    """Whether bias correction reads the calibration batches (the empirical method; analytical needs none)."""
+    return ctx.config.bias_correction_method == "empirical"
+
+
+def bias_correction_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s bias correction step, the last (``fxquant.ptq.step``)."""
+    method = ctx.config.bias_correction_method
+    return StepResult(correct_layer_biases(ctx.model, ctx.batches if method == "empirical" else None, method,
+                                           ctx.progress))
 
 
 @torch.no_grad()

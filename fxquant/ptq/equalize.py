@@ -20,7 +20,7 @@ from fxquant.passes.manager import PassResult
 from fxquant.ptq import relu6
 from fxquant.ptq.bn_stats import scale_stats
 from fxquant.ptq.chains import Chain, Link, find_chains, input_ranges, op_name, output_ranges, scale_input, scale_output
-from fxquant.ptq.report import PTQReport
+from fxquant.report import PTQReport
 
 MAX_SWEEPS = 200
 

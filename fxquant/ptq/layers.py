@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
 from fxquant.capture.trace import normalize_inputs
-from fxquant.ops.kinds import FUNCTION_KINDS, WEIGHTED_KINDS, WeightedOp, module_kind, node_kind
-from fxquant.quantizer import TensorQuantizer
+from fxquant.ops.kinds import FUNCTION_KINDS, WEIGHTED_KINDS, WeightedOp, module_kind, node_kind, quantized_weight_op
+from fxquant.quantizer import TensorQuantizer, quantizers_of
 
 
 @dataclass
@@ -81,13 +81,14 @@ class Layer:
 
 
 def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str | None:
-    """A functional weighted op whose weight argument is a weight quantizer of a parameter, as a Layer."""
+    """A functional weighted op whose weight argument is a weight quantizer of a parameter
+    (``fxquant.ops.kinds.quantized_weight_op``), as a Layer; a reason when its weight or bias cannot be rewritten."""
+    op = quantized_weight_op(gm, node)
     q = node.args[1] if len(node.args) > 1 else None
-    if not isinstance(q, fx.Node) or q.op != "call_module" or not q.args:
+    quantizer = gm.get_submodule(q.target) if op is not None and isinstance(q, fx.Node) else None
+    if not isinstance(quantizer, TensorQuantizer) or not quantizer.constant:
         return None
-    quantizer, weight = gm.get_submodule(q.target), q.args[0]
-    if not isinstance(quantizer, TensorQuantizer) or not quantizer.constant or weight.op != "get_attr":
-        return None
+    weight = q.args[0]
     readers = [u for u in weight.users if u is not q] + [u for u in q.users if u is not node]
     if readers:
         return f"`{node.name}`: its weight is shared with {', '.join(f'`{u.name}`' for u in readers[:3])}"
@@ -95,10 +96,7 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str | None:
     if any(isinstance(a, fx.Node) for a in (*node.args[3:], *node.kwargs.values())) or \
             (bias is not None and getattr(bias, "op", None) != "get_attr"):
         return f"`{node.name}`: its bias or other arguments are computed tensors"
-    path, _, attr = weight.target.rpartition(".")
-    kind = node_kind(node, {})
-    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    op = WeightedOp(node, kind, gm, path, attr, bias.target.rpartition(".")[2] if bias is not None else None, groups)
+    op = replace(op, bias_name=bias.target.rpartition(".")[2] if bias is not None else None)
     return Layer(node.name, node, op=op, quantizer_path=q.target)
 
 
@@ -158,7 +156,7 @@ def followed_by_relu(model: nn.Module, node: fx.Node | None) -> bool:
 @contextlib.contextmanager
 def float_mode(model: nn.Module) -> Iterator[None]:
     """Every quantizer passes its input through (the float model with the current parameters)."""
-    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    quantizers = list(quantizers_of(model).values())
     modes = [q.mode for q in quantizers]
     for q in quantizers:
         q.set_mode("disabled")
@@ -190,8 +188,8 @@ class _Tap(fx.Interpreter):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, layer: Layer | nn.Module, batches: Sequence, what: str, limit: int | None = None,
-            reduce=None) -> list[torch.Tensor]:
+def layer_activations(model: nn.Module, layer: Layer | nn.Module, batches: Sequence, what: str,
+                      limit: int | None = None, reduce=None) -> list[torch.Tensor]:
     """The input (``what="input"``) or output of ``layer`` (a Layer or a module) per batch, stopping the forward
     right after it.
 
@@ -235,7 +233,7 @@ def capture(model: nn.Module, layer: Layer | nn.Module, batches: Sequence, what:
 
 
 def channel_sum(channel_dim: int):
-    """A ``reduce`` for ``capture``: (sum over all but the channel axis, number of values summed)."""
+    """A ``reduce`` for ``layer_activations``: (sum over all but the channel axis, number of values summed)."""
     def reduce(t: torch.Tensor) -> tuple[torch.Tensor, int]:
         t = t.detach().double().movedim(channel_dim, -1)
         flat = t.reshape(-1, t.shape[-1])

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.ptq.activations import Forward, float_rows, sites_by_part
-from fxquant.ptq.report import PTQReport
-from fxquant.ptq.smoothquant import minmax_fake_quant
+from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
+from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 
 RATIO = 8.0  # an outlier channel's calibration max |x| is above RATIO x the median channel's
 MAX_CHANNELS = 8  # at most this many float channels per Linear (the side matmul stays tiny)
@@ -94,9 +95,9 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, 
     def error(k: int) -> float:
         keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         keep[channels[:k]] = 0
-        xq = minmax_fake_quant(x * keep, bits, symmetric, None)
+        xq = fake_quant_minmax(x * keep, bits, symmetric, None)
         side = x[:, channels[:k]]
-        return float(sum(((xq @ minmax_fake_quant(w * keep, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
+        return float(sum(((xq @ fake_quant_minmax(w * keep, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
                           ** 2).sum() for w, b, r in zip(weights, w_bits, ref, strict=True)))
 
     errors = {k: error(k) for k in range(len(channels) + 1)}
@@ -143,63 +144,52 @@ def splittable(model: nn.Module) -> bool:
 
 
 def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None = None) -> PTQReport:
-    """Split the outlier input channels of every eligible Linear of ``model``'s traced parts (float-exact),
-    deciding on one float run of ``batches``. ``run(index, batch)`` runs one batch (calibrate passes its checked
-    runner; default ``model(*batch)``)."""
-    watch = OutlierWatch(model)
-    if watch.sites:
-        watch.rows = float_rows(model, watch.taps, batches, run)
-    return watch.split()
-
-
-class OutlierWatch:
-    """The split's sites in a model and the float rows each site's quantizer reads (``rows``: filled by
-    ``float_rows``, or by ``kept_rows(watch.taps)`` around any run of the float model, such as calibrate's own
-    pass when no quantizer is dynamic); ``split()`` decides and applies."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.sites, self.notes = sites_by_part(model, find_sites)
-        self.taps = {id(s): (gm.get_submodule(s.quantizer.target), "input")
-                     for gm, ss in self.sites.items() for s in ss}
-        self.rows: dict[int, torch.Tensor] = {}
-
-    def split(self) -> PTQReport:
-        """Split every site where that divides the output error on ``rows`` by at least ``MIN_GAIN``."""
-        report = PTQReport("outlier_channels")
-        report.skipped += self.notes
-        layers = {}
-        for gm, ss in self.sites.items():
-            for site in ss:
-                entry = _split_site(gm, site, self.rows[id(site)], report)
-                if entry is not None:
-                    layers[", ".join(n.target for n in site.linears)] = entry
-            gm.graph.lint()
-            gm.recompile()
-        report.data = {"layers": layers}
+    """Split the outlier input channels of every eligible Linear of ``model``'s traced parts (float-exact).
+    ``run(index, batch)`` runs one batch (calibrate passes its checked runner; default ``model(*batch)``)."""
+    report = PTQReport("outlier_channels")
+    sites, notes = sites_by_part(model, find_sites)
+    report.skipped += notes
+    if not sites:
         return report
+    taps = {id(s): (gm.get_submodule(s.quantizer.target), "input") for gm, ss in sites.items() for s in ss}
+    rows = float_rows(model, taps, batches, run)
+    layers = {}
+    for gm, ss in sites.items():
+        for site in ss:
+            x = rows[id(site)]
+            channel_max = x.abs().amax(0)
+            channels = candidates(channel_max)
+            if not channels:
+                continue
+            act = gm.get_submodule(site.quantizer.target)
+            linears = [gm.get_submodule(n.target) for n in site.linears]
+            w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
+            w_bits = [8 if s is None else s.num_bits for s in w_bits]
+            k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels)
+            readers = ", ".join(n.target for n in site.linears)
+            layers[readers] = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
+            if k == 0:
+                report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
+                                      f"(median channel {channel_max.median():.3g}), but running them in float "
+                                      f"divides the output error by less than {MIN_GAIN}")
+                continue
+            _apply(gm, site, channels[:k])
+            report.done.append(f"`{readers}`: input channel(s) {channels[:k]} (max |x| "
+                               f"{', '.join(f'{float(channel_max[c]):.3g}' for c in channels[:k])}; median channel "
+                               f"{float(channel_max.median()):.3g}) run in float beside the int8 Linear, output "
+                               f"error / {errors[0] / max(errors[k], 1e-30):.1f}")
+        gm.graph.lint()
+        gm.recompile()
+    report.data = {"layers": layers}
+    return report
 
 
-def _split_site(gm: fx.GraphModule, site: Site, x: torch.Tensor, report: PTQReport) -> dict | None:
-    """Search one site on its float rows ``x``; apply the split where it pays. Returns the search's record."""
-    channel_max = x.abs().amax(0)
-    channels = candidates(channel_max)
-    if not channels:
-        return None
-    act = gm.get_submodule(site.quantizer.target)
-    linears = [gm.get_submodule(n.target) for n in site.linears]
-    w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
-    w_bits = [8 if s is None else s.num_bits for s in w_bits]
-    k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels)
-    readers = ", ".join(n.target for n in site.linears)
-    entry = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
-    if k == 0:
-        report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
-                              f"(median channel {channel_max.median():.3g}), but running them in float "
-                              f"divides the output error by less than {MIN_GAIN}")
-        return entry
-    _apply(gm, site, channels[:k])
-    report.done.append(f"`{readers}`: input channel(s) {channels[:k]} (max |x| "
-                       f"{', '.join(f'{float(channel_max[c]):.3g}' for c in channels[:k])}; median channel "
-                       f"{float(channel_max.median()):.3g}) run in float beside the int8 Linear, output "
-                       f"error / {errors[0] / max(errors[k], 1e-30):.1f}")
-    return entry
+def splits(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() looks for outlier input channels of Linears: asked for, not yet done, and (for "auto") a
+    per-tensor activation quantizer feeds a Linear."""
+    return auto_applies(ctx, "outlier_channels", splittable)
+
+
+def outlier_channels_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s outlier-channel split, on its checked batches (``fxquant.ptq.step``)."""
+    return auto_result(ctx, "outlier_channels", split_outlier_channels(ctx.model, ctx.batches, ctx.run))

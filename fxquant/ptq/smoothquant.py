@@ -24,8 +24,10 @@ import torch
 from torch import fx, nn
 
 from fxquant.ptq.activations import Forward, float_rows, sites_by_part
-from fxquant.ptq.report import PTQReport
+from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
+from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
+from fxquant.report import PTQReport
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -72,20 +74,6 @@ def find_groups(gm: fx.GraphModule) -> tuple[list[Group], list[str]]:
     return groups, notes
 
 
-def minmax_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, dim: int | None) -> torch.Tensor:
-    """Min/max fake quantization per tensor (dim None) or per slice along ``dim`` (for the alpha search)."""
-    reduce = {} if dim is None else {"dim": tuple(d for d in range(x.dim()) if d != dim), "keepdim": True}
-    if symmetric:
-        amax = (x.abs().amax(**reduce) if reduce else x.abs().max()).clamp_min(1e-12)
-        q = 2 ** (bits - 1) - 1
-        return torch.clamp(torch.round(x / amax * q), -q, q) * amax / q
-    lo = (x.amin(**reduce) if reduce else x.min()).clamp(max=0)
-    hi = (x.amax(**reduce) if reduce else x.max()).clamp(min=0)
-    step = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
-    zero = torch.round(-lo / step)
-    return (torch.clamp(torch.round(x / step) + zero, 0, 2**bits - 1) - zero) * step
-
-
 def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
     s = x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
     return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
@@ -102,8 +90,8 @@ def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric:
     ref = [x @ w.t() for w in weights]
 
     def error(s: torch.Tensor) -> float:
-        xq = minmax_fake_quant(x / s, act_bits, symmetric, None)
-        return float(sum(((xq @ minmax_fake_quant(w * s, b, True, 0).t() - r) ** 2).sum()
+        xq = fake_quant_minmax(x / s, act_bits, symmetric, None)
+        return float(sum(((xq @ fake_quant_minmax(w * s, b, True, 0).t() - r) ** 2).sum()
                          for w, b, r in zip(weights, w_bits, ref, strict=True)))
 
     errors = {"none": error(torch.ones_like(x_max))}
@@ -172,3 +160,13 @@ def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> 
         gm.recompile()
     report.data = {"layers": layers}
     return report
+
+
+def smooths(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() runs SmoothQuant: asked for, not yet done, and (for "auto") a LayerNorm feeds a Linear."""
+    return auto_applies(ctx, "smoothquant", smoothable)
+
+
+def smoothquant_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s SmoothQuant step, on its checked batches (``fxquant.ptq.step``)."""
+    return auto_result(ctx, "smoothquant", smoothquant(ctx.model, ctx.batches, ctx.run))

@@ -23,10 +23,11 @@ from torch import fx, nn
 
 from fxquant.backends.base import Backend
 from fxquant.ops.kinds import module_kind, quantized_weight_op
-from fxquant.ptq.report import PTQReport, attach
+from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.qmath import along_axis, quantize, symmetric_step
 from fxquant.quantizer import TensorQuantizer
-from fxquant.spec import QuantConfig, QuantSpec
+from fxquant.report import PTQReport
+from fxquant.spec import QuantSpec
 
 PAIR_LIMIT = 128  # largest same-signed pair sum whose product with 255 fits int16 (255 * 128 = 32640)
 SAFE_BITS, FULL_BITS = 7, 8
@@ -126,18 +127,15 @@ def widen(q: TensorQuantizer, weight: torch.Tensor, kind: str, groups: int, limi
     return data | {"min_effective_bits": round(float(torch.log2(levels).min()), 2)}
 
 
-def choose_weight_bits(model: nn.Module, backend: Backend, config: QuantConfig, fixed: set[str] = frozenset(),
-                       margin: int = 0) -> PTQReport | None:
-    """Give every calibrated weight quantizer on the backend's default weight spec 8-bit codes that no adjacent
+def choose_weight_bits(model: nn.Module, backend: Backend, fixed: set[str] = frozenset(), margin: int = 0
+                       ) -> PTQReport:
+    """Give every calibrated weight quantizer on ``backend``'s default weight spec 8-bit codes that no adjacent
     pair can overflow ORT's int16 u8s8 accumulation with: the full 8-bit range per output channel where no pair
-    can overflow, a range widened just enough where one could (7 bits if that fails); record it per layer.
+    can overflow, a range widened just enough where one could (7 bits if that fails); returns the choice per layer.
 
-    Runs only when ``backend.saturation_aware_weights`` is set and the config names no weight spec of its own.
     ``fixed``: quantizer names whose codes are fixed (AdaRound), left alone. ``margin``: codes a later pass may
     still move a pair by (AdaRound moves each weight by at most one), kept free below the overflow limit.
     """
-    if not backend.saturation_aware_weights or config.weight is not None:
-        return None
     report = PTQReport("weight_bits")
     names = {id(m): n for n, m in model.named_modules()}
     for layer, q, weight, kind, groups in weighted_quantizers(model):
@@ -155,5 +153,16 @@ def choose_weight_bits(model: nn.Module, backend: Backend, config: QuantConfig, 
                            f"pairs could overflow ORT's int16 u8s8 accumulation with the plain 8-bit range"
                            f"{widened})")
         report.data[layer] = data
-    attach(model, report)
     return report
+
+
+def saturation_aware(ctx: CalibrationContext) -> bool:
+    """Whether calibrate() chooses saturation-safe weight widths: the backend asks for them
+    (``Backend.saturation_aware_weights``) and the config names no weight spec of its own."""
+    return ctx.backend.saturation_aware_weights and ctx.config.weight is None
+
+
+def weight_bits_step(ctx: CalibrationContext) -> StepResult:
+    """calibrate()'s weight-width step (``fxquant.ptq.step``), after the ranges and before AdaRound."""
+    margin = 2 if ctx.config.adaround_options else 0  # AdaRound may move each code by one: two codes of headroom
+    return StepResult(choose_weight_bits(ctx.model, ctx.backend, ctx.state.fixed_weights, margin))

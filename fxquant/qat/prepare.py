@@ -12,7 +12,7 @@ from fxquant.backends import Backend
 from fxquant.errors import ConfigError, FxQuantError
 from fxquant.pipeline import prepare_model
 from fxquant.qat.quantizer import RANGE_MODES, QATQuantizer
-from fxquant.quantizer import TensorQuantizer
+from fxquant.quantizer import quantizers_of
 from fxquant.spec import QuantConfig
 from fxquant.state import get_state
 
@@ -73,11 +73,9 @@ def prepare_qat(model: nn.Module, example_inputs: torch.Tensor | tuple, backend:
     options = QATOptions(ranges, ema_decay, freeze_ranges_after)
     backend, config = checked_arguments(model, backend, config, qat=True)
     gm = prepare_model(model, example_inputs, backend, config)
-    for name, q in list(gm.named_modules()):
-        if isinstance(q, TensorQuantizer):
-            twin = QATQuantizer(q.spec, q.constant, options.ranges, options.ema_decay,
-                                options.freeze_ranges_after)
-            twin.set_mode(q.mode)
-            gm.set_submodule(name, twin.train(q.training))
+    for name, q in quantizers_of(gm).items():
+        twin = QATQuantizer(q.spec, q.constant, options.ranges, options.ema_decay, options.freeze_ranges_after)
+        twin.set_mode(q.mode)
+        gm.set_submodule(name, twin.train(q.training))
     gm.register_forward_pre_hook(_count_steps)
     return gm

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxquant
 from fxquant.analysis.tune import float_layers
-from fxquant.lower.ort.regions import RegionGraph, float_units
+from fxquant.lower.ort.regions import RegionGraph, with_float_layers
 from fxquant.lower.ort.tune import Candidate, choose
 
 
@@ -58,13 +58,13 @@ def test_regions_split_units_from_glue(wide, tmp_path):
     _, data, qmodel = wide
     proto, _ = _export(qmodel, data[0][:1], tmp_path / "w.onnx")
     regions = RegionGraph(proto.model)
-    assert sorted(u.module for u in regions.units.values()) == ["conv1", "conv2", "fc", "stem"]
-    assert {u.weight_quantizer for u in regions.units.values()} == {f"{m}.weight_quantizer"
+    assert sorted(u.module for u in regions.layers.values()) == ["conv1", "conv2", "fc", "stem"]
+    assert {u.weight_quantizer for u in regions.layers.values()} == {f"{m}.weight_quantizer"
                                                                   for m in ("conv1", "conv2", "fc", "stem")}
     # the residual add, its ReLU, the pool and the flatten sit in one glue component touching stem, conv2, fc
-    fc = next(n for n, u in regions.units.items() if u.module == "fc")
+    fc = next(n for n, u in regions.layers.items() if u.module == "fc")
     touched = [regions.touches[c] for c in set(regions.component.values()) if fc in regions.touches.get(c, ())]
-    assert sorted(sorted(regions.units[u].module for u in t) for t in touched) == [
+    assert sorted(sorted(regions.layers[u].module for u in t) for t in touched) == [
         ["conv1", "conv2", "fc", "stem"], ["fc"]]
 
 
@@ -72,7 +72,7 @@ def test_floating_one_layer_removes_exactly_its_conversions(wide, tmp_path):
     model, data, qmodel = wide
     result, _ = _export(qmodel, data[0][:1], tmp_path / "w.onnx")
     fc = next(n.name for n in result.model.graph.node if n.name.startswith("fc/"))
-    proto, removed = float_units(result.model, {fc})
+    proto, removed = with_float_layers(result.model, {fc})
     before, after = result.op_counts, Counter(n.op_type for n in proto.graph.node)
     # fc's weight and int32 bias DQs and its output pair go; its input pair feeds nothing else but stays: the
     # pool before it is int8 (the component touches int8 convs)
@@ -96,7 +96,7 @@ def test_floating_one_layer_removes_exactly_its_conversions(wide, tmp_path):
 def test_floating_every_unit_is_the_float_twin(wide, tmp_path):
     model, data, qmodel = wide
     result, _ = _export(qmodel, data[0][:1], tmp_path / "w.onnx")
-    proto, removed = float_units(result.model)
+    proto, removed = with_float_layers(result.model)
     assert not {n.op_type for n in proto.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
     quantizers = {n for n, m in qmodel.named_modules() if type(m).__name__ == "FrozenQuantizer"}
     assert quantizers <= removed
@@ -132,6 +132,7 @@ def test_tune_takes_the_fastest_measured_candidate_and_exports_it(wide, tmp_path
     ({0: 1.00, 1: 0.95, 2: 0.92, 4: 0.90}, 4),  # every int8 candidate slower than float: the float model
     ({0: 0.90, 1: 0.95, 2: 0.97, 4: 0.90}, 0),  # all-int8 as fast as float: kept
 ])
+@pytest.mark.smoke
 def test_choice_given_measurements(times, floated):
     """The decision alone, on given timings (ms; the float twin measured 0.90 ms)."""
     order = ("fc", "stem", "conv1", "conv2")

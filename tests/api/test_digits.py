@@ -19,6 +19,7 @@ from fxquant.lower.onnx_export import ort_session, run_ort
 FLOAT_WEIGHTED = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"}
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
 def test_int8_accuracy_within_half_a_point(digits, backend, tmp_path):
     model, (x_train, _, x_test, y_test) = digits

@@ -287,6 +287,7 @@ def test_calibrate_single_tensor_instead_of_batches(prepared_net):
         fxquant.calibrate(prepared, _x(), progress=False)
 
 
+@pytest.mark.smoke
 def test_convert_twice(prepared_net):
     prepared, _, _ = prepared_net
     fxquant.calibrate(prepared, [_x()], progress=False)

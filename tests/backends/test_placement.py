@@ -247,6 +247,7 @@ def test_dict_outputs_and_two_inputs_export(tmp_path):
 
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------------------
+@pytest.mark.smoke
 def test_onnxruntime_basic_block_quantizes_every_op_boundary():
     gm = prep(BasicBlock(), X8, backend="onnxruntime")
     # conv+relu absorbed: one quantizer after each relu; the add sees Q/DQ on both inputs and its output

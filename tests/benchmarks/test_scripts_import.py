@@ -12,6 +12,7 @@ ROOT = Path(__file__).parents[2]
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_script_imports(name, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as `python benchmarks/NAME.py` runs: its folder first

@@ -175,6 +175,7 @@ def test_entropy_of_uniform_data_keeps_the_max():
     assert hi.item() == x.abs().max().item() and lo.item() == -hi.item()
 
 
+@pytest.mark.smoke
 def test_entropy_clips_a_long_sparse_tail():
     torch.manual_seed(0)
     bulk = torch.randn(200_000)

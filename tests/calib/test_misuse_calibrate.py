@@ -80,6 +80,7 @@ def test_dict_batches_keyed_by_forward_names_and_inputs_key():
         fxquant.calibrate(_prepare(), [{"image": x} for x in _data()], progress=False)
 
 
+@pytest.mark.smoke
 def test_tensordataset_pairs_are_answered_and_inputs_selects_them():
     xs = torch.cat(_data())
     loader = DataLoader(TensorDataset(xs, torch.arange(len(xs))), batch_size=2)

@@ -118,6 +118,7 @@ def test_yolo_style_detector(backend, tmp_path):
     assert not any(isinstance(m, EagerQuantConv2d) for m in model.modules())
 
 
+@pytest.mark.smoke
 def test_traced_root_with_an_eager_submodule_converts_and_exports(tmp_path):
     torch.manual_seed(0)
     model = randomize_bn(NeckHead())

@@ -12,6 +12,8 @@ import onnx
 import pytest
 
 from fxquant import BACKENDS
+from fxquant.lower.onnx_export import DEFAULT_OPSET
+from fxquant.spec import CALIB_METHODS
 
 FACTORY = textwrap.dedent("""
     import torch
@@ -125,3 +127,13 @@ def test_help_lists_every_command():
     run = fxquant("--help")
     assert run.returncode == 0
     assert all(cmd in run.stdout for cmd in ("quantize", "report", "demo"))
+
+
+def test_quantize_help_offers_every_backend_calib_method_and_the_export_opset():
+    run = fxquant("quantize", "--help")
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())
+    backends = re.search(r"--backend \{([^}]*)\}", text).group(1).split(",")
+    assert backends == list(BACKENDS) and "onnxruntime_dynamic" in backends
+    assert re.search(r"--calib-method \{([^}]*)\}", text).group(1).split(",") == list(CALIB_METHODS)
+    assert f"default: {DEFAULT_OPSET})" in text

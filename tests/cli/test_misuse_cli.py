@@ -96,6 +96,7 @@ def test_the_file_is_imported_once_for_model_and_data(user_file, tmp_path, capsy
     assert user_file.with_suffix(".imports").read_text() == "x"
 
 
+@pytest.mark.smoke
 def test_integer_token_ids_stay_integer(user_file, tmp_path, capsys):
     ids = tmp_path / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(0, 10, size=(16, 5)))

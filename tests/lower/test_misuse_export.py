@@ -13,8 +13,8 @@ from torch import nn
 
 import fxquant
 from fxquant.errors import ExportError, FxQuantError
-from fxquant.lower.export_checks import atomic_file
 from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
+from fxquant.validate.export import atomic_file
 from tests.models.tiny import ConvFC as _Net
 
 

@@ -56,6 +56,7 @@ def test_node_names_map_back_to_modules(tmp_path, backend):
             assert prefix in modules or prefix.endswith("bias_quantizer"), name
 
 
+@pytest.mark.smoke
 def test_metadata_and_shape_inference(tmp_path):
     config = QuantConfig(activation=QuantSpec(8, symmetric=False, calib_method="percentile"),
                          overrides=(Override("head", exclude=True),))

@@ -57,6 +57,7 @@ CASES = {
 }
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fold_is_float_equivalent(case):
     make, shape = CASES[case]

@@ -16,7 +16,7 @@ from torch import nn
 import fxquant
 from fxquant.lower.onnx_export import ort_session
 from fxquant.ptq.layers import float_mode
-from fxquant.ptq.report import PTQReport
+from fxquant.report import PTQReport
 
 torch.manual_seed(0)
 X = torch.randn(16, 3, 12, 12)

@@ -56,6 +56,7 @@ def _prepare(model: nn.Module, backend: str, **config) -> nn.Module:
         return fxquant.prepare(model, _batches(1)[0], backend=backend, config=fxquant.QuantConfig(**config))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime_dynamic", "tensorrt"])
 def test_split_is_exact_in_float_and_names_the_channels(backend: str) -> None:
     model = _model()

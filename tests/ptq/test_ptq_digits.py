@@ -16,7 +16,7 @@ import fxquant
 from fxquant.cli.demo_model import accuracy, load_digits_split
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.ptq.bias_correction import relu_normal_mean
-from fxquant.ptq.layers import capture, channel_sum, float_mode, quantized_layers
+from fxquant.ptq.layers import channel_sum, float_mode, layer_activations, quantized_layers
 from fxquant.ptq.weight_widths import reduction_rows, saturating_pairs
 from tests.models.mobilenet_digits import train_mobilenet_digits, unbalance_channels
 
@@ -131,7 +131,7 @@ def test_empirical_bias_correction_zeroes_every_layers_mean_error(digits):
 
     def means(ctx):  # per layer and channel, the output mean over the calibration batches
         with ctx:
-            return {layer.name: _mean(capture(prepared, layer.module, batches, "output",
+            return {layer.name: _mean(layer_activations(prepared, layer.module, batches, "output",
                                               reduce=channel_sum(layer.channel_dim))) for layer in layers}
 
     reference = means(float_mode(prepared))  # the float model, before biases change

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import onnx
+import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
@@ -87,6 +88,7 @@ def test_ort_as_vnni_never_saturates(tmp_path) -> None:
         assert ort_conv(codes, groups, "vnni", tmp_path / f"{k}.onnx") <= 1.0, name
 
 
+@pytest.mark.smoke
 def test_pair_counting() -> None:
     codes = torch.tensor([[127, 2, -64, -65, 63, 63], [64, 64, 65, -100, 1, 0]])
     assert saturating_pairs(codes).tolist() == [2, 0]

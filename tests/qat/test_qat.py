@@ -121,6 +121,7 @@ def _small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return DigitsNet(width=8).eval(), x, y
 
 
+@pytest.mark.smoke
 def test_ema_ranges_move_in_training_mode_only():
     model, x, _ = _small()
     prepared = _prepare_qat(model, x[:1], QuantConfig(weight=W4, activation=A4), ranges="ema", ema_decay=0.5)

@@ -219,6 +219,7 @@ def test_amax_setter_scale_and_state_loading():
         per_channel.amax = 1.0
 
 
+@pytest.mark.smoke
 def test_max_calibration_per_channel():
     q = TensorQuantizer(QuantSpec(axis=0))
     q.set_mode("calib")

@@ -72,6 +72,7 @@ class _WithGate(nn.Module):
         return self.head(torch.erf(self.gate(self.conv(x))))
 
 
+@pytest.mark.smoke
 def test_patterns_match_module_classes_and_functions():
     rules = (Rule("gate_io", Pattern.chain(("g", _Gate)), Targets(inputs="g", output="g"), priority=40),
              Rule("erf_out", Pattern.chain(("f", torch.erf)), Targets(output="f"), priority=40))

@@ -87,6 +87,7 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_decomposed_attention_equals_multihead_attention(batch_first):
     torch.manual_seed(0)

@@ -13,53 +13,33 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from fxquant.lower.ort.cpu_graph import consumers, sole
-from fxquant.lower.ort.dynamic_matmul import prune
+from fxquant.lower.graph import OnnxGraph, attr
 
 _BSNH = [0, 2, 1, 3]  # (B, S, N, H) <-> (B, N, S, H)
 
 
-def _attr(node: onnx.NodeProto, name: str) -> list[int] | int | None:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+def _heads(g: OnnxGraph, name: str, perm: list[int]) -> tuple[str, np.ndarray] | None:
+    """(the 3-D input, the 4-D shape) of ``Reshape(x, (B, S, N, H)) -> Transpose(perm)`` producing ``name``."""
+    transpose = g.made_by(name, "Transpose", single_use=True)
+    reshape = g.made_by(transpose.input[0], "Reshape", single_use=True) if transpose is not None else None
+    if reshape is None or list(attr(transpose, "perm") or []) != perm or reshape.input[1] not in g.initializers:
+        return None
+    shape = g.array(reshape.input[1])
+    return (reshape.input[0], shape) if shape.size == 4 and shape[3] > 0 else None
 
 
-class _Graph:
-    def __init__(self, proto: onnx.ModelProto) -> None:
-        self.proto, graph = proto, proto.graph
-        self.inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.users = consumers(graph)
-        inferred = onnx.shape_inference.infer_shapes(proto)
-        typed = (*inferred.graph.value_info, *inferred.graph.input)
-        self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                       for v in typed if v.type.tensor_type.HasField("shape")}
-
-    def made_by(self, name: str, op_type: str, single_use: bool = True) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        ok = node is not None and node.op_type == op_type and (not single_use or len(self.users.get(name, [])) == 1)
-        return node if ok else None
-
-    def heads(self, name: str, perm: list[int]) -> tuple[str, np.ndarray] | None:
-        """(the 3-D input, the 4-D shape) of ``Reshape(x, (B, S, N, H)) -> Transpose(perm)`` producing ``name``."""
-        transpose = self.made_by(name, "Transpose")
-        reshape = self.made_by(transpose.input[0], "Reshape") if transpose is not None else None
-        if reshape is None or list(_attr(transpose, "perm") or []) != perm or reshape.input[1] not in self.inits:
-            return None
-        shape = self.inits[reshape.input[1]]
-        return (reshape.input[0], shape) if shape.size == 4 and shape[3] > 0 else None
-
-    def is_constant(self, name: str, value: float) -> bool:
-        array = self.inits.get(name)
-        return array is not None and array.size == 1 and float(array.reshape(())) == value
+def _is_constant(g: OnnxGraph, name: str, value: float) -> bool:
+    array = g.array(name)
+    return array is not None and array.size == 1 and float(array.reshape(())) == value
 
 
-def _merged_output(g: _Graph, matmul: onnx.NodeProto, head: int) -> tuple[list[onnx.NodeProto], int] | None:
+def _merged_output(g: OnnxGraph, matmul: onnx.NodeProto, head: int) -> tuple[list[onnx.NodeProto], int] | None:
     """The nodes ``[Reshape (B, N, S, H)] -> Transpose -> Reshape (B, S, N*H)`` after ``matmul``, and N*H."""
     chain, name = [], matmul.output[0]
     for op_type in ("Reshape", "Transpose", "Reshape"):
-        node = sole(g.users, name, op_type)
+        node = g.sole(name, op_type)
         if node is None and op_type == "Reshape" and not chain:
             continue  # the first Reshape is optional
         if node is None:
@@ -67,22 +47,22 @@ def _merged_output(g: _Graph, matmul: onnx.NodeProto, head: int) -> tuple[list[o
         chain.append(node)
         name = node.output[0]
     *_, transpose, merge = chain
-    shape = g.inits.get(merge.input[1])
-    if list(_attr(transpose, "perm") or []) != _BSNH or shape is None or shape.size != 3 or shape[2] % head:
+    shape = g.array(merge.input[1])
+    if list(attr(transpose, "perm") or []) != _BSNH or shape is None or shape.size != 3 or shape[2] % head:
         return None
     return chain, int(shape[2])
 
 
-def _mask(g: _Graph, scores: onnx.NodeProto) -> tuple[str, str | None, list[onnx.NodeProto]] | None:
+def _mask(g: OnnxGraph, scores: onnx.NodeProto) -> tuple[str, str | None, list[onnx.NodeProto]] | None:
     """(the q k^T tensor, the boolean keep-mask or None, the masking nodes) of the scores feeding the Softmax."""
     if scores.op_type == "MatMul":
         return scores.output[0], None, []
     if scores.op_type != "Where":
         return None
     cond, a, b = scores.input
-    if g.is_constant(a, -np.inf) and (negated := g.producer.get(cond)) is not None and negated.op_type == "Not":
+    if _is_constant(g, a, -np.inf) and (negated := g.made_by(cond, "Not")) is not None:
         keep, raw = negated.input[0], b
-    elif g.is_constant(b, -np.inf):
+    elif _is_constant(g, b, -np.inf):
         keep, raw = cond, a
     else:
         return None
@@ -91,19 +71,19 @@ def _mask(g: _Graph, scores: onnx.NodeProto) -> tuple[str, str | None, list[onnx
 
 def multi_head_attention(proto: onnx.ModelProto) -> int:
     """Replace every float attention block that matches exactly by MultiHeadAttention; returns how many."""
-    g = _Graph(proto)
-    graph, done, biases = proto.graph, 0, {}
-    for softmax in [n for n in graph.node if n.op_type == "Softmax" and _attr(n, "axis") in (-1, 3)]:
+    g = OnnxGraph(proto)
+    shapes, done, biases = g.shapes(), 0, {}
+    for softmax in [n for n in g.graph.node if n.op_type == "Softmax" and attr(n, "axis") in (-1, 3)]:
         source = g.producer.get(softmax.input[0])
-        masked = _mask(g, source) if source is not None and len(g.users[softmax.input[0]]) == 1 else None
+        masked = _mask(g, source) if source is not None and len(g.users(softmax.input[0])) == 1 else None
         if masked is None:
             continue
         raw, keep, mask_nodes = masked
-        qk = g.made_by(raw, "MatMul")
-        pv = sole(g.users, softmax.output[0], "MatMul")
+        qk = g.made_by(raw, "MatMul", single_use=True)
+        pv = g.sole(softmax.output[0], "MatMul")
         if qk is None or pv is None or pv.input[0] != softmax.output[0]:
             continue
-        q, k, v = g.heads(qk.input[0], _BSNH), g.heads(qk.input[1], [0, 2, 3, 1]), g.heads(pv.input[1], _BSNH)
+        q, k, v = _heads(g, qk.input[0], _BSNH), _heads(g, qk.input[1], [0, 2, 3, 1]), _heads(g, pv.input[1], _BSNH)
         if q is None or k is None or v is None or len({int(s[1][3]) for s in (q, k, v)}) != 1:
             continue
         head = int(q[1][3])
@@ -113,23 +93,20 @@ def multi_head_attention(proto: onnx.ModelProto) -> int:
         chain, width = merged
         inputs = [q[0], k[0], v[0]]
         if keep is not None:
-            shape = _bias_shape(g.shapes.get(keep), int(q[1][1]), width // head)
+            shape = _bias_shape(shapes.get(keep), int(q[1][1]), width // head)
             if shape is None:
                 continue
             if (keep, shape) not in biases:
-                biases[keep, shape] = _bias(graph, keep, shape)
+                biases[keep, shape] = _bias(g, keep, shape)
             inputs += ["", "", biases[keep, shape]]
         fused = helper.make_node("MultiHeadAttention", inputs, [chain[-1].output[0]], domain="com.microsoft",
                                  num_heads=width // head, scale=1.0, name=f"{softmax.name}/MultiHeadAttention")
-        at = list(graph.node).index(pv)
-        graph.node.insert(at, fused)
-        for node in (*mask_nodes, qk, softmax, pv, *chain):
-            graph.node.remove(node)
+        g.insert(pv, [fused])
+        g.remove(*mask_nodes, qk, softmax, pv, *chain)
         done += 1
     if done:
-        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        prune(proto)
+        g.use_domain("com.microsoft")
+        g.prune()
     return done
 
 
@@ -141,16 +118,14 @@ def _bias_shape(mask: list | None, queries: int, heads: int) -> tuple[int, ...] 
     return (1, 1, queries, 1)
 
 
-def _bias(graph: onnx.GraphProto, keep: str, shape: tuple[int, ...]) -> str:
+def _bias(g: OnnxGraph, keep: str, shape: tuple[int, ...]) -> str:
     """An additive bias (0 where ``keep``, -inf elsewhere) expanded by ``shape``, computed once after ``keep``."""
     name = f"{keep}_attention_bias_{shape[2]}"
-    graph.initializer.extend([numpy_helper.from_array(np.array(0.0, np.float32), f"{name}_keep"),
-                              numpy_helper.from_array(np.array(-np.inf, np.float32), f"{name}_drop"),
-                              numpy_helper.from_array(np.array(shape, np.int64), f"{name}_shape")])
-    at = next((i + 1 for i, n in enumerate(graph.node) if keep in n.output), 0)
-    nodes = [helper.make_node("Where", [keep, f"{name}_keep", f"{name}_drop"], [f"{name}_where"],
-                              name=f"{name}/Where"),
-             helper.make_node("Expand", [f"{name}_where", f"{name}_shape"], [name], name=f"{name}/Expand")]
-    for offset, node in enumerate(nodes):
-        graph.node.insert(at + offset, node)
+    g.add_initializer(np.array(0.0, np.float32), f"{name}_keep")
+    g.add_initializer(np.array(-np.inf, np.float32), f"{name}_drop")
+    g.add_initializer(np.array(shape, np.int64), f"{name}_shape")
+    at = next((i + 1 for i, n in enumerate(g.graph.node) if keep in n.output), 0)
+    g.insert(at, [helper.make_node("Where", [keep, f"{name}_keep", f"{name}_drop"], [f"{name}_where"],
+                                   name=f"{name}/Where"),
+                  helper.make_node("Expand", [f"{name}_where", f"{name}_shape"], [name], name=f"{name}/Expand")])
     return name

@@ -22,34 +22,13 @@ import math
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from fxquant.lower.graph import OnnxGraph, attrs
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs by name."""
-    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return out
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
-
-
-def _is(constants: dict, name: str, value: float) -> bool:
-    array = constants.get(name)
+def _is(g: OnnxGraph, name: str | None, value: float) -> bool:
+    array = g.constant(name) if name is not None else None
     return array is not None and array.size == 1 and math.isclose(float(array.reshape(())), value, rel_tol=1e-6)
-
-
-def sole(users: dict, name: str, op_type: str) -> onnx.NodeProto | None:
-    found = users.get(name, [])
-    return found[0] if len(found) == 1 and found[0].op_type == op_type else None
 
 
 def _other(node: onnx.NodeProto, name: str) -> str | None:
@@ -61,22 +40,20 @@ def _other(node: onnx.NodeProto, name: str) -> str | None:
 def fusable_gelu(proto: onnx.ModelProto) -> int:
     """Reorder every ``Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(0.5) -> Mul(x)`` into
     ``... -> Add(1) -> Mul(x) -> Mul(0.5)``, the order ORT fuses into Gelu; returns how many."""
-    graph = proto.graph
-    constants, users = _constants(graph), consumers(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    g = OnnxGraph(proto)
     done = 0
-    for erf in [n for n in graph.node if n.op_type == "Erf"]:
-        div = producer.get(erf.input[0])
-        if div is None or div.op_type != "Div" or not _is(constants, div.input[1], math.sqrt(2)):
+    for erf in [n for n in g.graph.node if n.op_type == "Erf"]:
+        div = g.made_by(erf.input[0], "Div")
+        if div is None or not _is(g, div.input[1], math.sqrt(2)):
             continue
         x = div.input[0]
-        add = sole(users, erf.output[0], "Add")
-        half = sole(users, add.output[0], "Mul") if add is not None else None
-        if half is None or not _is(constants, _other(add, erf.output[0]), 1.0):
+        add = g.sole(erf.output[0], "Add")
+        half = g.sole(add.output[0], "Mul") if add is not None else None
+        if half is None or not _is(g, _other(add, erf.output[0]), 1.0):
             continue
         half_const = _other(half, add.output[0])
-        outer = sole(users, half.output[0], "Mul")
-        if outer is None or not _is(constants, half_const, 0.5) or _other(outer, half.output[0]) != x:
+        outer = g.sole(half.output[0], "Mul")
+        if outer is None or not _is(g, half_const, 0.5) or _other(outer, half.output[0]) != x:
             continue
         half.input[:] = [x, add.output[0]]  # x * (1 + erf)
         outer.input[:] = [half.output[0], half_const]  # ... * 0.5
@@ -86,11 +63,10 @@ def fusable_gelu(proto: onnx.ModelProto) -> int:
 
 def plain_residual_layernorm(proto: onnx.ModelProto) -> int:
     """Write every Add that feeds a LayerNormalization as Sum (same values); returns how many."""
-    graph = proto.graph
-    users = consumers(graph)
+    g = OnnxGraph(proto)
     done = 0
-    for node in graph.node:
-        if node.op_type == "Add" and any(u.op_type == "LayerNormalization" for u in users.get(node.output[0], [])):
+    for node in g.graph.node:
+        if node.op_type == "Add" and any(u.op_type == "LayerNormalization" for u in g.users(node.output[0])):
             node.op_type = "Sum"
             done += 1
     return done
@@ -98,44 +74,40 @@ def plain_residual_layernorm(proto: onnx.ModelProto) -> int:
 
 def _input_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int]:
     """(channel axis of input 0, its size) for a Conv/ConvTranspose/Gemm with ``weight``."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    a = attrs(node)
     if node.op_type == "Conv":
-        return 1, weight.shape[1] * attrs.get("group", 1)
+        return 1, weight.shape[1] * a.get("group", 1)
     if node.op_type == "ConvTranspose":
         return 1, weight.shape[0]
-    return (0 if attrs.get("transA", 0) else 1), weight.shape[1 if attrs.get("transB", 0) else 0]
+    return (0 if a.get("transA", 0) else 1), weight.shape[1 if a.get("transB", 0) else 0]
 
 
 def float_layers_stay_float(proto: onnx.ModelProto) -> int:
     """Give every Conv/ConvTranspose/Gemm with a float weight initializer that reads a per-tensor
     DequantizeLinear its own per-channel DequantizeLinear of the same values; returns how many."""
-    graph = proto.graph
-    floats = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    producer = {o: n for n in graph.node for o in n.output}
-    users = consumers(graph)
-    constants = _constants(graph)
+    g = OnnxGraph(proto)
+    floats = {t.name for t in g.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    users = dict(g.consumers)  # as the graph was: a DequantizeLinear's other readers before any rewrite
     done = 0
-    for node in [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]:
-        dq = producer.get(node.input[0])
-        if len(node.input) < 2 or node.input[1] not in floats or dq is None or dq.op_type != "DequantizeLinear":
+    for node in [n for n in g.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]:
+        dq = g.made_by(node.input[0], "DequantizeLinear")
+        if len(node.input) < 2 or node.input[1] not in floats or dq is None:
             continue
-        scale = constants.get(dq.input[1])
-        zero = constants.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        scale = g.constant(dq.input[1])
+        zero = g.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         if scale is None or scale.size != 1 or (len(dq.input) > 2 and dq.input[2] and zero is None):
             continue
-        axis, channels = _input_channels(node, numpy_helper.to_array(floats[node.input[1]]))
+        axis, channels = _input_channels(node, g.array(node.input[1]))
         name = f"{node.name or node.output[0]}.input_dequantize"
-        inputs = [dq.input[0], f"{name}.scale"]
-        graph.initializer.append(numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), inputs[1]))
+        inputs = [dq.input[0], g.add_initializer(np.full(channels, scale.reshape(()), scale.dtype), f"{name}.scale")]
         if zero is not None:
-            inputs.append(f"{name}.zero_point")
-            graph.initializer.append(numpy_helper.from_array(np.full(channels, zero.reshape(()), zero.dtype),
-                                                             inputs[2]))
+            inputs.append(g.add_initializer(np.full(channels, zero.reshape(()), zero.dtype), f"{name}.zero_point"))
         per_channel = onnx.helper.make_node("DequantizeLinear", inputs, [f"{name}.output"], name=name, axis=axis)
-        graph.node.insert(list(graph.node).index(node), per_channel)
-        if len(users[node.input[0]]) == 1 and node.input[0] not in {o.name for o in graph.output}:
-            graph.node.remove(dq)  # the per-tensor DequantizeLinear fed only this op
+        g.insert(node, [per_channel])
+        if len(users[node.input[0]]) == 1 and node.input[0] not in g.outputs():
+            g.remove(dq)  # the per-tensor DequantizeLinear fed only this op
         node.input[0] = per_channel.output[0]
+        g.changed()
         done += 1
     return done
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import onnx
 import onnxruntime as ort
 
+from fxquant.lower.graph import OnnxGraph
+
 INT8_KERNELS = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "QLinearMatMul", "Add": "QLinearAdd",
                 "Mul": "QLinearMul", "Concat": "QLinearConcat", "AveragePool": "QLinearAveragePool",
                 "GlobalAveragePool": "QLinearGlobalAveragePool", "Sigmoid": "QLinearSigmoid",
                 "Softmax": "QLinearSoftmax"}
-WEIGHTED = frozenset({"Conv", "Gemm"})
+BIASED_INT8 = frozenset({"Conv", "Gemm"})  # int8 kernels with a weight and an int32 bias
 EIGHT_BIT = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
 
 
@@ -47,20 +49,11 @@ class FusionReport:
         return "\n".join(lines)
 
 
-def _graph_maps(graph: onnx.GraphProto) -> tuple[dict, dict]:
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producer, consumers
-
-
 def intended_int8(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes with an ORT int8 kernel whose activation inputs are all dequantized and outputs all quantized
     (directly or through a ReLU/Clip)."""
-    producer, consumers = _graph_maps(proto.graph)
-    inits = {t.name for t in proto.graph.initializer}
+    g = OnnxGraph(proto)
+    producer, consumers, inits = g.producer, g.consumers, g.initializers
     out = []
     for node in proto.graph.node:
         if node.op_type not in INT8_KERNELS:
@@ -92,11 +85,11 @@ def _zero_point_type(dq: onnx.NodeProto, inits: dict) -> int | None:
 def _reason(node: onnx.NodeProto, producer: dict, inits: dict) -> str:
     """Why ORT's QDQ selector would reject ``node`` (first failing condition)."""
     dq = [producer.get(i) for i in node.input]
-    if node.op_type in WEIGHTED:
+    if node.op_type in BIASED_INT8:
         w = dq[1] if len(dq) > 1 else None
         if w is None or w.op_type != "DequantizeLinear" or w.input[0] not in inits:
             return "its weight is not a DequantizeLinear of an integer initializer"
-    inputs = dq[:2] if node.op_type in WEIGHTED else dq  # the int32 bias is not an 8-bit operand
+    inputs = dq[:2] if node.op_type in BIASED_INT8 else dq  # the int32 bias is not an 8-bit operand
     types = {_zero_point_type(d, inits) for d in inputs if d is not None and d.op_type == "DequantizeLinear"}
     wide = sorted(onnx.TensorProto.DataType.Name(t) for t in types - {None, *EIGHT_BIT})
     if wide:
@@ -119,8 +112,7 @@ def fusion_report(path: str | os.PathLike) -> FusionReport:
         ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath)
     left = {n.name: n.op_type for n in optimized.graph.node}
-    producer, _ = _graph_maps(proto.graph)
-    inits = {t.name: t for t in proto.graph.initializer}
-    unfused = [Unfused(n.name, n.op_type, _reason(n, producer, inits)) for n in intended
+    g = OnnxGraph(proto)
+    unfused = [Unfused(n.name, n.op_type, _reason(n, g.producer, g.initializers)) for n in intended
                if left.get(n.name) in (n.op_type, f"Fused{n.op_type}")]
     return FusionReport(len(intended), unfused, dict(Counter(n.op_type for n in optimized.graph.node)))

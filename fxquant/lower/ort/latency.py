@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from fxquant.lower.ort.fusion import FusionReport
-from fxquant.lower.ort.regions import float_units
+from fxquant.lower.ort.regions import with_float_layers
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class LatencyCheck:
 def float_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` without quantization: constant DequantizeLinears become float initializers and activation
     QuantizeLinear -> DequantizeLinear pairs are bypassed."""
-    return float_units(proto)[0]
+    return with_float_layers(proto)[0]
 
 
 def session(model: onnx.ModelProto, profile_dir: str | None = None) -> ort.InferenceSession:

@@ -1,10 +1,10 @@
 """A QDQ model with some weighted ops run in float: the regions tune() may leave unquantized.
 
-The graph splits into *units* (Conv/Gemm/MatMul reading a dequantized constant weight) and *glue*: every other
+The graph splits into *layers* (Conv/Gemm/MatMul reading a dequantized constant weight) and *glue*: every other
 op, activation Q/DQ pairs included. Glue ops joined by a tensor form one component (a residual block's adds and
-pools, the pair between two convs). Running a set of units in float means: their constant weights and biases
-become float initializers, and a glue component's activation Q/DQ pairs are removed when every unit it touches
-runs in float (a pair next to an int8 unit stays: that unit reads or writes int8 through it). A quantizer used at
+pools, the pair between two convs). Running a set of layers in float means: their constant weights and biases
+become float initializers, and a glue component's activation Q/DQ pairs are removed when every layer it touches
+runs in float (a pair next to an int8 layer stays: that layer reads or writes int8 through it). A quantizer used at
 several places keeps all its pairs unless all of them can go, so each decision is one quantizer module in torch.
 """
 
@@ -17,14 +17,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fxquant.lower.ort.dynamic_matmul import prune
+from fxquant.lower.graph import WEIGHTED_OPS, OnnxGraph
 from fxquant.lower.ort.static_matmul import integer_to_float_matmuls, unfuse_integer_matmuls
-
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass(frozen=True)
-class Unit:
+class OnnxLayer:
     """A weighted op of the QDQ graph: its node name, the module that owns it and its weight quantizer."""
 
     node: str
@@ -38,22 +36,22 @@ def quantizer_of(node: onnx.NodeProto) -> str:
 
 
 class RegionGraph:
-    """Units, glue components and the activation Q/DQ pairs of one QDQ model."""
+    """Layers, glue components and the activation Q/DQ pairs of one QDQ model."""
 
     def __init__(self, proto: onnx.ModelProto) -> None:
         self.proto = proto
-        graph = proto.graph
-        inits = {t.name for t in graph.initializer}
-        self.producer = {o: n.name for n in graph.node for o in n.output}
+        view = OnnxGraph(proto)
+        graph, inits = proto.graph, view.initializers
+        self.producer = {o: n.name for o, n in view.producer.items()}
         self.nodes = {n.name: n for n in graph.node}
         self.constant_dq = {n.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-        self.units: dict[str, Unit] = {}
+        self.layers: dict[str, OnnxLayer] = {}
         for n in graph.node:
             weight = self.producer.get(n.input[1]) if n.op_type in WEIGHTED_OPS and len(n.input) > 1 else None
             if weight in self.constant_dq:
-                self.units[n.name] = Unit(n.name, n.name.rpartition("/")[0] or n.name,
+                self.layers[n.name] = OnnxLayer(n.name, n.name.rpartition("/")[0] or n.name,
                                           quantizer_of(self.nodes[weight]))
-        glue = [n for n in graph.node if n.name not in self.units and n.name not in self.constant_dq]
+        glue = [n for n in graph.node if n.name not in self.layers and n.name not in self.constant_dq]
         parent = {n.name: n.name for n in glue}
 
         def find(a: str) -> str:
@@ -68,28 +66,25 @@ class RegionGraph:
                 if src in parent:
                     parent[find(src)] = find(n.name)
         self.component = {n.name: find(n.name) for n in glue}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.touches: dict[str, set[str]] = {}  # component -> the units it reads from or feeds
-        for unit in self.units:
-            node = self.nodes[unit]
+        self.consumers = view.consumers
+        self.touches: dict[str, set[str]] = {}  # component -> the layers it reads from or feeds
+        for layer in self.layers:
+            node = self.nodes[layer]
             neighbours = [self.producer.get(i) for i in node.input]
             neighbours += [c.name for o in node.output for c in self.consumers.get(o, [])]
             for other in neighbours:
                 if other in self.component:
-                    self.touches.setdefault(self.component[other], set()).add(unit)
+                    self.touches.setdefault(self.component[other], set()).add(layer)
 
     def aliases(self) -> dict[str, str]:
-        """Names ORT's optimized nodes of each unit may carry -> the unit: its node name, and (NCHWc layout) the
-        output tensor of the unit or of the ReLU/Clip/Add fused into it."""
+        """Names ORT's optimized nodes of each layer may carry -> the layer: its node name, and (NCHWc layout) the
+        output tensor of the layer or of the ReLU/Clip/Add fused into it."""
         names = {}
-        for unit in self.units:
-            names[unit] = unit
-            out = self.nodes[unit].output[0]
+        for layer in self.layers:
+            names[layer] = layer
+            out = self.nodes[layer].output[0]
             for _ in range(3):
-                names[out] = unit
+                names[out] = layer
                 users = self.consumers.get(out, [])
                 if len(users) != 1 or users[0].op_type not in ("Relu", "Clip", "Add"):
                     break
@@ -106,8 +101,8 @@ class RegionGraph:
         return pairs
 
     def removable_pairs(self, floated: set[str]) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-        """The activation pairs that go when the units ``floated`` run in float."""
-        everything = floated >= set(self.units)
+        """The activation pairs that go when the layers ``floated`` run in float."""
+        everything = floated >= set(self.layers)
         pairs = self.activation_pairs()
 
         def free(dq: onnx.NodeProto) -> bool:
@@ -131,20 +126,16 @@ def _dequantized(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarr
     return ((q - zero) * scale).astype(np.float32)
 
 
-def _float_dynamic_matmuls(graph: onnx.GraphProto, inits: dict[str, np.ndarray]) -> None:
+def _float_dynamic_matmuls(g: OnnxGraph, inits: dict[str, np.ndarray]) -> None:
     """The dynamic Linears written out at export (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) become
     float MatMuls of the unquantized input and the dequantized weight."""
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = g.producer, g.consumers  # as the graph was before these rewrites
 
     def one(name: str, op_type: str) -> onnx.NodeProto | None:
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and users[0].op_type == op_type else None
 
-    for node in [n for n in graph.node if n.op_type == "MatMulInteger"]:
+    for node in [n for n in g.graph.node if n.op_type == "MatMulInteger"]:
         quant = producer.get(node.input[0])
         cast = one(node.output[0], "Cast")
         rescale = one(cast.output[0], "Mul") if cast is not None else None
@@ -155,37 +146,35 @@ def _float_dynamic_matmuls(graph: onnx.GraphProto, inits: dict[str, np.ndarray])
                 or node.input[1] not in inits:
             continue
         weight = ((inits[node.input[1]].astype(np.float64) - zero) * scale).astype(np.float32)
-        graph.initializer.append(numpy_helper.from_array(weight, f"{node.input[1]}_float"))
-        at = list(graph.node).index(node)
-        graph.node.remove(rescale)
-        graph.node.insert(at, onnx.helper.make_node("MatMul", [quant.input[0], f"{node.input[1]}_float"],
-                                                    [rescale.output[0]], name=f"{node.name}_float"))
+        g.add_initializer(weight, f"{node.input[1]}_float")
+        at = list(g.graph.node).index(node)
+        g.remove(rescale)
+        g.insert(at, [onnx.helper.make_node("MatMul", [quant.input[0], f"{node.input[1]}_float"],
+                                            [rescale.output[0]], name=f"{node.name}_float")])
 
 
-def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tuple[onnx.ModelProto, set[str]]:
-    """``proto`` with the units ``floated`` (node names; None: all) in float, and the quantizer modules whose
+def with_float_layers(proto: onnx.ModelProto, floated: set[str] | None = None) -> tuple[onnx.ModelProto, set[str]]:
+    """``proto`` with the layers ``floated`` (node names; None: all) in float, and the quantizer modules whose
     Q/DQ nodes were removed (weight quantizers included)."""
     twin = standard_form(proto)
     regions = RegionGraph(twin)
-    everything = floated is None or floated >= set(regions.units)
-    floated = set(regions.units) if floated is None else floated
+    everything = floated is None or floated >= set(regions.layers)
+    floated = set(regions.layers) if floated is None else floated
+    g = OnnxGraph(twin)
     graph = twin.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     if everything:
-        _float_dynamic_matmuls(graph, inits)
-        prune(twin)
+        _float_dynamic_matmuls(g, inits)
+        g.prune()
     nodes = {n.name: n for n in graph.node}
     removed: set[str] = set()
-    consumers: dict[str, set[str]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, set()).add(n.name)
-    for name in regions.constant_dq:  # weights and biases of float units become float initializers
+    consumers = {name: {n.name for n in users} for name, users in g.consumers.items()}
+    for name in regions.constant_dq:  # weights and biases of float layers become float initializers
         node = nodes[name]
         users = consumers.get(node.output[0], set())
         if users and (users <= floated or everything):
-            graph.initializer.append(numpy_helper.from_array(_dequantized(node, inits), node.output[0]))
-            graph.node.remove(node)
+            g.add_initializer(_dequantized(node, inits), node.output[0])
+            g.remove(node)
             removed.add(quantizer_of(node))
     rename: dict[str, str] = {}
     for q, dq in regions.removable_pairs(floated):
@@ -205,8 +194,9 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
     for out in graph.output:
         if out.name in rename:  # a graph output keeps its name: an Identity stands where the DQ was
             graph.node.append(onnx.helper.make_node("Identity", [source(out.name)], [out.name]))
-    prune(twin)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    g.changed()
+    g.prune()
+    used = g.read()
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -217,7 +207,7 @@ def float_units(proto: onnx.ModelProto, floated: set[str] | None = None) -> tupl
 
 def standard_form(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``proto`` in plain QDQ form (MatMulIntegerToFloat written back as DQ -> MatMul), whose weighted
-    ops are the units."""
+    ops are the layers."""
     twin = copy.deepcopy(proto)
     unfuse_integer_matmuls(twin)
     return twin

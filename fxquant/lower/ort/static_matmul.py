@@ -14,38 +14,38 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from fxquant.lower.ort.dynamic_matmul import linear_weight, prune, splice
+from fxquant.lower.graph import OnnxGraph, attr
 
 MS_DOMAIN = "com.microsoft"
 
 
-def _static_input(node: onnx.NodeProto, producer: dict, inits: dict) -> onnx.NodeProto | None:
+def _static_input(node: onnx.NodeProto, g: OnnxGraph) -> onnx.NodeProto | None:
     """The per-tensor uint8/int8 QuantizeLinear (constant scale and zero point) behind the node's input DQ."""
-    dq = producer.get(node.input[0])
-    q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    dq = g.producer.get(node.input[0])
+    q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
     if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or list(q.input[1:3]) != list(dq.input[1:3]):
         return None
-    if any(i not in inits for i in q.input[1:3]) or numpy_helper.to_array(inits[q.input[1]]).ndim != 0:
+    if any(i not in g.initializers for i in q.input[1:3]) or g.array(q.input[1]).ndim != 0:
         return None
     return q
 
 
-def _float_output(node: onnx.NodeProto, consumers: dict, inits: dict) -> tuple[str | None, str]:
+def _float_output(node: onnx.NodeProto, g: OnnxGraph) -> tuple[str | None, str]:
     """(the bias initializer folded in or None, the output the fused op takes over); ("", "") when the output is
     requantized (ORT fuses QLinearMatMul/QGemm there: nothing to do)."""
-    users = consumers.get(node.output[0], [])
+    users = g.users(node.output[0])
     if any(u.op_type == "QuantizeLinear" for u in users):
         return "", ""
     if node.op_type == "Gemm":
         return (node.input[2] if len(node.input) > 2 and node.input[2] else None), node.output[0]
     if len(users) == 1 and users[0].op_type == "Add":
         add = users[0]
-        if any(u.op_type == "QuantizeLinear" for u in consumers.get(add.output[0], [])):
+        if any(u.op_type == "QuantizeLinear" for u in g.users(add.output[0])):
             return "", ""  # MatMul + bias Add -> Q: ORT fuses it into QGemm
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        bias = numpy_helper.to_array(inits[other]) if other in inits else None
+        bias = g.array(other)
         if bias is not None and bias.ndim == 1 and bias.dtype == np.float32:
             return other, add.output[0]
     return None, node.output[0]
@@ -54,62 +54,50 @@ def _float_output(node: onnx.NodeProto, consumers: dict, inits: dict) -> tuple[s
 def integer_to_float_matmuls(proto: onnx.ModelProto) -> int:
     """Rewrite each Linear with a static quantized input, an int8 weight and a float output into
     MatMulIntegerToFloat; returns how many."""
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    g = OnnxGraph(proto)
     done = 0
-    for node in list(graph.node):
+    for node in list(g.graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        q, found = _static_input(node, producer, inits), linear_weight(node, producer, inits)
+        q, found = _static_input(node, g), g.linear_weight(node)
         if q is None or found is None:
             continue
-        bias, out = _float_output(node, consumers, inits)
+        bias, out = _float_output(node, g)
         if not out:
             continue
         dq, transposed = found
-        scale = numpy_helper.to_array(inits[dq.input[1]])
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if scale.ndim and axis % 2 != (0 if transposed else 1):
+        scale = g.array(dq.input[1])
+        if scale.ndim and attr(dq, "axis", 1) % 2 != (0 if transposed else 1):
             continue  # per-channel along the reduced axis: not a per-column scale
-        w = numpy_helper.to_array(inits[dq.input[0]])
-        kn = f"{dq.input[0]}_kn"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T if transposed else w), kn))
+        w = g.array(dq.input[0])
+        kn = g.add_initializer(np.ascontiguousarray(w.T if transposed else w), f"{dq.input[0]}_kn")
         # the weight quantizer's own scale and zero point (per output column): the node still names its quantizer
         fused = helper.make_node("MatMulIntegerToFloat", [q.output[0], kn, q.input[1], dq.input[1], q.input[2],
                                                           dq.input[2]] + ([bias] if bias else []),
                                  [out], name=f"{node.name.rpartition('/')[0] or node.name}/MatMulIntegerToFloat",
                                  domain=MS_DOMAIN)
-        graph.node.insert(list(graph.node).index(node), fused)
-        graph.node.remove(node)
-        if out != node.output[0]:  # the bias Add is inside the fused op now
-            graph.node.remove(consumers[node.output[0]][0])
+        bias_add = g.users(node.output[0])[0] if out != node.output[0] else None  # inside the fused op now
+        g.splice(node, [fused])
+        if bias_add is not None:
+            g.remove(bias_add)
         done += 1
     if done:
-        if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        prune(proto)
+        g.use_domain(MS_DOMAIN)
+        g.prune()
     return done
 
 
 def unfuse_integer_matmuls(proto: onnx.ModelProto) -> int:
     """The inverse rewrite, in place: each MatMulIntegerToFloat back to ``DequantizeLinear -> MatMul(Transpose(
     DequantizeLinear weight)) [-> Add bias]``, the QDQ form the other passes read (same node name)."""
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
+    g = OnnxGraph(proto)
     done = 0
-    for node in [n for n in graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == MS_DOMAIN]:
+    for node in [n for n in g.graph.node if n.op_type == "MatMulIntegerToFloat" and n.domain == MS_DOMAIN]:
         x_q, w_kn, x_scale, w_scale, x_zero, w_zero = node.input[:6]
         bias = node.input[6] if len(node.input) > 6 and node.input[6] else None
-        if w_kn not in inits:
+        if w_kn not in g.initializers:
             continue
-        w_nk = f"{w_kn}_nk"
-        graph.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(numpy_helper.to_array(inits[w_kn]).T), w_nk))
+        w_nk = g.add_initializer(np.ascontiguousarray(g.array(w_kn).T), f"{w_kn}_nk")
         module = node.name.rpartition("/")[0] or node.name
         out = node.output[0]
         names = [f"{out}_{k}" for k in ("x", "w", "wt", "mm")]
@@ -121,7 +109,7 @@ def unfuse_integer_matmuls(proto: onnx.ModelProto) -> int:
                helper.make_node("MatMul", [names[0], names[2]], [names[3] if bias else out], name=node.name)]
         if bias:
             new.append(helper.make_node("Add", [names[3], bias], [out], name=f"{module}/Add"))
-        splice(graph, node, new)
+        g.splice(node, new)
         done += 1
-    prune(proto)
+    g.prune()
     return done

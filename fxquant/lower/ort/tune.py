@@ -1,9 +1,9 @@
 """Which weighted ops to leave in float so an int8 model is never slower than float in ONNX Runtime.
 
-Measured, not guessed: ORT's profiler times every unit (a Conv/Gemm/MatMul with its fused activation) in the int8
-model and in its float twin; units whose int8 kernel is no faster than float go first, then the least profitable
+Measured, not guessed: ORT's profiler times every layer (a Conv/Gemm/MatMul with its fused activation) in the int8
+model and in its float twin; layers whose int8 kernel is no faster than float go first, then the least profitable
 ones in growing steps. Each candidate (and the float twin) runs interleaved, one thread, on the example input,
-and the fastest candidate not slower than float wins; running every unit in float is always a candidate, so the
+and the fastest candidate not slower than float wins; running every layer in float is always a candidate, so the
 chosen model is never slower than float on the measurement.
 """
 
@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 
 from fxquant.lower.ort.latency import feeds_for, interleaved_ms, session
-from fxquant.lower.ort.regions import RegionGraph, float_units, standard_form
+from fxquant.lower.ort.regions import RegionGraph, standard_form, with_float_layers
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One measured choice: the units in float and the median latency (ms) of it and of the float twin."""
+    """One measured choice: the layers in float and the median latency (ms) of it and of the float twin."""
 
     floated: tuple[str, ...]
     ms: float
@@ -37,20 +37,20 @@ class Candidate:
 
 @dataclass
 class TunePlan:
-    """The chosen units to run in float (``floated``: node name -> why), the quantizer modules that go with
-    them, per-unit profile times in microseconds (int8, float) and every candidate measured."""
+    """The chosen layers to run in float (``floated``: node name -> why), the quantizer modules that go with
+    them, per-layer profile times in microseconds (int8, float) and every candidate measured."""
 
     floated: dict[str, str]
     quantizers: set[str]
-    unit_us: dict[str, tuple[float, float]]
+    layer_us: dict[str, tuple[float, float]]
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
-    units: int = 0
+    layers: int = 0
 
 
-def profile_units(proto: onnx.ModelProto, inputs: list[np.ndarray], aliases: dict[str, str], runs: int = 20) -> dict:
-    """Mean kernel time (us) per run of each unit in ORT. An optimized node is the unit's when its name, less
-    ORT's ``_token_N`` / ``_nchwc`` suffixes, is one of the unit's ``aliases`` (RegionGraph.aliases)."""
+def profile_layers(proto: onnx.ModelProto, inputs: list[np.ndarray], aliases: dict[str, str], runs: int = 20) -> dict:
+    """Mean kernel time (us) per run of each layer in ORT. An optimized node is the layer's when its name, less
+    ORT's ``_token_N`` / ``_nchwc`` suffixes, is one of the layer's ``aliases`` (RegionGraph.aliases)."""
     with tempfile.TemporaryDirectory() as tmp:
         profiled = session(proto, profile_dir=tmp)
         feeds = feeds_for(profiled, inputs)
@@ -63,45 +63,45 @@ def profile_units(proto: onnx.ModelProto, inputs: list[np.ndarray], aliases: dic
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         name = event["name"].removesuffix("_kernel_time").removesuffix("_nchwc")
-        unit = aliases.get(name) or aliases.get(name.rpartition("_token_")[0])
-        if unit is not None:
-            total[unit] += float(event["dur"])
+        layer = aliases.get(name) or aliases.get(name.rpartition("_token_")[0])
+        if layer is not None:
+            total[layer] += float(event["dur"])
     return {u: t / (runs + 3) for u, t in total.items()}
 
 
 def _steps(order: list[str], losing: int) -> list[tuple[str, ...]]:
-    """Candidate float sets: none, the losing units, then the least profitable quarter, half, three quarters, all."""
+    """Candidate float sets: none, the losing layers, then the least profitable quarter, half, three quarters, all."""
     n = len(order)
     counts = sorted({0, losing, n // 4, n // 2, (3 * n) // 4, n})
     return [tuple(order[:k]) for k in counts]
 
 
 def plan(proto: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 30) -> TunePlan:
-    """Measure and choose the units of ``proto`` (a static QDQ model) to run in float."""
+    """Measure and choose the layers of ``proto`` (a static QDQ model) to run in float."""
     regions = RegionGraph(standard_form(proto))
-    names = set(regions.units)
-    twin, _ = float_units(proto)
+    names = set(regions.layers)
+    twin, _ = with_float_layers(proto)
     aliases = regions.aliases()
-    int8_us = profile_units(proto, inputs, aliases)
-    float_us = profile_units(twin, inputs, aliases)
-    unit_us = {u: (int8_us.get(u, 0.0), float_us.get(u, 0.0)) for u in names}
+    int8_us = profile_layers(proto, inputs, aliases)
+    float_us = profile_layers(twin, inputs, aliases)
+    layer_us = {u: (int8_us.get(u, 0.0), float_us.get(u, 0.0)) for u in names}
     # least profitable first: int8 time minus float time, largest first; ties in graph order
     position = {n.name: i for i, n in enumerate(proto.graph.node)}
-    order = sorted(names, key=lambda u: (unit_us[u][1] - unit_us[u][0], position[u]))
-    losing = sum(1 for u in order if unit_us[u][0] >= unit_us[u][1])
+    order = sorted(names, key=lambda u: (layer_us[u][1] - layer_us[u][0], position[u]))
+    losing = sum(1 for u in order if layer_us[u][0] >= layer_us[u][1])
     steps = _steps(order, losing)
-    built = [float_units(proto, set(step)) for step in steps]
+    built = [with_float_layers(proto, set(step)) for step in steps]
     times = [statistics.median(t) for t in interleaved_ms([twin] + [p for p, _ in built], inputs, runs)]
     candidates = [Candidate(step, ms, times[0]) for step, ms in zip(steps, times[1:], strict=True)]
     chosen = choose(candidates)
     quantizers = built[candidates.index(chosen)][1]
-    floated = {u: _why(unit_us[u], chosen) for u in chosen.floated}
-    return TunePlan(floated, quantizers, unit_us, candidates, chosen, len(names))
+    floated = {u: _why(layer_us[u], chosen) for u in chosen.floated}
+    return TunePlan(floated, quantizers, layer_us, candidates, chosen, len(names))
 
 
 def choose(candidates: list[Candidate]) -> Candidate:
-    """The fastest candidate not slower than the float twin (fewer float units on a tie); the last candidate,
-    every unit float (the float model itself), when each one with an int8 unit was slower."""
+    """The fastest candidate not slower than the float twin (fewer float layers on a tie); the last candidate,
+    every layer float (the float model itself), when each one with an int8 layer was slower."""
     allowed = [c for c in candidates if c.ms <= c.float_ms] or [candidates[-1]]
     return min(allowed, key=lambda c: (c.ms, len(c.floated)))
 

@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
@@ -39,6 +40,7 @@ def _optimized(path: str, tmp_path) -> onnx.ModelProto:
     return onnx.load(tmp_path / "opt.onnx")
 
 
+@pytest.mark.smoke
 def test_excluded_layers_between_int8_neighbours_stay_float_in_ort(tmp_path):
     torch.manual_seed(0)
     data = [torch.randn(4, 3, 10, 10) for _ in range(3)]

@@ -1,4 +1,5 @@
-"""Checks of the model given to ``prepare``: not fxquant's own output, no pruning hooks, hooks that would not run."""
+"""Validation of the model given to ``prepare``: not fxquant's own output, no pruning hooks, hooks that would
+not run."""
 
 from __future__ import annotations
 

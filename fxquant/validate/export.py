@@ -1,4 +1,4 @@
-"""What export_onnx checks before and after exporting: the path, dtypes, the example, the opset, the batch
+"""What export_onnx validates before and after exporting: the path, dtypes, the example, the opset, the batch
 dimension, and a file that appears only when the whole export succeeded."""
 
 from __future__ import annotations

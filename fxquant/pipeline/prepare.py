@@ -1,4 +1,4 @@
-"""The prepare pipeline, in order, in one place.
+"""The prepare pipeline, in order, in one place (calibrate's is ``fxquant.pipeline.calibrate``).
 
 ``prepare_model`` captures a copy of the model (whole, or in traced parts with the rest eager), runs
 ``prepare_graph`` on every traced part, quantizes the Conv/Linear layers eager code calls, and records the
@@ -17,16 +17,14 @@ import torch
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
-from fxquant.capture.partition import Unit, partition
+from fxquant.capture.partition import TracedPart, partition
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
-from fxquant.checks.config import check_overrides
-from fxquant.checks.model import freeze_parametrizations, warn_dropped_hooks
 from fxquant.errors import ExampleInputError, PassError
 from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, window_attention
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.fold_pad import fold_pad, has_pads
-from fxquant.passes.hybrid import quantize_eager_code, unit_notes
+from fxquant.passes.hybrid import part_notes, quantize_eager_code
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassRunner
 from fxquant.ptq.bias_absorption import absorb_high_bias
@@ -37,6 +35,8 @@ from fxquant.ptq.relu6 import through_relu6
 from fxquant.report import PrepareReport, graph_report
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState, attach_state
+from fxquant.validate.config import check_overrides
+from fxquant.validate.model import freeze_parametrizations, warn_dropped_hooks
 
 Observer = Callable[[str, fx.GraphModule], None]
 
@@ -80,21 +80,21 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     inputs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
     frozen = freeze_parametrizations(work)  # weight_norm & co: quantize the weight the model computes with
-    parts = partition(work, inputs, config)  # the whole model as one unit when torch.fx traces it
+    parts = partition(work, inputs, config)  # the whole model as one traced part when torch.fx traces it
     root: nn.Module = work
     report = PrepareReport(backend.name)
-    for unit in parts.units:
-        gm, unit_report = _prepare_unit(unit, backend, config)
-        if unit.path:
-            work.set_submodule(unit.path, gm)
+    for part in parts.traced:
+        gm, part_report = _prepare_part(part, backend, config)
+        if part.path:
+            work.set_submodule(part.path, gm)
         else:
             root = gm
-        report.absorb(unit_report, unit.path)
-        report.traced.append(unit.path)
-        report.notes += unit_notes(unit)
+        report.absorb(part_report, part.path)
+        report.traced.append(part.path)
+        report.notes += part_notes(part)
     quantize_eager_code(work, parts, backend, config, report)
     report.skipped += [f"{name}: parametrization frozen to its current value" for name in frozen]
-    check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.checks)
+    check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.validate)
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
     attach_state(root, QuantState(backend, config, "prepared", report))
@@ -102,14 +102,14 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     return root
 
 
-def _prepare_unit(unit: Unit, backend: Backend, config: QuantConfig) -> tuple[fx.GraphModule, PrepareReport]:
+def _prepare_part(part: TracedPart, backend: Backend, config: QuantConfig) -> tuple[fx.GraphModule, PrepareReport]:
     try:
-        return prepare_graph(unit.gm, unit.inputs, backend, config)
+        return prepare_graph(part.gm, part.inputs, backend, config)
     except ExampleInputError as exc:
-        if not unit.path:
+        if not part.path:
             raise
-        raise PassError(f"the traced `{unit.path}` failed on the inputs it was called with ({exc}); keep it eager "
-                        f"with QuantConfig(non_traceable=({unit.path!r},))") from exc
+        raise PassError(f"the traced `{part.path}` failed on the inputs it was called with ({exc}); keep it eager "
+                        f"with QuantConfig(non_traceable=({part.path!r},))") from exc
 
 
 def _calls(gm: fx.GraphModule, target: object) -> bool:

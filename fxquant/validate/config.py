@@ -1,4 +1,4 @@
-"""Checks of a QuantConfig against the model: globs that match nothing, concrete_args the forward lacks."""
+"""Validation of a QuantConfig against the model: globs that match nothing, concrete_args the forward lacks."""
 
 from __future__ import annotations
 
