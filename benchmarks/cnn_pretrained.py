@@ -13,21 +13,16 @@ scikit-learn's two sample images; random crops (10-100% of the area, aspect 3/4.
 ImageNet-normalized. Calibration crops and evaluation crops are drawn with different seeds (disjoint sets).
 
 Per model, in one run: fp32 (torch and its dynamo-exported ONNX), fxquant ``onnxruntime`` preset (defaults),
-the same with reconstruction (``QuantConfig(adaround=True)``: AdaRound's rounding fitted block by block with
-activation quantization in the loop), fxquant ``tensorrt`` preset (its QDQ graph run by ORT at
-ORT_ENABLE_BASIC: the graph's meaning, not TensorRT speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel,
-MinMax, same calibration crops, after ``quant_pre_process``) both without ``reduce_range`` (8-bit weights,
-right on CPUs with VNNI) and with it (7-bit weights, the setting CPUs without VNNI need), and torch.ao FX
-(``get_default_qconfig_mapping("x86")``, run in torch). Reported: top-1 agreement with fp32 and SQNR of the
-logits on each evaluation crop set (``--eval-seeds``: the first is the benchmark's, the others are crops no
-default was tuned on); fxquant's prepare + calibrate time (``--calib-threads`` threads); ORT latency (one
+fxquant ``tensorrt`` preset (its QDQ graph run by ORT at ORT_ENABLE_BASIC: the graph's meaning, not TensorRT
+speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, ``reduce_range=True``, MinMax, same calibration
+crops, after ``quant_pre_process``) and torch.ao FX (``get_default_qconfig_mapping("x86")``, run in torch).
+Reported: top-1 agreement with fp32 and SQNR of the logits over the evaluation crops; ORT latency (one
 thread, batch 1, interleaved runs with rotating order, median and interquartile range) and the
 BatchNormalization / float Conv nodes left in ORT's optimized graph (``optimized_model_filepath``).
 
 Run::
 
     python benchmarks/cnn_pretrained.py [--models efficientnet_lite0 mobilenet_v2] [--calib 64] [--eval 256]
-        [--eval-seeds 1 3] [--calib-threads 2]
 
 Writes benchmarks/results/cnn_pretrained.json (ONNX files go to benchmarks/results/cnn_pretrained_models/).
 """
@@ -60,7 +55,6 @@ from benchmarks.bench_ort_resnet18 import (  # noqa: E402
     session,
     time_interleaved,
 )
-from benchmarks.doc_tables import cnn_pretrained as cnn_pretrained_table  # noqa: E402
 from benchmarks.results_meta import cpu_isa, cpu_name  # noqa: E402
 from fxquant.lower.onnx_export import export_float_onnx  # noqa: E402
 
@@ -68,9 +62,7 @@ OUT = os.path.join(ROOT, "benchmarks", "results", "cnn_pretrained.json")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FLOAT_CONVS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
-TIMED = ("fp32", "fxquant_ort", "fxquant_ort_adaround", "quantize_static", "quantize_static_rr")
-RECIPES = {"fxquant_ort": ("onnxruntime", None), "fxquant_ort_adaround": ("onnxruntime", {"adaround": True}),
-           "fxquant_trt": ("tensorrt", None)}
+TIMED = ("fp32", "fxquant_ort", "quantize_static")
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -134,32 +126,17 @@ def random_crops(images: dict[str, torch.Tensor], count: int, seed: int, size: i
 
 # ---- quantizers -----------------------------------------------------------------------------------------
 def fxquant_export(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor], backend: str,
-                   config: dict | None, path: str, threads: int) -> dict:
-    """fxquant with a preset's defaults (and ``config``'s switches); returns the times and what the prepare
-    report and export said."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with quiet():
-            start = time.perf_counter()
-            prepared = fxquant.prepare(model, x, backend=backend, config=fxquant.QuantConfig(**(config or {})))
-            prepared_at = time.perf_counter()
-            fxquant.calibrate(prepared, calib, progress=False)
-            calibrated_at = time.perf_counter()
-    finally:
-        torch.set_num_threads(previous)
+                   path: str) -> dict:
+    """fxquant with a preset's defaults; returns what the prepare report and export said."""
     with quiet():
+        prepared = fxquant.prepare(model, x, backend=backend)
+        fxquant.calibrate(prepared, calib, progress=False)
         qmodel = fxquant.convert(prepared)
         result = fxquant.export_onnx(qmodel, x, path)
     report = fxquant.report_of(qmodel)
-    out = {"prepare_s": prepared_at - start, "calibrate_s": calibrated_at - prepared_at,
-           "load_average_1min": os.getloadavg()[0], "ort_vs_fake_quant_sqnr_db": result.ort_sqnr_db,
-           "folded_bn": len(report.folded_bn),
-           "float_ops": [f"{e.node} ({e.kind}): {e.detail}" for e in report.float_ops],
-           "skipped": list(report.skipped)}
-    if "adaround" in report.ptq:
-        out["adaround"] = report.ptq["adaround"].as_dict()
-    return out
+    return {"ort_vs_fake_quant_sqnr_db": result.ort_sqnr_db, "folded_bn": len(report.folded_bn),
+            "float_ops": [f"{e.node} ({e.kind}): {e.detail}" for e in report.float_ops],
+            "skipped": list(report.skipped)}
 
 
 def torch_ao_fx(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor]) -> torch.nn.Module:
@@ -196,11 +173,9 @@ def optimized_graph_ops(path: str) -> dict[str, int]:
             "quantized_ops": sum(v for k, v in ops.items() if k.startswith("QLinear") or k == "QGemm")}
 
 
-def agreement(references: list[np.ndarray], logits: list[np.ndarray]) -> dict[str, list[float]]:
-    """Top-1 agreement and logit SQNR per evaluation crop set."""
-    pairs = list(zip(references, logits, strict=True))
-    return {"top1_agreement": [float(np.mean(r.argmax(1) == v.argmax(1))) for r, v in pairs],
-            "sqnr_db": [float(fxquant.sqnr(torch.from_numpy(r), torch.from_numpy(v))) for r, v in pairs]}
+def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    return {"top1_agreement": float(np.mean(reference.argmax(1) == logits.argmax(1))),
+            "sqnr_db": float(fxquant.sqnr(torch.from_numpy(reference), torch.from_numpy(logits)))}
 
 
 def latency(paths: dict[str, str], x: np.ndarray, runs: int, warmup: int) -> dict[str, dict]:
@@ -218,34 +193,31 @@ def latency(paths: dict[str, str], x: np.ndarray, runs: int, warmup: int) -> dic
     return out
 
 
-def bench_model(name: str, calib: torch.Tensor, eval_sets: list[torch.Tensor], args: argparse.Namespace,
+def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argparse.Namespace,
                 model_dir: str) -> dict:
     model = MODELS[name]()
-    x = eval_sets[0][:1]
+    x = evals[:1]
     batches = list(calib.split(args.calib_batch))
-    keys = ("fp32", *RECIPES, "quantize_static", "quantize_static_rr")
-    paths = {k: os.path.join(model_dir, f"{name}_{k}.onnx") for k in keys}
+    paths = {k: os.path.join(model_dir, f"{name}_{k}.onnx") for k in ("fp32", "fxquant_ort", "fxquant_trt",
+                                                                       "quantize_static")}
     with torch.no_grad():
-        refs = [torch.cat([model(e[i:i + 32]) for i in range(0, len(e), 32)]).numpy() for e in eval_sets]
+        ref = torch.cat([model(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
     t0 = time.perf_counter()
     with quiet():
         export_float_onnx(model, x, paths["fp32"])
-    info = {key: fxquant_export(model, x, batches, backend, config, paths[key], args.calib_threads)
-            for key, (backend, config) in RECIPES.items()}
-    ort_quantize_static(paths["fp32"], paths["quantize_static"], batches, model_dir, reduce_range=False)
-    ort_quantize_static(paths["fp32"], paths["quantize_static_rr"], batches, model_dir, reduce_range=True)
+    info = {"fxquant_ort": fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_ort"]),
+            "fxquant_trt": fxquant_export(model, x, batches, "tensorrt", paths["fxquant_trt"])}
+    ort_quantize_static(paths["fp32"], paths["quantize_static"], batches, model_dir)
     ao = torch_ao_fx(model, x, batches)
     print(f"[{name}] quantized in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
-    logits = {"fp32_onnx": [ort_logits(paths["fp32"], e) for e in eval_sets]}
-    for key in (*RECIPES, "quantize_static", "quantize_static_rr"):
-        logits[key] = [ort_logits(paths[key], e, level="basic" if key == "fxquant_trt" else "all")
-                       for e in eval_sets]
+    logits = {"fp32_onnx": ort_logits(paths["fp32"], evals), "fxquant_ort": ort_logits(paths["fxquant_ort"], evals),
+              "fxquant_trt": ort_logits(paths["fxquant_trt"], evals, level="basic"),
+              "quantize_static": ort_logits(paths["quantize_static"], evals)}
     with torch.no_grad():
-        logits["torch_ao_fx"] = [torch.cat([ao(e[i:i + 32]) for i in range(0, len(e), 32)]).numpy()
-                                 for e in eval_sets]
-    rows = {k: agreement(refs, v) for k, v in logits.items()}
-    for k in keys:
+        logits["torch_ao_fx"] = torch.cat([ao(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
+    rows = {k: agreement(ref, v) for k, v in logits.items()}
+    for k in ("fp32", "fxquant_ort", "fxquant_trt", "quantize_static"):
         rows.setdefault(k, {}).update(optimized_graph_ops(paths[k]))
     for k, v in latency({k: paths[k] for k in TIMED}, x.numpy(), args.runs, args.warmup).items():
         rows[k].update(v)
@@ -254,17 +226,33 @@ def bench_model(name: str, calib: torch.Tensor, eval_sets: list[torch.Tensor], a
     return rows
 
 
+def markdown(name: str, rows: dict) -> str:
+    labels = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
+              "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
+              "quantize_static": "ORT `quantize_static` (QDQ, per-channel, reduce_range)",
+              "torch_ao_fx": "torch.ao FX (x86 qconfig)"}
+    lines = [f"**{name}**", "", "| tool | top-1 agreement | SQNR dB | ORT speed vs fp32 (median, paired) | "
+             "BatchNorm / float Conv left in ORT graph |", "|---|---|---|---|---|"]
+    for key, label in labels.items():
+        r = rows[key]
+        speed = (f"{r['speedup_vs_fp32']:.2f}x ({r['speedup_vs_fp32_paired']:.2f}x)" if "speedup_vs_fp32" in r
+                 else "-")
+        graph = f"{r['BatchNormalization']} / {r['float_conv_gemm_matmul']}" if "BatchNormalization" in r else "-"
+        lines.append(f"| {label} | {r['top1_agreement']:.1%} | {r['sqnr_db']:.1f} | {speed} | {graph} |")
+    fp = rows["fp32"]
+    lines.append(f"| fp32 ONNX | {rows['fp32_onnx']['top1_agreement']:.1%} | {rows['fp32_onnx']['sqnr_db']:.1f} | "
+                 f"1.00x ({fp['median_ms']:.2f} ms, IQR {fp['q1_ms']:.2f}-{fp['q3_ms']:.2f}) | "
+                 f"{fp['BatchNormalization']} / {fp['float_conv_gemm_matmul']} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--calib", type=int, default=64, help="calibration crops")
     parser.add_argument("--calib-batch", type=int, default=16, help="crops per calibration batch")
-    parser.add_argument("--eval", type=int, default=256, help="evaluation crops per set (disjoint from calibration)")
-    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration crops")
-    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 3],
-                        help="seeds of the evaluation crop sets (the first is the benchmark's)")
-    parser.add_argument("--calib-threads", type=int, default=2, help="torch threads while fxquant calibrates")
+    parser.add_argument("--eval", type=int, default=256, help="evaluation crops (disjoint from calibration)")
     parser.add_argument("--runs", type=int, default=60, help="timed runs per model")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", default=OUT)
@@ -278,17 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cnn_pretrained_models")
     os.makedirs(model_dir, exist_ok=True)
     images = photos()
-    calib = random_crops(images, args.calib, seed=args.calib_seed)
-    eval_sets = [random_crops(images, args.eval, seed=seed) for seed in args.eval_seeds]
-    load_before = os.getloadavg()[0]
-    results = {name: bench_model(name, calib, eval_sets, args, model_dir) for name in args.models}
+    calib, evals = random_crops(images, args.calib, seed=0), random_crops(images, args.eval, seed=1)
+    results = {name: bench_model(name, calib, evals, args, model_dir) for name in args.models}
+    tables = "\n\n".join(markdown(name, rows) for name, rows in results.items())
+    print(tables)
     report = {"command": " ".join(["python", "benchmarks/cnn_pretrained.py", *(argv or sys.argv[1:])]),
               "config": vars(args), "photos": sorted(images),
               "environment": {"torch": torch.__version__, "onnxruntime": ort.__version__, "cpu": cpu_name(),
-                              "isa": cpu_isa(), "cpu_count": os.cpu_count(), "load_average_1min_start": load_before,
-                              "load_average_1min": os.getloadavg()[0]},
-              "models": results}
-    print(cnn_pretrained_table(report))
+                              "isa": cpu_isa(), "load_average_1min": os.getloadavg()[0]},
+              "models": results, "markdown": tables}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}", file=sys.stderr)

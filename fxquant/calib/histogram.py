@@ -14,6 +14,13 @@ candidates with infinite KL and takes the last of equal minima. Differences by d
 grid (1.0 where NVIDIA gets 1.00098 on its outlier test); entropy flattens the zero bin only when bin 1 is not
 empty; mse searches a grid of ranges (``MSE_CANDIDATES``) instead of every bin center; affine specs (which NVIDIA
 does not have) take each tail's percentile on the signed histogram and start the entropy search at 2^b bins.
+
+Cost: a tensor of more than ``QuantSpec.hist_samples`` elements (2^20 by default) is binned from a fixed subsample,
+runs of ``SAMPLE_BLOCK`` contiguous elements spread evenly over it (``subsample``: deterministic, the same
+elements every run); min and max still come from every element. Measured on pretrained EfficientNet-Lite0 and
+MobileNetV2 (``benchmarks/hist_subsample.py``, docs/ptq.md) the ranges and accuracy match binning every element
+within the figures there; ``hist_samples=None`` bins every element. The searches (percentile, entropy, mse) run
+over all candidate bins at once (tensor ops, entropy in cache-sized chunks of candidates).
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ import torch
 
 from fxquant.calib.base import Calibrator, Stats, has_stats, merged_minmax, minmax_parts, numel
 from fxquant.errors import CalibrationError, ConfigError
+from fxquant.spec import QuantSpec
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
 MSE_CANDIDATES = 128  # ranges tried by the mse search, evenly spaced up to the observed maximum
-MAX_SAMPLES = 1 << 20  # elements binned per tensor and batch; larger tensors are subsampled (``subsample``)
+MAX_SAMPLES = QuantSpec.hist_samples  # elements binned per tensor and batch; larger tensors are subsampled
 SAMPLE_BLOCK = 256  # contiguous elements per run of the subsample
 ENTROPY_START_BIN = 128  # the entropy search's first candidate (|x| bins), as pytorch_quantization documents
 ENTROPY_STRIDE = 1  # the entropy search tries every bin from the start bin on, as pytorch_quantization does
@@ -102,11 +110,12 @@ class HistogramCalibrator(Calibrator):
     methods = ("max", "percentile", "entropy", "mse")
     mergeable = True  # histograms widened to the largest range of any rank and summed, exact minima/maxima
 
-    def __init__(self, axis: int | None) -> None:
+    def __init__(self, axis: int | None, max_samples: int | None = MAX_SAMPLES) -> None:
         if axis is not None:
             raise ConfigError("histogram calibration (percentile/entropy/mse) is per tensor; use calib_method='max' "
                               "or 'ema' for per-channel quantizers")
         super().__init__(axis)
+        self.max_samples = max_samples  # None: bin every element (``QuantSpec.hist_samples``)
         self.reset()
 
     def reset(self) -> None:
@@ -135,7 +144,8 @@ class HistogramCalibrator(Calibrator):
             # (a CalibrationError naming the quantizer), as it does for the other calibrators
             return
         self.widen_to(exponent_for(max(-lo_f, hi_f)))
-        self.hist += bin_counts(subsample(x), self.exponent)
+        self.hist += bin_counts(x.reshape(-1) if self.max_samples is None else subsample(x, self.max_samples),
+                                self.exponent)
 
     @property
     def is_finite(self) -> bool:

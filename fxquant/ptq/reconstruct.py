@@ -25,8 +25,8 @@ from fxquant.capture.trace import normalize_inputs
 from fxquant.ptq.blocks import ROWS, Block, block_module, data_nodes, find_blocks, probe
 from fxquant.ptq.fit import fit, take
 from fxquant.ptq.layers import float_mode
-from fxquant.report import PTQReport
 from fxquant.ptq.rounding import harden, rounding_for
+from fxquant.report import PTQReport
 from fxquant.spec import AdaRoundOptions
 
 CHUNK = 32  # samples per forward when a block runs over all samples

@@ -13,8 +13,9 @@ from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec, TensorQuantizer
-from fxquant.calib import CALIBRATORS, EmaCalibrator, HistogramCalibrator, MaxCalibrator
+from fxquant.calib import CALIBRATORS, EmaCalibrator, HistogramCalibrator, MaxCalibrator, make_calibrator
 from fxquant.calib.histogram import MAX_SAMPLES, NUM_BINS, SAMPLE_BLOCK, bin_counts, sample_blocks, subsample
+from fxquant.errors import ConfigError
 
 
 def _calibrated(spec: QuantSpec, *batches: torch.Tensor) -> TensorQuantizer:
@@ -262,6 +263,11 @@ def test_large_tensors_are_binned_from_an_even_subsample_with_exact_extremes():
     full.widen_to(cal.exponent)
     full.hist += bin_counts(x, cal.exponent)
     full._min, full._max, full.num_batches = cal._min, cal._max, 1
+    every = make_calibrator(QuantSpec(calib_method="mse", hist_samples=None))  # the switch that bins every element
+    every.collect(x)
+    assert torch.equal(every.hist, full.hist) and every.exponent == cal.exponent
+    with pytest.raises(ConfigError, match="hist_samples"):
+        QuantSpec(hist_samples=100)
 
     def mse(amax: float) -> float:
         s = amax / 127

@@ -132,10 +132,9 @@ def test_reconstruction_beats_round_to_nearest_at_w4a8(nets, name, tmp_path):
     rounded = fxquant.convert(_calibrated(model, data, batches, weight=W4, adaround=True))
     sqnr_nearest, sqnr_rounded = fxquant.sqnr(ref, nearest(x_test)), fxquant.sqnr(ref, rounded(x_test))
     acc_nearest, acc_rounded = accuracy(nearest, x_test, y_test), accuracy(rounded, x_test, y_test)
-    print(name, sqnr_nearest, sqnr_rounded, acc_nearest, acc_rounded)
     assert sqnr_rounded >= sqnr_nearest + 3.0, (sqnr_nearest, sqnr_rounded)
     assert acc_rounded >= acc_nearest, (acc_nearest, acc_rounded)
-    result = fxquant.export_onnx(rounded, x_test[:32], tmp_path / "rounded.onnx")
+    result = fxquant.export_onnx(rounded, x_test[:32], tmp_path / "rounded.onnx", check_latency=False)
     session = ort_session(result.path)
     assert fxquant.sqnr(ref, torch.as_tensor(run_ort(session, (x_test,))[0])) >= sqnr_nearest + 3.0
     assert accuracy(lambda x: run_ort(session, (x,))[0], x_test, y_test) >= acc_nearest
