@@ -19,7 +19,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.ptq.blocks import BATCH, Block
-from fxquant.ptq.layers import Layer
+from fxquant.ptq.layers import Layer, disabled
 from fxquant.ptq.rounding import SoftRounding
 from fxquant.quantizer import TensorQuantizer
 from fxquant.spec import AdaRoundOptions
@@ -55,7 +55,7 @@ def fit(module: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRound
             else:
                 corner = _corner(q, window, generator)
                 fp, q = _crop(fp, window, corner), _crop(q, window, corner)
-                with torch.no_grad(), _disabled(quantizers):
+                with torch.no_grad(), disabled(quantizers):
                     target = list(module(*fp))
             switch.on = True
             loss = _loss(module(*[_mix(f, v, options.act_drop, generator) for f, v in zip(fp, q, strict=True)]),
@@ -141,15 +141,3 @@ def _hooks(pairs: list[tuple[Layer, SoftRounding]], activations: list[TensorQuan
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _disabled(quantizers: list[TensorQuantizer]) -> Iterator[None]:
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("disabled")
-    try:
-        yield
-    finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
