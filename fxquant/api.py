@@ -22,7 +22,7 @@ from fxquant.ptq.step import StepResult
 from fxquant.quantizer import quantizers_of
 from fxquant.report import PrepareReport, PTQReport
 from fxquant.spec import CALIB_METHODS, AdaRoundOptions, QuantConfig
-from fxquant.state import attach_state, get_state
+from fxquant.state import attach_state, exclusive, get_state
 from fxquant.validate.config import check_before_trace
 from fxquant.validate.model import check_model
 
@@ -104,7 +104,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     if merge and not dist_calib.is_distributed():
         raise CalibrationError("calibrate(distributed=True) needs torch.distributed initialized "
                                "(dist.init_process_group) on every rank")
-    return calibrate_model(prepared, data, progress, merge)
+    with exclusive(state, "calibrate()"):  # another thread calibrating this model: an error, not mixed ranges
+        return calibrate_model(prepared, data, progress, merge)
 
 
 def adaround(prepared: nn.Module, batches: Iterable, options: AdaRoundOptions | None = None,
@@ -181,7 +182,7 @@ def convert(prepared: nn.Module) -> nn.Module:
                               "fxquant.calibrate(prepared, batches) before convert()")
     qmodel = copy.deepcopy(prepared).eval()
     for name, q in list(quantizers_of(qmodel).items()):
-        qmodel.set_submodule(name, freeze(q))
+        qmodel.set_submodule(name, freeze(q).eval())
     attach_state(qmodel, dataclasses.replace(state, stage="converted"))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):

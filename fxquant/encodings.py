@@ -28,6 +28,7 @@ from torch import nn
 
 from fxquant import qmath
 from fxquant.errors import CalibrationError
+from fxquant.files import output_path, write_text
 from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.spec import QuantSpec
 from fxquant.state import get_state
@@ -129,13 +130,11 @@ def save_encodings(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     scale``) and the spec: ``num_bits``, ``axis``, ``symmetric``, ``unsigned``, ``narrow_range``,
     ``calib_method``, ``qmin``, ``qmax``. Top level: ``fxquant_version``, ``format_version``, ``backend``.
     """
+    path = output_path(path, "encodings", EncodingsError)
     data = encodings_of(model)
     text = json.dumps(data, indent=2, allow_nan=False)
     text = _LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)  # one line per list
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    write_text(path, text + "\n")
     return data
 
 

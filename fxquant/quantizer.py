@@ -3,7 +3,8 @@
 ``tensor_quant`` / ``fake_tensor_quant`` keep the semantics of NVIDIA pytorch_quantization: the returned
 ``scale`` is the multiplier ``max_bound / amax`` (by division, as NVIDIA computes it; codes = round(x * scale)),
 ``outputs / scale`` dequantizes, the gradient passes straight through where ``|x| <= amax``, float16/bfloat16
-inputs give codes and scale in their own dtype, and unsigned quantization of negative values raises.
+inputs give codes and scale in their own dtype (fake quantization computes in float32 and casts the result, as
+NVIDIA's CUDA kernel does), and unsigned quantization of negative values raises.
 
 TensorQuantizer deliberately differs in one point: its ``scale`` is the step size of ONNX and torch, ``x ~= (q -
 zero_point) * scale``, and its forward computes exactly what QuantizeLinear -> DequantizeLinear (and ``convert``'s
@@ -90,9 +91,7 @@ class _FakeTensorQuant(torch.autograd.Function):
     def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):
         codes, scale, amax_t = _nvidia_quant(inputs, amax, num_bits, unsigned, narrow_range)
         ctx.save_for_backward(inputs, amax_t)
-        if inputs.dtype == torch.float32:
-            return codes / scale
-        return codes.to(inputs.dtype) / scale.to(inputs.dtype)
+        return (codes / scale).to(inputs.dtype)  # in float32, then cast: NVIDIA's CUDA kernel for fp16/bf16
 
     @staticmethod
     def backward(ctx, grad_outputs):
@@ -102,8 +101,8 @@ class _FakeTensorQuant(torch.autograd.Function):
 
 def fake_tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8, unsigned: bool = False,
                       narrow_range: bool = True) -> torch.Tensor:
-    """``tensor_quant`` followed by dequantization (``codes / scale`` in the input's dtype), differentiable with
-    a straight-through estimator."""
+    """``tensor_quant`` followed by dequantization (``codes / scale`` computed in float32, then cast to the input's
+    dtype, as NVIDIA's CUDA kernel computes fp16/bf16), differentiable with a straight-through estimator."""
     return _FakeTensorQuant.apply(inputs, amax, num_bits, unsigned, narrow_range)
 
 
@@ -234,6 +233,12 @@ class TensorQuantizer(nn.Module):
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ConfigError("calibration produced a NaN or infinite range: the model emits NaN/Inf "
                               "on the calibration data; check the data and the model")
+        low = (self.calibrator.minmax() or (None,))[0]  # the data's own minimum, whatever range compute proposes
+        if self.spec.unsigned and low is not None and low.numel() and bool(low.min() < 0):
+            raise NegativeInputError(f"Negative values encountered in unsigned quantization: the calibration data "
+                                     f"reaches {low.min().item():.4g}, which an unsigned quantizer ([0, amax]) clips "
+                                     "to 0; use unsigned=False (or symmetric=False for an affine range) for this "
+                                     "tensor, or keep unsigned=True for tensors after a ReLU only")
         self._set_range(lo, hi)
 
     @property
@@ -250,9 +255,13 @@ class TensorQuantizer(nn.Module):
         amax = torch.as_tensor(value, dtype=torch.float32, device=device).detach().clone()
         qmath.check_amax(amax)
         if amax.dim() != (0 if self.spec.axis is None else 1):
-            raise QuantRangeError(f"amax of shape {tuple(amax.shape)} does not fit this "
-                                  f"{'per-tensor' if self.spec.axis is None else 'per-channel'} quantizer: give "
-                                  f"{'one number' if self.spec.axis is None else 'one value per channel (1-D)'}")
+            if self.spec.axis is None:  # NVIDIA infers the granularity from amax's shape; the spec fixes it here
+                raise QuantRangeError(f"amax of shape {tuple(amax.shape)} does not fit this per-tensor quantizer "
+                                      "(QuantSpec(axis=None): one scale, as a per-tensor QuantizeLinear holds): give "
+                                      "one number, or one value per channel of the last axis with "
+                                      "QuantSpec(axis=-1) (pytorch_quantization broadcasts such an amax instead)")
+            raise QuantRangeError(f"amax of shape {tuple(amax.shape)} does not fit this per-channel quantizer: give "
+                                  "one value per channel (1-D)")
         self._store_range(-amax, amax)
 
     def _current_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:

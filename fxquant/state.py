@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fxquant.backends.base import Backend
-from fxquant.errors import ModelError
+from fxquant.errors import CalibrationError, ModelError
 from fxquant.report import PrepareReport
 from fxquant.spec import QuantConfig
 
@@ -20,6 +23,26 @@ class QuantState:
     stage: str
     report: PrepareReport
     fixed_weights: set[str] = field(default_factory=set)
+    busy: str | None = field(default=None, compare=False)  # the call running on the model now (calibrate)
+
+
+_CLAIM = threading.Lock()  # makes "is anyone calibrating this model?" and "now I am" one step
+
+
+@contextlib.contextmanager
+def exclusive(state: QuantState, call: str) -> Iterator[None]:
+    """Run ``call`` on the model alone: a second call while it runs (another thread) raises CalibrationError
+    instead of mixing its statistics into the first one's."""
+    with _CLAIM:
+        if state.busy is not None:
+            raise CalibrationError(f"{call} was called while {state.busy} runs on this model (another thread): two "
+                                   "calibrations of one model would mix their statistics into ranges of neither data "
+                                   "set. Calibrate one prepared model at a time, or prepare one model per thread")
+        state.busy = call
+    try:
+        yield
+    finally:
+        state.busy = None
 
 
 def get_state(model: object) -> QuantState | None:

@@ -4,7 +4,8 @@ A ``Program`` is a list of ``Step`` records over a list of values (value 0 is th
 value i + 1). ``FuzzModel`` runs it in ``forward``, so torch.fx traces the unrolled program: module steps
 become ``call_module`` nodes (a module named by several steps is shared), functional steps ``call_function``
 nodes reading the model's parameters through ``get_attr``, method steps ``call_method`` nodes.
-``programs()`` is the hypothesis strategy; ``print(program)`` shows it as Python-like lines.
+``print(program)`` shows it as Python-like lines; ``Builder`` draws steps onto a program (the ops that draw are in
+tests/fuzz_ops.py, with the hypothesis strategy ``programs()``).
 """
 
 from __future__ import annotations
@@ -90,8 +91,15 @@ class FuzzModel(nn.Module):
 
     def run(self, step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
         op, form, a = step.op, step.form, step.args
+        if form == "unassigned":
+            self._in_place(step, xs)
+            return xs[0]
+        if form == "assigned":  # y = y.relu_(): the in-place op's own result
+            return self._in_place(step, xs)
         if form == "module":
             return self.mods[step.module](*xs)
+        if form == "tied":
+            return F.linear(xs[0], self.mods[step.module].weight)
         if op == "conv":
             stride, padding, groups = a
             bias = self.params[step.param + "_bias"] if step.param + "_bias" in self.params else None
@@ -114,6 +122,27 @@ class FuzzModel(nn.Module):
         if form == "method":
             return getattr(xs[0], op)()
         return FUNCTIONS[op](xs[0], *a)
+
+    def _in_place(self, step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
+        """An in-place op ("view:" ops act through a flat view of the value); returns the op's result."""
+        op = step.op.removeprefix("view:")
+        x = xs[0].flatten(1) if step.op.startswith("view:") else xs[0]
+        other = self.params[step.param] if step.param else xs[1] if len(xs) > 1 else None
+        if op == "relu_":
+            return x.relu_()
+        if op == "F.relu(inplace)":
+            return F.relu(x, inplace=True)
+        if op == "torch.relu_":
+            return torch.relu_(x)
+        if op == "clamp_":
+            return x.clamp_(min=0)
+        if op == "module":
+            return self.mods[step.module](x)
+        if op == "add_":
+            return x.add_(other if other is not None else step.args[0])
+        if op == "mul_":
+            return x.mul_(other if other is not None else step.args[0])
+        raise ValueError(f"unknown in-place op {op}")
 
     def _binary(self, step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
         a = xs[0]
@@ -159,9 +188,9 @@ class Builder:
         self.program.steps.append(step)
         self.shapes.append(shape)
         self.used.update(step.inputs)
-        if step.op in ("reshape", "flatten", "permute") or step.form == "inplace":
+        if step.op in ("reshape", "flatten", "permute") or step.form in ("inplace", "unassigned", "assigned"):
             self.views.add(len(self.shapes) - 1)
-        if step.form == "inplace":
+        if step.form in ("inplace", "unassigned", "assigned"):
             self.dead.add(step.inputs[0])
         return len(self.shapes) - 1
 
@@ -192,204 +221,3 @@ class Builder:
         name = self.new_name(prefix)
         self.program.params[name] = t
         return name
-
-
-def _image(s: Shape) -> bool:
-    return len(s) == 4 and s[1] <= MAX_CHANNELS
-
-
-def _conv(b: Builder) -> None:
-    i = b.pick(b.live(_image))
-    _, c, h, w = b.shapes[i]
-    shared = [n for n, m in b.program.modules.items() if isinstance(m, nn.Conv2d) and m.in_channels == c]
-    if shared and b.draw(st.booleans()):  # call an existing conv again: a shared (reused) module
-        m = b.program.modules[(name := b.draw(st.sampled_from(shared)))]
-        out = b.add(Step("conv", (i,), "module", name), _conv_shape(b.shapes[i], m.out_channels, m.kernel_size[0],
-                                                                    m.stride[0], m.padding[0]))
-    else:
-        k = b.draw(st.sampled_from((1, 3))) if min(h, w) >= 3 else 1
-        stride = b.draw(st.sampled_from((1, 2))) if min(h, w) >= 4 else 1
-        style, cout = b.draw(st.sampled_from(("plain", "depthwise", "grouped"))), b.draw(st.sampled_from((2, 4, 8)))
-        groups = 1
-        if style == "depthwise":
-            groups, cout = c, c * b.draw(st.sampled_from((1, 2)))
-        elif style == "grouped" and c % 2 == 0:
-            groups = 2
-        bias = b.draw(st.booleans())
-        shape = _conv_shape(b.shapes[i], cout, k, stride, k // 2)
-        if b.draw(st.booleans()):
-            name = b.module("conv", nn.Conv2d(c, cout, k, stride, k // 2, groups=groups, bias=bias))
-            out = b.add(Step("conv", (i,), "module", name), shape)
-        else:
-            w_name = b.param("w", b.tensor(cout, c // groups, k, k, scale=(c // groups * k * k) ** -0.5))
-            if bias:
-                b.program.params[w_name + "_bias"] = b.tensor(cout, scale=0.1)
-            out = b.add(Step("conv", (i,), "function", param=w_name, args=(stride, k // 2, groups)), shape)
-    if b.draw(st.booleans()):  # BatchNorm after the conv (folded by prepare)
-        b.add(Step("batch_norm", (out,), "module", b.module("bn", nn.BatchNorm2d(b.shapes[out][1]))), b.shapes[out])
-
-
-def _conv_shape(s: Shape, cout: int, k: int, stride: int, pad: int) -> Shape:
-    return (s[0], cout, (s[2] + 2 * pad - k) // stride + 1, (s[3] + 2 * pad - k) // stride + 1)
-
-
-def _linear(b: Builder) -> None:
-    i = b.pick(b.live(lambda s: len(s) in (2, 3, 4) and s[-1] <= 256))
-    fin, fout = b.shapes[i][-1], b.draw(st.sampled_from((2, 4, 8)))
-    shape = (*b.shapes[i][:-1], fout)
-    if b.draw(st.booleans()):
-        shared = [n for n, m in b.program.modules.items()
-                  if isinstance(m, nn.Linear) and m.in_features == fin and m.out_features == fout]
-        name = b.draw(st.sampled_from(shared)) if shared and b.draw(st.booleans()) else \
-            b.module("fc", nn.Linear(fin, fout, bias=b.draw(st.booleans())))
-        b.add(Step("linear", (i,), "module", name), shape)
-    else:
-        b.add(Step("linear", (i,), "function", param=b.param("w", b.tensor(fout, fin, scale=fin ** -0.5))), shape)
-
-
-def _matmul(b: Builder) -> None:
-    i = b.pick(b.live(lambda s: len(s) in (3, 4)))
-    s = b.shapes[i]
-    form = b.draw(st.sampled_from(("function", "operator")))
-    if b.draw(st.booleans()):  # x @ W with a parameter W (a linear layer written as matmul)
-        m = b.draw(st.sampled_from((2, 4, 8)))
-        w = b.param("w", b.tensor(s[-1], m, scale=s[-1] ** -0.5))
-        b.add(Step("matmul", (i,), form, param=w), (*s[:-1], m))
-        return
-    j = b.pick(b.live(lambda t: t == s))  # attention-like: x @ y^T
-    dims = (len(s) - 2, len(s) - 1)
-    yt = b.add(Step("permute", (j,), "function", args=dims), (*s[:-2], s[-1], s[-2]))
-    b.add(Step("matmul", (i, yt), form), (*s[:-1], s[-2]))
-
-
-def _binary(b: Builder) -> None:
-    op = b.draw(st.sampled_from(("add", "mul")))
-    i = b.pick(b.live())
-    s = b.shapes[i]
-    form = b.draw(st.sampled_from(("function", "operator", "method", "inplace")))
-    if form == "inplace" and not b.can_overwrite(i):
-        form = "operator"
-    other = b.draw(st.sampled_from(("value", "scalar", "parameter")))
-    if other == "value":  # the other value may be i itself (x + x); with an earlier value: a residual
-        step = Step(op, (i, b.pick(b.live(lambda t: t == s))), form)
-    elif other == "scalar":
-        step = Step(op, (i,), form, args=(b.draw(st.sampled_from((0.5, 2.0, -1.0))),))
-    else:  # per-channel (images) or per-feature scale/shift: a layer scale or a learned bias
-        shape = (s[1], 1, 1) if len(s) == 4 else (s[-1],)
-        step = Step(op, (i,), form, param=b.param("p", b.tensor(*shape, scale=0.5, positive=op == "mul")))
-    b.add(step, s)
-
-
-def _cat(b: Builder) -> None:
-    i = b.pick(b.live(lambda s: len(s) >= 2))
-    s = b.shapes[i]
-    dim = b.draw(st.sampled_from(range(1, len(s))))
-    fits = b.live(lambda t: len(t) == len(s) and all(t[d] == s[d] for d in range(len(s)) if d != dim))
-    others = [b.pick(fits) for _ in range(b.draw(st.integers(1, 2)))]
-    size = s[dim] + sum(b.shapes[j][dim] for j in others)
-    if size > 64:
-        return
-    b.add(Step("cat", (i, *others), args=(dim,)), tuple(size if d == dim else n for d, n in enumerate(s)))
-
-
-def _pool(b: Builder) -> None:
-    i = b.pick(b.live(lambda s: len(s) == 4 and min(s[2:]) >= 2))
-    n, c, h, w = b.shapes[i]
-    kind = b.draw(st.sampled_from(("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "mean")))
-    if kind == "mean":
-        b.add(Step("mean", (i,), "method"), (n, c, 1, 1))
-        return
-    size = b.draw(st.sampled_from((1, 2))) if kind.startswith("adaptive") else 2
-    shape = (n, c, size, size) if kind.startswith("adaptive") else (n, c, h // 2, w // 2)
-    if b.draw(st.booleans()):
-        cls = {"max_pool": nn.MaxPool2d, "avg_pool": nn.AvgPool2d, "adaptive_avg_pool": nn.AdaptiveAvgPool2d,
-               "adaptive_max_pool": nn.AdaptiveMaxPool2d}[kind]
-        b.add(Step(kind, (i,), "module", b.module("pool", cls(size))), shape)
-    else:
-        b.add(Step(kind, (i,), args=(size,)), shape)
-
-
-def _activation(b: Builder) -> None:
-    i = b.pick(b.live())
-    act = b.draw(st.sampled_from(ACTIVATIONS))
-    form = b.draw(st.sampled_from(("module", "function", "method") if act in ("relu", "sigmoid") else
-                                  ("module", "function")))
-    if form == "module":
-        cls = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid,
-               "hardswish": nn.Hardswish}[act]
-        shared = [n for n, m in b.program.modules.items() if type(m) is cls]  # one self.relu called everywhere
-        name = shared[0] if shared and b.draw(st.booleans()) else b.module("act", cls())
-        b.add(Step(act, (i,), "module", name), b.shapes[i])
-    else:
-        b.add(Step(act, (i,), form), b.shapes[i])
-
-
-def _reshape(b: Builder) -> None:
-    i = b.pick(b.live(lambda s: len(s) >= 2))
-    s = b.shapes[i]
-    how = b.draw(st.sampled_from(("flatten", "reshape")))
-    if how == "flatten" and len(s) > 2:
-        start = b.draw(st.integers(1, len(s) - 2))
-        flat = 1
-        for d in s[start:]:
-            flat *= d
-        shape = (*s[:start], flat)
-        if b.draw(st.booleans()) and start == 1:
-            b.add(Step("flatten", (i,), "module", b.module("flat", nn.Flatten())), shape)
-        else:
-            b.add(Step("flatten", (i,), args=(start,)), shape)
-        return
-    total = 1
-    for d in s[1:]:
-        total *= d
-    divisors = [d for d in range(1, total + 1) if total % d == 0]
-    inner = b.draw(st.sampled_from(divisors))
-    new = (total // inner, inner) if b.draw(st.booleans()) else (total,)
-    b.add(Step("reshape", (i,), "method", args=new), (s[0], *new))
-
-
-def _permute(b: Builder) -> None:
-    i = b.pick(b.live(lambda s: len(s) >= 3))
-    s = b.shapes[i]
-    if len(s) == 4 and b.draw(st.booleans()):  # NCHW -> NHWC (then a linear acts per pixel) or H <-> W
-        order = b.draw(st.sampled_from(((0, 2, 3, 1), (0, 1, 3, 2), (0, 3, 1, 2))))
-        b.add(Step("permute", (i,), "method", args=order), tuple(s[d] for d in order))
-        return
-    d0, d1 = b.draw(st.sampled_from([(a, c) for a in range(1, len(s)) for c in range(a + 1, len(s))]))
-    shape = list(s)
-    shape[d0], shape[d1] = s[d1], s[d0]
-    b.add(Step("permute", (i,), "function", args=(d0, d1)), tuple(shape))
-
-
-def _batch_norm(b: Builder) -> None:
-    i = b.pick(b.live(_image))
-    b.add(Step("batch_norm", (i,), "module", b.module("bn", nn.BatchNorm2d(b.shapes[i][1]))), b.shapes[i])
-
-
-OPS: dict[str, tuple[Callable[[Builder], None], Callable[[Shape], bool]]] = {
-    "conv": (_conv, _image),
-    "linear": (_linear, lambda s: len(s) in (2, 3, 4) and s[-1] <= 256),
-    "matmul": (_matmul, lambda s: len(s) in (3, 4)),
-    "binary": (_binary, lambda s: True),
-    "cat": (_cat, lambda s: len(s) >= 2),
-    "pool": (_pool, lambda s: len(s) == 4 and min(s[2:]) >= 2),
-    "activation": (_activation, lambda s: True),
-    "reshape": (_reshape, lambda s: len(s) >= 2),
-    "permute": (_permute, lambda s: len(s) >= 3),
-    "batch_norm": (_batch_norm, _image),
-}
-
-WEIGHTS = {"conv": 3, "activation": 2, "binary": 2}  # how much more often than the other ops
-
-
-@st.composite
-def programs(draw: st.DrawFn, max_steps: int = MAX_STEPS) -> Program:
-    """A random program: an input (image, sequence or feature vector) and 1..max_steps ops on it."""
-    input_shape = draw(st.sampled_from([(BATCH, 3, 8, 8), (BATCH, 4, 6, 6), (BATCH, 2, 5, 5), (BATCH, 6, 8),
-                                        (BATCH, 12)]))
-    b = Builder(draw, input_shape, draw(st.integers(0, 2**16)))
-    for _ in range(draw(st.integers(1, max_steps))):
-        possible = [name for name, (_, ok) in OPS.items() for _ in range(WEIGHTS.get(name, 1)) if b.live(ok)]
-        OPS[draw(st.sampled_from(possible))][0](b)
-    b.program.outputs = tuple(i for i in range(1, len(b.shapes)) if i not in b.used)
-    return b.program

@@ -8,7 +8,12 @@ example input; the prepare report accounts for every op of the traced model (qua
 with a reason, or folded); the prepared model with its quantizers disabled computes the float function
 (>= 80 dB: BatchNorm folding and rewrites change nothing but float rounding).
 
-The default run is short and deterministic (derandomized, no example database). The long run is marked
+A second property: prepared from a batch-1 example and calibrated on padded batches (trailing positions of each
+sequence zeroed, as users calibrate), the converted model runs at batch 1 and 4 and, for sequences, at other
+lengths: each sample gives what it gives alone, the result tracks the float model about as closely as at the
+example's shape, and ONNX Runtime (exported at batch 1) agrees at batch 4.
+
+The default run is short and deterministic (derandomized, no example database). The long runs are marked
 ``fuzz`` and excluded by default: ``FXQUANT_FUZZ_EXAMPLES=500 pytest -m fuzz tests/test_fuzz.py`` (random
 seeds; hypothesis prints a ``@reproduce_failure`` line to replay a failure).
 """
@@ -24,18 +29,23 @@ from dataclasses import dataclass
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import fx
 
 import fxquant
+from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
-from tests.fuzz_graphs import FuzzModel, Program, programs
+from tests.fuzz_graphs import FuzzModel, Program
+from tests.fuzz_ops import programs
 
 BACKENDS = ("tensorrt", "onnxruntime")
 MIN_AGREEMENT_DB = 30.0
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 DEFAULT = settings(max_examples=10, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH,
                    print_blob=True)
+SHAPES = settings(max_examples=4, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH,
+                  print_blob=True)
 LONG = settings(max_examples=int(os.environ.get("FXQUANT_FUZZ_EXAMPLES", "300")), deadline=None, database=None,
                 suppress_health_check=_HEALTH, print_blob=True)
 
@@ -169,10 +179,88 @@ def check_program(program: Program) -> None:
             run_backend(model, program, backend, workdir)
 
 
+# ---- other batches, other lengths, padded calibration ----------------------------------------------------------
+MIN_BATCH_AGREEMENT_DB = 30.0  # a sample quantized alone vs in a batch of 4: only float-rounding flips differ
+
+
+def _padded(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A sequence batch as users calibrate on it: each sample's trailing positions zero-padded (images as given)."""
+    if x.dim() != 3:
+        return x
+    x = x.clone()
+    for row in range(x.shape[0]):
+        keep = int(torch.randint(1, x.shape[1] + 1, (1,), generator=gen))
+        x[row, keep:] = 0
+    return x
+
+
+def _other_shapes(shape: tuple[int, ...], gen: torch.Generator) -> list[torch.Tensor]:
+    """Inputs at batch 1 and 4 and, for sequences, at two other lengths."""
+    shapes = [(1, *shape[1:]), (4, *shape[1:])]
+    if len(shape) == 3:
+        shapes += [(4, shape[1] - 2, shape[2]), (1, shape[1] + 3, shape[2])]
+    return [torch.randn(s, generator=gen) for s in shapes]
+
+
+def check_shapes(program: Program, backend: str) -> None:
+    """Prepared from a batch-1 example and calibrated on padded batches of 3, the converted model runs at every
+    batch and length the float model runs at: each sample gives what it gives alone (batch independence), the
+    result tracks the float model as closely as at the example's shape, and ONNX Runtime agrees at batch 4."""
+    with tempfile.TemporaryDirectory() as workdir:
+        _check_shapes(program, backend, workdir)
+
+
+def _check_shapes(program: Program, backend: str, workdir: str) -> None:
+    model = FuzzModel(program).eval()
+    gen = torch.Generator().manual_seed(len(program.steps) + 7)
+    one = torch.randn((1, *program.input_shape[1:]), generator=gen)
+    batches = [_padded(torch.randn((3, *program.input_shape[1:]), generator=gen), gen) for _ in range(3)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = fxquant.quantize(model, one, [one, *batches], backend=backend, progress=False)
+            result = fxquant.export_onnx(qmodel, one, os.path.join(workdir, f"{backend}_b1.onnx"), verify=False)
+    except fxquant.FxQuantError as exc:
+        assert any(n in str(exc) for n in op_names(model, program)), f"{type(exc).__name__} names no op: {exc}"
+        return
+    own_db = min(fxquant.sqnr(f, q) for f, q in zip(_outputs(model, one), _outputs(qmodel, one), strict=True))
+    session = ort_session(result.path, level="basic" if backend == "tensorrt" else "all")
+    for x in _other_shapes(program.input_shape, gen):
+        try:
+            want = _outputs(model, x)
+        except RuntimeError:
+            continue  # the float model itself fixes this shape (a literal reshape): nothing to compare
+        got = _outputs(qmodel, x)  # a raw error here fails the test: run, or raise an FxQuantError naming why
+        if any(not w.any() for w in want):
+            continue
+        db = min(fxquant.sqnr(w, g) for w, g in zip(want, got, strict=True))
+        assert db >= min(own_db, MIN_AGREEMENT_DB) - 15, f"{tuple(x.shape)}: {db:.1f} dB vs {own_db:.1f} dB"
+        if x.shape[0] > 1:
+            alone = _outputs(qmodel, x[:1])
+            assert min(fxquant.sqnr(a, g[:1]) for a, g in zip(alone, got, strict=True)) >= MIN_BATCH_AGREEMENT_DB
+            if x.shape[1:] == one.shape[1:]:
+                ort = [torch.from_numpy(o) for o in run_ort(session, (x,))]
+                ort_db = min(fxquant.sqnr(g, o) for g, o in zip(got, ort, strict=True))
+                assert ort_db >= MIN_AGREEMENT_DB or low_agreement_reason(want, qmodel, x, ort_db), ort_db
+
+
 @DEFAULT
 @given(programs())
 def test_fuzz_pipeline(program: Program) -> None:
     check_program(program)
+
+
+@SHAPES
+@given(programs(), st.sampled_from(BACKENDS))
+def test_fuzz_batch_one_example_runs_at_other_batches_and_lengths(program: Program, backend: str) -> None:
+    check_shapes(program, backend)
+
+
+@pytest.mark.fuzz
+@LONG
+@given(programs(), st.sampled_from(BACKENDS))
+def test_fuzz_shapes_long(program: Program, backend: str) -> None:
+    check_shapes(program, backend)
 
 
 @pytest.mark.fuzz

@@ -14,6 +14,9 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from fxquant.errors import ConfigError
+from fxquant.files import output_path, write_text
+
 
 @dataclass(frozen=True)
 class LayerSensitivity:
@@ -169,8 +172,6 @@ topological order quantized (column #). Keep the top-ranked layers in float with
 
 def write_html(report: SensitivityReport, path: str | os.PathLike, title: str = "fxquant sensitivity report") -> str:
     """Write ``render_html(report)`` to ``path``; returns the path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render_html(report, title))
+    path = output_path(path, "report", ConfigError)
+    write_text(path, render_html(report, title))
     return path

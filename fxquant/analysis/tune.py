@@ -90,13 +90,11 @@ def float_layers(model: nn.Module, floated: dict[str, str], quantizers: set[str]
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            if name.endswith("bias_quantizer"):  # the int32 bias is made at export: it follows the weight
-                continue
             raise ConversionError(f"tune: the ONNX quantizer `{name}` has no module in the model") from None
         if not isinstance(module, FrozenQuantizer):
             raise ConversionError(f"tune: `{name}` is a {type(module).__name__}, not a converted quantizer")
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity().eval())
     report = get_state(model).report
     for node, why in floated.items():
         report.float_ops.append(OpEntry(_layer(node), node.rpartition("/")[2], f"tune: {why}"))

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from fxquant.backends.runtime import RUNTIMES
 from fxquant.errors import ConfigError
 from fxquant.lower.export_passes import EXPORT_PASSES
 from fxquant.rules import Rule
 from fxquant.rules.rule import check_rules
 from fxquant.spec import QuantSpec
-
-RUNTIMES = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -23,11 +22,13 @@ class Backend:
     them on quantized data); they are not reported as float.
     float_reasons: kinds this backend deliberately leaves in floating point, with the reason the prepare
     report gives for each such op (a kind with neither a rule, pass-through nor reason is reported as unknown).
-    runtime: where the exported graph deploys, which decides how export verifies it. "onnxruntime": verified as ORT
-    deploys it (every fusion, its int8 kernels), with the report of ops meant for int8 that ORT left in float and
-    the int8-vs-float latency check (``fxquant.tune`` needs it); "tensorrt": verified for its meaning in ORT
-    (basic optimizations) and linted against TensorRT's Q/DQ fusion rules (``fxquant.lower.trt_lint``); None
-    (another runtime): verified for its meaning in ORT.
+    runtime: where the exported graph deploys (a key of ``fxquant.backends.runtime.RUNTIMES``, which declares what
+    each runtime executes: prepare refuses or warns about specs it cannot run, ops it has no dynamic kernel for
+    stay float), and how export verifies it. "onnxruntime": verified as ORT deploys it (every fusion, its int8
+    kernels), with the report of ops meant for int8 that ORT left in float and the int8-vs-float latency check
+    (``fxquant.tune`` needs it); "tensorrt": verified for its meaning in ORT (basic optimizations) and linted
+    against TensorRT's Q/DQ fusion rules (``fxquant.lower.trt_lint``); None (another runtime): verified for its
+    meaning in ORT, no spec checks.
     export_passes: names of the ONNX passes export runs for this backend after the common ones, in this order
     (``fxquant.lower.export_passes.EXPORT_PASSES``: "ort_cpu_graph", "integer_float_output", "int32_bias").
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
@@ -48,7 +49,7 @@ class Backend:
 
     def __post_init__(self) -> None:
         if self.runtime is not None and self.runtime not in RUNTIMES:
-            raise ConfigError(f"Backend.runtime must be one of {RUNTIMES} or None (another runtime), got "
+            raise ConfigError(f"Backend.runtime must be one of {tuple(RUNTIMES)} or None (another runtime), got "
                               f"{self.runtime!r}")
         if isinstance(self.export_passes, str) or not isinstance(self.export_passes, tuple):
             raise ConfigError(f"Backend.export_passes must be a tuple of pass names, got {self.export_passes!r}")

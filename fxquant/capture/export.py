@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.graph import CodeGen, _PyTreeCodeGen
 
+from fxquant.capture.inplace import mutated_arg
+
 aten = torch.ops.aten
 
 _FUNCTIONS: dict[object, object] = {
@@ -41,6 +43,9 @@ _FUNCTIONS: dict[object, object] = {
     aten.conv1d.default: F.conv1d, aten.conv2d.default: F.conv2d,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
 }
+# the torch function that takes the ATen op's keyword arguments (alpha=) where an operator takes none
+_KEYWORD_TWINS = {operator.add: torch.add, operator.sub: torch.sub, operator.mul: torch.mul,
+                  operator.truediv: torch.div}
 _DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default}
 _IDENTITY = {aten.dropout.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
@@ -56,6 +61,8 @@ def export_trace(model: nn.Module, values: tuple) -> tuple[fx.GraphModule | None
     except Exception as exc:  # export raises many types; the caller falls back to partial tracing
         text = str(exc).strip().splitlines()
         return None, f"{type(exc).__name__}: {text[0] if text else ''}"
+    if any(node.op == "call_function" and mutated_arg(node, {}) is not None for node in program.graph.nodes):
+        program = program.run_decompositions({})  # in-place ops (x[:, :2] = 0 on a view): functional ATen
     gm = _lower(model, program.module())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, values, strict=False):
@@ -157,6 +164,8 @@ def _lower(model: nn.Module, exported: fx.GraphModule) -> fx.GraphModule:
         new = graph.node_copy(node, env.__getitem__)
         if node.op == "call_function" and node.target in _FUNCTIONS:
             new.target = _FUNCTIONS[node.target]
+            if node.kwargs and new.target in _KEYWORD_TWINS:  # sub(a, b, alpha=2): operators take no keywords
+                new.target = _KEYWORD_TWINS[new.target]
             if node.target is aten.layer_norm.default:
                 new.args = new.args[:5]
         if node.op == "get_attr":

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxquant.capture.inplace import aliasing_hazard
 from fxquant.errors import ExampleInputError, ExampleTypeError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -84,13 +85,42 @@ def try_trace(model: nn.Module, leaf_globs: Sequence[str] = (), leaf_names: Coll
               concrete_args: dict[str, object] | None = None) -> tuple[fx.GraphModule | None, TraceFailure | None]:
     """Symbolically trace ``model``: (GraphModule, None), or (None, where and why it failed)."""
     tracer = _Tracer(leaf_globs, leaf_names)
+    buffers = {name: (b, b._version, b.detach().clone()) for name, b in model.named_buffers()}
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
         return None, _failure(tracer, model, exc)
+    finally:  # torch.fx runs code on buffers (constants to it) while tracing: undo what it changed
+        changed = [name for name, (b, version, _) in buffers.items() if b._version != version]
+        with torch.no_grad():
+            for name in changed:
+                buffers[name][0].copy_(buffers[name][2])
     if concrete_args:
         _keep_argument_names(model, graph, concrete_args)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    hazard = None if changed else aliasing_hazard(gm)
+    if changed or hazard is not None:
+        return None, _inplace_failure(model, changed, hazard)
+    return gm, None
+
+
+def _inplace_failure(model: nn.Module, buffers: list[str], node: fx.Node | None) -> TraceFailure:
+    """Why a module whose forward changes its buffers, or changes memory another value shares, stays eager."""
+    if buffers:
+        owner = buffers[0].rpartition(".")[0]
+        what = f"its forward changes buffer `{buffers[0].rpartition('.')[2]}` in place"
+    else:
+        stack = list(node.meta.get("nn_module_stack", {}))
+        owner = stack[-2 if node.op == "call_module" else -1] if len(stack) > (node.op == "call_module") else ""
+        what = f"in-place `{node.target if isinstance(node.target, str) else node.target.__name__}` changes memory " \
+               "that is read again through another value (a view or its base)"
+        owner = owner if owner in dict(model.named_modules()) else ""
+    module = model.get_submodule(owner) if owner else model
+    reason = f"{what}, which a torch.fx graph cannot keep"
+    where = f"`{owner}` ({type(module).__name__})" if owner else f"the root module ({type(model).__name__})"
+    message = (f"torch.fx could not capture {where}: {reason}. Without strict=True prepare() runs it eagerly and "
+               "quantizes the layers it calls; or write the op out of place (y = y.relu()) on a value no view shares")
+    return TraceFailure(owner, type(module).__name__, reason, message)
 
 
 def _keep_argument_names(model: nn.Module, graph: fx.Graph, fixed: dict[str, object]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from collections import Counter
 
 import torch
@@ -13,8 +14,10 @@ import fxquant
 from fxquant.analysis.tune import check_tunable
 from fxquant.cli.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.cli.summary import Stopwatch, config_from_args, print_table, quiet_warnings
-from fxquant.lower.onnx_export import DEFAULT_OPSET
+from fxquant.lower.onnx_export import DEFAULT_OPSET, export_float_onnx
+from fxquant.lower.outputs import flat_outputs
 from fxquant.spec import CALIB_METHODS
+from fxquant.validate.export import check_opset, export_path
 
 DESCRIPTION = """Targets a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
 calibrate on DATA, convert, export, check the ONNX model with onnx.checker and run it in ONNX Runtime against
@@ -35,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="ONNX file to write (default: <model>_<backend>.onnx)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (>= 13; default: {DEFAULT_OPSET})")
+                        help=f"ONNX opset to write (default: {DEFAULT_OPSET}); a lower one as far as ONNX's version "
+                             "converter can write the model's ops (14 for most CNNs, 17 with LayerNorm), checked "
+                             "before calibration")
     parser.add_argument("--tune", action="store_true",
                         help="onnxruntime backend: time the model in ONNX Runtime on the first calibration batch and "
                              "leave float the layers where int8 is slower, so the ONNX is never slower than float")
@@ -46,10 +51,14 @@ def run(args: argparse.Namespace) -> int:
     if args.tune:  # before calibrating: the backend decides whether tune can run
         check_tunable(fxquant.BACKENDS[args.backend])
     clock = Stopwatch()
+    check_opset(args.opset)
     model, name, batches, data_note = load_model_and_data(args, clock)
     example = batches[0]
+    if args.opset != DEFAULT_OPSET:  # the float model's ops decide the opsets it can be written at: say so now
+        with clock("opset check"), quiet_warnings(), tempfile.TemporaryDirectory() as tmp:
+            export_float_onnx(model, example, os.path.join(tmp, "float.onnx"), opset=args.opset)
     config = config_from_args(args)
-    out = args.out or f"{name}_{args.backend}.onnx"
+    out = export_path(args.out or f"{name}_{args.backend}.onnx")  # a directory raises now, not after calibration
     with quiet_warnings() as notes:
         with clock("prepare"):
             prepared = fxquant.prepare(model, example, backend=args.backend, config=config)
@@ -64,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
             qmodel = tuned.model
         with clock("export + verify"):
             result = fxquant.export_onnx(qmodel, example, out, opset=args.opset)
-    with torch.no_grad():
-        int8_db = fxquant.sqnr(model(example), qmodel(example))
+    with torch.no_grad():  # every output of the model (a tuple, a dict): the worst one
+        int8_db = min(fxquant.sqnr(f, q) for (_, f), (_, q) in
+                      zip(flat_outputs(model(example)), flat_outputs(qmodel(example)), strict=True))
     report = fxquant.report_of(qmodel).as_dict()
     ops = Counter(n.op_type for n in result.model.graph.node)
     rows = [

@@ -10,6 +10,7 @@ from fxquant.analysis.sensitivity import sensitivity
 from fxquant.analysis.sensitivity_report import NO_MATPLOTLIB, plot_png
 from fxquant.cli.inputs import CLIError, add_model_and_data_args, load_model_and_data
 from fxquant.cli.summary import Stopwatch, config_from_args, print_table, quiet_warnings
+from fxquant.files import atomic_write, output_path
 
 DESCRIPTION = """Sensitivity report: prepare and calibrate MODEL, then for every quantized layer measure the
 SQNR (dB, against the float model) of the model output and of the layer's own output with only that layer
@@ -38,9 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.eval_batches < 1:
         raise CLIError(f"--eval-batches must be at least 1, got {args.eval_batches}")
+    if args.top < 1:
+        raise CLIError(f"--top must be at least 1 (the number of layers to list), got {args.top}")
     clock = Stopwatch()
     model, name, batches, data_note = load_model_and_data(args, clock)
-    out = args.out or f"{name}_{args.backend}_sensitivity.html"
+    out = output_path(args.out or f"{name}_{args.backend}_sensitivity.html", "report", CLIError)
+    if args.png:
+        output_path(args.png, "PNG", CLIError)  # before the work, not after it
     with quiet_warnings() as notes:
         with clock("prepare"):
             prepared = fxquant.prepare(model, batches[0], backend=args.backend, config=config_from_args(args))
@@ -55,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
             if png is None:
                 notes.append(f"--png skipped: {NO_MATPLOTLIB}")
             else:
-                os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
-                with open(args.png, "wb") as f:
+                with atomic_write(args.png) as tmp, open(tmp, "wb") as f:
                     f.write(png)
     print("\n" + report.table(limit=args.top))
     worst = ", ".join(f"{s.name} ({s.model_only_db:.1f} dB)" for s in report.ranked()[:3])

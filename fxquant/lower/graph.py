@@ -10,13 +10,14 @@ started, which is what most rewrites want (the nodes they match are not the ones
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})  # ONNX ops that multiply by a weight
+EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)  # the codes ORT's integer matmuls take
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -113,6 +114,20 @@ class OnnxGraph:
         if self.array(dq.input[0]).ndim != 2:
             return None
         return dq, transposed
+
+    def column_weighted_linears(self) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, bool]]:
+        """Each MatMul/Gemm whose 8-bit weight ``linear_weight`` finds with one scale per tensor or per output
+        column, in graph order over the nodes as they were when iteration began (a pass may splice as it goes):
+        (node, the weight's DequantizeLinear, whether the weight is (N, K)). A 16-bit weight is left out: ORT has
+        no integer matmul for it, so its QDQ form runs (dequantized)."""
+        for node in list(self.graph.node):
+            found = self.linear_weight(node) if node.op_type in ("MatMul", "Gemm") else None
+            if found is None or self.initializers[found[0].input[0]].data_type not in EIGHT_BIT:
+                continue
+            dq, transposed = found
+            if self.array(dq.input[1]).ndim and attr(dq, "axis", 1) % 2 != (0 if transposed else 1):
+                continue  # per-channel along the reduced axis: not a per-column scale
+            yield node, dq, transposed
 
     def outputs(self) -> set[str]:
         """The graph's output names."""

@@ -25,7 +25,8 @@ from onnx import helper
 
 from fxquant.backends.base import Backend
 from fxquant.capture.trace import normalize_inputs
-from fxquant.errors import ConfigError, ConversionError
+from fxquant.errors import ConversionError, ExportError, FxQuantError
+from fxquant.files import atomic_write
 from fxquant.lower.export_passes import run_export_passes
 from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
 from fxquant.lower.onnx_passes import infer_shapes
@@ -40,11 +41,13 @@ from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
 from fxquant.state import QuantState, get_state
 from fxquant.validate.export import (
-    atomic_file,
     check_dtypes,
+    check_eval_mode,
+    check_opset,
     clones,
     export_path,
     honour_opset,
+    kept_buffers,
     run_example,
     warn_static_batch,
 )
@@ -88,8 +91,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
     if check_cpu is not None:
         check_target(check_cpu)
-    if not isinstance(opset, int) or opset < 13:
-        raise ConfigError(f"opset must be an int >= 13 (per-axis QuantizeLinear), got {opset!r}")
+    check_opset(opset)
     for name, m in model.named_modules():
         if getattr(m, "num_bits", 8) > 8 and opset < 21:
             raise ConversionError(f"`{name}` quantizes to {m.num_bits} bits, which needs 16-bit Q/DQ (opset 21); "
@@ -101,6 +103,21 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     inputs = normalize_inputs(example_inputs)
     path = export_path(path)
     check_dtypes(model, inputs)
+    check_eval_mode(model)
+    with kept_buffers(model) as changed:  # a forward that updates buffers: the model's state is what it was
+        result = _export_checked(model, inputs, path, opset, dynamic_batch, verify, check_latency, check_cpu)
+    if changed:
+        warnings.warn(f"the model's forward updates buffer(s) {', '.join(f'`{n}`' for n in changed[:4])} in place; an "
+                      "ONNX model has no state, so the exported model starts every run from their values at "
+                      "export (kept in the file); keep state updates out of the eval-mode forward if the deployed "
+                      "model must advance it", stacklevel=2)
+    return result
+
+
+def _export_checked(model: torch.nn.Module, inputs: tuple, path: str, opset: int, dynamic_batch: bool,
+                    verify: bool, check_latency: bool, check_cpu: str | None) -> ExportResult:
+    """export_onnx after its argument checks."""
+    state = get_state(model)
     sample = run_example(model, inputs)  # on a copy: the user's example is never edited
     wrapped = needs_flattening(sample)  # dicts, dataclasses (ModelOutput-style), None entries: flat, named
     if wrapped:
@@ -117,26 +134,26 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     onnx.checker.check_model(proto, full_check=True)
     # A graph for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
     # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.runtime).
-    with atomic_file(path) as tmp:  # the file appears only once the export and its check succeeded
+    with atomic_write(path) as tmp:  # the file appears only once the export and its check succeeded
         onnx.save(proto, tmp)
         agreement = verify_in_ort(model, inputs, tmp, backend.verify_level, check_cpu) if verify else None
     if agreement is not None and agreement < MIN_AGREEMENT_DB:
         cause = _low_agreement_cause(model, backend, check_cpu or host_target())
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
-                      f"(< {MIN_AGREEMENT_DB} dB). {cause}", stacklevel=2)
+                      f"(< {MIN_AGREEMENT_DB} dB). {cause}", stacklevel=3)
     # ops meant to run in int8 that ORT's optimized graph left in float: a graph that deploys on ORT only
     fusion = fusion_report(path) if verify and backend.runtime == "onnxruntime" else None
     if fusion is not None and fusion.unfused:
-        warnings.warn(fusion.summary(), stacklevel=2)
+        warnings.warn(fusion.summary(), stacklevel=3)
     latency = None
     if fusion is not None and check_latency and fusion.intended:  # nothing int8 (all float): nothing to time
         latency = ort_latency.check_latency(proto, [x.detach().cpu().numpy() for x in inputs])
         if latency.slower:
-            warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=2)
+            warnings.warn(ort_latency.slower_message(latency, fusion), stacklevel=3)
     lint = trt_fusion_lint(proto) if backend.runtime == "tensorrt" else None
     if lint:
         warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
-                      + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=2)
+                      + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=3)
     return ExportResult(path, proto, agreement, fusion, latency, lint)
 
 
@@ -164,7 +181,7 @@ def export_float_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tup
     inputs, path = normalize_inputs(example_inputs), export_path(path)
     proto = honour_opset(_export(model.eval(), clones(inputs), opset, dynamic_batch), opset)
     onnx.checker.check_model(proto, full_check=True)
-    with atomic_file(path) as tmp:
+    with atomic_write(path) as tmp:
         onnx.save(proto, tmp)
     return path
 
@@ -184,7 +201,7 @@ def _export(model: torch.nn.Module, inputs: tuple, opset: int, dynamic_batch: bo
             raise
         except Exception as exc:  # a model that fixes its batch size still exports, with a static batch
             warnings.warn(f"exporting with a dynamic batch dimension failed ({type(exc).__name__}); "
-                          "exporting with the example batch size instead", stacklevel=3)
+                          "exporting with the example batch size instead", stacklevel=4)
     return _run_exporter(model, inputs, kwargs)
 
 
@@ -215,7 +232,7 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
         warnings.warn(f"data-dependent control flow ({where}) cannot be expressed in ONNX: the export follows the "
                       "branch the example inputs took, so the ONNX model matches the torch model only on inputs "
                       "that take the same branches. Use torch.cond for both branches, or pass example inputs "
-                      "that take the branch you deploy", stacklevel=4)
+                      "that take the branch you deploy", stacklevel=5)
     return program.model_proto
 
 
@@ -268,7 +285,17 @@ def verify_in_ort(model: torch.nn.Module, inputs: tuple, path: str, level: str =
     against the fake-quant model's on ``inputs``."""
     with torch.no_grad():
         expected = [t for _, t in flat_outputs(model(*clones(inputs)))]
-    got = run_as(cpu, path, [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)], level)
+    try:
+        got = run_as(cpu, path, [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)], level)
+    except FxQuantError:
+        raise
+    except Exception as exc:  # ORT refuses a valid ONNX graph (a kernel it lacks for these types)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"ONNX Runtime cannot run the exported model, though onnx.checker accepts it: "
+                          f"{type(exc).__name__}: {first[-300:]}. The ops or types it names have no ONNX Runtime "
+                          "kernel (16-bit Q/DQ runs only where ONNX Runtime implements it): quantize them to 8 bits "
+                          "or leave them float (Override), or pass verify=False to write the file unchecked for "
+                          "another runtime") from exc
     if len(got) != len(expected):
         raise ConversionError(f"the ONNX model has {len(got)} outputs but the torch model returns {len(expected)}")
     return min(sqnr(e, torch.from_numpy(np.asarray(g))) for e, g in zip(expected, got, strict=True))

@@ -60,6 +60,9 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             continue
         bias = g.array(node.input[2]).astype(np.float64)
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
+        if np.any(np.abs(bias / np.maximum(scale, np.finfo(np.float32).tiny)) > 2**31 - 1):
+            _bias_after(g, node, bias.astype(np.float32), g.array(dq_w.input[0]).ndim)
+            continue  # int32 codes would saturate (16-bit scales, tiny weights): the bias stays float
         q = qmath.quantize(torch.tensor(bias), torch.tensor(scale, dtype=torch.float64), 0.0, -(2**31), 2**31 - 1)
         q = q.numpy().astype(np.int32)
         bias_name = node.input[2]
@@ -77,6 +80,20 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
             g.remove_initializer(bias_name)
         done += 1
     return done
+
+
+def _bias_after(g: OnnxGraph, node: onnx.NodeProto, bias: np.ndarray, rank: int) -> None:
+    """Move the float bias of ``node`` (Conv/Gemm) into an Add after it: ORT's WeightBiasQuantization would
+    otherwise quantize it to int32 itself, saturating the same way."""
+    shape = (-1,) + (1,) * (rank - 2) if node.op_type == "Conv" else (-1,)
+    name = g.add_initializer(bias.reshape(shape), f"{node.input[2]}_after")
+    out, old = node.output[0], node.input[2]
+    node.output[0] = f"{out}_without_bias"
+    del node.input[2]
+    g.changed()
+    g.drop_unused([old])
+    add = helper.make_node("Add", [node.output[0], name], [out], name=f"{node.name}_bias")
+    g.insert(list(g.graph.node).index(node) + 1, [add])
 
 
 def _unused_stem(g: OnnxGraph, name: str) -> str:

@@ -11,6 +11,7 @@ import logging
 
 from torch import fx
 
+from fxquant.backends.runtime import dynamic_decline
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import info, read
 from fxquant.rules import GraphView, Match, Rule, ordered
@@ -52,9 +53,11 @@ def annotate(view: GraphView, backend: Policy, config: QuantConfig) -> Annotatio
             for check in rule.checks:
                 reason = reason or check(match, ctx)
             n_requests = len(ctx.ann.requests)
+            mark = ctx.mark()
             reason = reason or _apply(rule, match, ctx)
+            reason = reason or _no_dynamic_kernel(ctx, n_requests, backend)
             if reason is not None:
-                del ctx.ann.requests[n_requests:]
+                ctx.rollback(mark)
                 log.debug("rule %s declined %s: %s", rule.name, [n.name for n in nodes], reason)
                 for n in nodes:
                     ctx.declined.setdefault(n, reason)
@@ -77,6 +80,16 @@ def annotate(view: GraphView, backend: Policy, config: QuantConfig) -> Annotatio
                 f"no {backend.name} rule quantizes `{kind}` ops" if kind != "other"
                 else f"no {backend.name} rule knows `{_target_name(n)}`")
     return ctx.ann
+
+
+def _no_dynamic_kernel(ctx: RuleContext, first: int, backend: Policy) -> str | None:
+    """Why the match's dynamically quantized inputs would feed an op with no dynamic kernel in the backend's
+    runtime (which then runs in float between a quantize and a dequantize), or None."""
+    runtime = getattr(backend, "runtime", None)
+    for request in ctx.ann.requests[first:]:
+        if request.user is not None and (why := dynamic_decline(request.spec, ctx.kind(request.user), runtime)):
+            return why
+    return None
 
 
 def _computes_float(node: fx.Node) -> bool:

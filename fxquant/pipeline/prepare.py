@@ -17,6 +17,8 @@ import torch
 from torch import fx, nn
 
 from fxquant.backends.base import Backend
+from fxquant.backends.runtime import check_specs
+from fxquant.capture.inplace import has_inplace_ops
 from fxquant.capture.partition import TracedPart, partition
 from fxquant.capture.trace import normalize_inputs, propagate_shapes
 from fxquant.errors import ExampleInputError, PassError
@@ -24,6 +26,7 @@ from fxquant.passes import decompose_attention, decompose_sdpa, einsum_matmul, w
 from fxquant.passes.annotate import annotate_pass
 from fxquant.passes.fold_bn import fold_bn
 from fxquant.passes.fold_pad import fold_pad, has_pads
+from fxquant.passes.functionalize import functionalize
 from fxquant.passes.hybrid import part_notes, quantize_eager_code
 from fxquant.passes.insert import insert_quantizers
 from fxquant.passes.manager import PassRunner
@@ -46,7 +49,9 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
     """Run the prepare passes on one traced graph, in this order; ``observer(pass_name, gm)`` sees the graph
     after each pass (docs/architecture.md is generated with it)."""
     run = PassRunner(gm, observer)
-    propagate_shapes(gm, inputs)  # tensor shapes and dtypes on every node: rules and passes read them
+    if has_inplace_ops(gm):
+        run(functionalize)  # y.relu_(), F.relu(y, inplace=True), ...: out of place, later readers read the result
+    propagate_shapes(run.gm, inputs)  # tensor shapes and dtypes on every node: rules and passes read them
     # graph rewrites that expose quantizable ops, each only where its target op is present
     if _calls(gm, decompose_attention.TARGET):
         run(decompose_attention.decompose_attention, inputs)
@@ -77,6 +82,8 @@ def prepare_graph(gm: fx.GraphModule, inputs: tuple, backend: Backend, config: Q
 def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backend: Backend,
                   config: QuantConfig) -> nn.Module:
     """Capture a copy of ``model`` (eval mode), prepare every traced part, quantize eager layers by swap."""
+    runtime_notes = check_specs(backend.runtime, backend.name, config,
+                                {"weight": backend.weight, "activation": backend.activation})
     inputs = normalize_inputs(example_inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
     frozen = freeze_parametrizations(work)  # weight_norm & co: quantize the weight the model computes with
@@ -97,7 +104,10 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     check_overrides(model, root, config)  # globs that matched nothing raise (fxquant.validate)
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
+    report.notes += runtime_notes
     attach_state(root, QuantState(backend, config, "prepared", report))
+    if runtime_notes:
+        warnings.warn(f"{backend.name}: " + ";\n  ".join(runtime_notes), stacklevel=3)
     _warn(report)
     return root
 

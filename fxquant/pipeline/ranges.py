@@ -5,7 +5,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from fxquant.calib import distributed as dist_calib
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, NegativeInputError
 from fxquant.ptq.step import CalibrationContext, StepResult
 
 
@@ -29,12 +29,18 @@ def collect_ranges(ctx: CalibrationContext) -> StepResult:
     if count == 0:
         raise CalibrationError("the calibration iterable was empty; pass at least one batch")
     ctx.data.check_all_zero()
+    negative = []
     for name, q in ctx.quantizers.items():
         if q.spec.amax is None and q.calibrator.num_batches == 0:
             raise CalibrationError(f"quantizer `{name}` saw no data during calibration: the branch it sits "
                                    "on never ran for these batches")
         try:
             q.load_calib_amax()
+        except NegativeInputError as exc:
+            negative.append((name, exc))
         except ValueError as exc:
             raise CalibrationError(f"quantizer `{name}`: {exc}") from exc
+    if negative:  # unsigned specs on signed data: each named, not clipped to 0 in silence
+        raise NegativeInputError(f"{len(negative)} unsigned quantizer(s) saw negative calibration data ("
+                                 + ", ".join(f"`{n}`" for n, _ in negative[:6]) + "): " + str(negative[0][1]))
     return StepResult()

@@ -18,13 +18,55 @@ T = TypeVar("T")
 MAX_ROWS = 8192  # activation rows (tokens) kept per tap for the passes' searches
 
 
-def sites_by_part(model: nn.Module, find: Callable[[fx.GraphModule], tuple[list[T], list[str]]]
+class Sharing:
+    """Who uses each parameter of a model: the modules that hold it (a tied LM head and its embedding both do)
+    and the traced parts that read it directly (``get_attr``); and every call of each module in each traced part.
+    A pass may change a weight in place only where every user of it is a call the pass accounts for."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.holders: dict[int, list[tuple[str, nn.Module | None]]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            for p in module.parameters(recurse=False):
+                self.holders.setdefault(id(p), []).append((name, module))
+        self.calls: dict[int, list[fx.Node]] = {}  # id(module) -> its call nodes, over every traced part
+        for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+            modules = dict(gm.named_modules())
+            for node in gm.graph.nodes:
+                if node.op == "get_attr" and isinstance(_attr(gm, node.target), nn.Parameter):
+                    self.holders.setdefault(id(_attr(gm, node.target)), []).append((f"`{node.name}`", None))
+                elif node.op == "call_module" and node.target in modules:
+                    self.calls.setdefault(id(modules[node.target]), []).append(node)
+
+    def outside(self, params: list[torch.Tensor], owners: list[nn.Module]) -> str | None:
+        """The name of a user of ``params`` other than the modules ``owners``, or None."""
+        mine = {id(m) for m in owners}
+        for p in params:
+            for name, module in self.holders.get(id(p), []):
+                if module is None or id(module) not in mine:
+                    return name
+        return None
+
+    def called_elsewhere(self, module: nn.Module, nodes: list[fx.Node]) -> bool:
+        """Whether ``module`` has a call other than ``nodes`` (in any traced part)."""
+        return any(n not in nodes for n in self.calls.get(id(module), []))
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def sites_by_part(model: nn.Module, find: Callable[[fx.GraphModule, Sharing], tuple[list[T], list[str]]]
                   ) -> tuple[dict[fx.GraphModule, list[T]], list[str]]:
-    """``find(gm) -> (sites, notes)`` over every traced part of ``model``: the parts with sites, and all notes."""
+    """``find(gm, sharing) -> (sites, notes)`` over every traced part of ``model``: the parts with sites, and all
+    notes."""
     sites: dict[fx.GraphModule, list[T]] = {}
     notes: list[str] = []
+    sharing = Sharing(model)
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
-        found, skipped = find(gm)
+        found, skipped = find(gm, sharing)
         notes += skipped
         if found:
             sites[gm] = found

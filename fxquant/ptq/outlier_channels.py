@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ptq.activations import Forward, float_rows, sites_by_part
+from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part
 from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
 from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
@@ -47,14 +47,17 @@ MIN_GAIN = 2.0  # the split must divide the Linears' output error on the calibra
 
 @dataclass
 class Site:
-    """An activation input quantizer node, the node it reads, and the Linear nodes that read it."""
+    """An activation input quantizer node, the node it reads, the Linear nodes that read it, and whether their
+    weights are the site's own (``own``: every user of each weight is one of these calls, so its outlier columns
+    can be zeroed; a tied LM head or a Linear also called elsewhere keeps them, the masked input makes them inert)."""
 
     quantizer: fx.Node
     source: fx.Node
     linears: list[fx.Node]
+    own: bool = True
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
+def find_sites(gm: fx.GraphModule, sharing: Sharing) -> tuple[list[Site], list[str]]:
     """Every per-tensor activation quantizer that feeds only Linears (as their input); notes for those left."""
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -75,7 +78,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
         elif q.spec.axis is not None:
             notes.append(f"`{node.target}`: per-channel already; nothing to split")
         else:
-            sites.append(Site(node, node.args[0], linears))
+            mods = list({id(m): m for m in (modules[n.target] for n in linears)}.values())
+            own = not any(sharing.called_elsewhere(m, linears) for m in mods) and \
+                sharing.outside([m.weight for m in mods], mods) is None
+            sites.append(Site(node, node.args[0], linears, own))
     return sites, notes
 
 
@@ -87,8 +93,9 @@ def candidates(channel_max: torch.Tensor) -> list[int]:
 
 
 def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, w_bits: list[int],
-            channels: list[int]) -> tuple[int, dict[int, float]]:
-    """(how many of ``channels`` to split, output error per count)."""
+            channels: list[int], zero_weights: bool = True) -> tuple[int, dict[int, float]]:
+    """(how many of ``channels`` to split, output error per count); ``zero_weights``: the split zeroes the
+    weights' outlier columns (else they stay in the int8 weights' ranges)."""
     ref = [x @ w.t() for w in weights]
     bits, symmetric = act.spec.num_bits, act.spec.symmetric
 
@@ -97,7 +104,8 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], act: TensorQuantizer, 
         keep[channels[:k]] = 0
         xq = fake_quant_minmax(x * keep, bits, symmetric, None)
         side = x[:, channels[:k]]
-        return float(sum(((xq @ fake_quant_minmax(w * keep, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
+        zeroed = keep if zero_weights else torch.ones_like(keep)
+        return float(sum(((xq @ fake_quant_minmax(w * zeroed, b, True, 0).t() + side @ w[:, channels[:k]].t() - r)
                           ** 2).sum() for w, b, r in zip(weights, w_bits, ref, strict=True)))
 
     errors = {k: error(k) for k in range(len(channels) + 1)}
@@ -120,16 +128,19 @@ def _apply(gm: fx.GraphModule, site: Site, channels: list[int]) -> None:
         index = graph.get_attr(f"{base}_outlier_index")
         picked = graph.call_function(torch.index_select, (src, -1, index))
     site.quantizer.replace_input_with(src, masked)
+    weights: dict[str, str] = {}  # module -> its outlier weight: one per Linear, however often it is called
     for node in site.linears:
         linear = gm.get_submodule(node.target)
-        name = f"{node.target.replace('.', '_')}_outlier_weight"
-        # a parameter, so that QAT after calibrate() trains the outlier channels' weights too
-        gm.register_parameter(name, nn.Parameter(linear.weight[:, channels].detach().clone(),
-                                                 requires_grad=linear.weight.requires_grad))
-        linear.weight[:, channels] = 0
+        if node.target not in weights:
+            weights[node.target] = _free_name(gm, f"{node.target.replace('.', '_')}_outlier_weight")
+            # a parameter, so that QAT after calibrate() trains the outlier channels' weights too
+            gm.register_parameter(weights[node.target], nn.Parameter(
+                linear.weight[:, channels].detach().clone(), requires_grad=linear.weight.requires_grad))
+            if site.own:  # a weight shared elsewhere keeps its columns: the masked input makes them inert here
+                linear.weight[:, channels] = 0
         users = list(node.users)
         with graph.inserting_after(node):
-            weight = graph.get_attr(name)
+            weight = graph.get_attr(weights[node.target])
         with graph.inserting_after(weight):
             side = graph.call_function(F.linear, (picked, weight))
         with graph.inserting_after(side):
@@ -138,9 +149,19 @@ def _apply(gm: fx.GraphModule, site: Site, channels: list[int]) -> None:
             user.replace_input_with(node, total)
 
 
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    """``name``, or ``name_1``, ... : one not yet an attribute of ``gm`` (a Linear split at two sites)."""
+    k, free = 0, name
+    while hasattr(gm, free):
+        k += 1
+        free = f"{name}_{k}"
+    return free
+
+
 def splittable(model: nn.Module) -> bool:
     """Whether a traced part of ``model`` has a per-tensor activation quantizer that only Linears read."""
-    return any(find_sites(gm)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
+    sharing = Sharing(model)
+    return any(find_sites(gm, sharing)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
 
 
 def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None = None) -> PTQReport:
@@ -162,11 +183,11 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
             if not channels:
                 continue
             act = gm.get_submodule(site.quantizer.target)
-            linears = [gm.get_submodule(n.target) for n in site.linears]
+            linears = list({n.target: gm.get_submodule(n.target) for n in site.linears}.values())  # each once
             w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
             w_bits = [8 if s is None else s.num_bits for s in w_bits]
-            k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels)
-            readers = ", ".join(n.target for n in site.linears)
+            k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels, site.own)
+            readers = ", ".join(dict.fromkeys(n.target for n in site.linears))
             layers[readers] = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
             if k == 0:
                 report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
@@ -177,7 +198,8 @@ def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None 
             report.done.append(f"`{readers}`: input channel(s) {channels[:k]} (max |x| "
                                f"{', '.join(f'{float(channel_max[c]):.3g}' for c in channels[:k])}; median channel "
                                f"{float(channel_max.median()):.3g}) run in float beside the int8 Linear, output "
-                               f"error / {errors[0] / max(errors[k], 1e-30):.1f}")
+                               f"error / {errors[0] / max(errors[k], 1e-30):.1f}"
+                               + ("" if site.own else "; the weight is shared elsewhere, so its columns stay"))
         gm.graph.lint()
         gm.recompile()
     report.data = {"layers": layers}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fxquant.ptq.activations import Forward, float_rows, sites_by_part
+from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part
 from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
 from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
@@ -34,44 +34,80 @@ ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 @dataclass
 class Group:
-    """A LayerNorm node and the Linear nodes that read its output (directly or through their input quantizer);
-    ``others``: the non-Linear readers that get the compensating multiply."""
+    """A LayerNorm module (``norm``: its path), its calls, the Linear modules that read them (directly or through
+    their input quantizer; each once, however often called) and the other readers of each call ``(call, reader)``,
+    which get the compensating multiply. Smoothing a module changes every call of it, so a group holds them all."""
 
-    norm: fx.Node
-    linears: list[fx.Node]
-    others: list[fx.Node]
+    norm: str
+    calls: list[fx.Node]
+    linears: list[str]
+    others: list[tuple[fx.Node, fx.Node]]
     quantizer: TensorQuantizer | None
 
 
-def find_groups(gm: fx.GraphModule) -> tuple[list[Group], list[str]]:
-    """Every LayerNorm (with affine weight) whose output feeds at least one Linear; notes for those skipped."""
+def _readers(call: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], list[fx.Node], list, str | None]:
+    """(Linear calls, other readers, input quantizers, why not smoothable) of one LayerNorm call."""
+    linears, others, quantizers, why = [], [], [], None
+    for user in call.users:
+        target = modules.get(user.target) if user.op == "call_module" else None
+        if isinstance(target, TensorQuantizer):
+            quantizers.append(target)
+            readers = [modules.get(u.target) if u.op == "call_module" else None for u in user.users]
+            if all(isinstance(r, nn.Linear) for r in readers):
+                linears += list(user.users)
+            else:
+                why = "its quantized output is also read by non-Linear ops"
+        elif isinstance(target, nn.Linear) and user.args[0] is call:
+            linears.append(user)
+        else:
+            others.append(user)
+    if linears and why is None and len(quantizers) > 1:
+        why = "its output has several input quantizers"
+    return linears, others, quantizers, why
+
+
+def find_groups(gm: fx.GraphModule, sharing: Sharing) -> tuple[list[Group], list[str]]:
+    """Every LayerNorm module (with affine weight) whose output feeds at least one Linear; notes for those skipped:
+    a Linear it feeds is also called on another input, or a weight it would change is shared (tied) elsewhere."""
     modules = dict(gm.named_modules())
-    groups, notes = [], []
+    calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         norm = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.weight.dim() != 1:
+        if isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.weight.dim() == 1:
+            calls.setdefault(node.target, []).append(node)
+    groups, notes = [], []
+    for path, nodes in calls.items():
+        linear_calls, others, quantizers, why = [], [], [], None
+        for call in nodes:
+            lin, oth, qs, reason = _readers(call, modules)
+            linear_calls += lin
+            others += [(call, o) for o in oth]
+            quantizers += qs
+            why = why or reason
+        if not linear_calls:
             continue
-        linears, others, quantizers, why = [], [], [], None
-        for user in node.users:
-            target = modules.get(user.target) if user.op == "call_module" else None
-            if isinstance(target, TensorQuantizer):
-                quantizers.append(target)
-                readers = [modules.get(u.target) if u.op == "call_module" else None for u in user.users]
-                if all(isinstance(r, nn.Linear) for r in readers):
-                    linears += list(user.users)
-                else:
-                    why = "its quantized output is also read by non-Linear ops"
-            elif isinstance(target, nn.Linear) and user.args[0] is node:
-                linears.append(user)
-            else:
-                others.append(user)
-        if linears and why is None and len(quantizers) > 1:
-            why = "its output has several input quantizers"
+        linears = list(dict.fromkeys(n.target for n in linear_calls))
+        norm, mods = modules[path], [modules[p] for p in linears]
+        if why is None:
+            why = _shared(sharing, norm, nodes, mods, linears, linear_calls)
         if why:
-            notes.append(f"`{node.target}`: {why}")
-        elif linears:
-            groups.append(Group(node, linears, others, quantizers[0] if quantizers else None))
+            notes.append(f"`{path}`: {why}")
+        else:
+            groups.append(Group(path, nodes, linears, others, quantizers[0] if quantizers else None))
     return groups, notes
+
+
+def _shared(sharing: Sharing, norm: nn.LayerNorm, calls: list[fx.Node], mods: list[nn.Linear], paths: list[str],
+            linear_calls: list[fx.Node]) -> str | None:
+    """Why smoothing would change something outside the group (None when it would not)."""
+    if sharing.called_elsewhere(norm, calls):
+        return "the LayerNorm is also called in another traced part"
+    for path, mod in zip(paths, mods, strict=True):
+        if sharing.called_elsewhere(mod, linear_calls):
+            return f"`{path}` is also called on an input this LayerNorm does not produce"
+    params = [norm.weight, *([norm.bias] if norm.bias is not None else []), *(m.weight for m in mods)]
+    other = sharing.outside(params, [norm, *mods])
+    return f"a weight it would scale is shared with {other}" if other else None
 
 
 def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -82,6 +118,7 @@ def _factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Te
 def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric: bool
             ) -> tuple[float | None, torch.Tensor | None, dict[str, float]]:
     """(alpha or None for no smoothing, factors, error per candidate)."""
+    linears = list({id(lin.weight): lin for lin in linears}.values())  # a weight two Linears share: once
     weights = [lin.weight.detach().float() for lin in linears]
     w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
     w_bits = [8 if s is None else s.num_bits for s in w_bits]
@@ -106,28 +143,30 @@ def _search(x: torch.Tensor, linears: list[nn.Linear], act_bits: int, symmetric:
 
 @torch.no_grad()
 def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
-    norm = gm.get_submodule(g.norm.target)
+    norm = gm.get_submodule(g.norm)
     norm.weight.div_(s.to(norm.weight.dtype))
     if norm.bias is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
-    for node in g.linears:
-        lin = gm.get_submodule(node.target)
-        lin.weight.mul_(s.to(lin.weight.dtype))
+    for weight in {id(w): w for w in (gm.get_submodule(p).weight for p in g.linears)}.values():
+        weight.mul_(s.to(weight.dtype))  # once per weight, however many calls or Linears share it
     if g.others:
-        name = f"{g.norm.target.replace('.', '_')}_smooth_restore"
+        name = f"{g.norm.replace('.', '_')}_smooth_restore"
         gm.register_buffer(name, s.clone())
-        with gm.graph.inserting_after(g.norm):
-            const = gm.graph.get_attr(name)
-        with gm.graph.inserting_after(const):
-            restored = gm.graph.call_function(operator.mul, (g.norm, const))
-        for user in g.others:
-            user.replace_input_with(g.norm, restored)
+        for call in dict.fromkeys(c for c, _ in g.others):
+            with gm.graph.inserting_after(call):
+                const = gm.graph.get_attr(name)
+            with gm.graph.inserting_after(const):
+                restored = gm.graph.call_function(operator.mul, (call, const))
+            for c, user in g.others:
+                if c is call:
+                    user.replace_input_with(call, restored)
 
 
 @torch.no_grad()
 def smoothable(model: nn.Module) -> bool:
     """Whether a traced part of ``model`` has a LayerNorm -> Linear group SmoothQuant can smooth."""
-    return any(find_groups(gm)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
+    sharing = Sharing(model)
+    return any(find_groups(gm, sharing)[0] for gm in model.modules() if isinstance(gm, fx.GraphModule))
 
 
 def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> PTQReport:
@@ -139,7 +178,7 @@ def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> 
     if not groups:
         report.skipped.append("no LayerNorm feeds a Linear: nothing to smooth")
         return report
-    taps = {id(g): (gm.get_submodule(g.norm.target), "output") for gm, gs in groups.items() for g in gs}
+    taps = {id(g): (gm.get_submodule(g.norm), "output") for gm, gs in groups.items() for g in gs}
     rows = float_rows(model, taps, batches, run)
     layers = {}
     for gm, gs in groups.items():
@@ -147,16 +186,17 @@ def smoothquant(model: nn.Module, batches: list, run: Forward | None = None) -> 
             x = rows[id(g)]
             spec = g.quantizer.spec if g.quantizer is not None else None
             bits, symmetric = (8, True) if spec is None else (spec.num_bits, spec.symmetric)
-            linears = [gm.get_submodule(n.target) for n in g.linears]
+            linears = [gm.get_submodule(p) for p in g.linears]
             alpha, s, errors = _search(x, linears, bits, symmetric)
-            layers[g.norm.target] = {"alpha": alpha, "errors": errors}
-            readers = ", ".join(n.target for n in g.linears)
+            layers[g.norm] = {"alpha": alpha, "errors": errors}
+            readers = ", ".join(g.linears)
             if s is None:
-                report.skipped.append(f"`{g.norm.target}` -> {readers}: no alpha lowers the quantization error")
+                report.skipped.append(f"`{g.norm}` -> {readers}: no alpha lowers the quantization error")
                 continue
             _apply(gm, g, s)
             gain = errors["none"] / max(errors[str(alpha)], 1e-30)
-            report.done.append(f"`{g.norm.target}` -> {readers}: alpha {alpha}, output error / {gain:.1f}")
+            calls = f" ({len(g.calls)} calls, smoothed once)" if len(g.calls) > 1 else ""
+            report.done.append(f"`{g.norm}` -> {readers}{calls}: alpha {alpha}, output error / {gain:.1f}")
         gm.recompile()
     report.data = {"layers": layers}
     return report

@@ -137,6 +137,19 @@ class RuleContext:
         self.ann.requests.append(Request(node, None, self.spec(node, "activation"), rule))
         return len(self.ann.requests) - 1
 
+    def mark(self) -> tuple[int, int, int, frozenset]:
+        """Where the annotations stand now, for ``rollback``."""
+        a = self.ann
+        return len(a.requests), len(a.shares), len(a.shared_values), frozenset(a.weights)
+
+    def rollback(self, mark: tuple[int, int, int, frozenset]) -> None:
+        """Undo what a declined match annotated since ``mark``."""
+        requests, shares, shared_values, weights = mark
+        a = self.ann
+        del a.requests[requests:], a.shares[shares:], a.shared_values[shared_values:]
+        for node in [n for n in a.weights if n not in weights]:
+            del a.weights[node]
+
     def share(self, indices: list[int]) -> None:
         """The requests at ``indices`` share one quantizer (one scale)."""
         self.ann.shares.extend(itertools.pairwise(indices))

@@ -1,11 +1,10 @@
-"""What export_onnx validates before and after exporting: the path, dtypes, the example, the opset, the batch
-dimension, and a file that appears only when the whole export succeeded."""
+"""What export_onnx validates before and after exporting: the path (checked before the work), dtypes, the example,
+train mode and buffer updates, the opset the model can be written at, the batch dimension."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -13,15 +12,15 @@ import onnx
 import torch
 from onnx import version_converter
 
-from fxquant.errors import ExportError, FxQuantError
+from fxquant.errors import ConfigError, ExportError, FxQuantError
+from fxquant.files import output_path
 from fxquant.lower.outputs import flat_outputs
 
 
 def export_path(path: object) -> str:
-    """``path`` as a str (bytes and os.PathLike are decoded as the OS does)."""
-    if isinstance(path, (bytes, str, os.PathLike)):
-        return os.fsdecode(path)
-    raise ExportError(f"path must be a str, bytes or os.PathLike file name, got {type(path).__name__}")
+    """``path`` as a str (bytes and os.PathLike are decoded as the OS does), checked before the export's work:
+    a directory or a path below a file raises ExportError."""
+    return output_path(path, "ONNX", ExportError)
 
 
 def clones(inputs: tuple) -> tuple:
@@ -39,6 +38,40 @@ def check_dtypes(model: torch.nn.Module, inputs: tuple) -> None:
                               "and float32 examples (QuantizeLinear reads float32 activations; TensorRT picks "
                               "fp16 kernels itself with --fp16): prepare, calibrate and convert model.float(), or "
                               "cast the converted model and the examples with .float()")
+
+
+# modules whose forward depends on train/eval mode (the root's own code may too: it is checked as well)
+_MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+
+
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """ExportError for a model left in training mode: export and its ORT check run the forward as it runs now
+    (dropout random, BatchNorm on batch statistics), so the reference would not be the deployed function."""
+    training = [name or "the model" for name, m in model.named_modules()
+                if m.training and (not name or isinstance(m, _MODE_DEPENDENT))]
+    if training:
+        shown = ", ".join(f"`{n}`" for n in training[:4]) + (f" and {len(training) - 4} more" if len(training) > 4
+                                                              else "")
+        raise ExportError(f"the model is in training mode ({shown}): export traces the forward as it runs now, so "
+                          "dropout would be random and BatchNorm would use batch statistics, in the ONNX file and in "
+                          "the torch reference its ONNX Runtime check compares against; call model.eval() before "
+                          "export_onnx (convert() returns a model in eval mode)")
+
+
+@contextlib.contextmanager
+def kept_buffers(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Restore every buffer of ``model`` after the block (the export's forwards must not advance the model's
+    state); yields the list, filled when the block ends, of the buffers the forwards changed in place."""
+    saved = {name: (b, b._version, b.detach().clone()) for name, b in model.named_buffers()}
+    changed: list[str] = []
+    try:
+        yield changed
+    finally:
+        with torch.no_grad():
+            for name, (b, version, value) in saved.items():
+                if b._version != version:
+                    changed.append(name)
+                    b.copy_(value)
 
 
 def run_example(model: torch.nn.Module, inputs: tuple) -> object:
@@ -65,19 +98,55 @@ def run_example(model: torch.nn.Module, inputs: tuple) -> object:
 
 
 def honour_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """The model at exactly ``opset`` (torch's exporter writes opset 18 or later and converts down best-effort)."""
+    """The model at exactly ``opset`` (torch's exporter writes opset 18 or later and ONNX's version converter
+    converts it); ExportError naming the op that stops the conversion and the lowest opset this model takes."""
     current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     if current == opset:
         return proto
     try:
-        converted = version_converter.convert_version(proto, opset)
-        onnx.checker.check_model(converted, full_check=True)
+        return _converted(proto, opset)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ExportError(f"opset {opset} cannot be written: torch's exporter writes opset {current} and ONNX's "
-                          f"version converter failed ({first[-160:]}); pass opset={current} or later (TensorRT 8.6+ "
-                          "and ONNX Runtime 1.14+ read opset 18)") from exc
+        lowest = next((v for v in range(opset + 1, current) if _converts(proto, v)), current)
+        raise ExportError(f"opset {opset} cannot be written for this model: {_blocker(exc, opset)}. The lowest "
+                          f"opset it can be written at is {lowest}: pass opset={lowest} or later (TensorRT 8.6+ and "
+                          "ONNX Runtime 1.14+ read opset 18)") from exc
+
+
+def _converted(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    converted = version_converter.convert_version(proto, opset)
+    onnx.checker.check_model(converted, full_check=True)
     return converted
+
+
+def _converts(proto: onnx.ModelProto, opset: int) -> bool:
+    try:
+        _converted(proto, opset)
+    except Exception:
+        return False
+    return True
+
+
+def _blocker(exc: Exception, opset: int) -> str:
+    """What ONNX's version converter could not do, in words (its own text is a C++ assertion)."""
+    text = " ".join(str(exc).split())
+    op = re.search(r"(?:No Adapter (?:From|To) Version \$?(\d+) for|for operator|for op|No Previous Version of)"
+                   r" (\w+)", text)
+    if op and op.group(1):
+        return f"ONNX's version converter cannot write its {op.group(2)} (as of opset {op.group(1)}) at opset {opset}"
+    if op and "No Previous Version" in text:
+        return f"{op.group(2)} does not exist at opset {opset}"
+    if op:
+        return f"ONNX's version converter cannot write its {op.group(2)} ops at opset {opset}"
+    return f"ONNX's version converter failed ({text[-160:]})"
+
+
+def check_opset(opset: object) -> None:
+    """ConfigError for an opset that is not an int between 13 (per-axis QuantizeLinear) and the latest ONNX knows."""
+    latest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 13 <= opset <= latest:
+        raise ConfigError(f"opset must be an int from 13 (per-axis QuantizeLinear) to {latest} (the latest this ONNX "
+                          f"knows), got {opset!r}; 18 is the default, lower ones as far as ONNX's version converter "
+                          "can write the model's ops (14 for most CNNs, 17 with LayerNormalization)")
 
 
 def _first_dims(values: list) -> list[tuple[str, int | None]]:
@@ -103,19 +172,3 @@ def warn_static_batch(proto: onnx.ModelProto, dynamic_batch: bool, batch: int | 
                       "fixes its batch size (e.g. reshape(2, -1) or a view with a literal batch), so it is right "
                       "only at that batch size. Use x.reshape(x.shape[0], -1) or flatten(1) for a dynamic batch, "
                       "or pass dynamic_batch=False to accept it", stacklevel=3)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str) -> Iterator[str]:
-    """A temporary path beside ``path``, renamed to ``path`` when the block succeeds and deleted when it fails:
-    a failed export leaves no file behind (and an existing file untouched)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fxquant-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

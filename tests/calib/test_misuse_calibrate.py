@@ -3,6 +3,7 @@ gives the right ranges."""
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -148,3 +149,58 @@ def test_quantize_takes_the_inputs_selector_too():
     model = _Net().eval()
     with torch.no_grad():
         assert fxquant.sqnr(model(xs), qmodel(xs)) > 30
+
+
+@pytest.mark.parametrize("method", ["max", "mse", "percentile"])
+def test_unsigned_specs_on_negative_data_raise_naming_the_quantizers(method):
+    # before: calibrate() clipped every negative value to 0 in silence
+    torch.manual_seed(0)
+    config = QuantConfig(activation=QuantSpec(unsigned=True, calib_method=method))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TensorRT does not run unsigned Q/DQ: prepare warns so
+        prepared = fxquant.prepare(_Net().eval(), _data(1)[0], config=config)
+    with pytest.raises(fxquant.NegativeInputError, match=r"1 unsigned quantizer\(s\) saw negative calibration data "
+                                                         r"\(`x_to_conv_quantizer`\): .*reaches -\d.*use "
+                                                         r"unsigned=False"):
+        fxquant.calibrate(prepared, _data(), progress=False)
+    with pytest.raises(ConversionError, match="have no range yet"):  # the failed calibration left no ranges
+        fxquant.convert(prepared)
+    positive = [x.abs() for x in _data()]  # data that is non-negative everywhere: unsigned is right for it
+    qmodel = fxquant.convert(fxquant.calibrate(prepared, positive, progress=False))
+    assert qmodel.x_to_conv_quantizer.zero_point.dtype == torch.uint8
+    with torch.no_grad():
+        assert fxquant.sqnr(_Net().eval()(positive[0]), qmodel(positive[0])) > -100  # runs
+
+
+def test_a_second_thread_calibrating_the_same_model_is_refused():
+    # before: both calibrations ran at once and the ranges came from neither data set
+    prepared = _prepare()
+    small, large = _data(4), [x * 10 for x in _data(4, seed=1)]
+    inside, second_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first_batches():  # the first calibration is inside its loop while the second thread calls calibrate()
+        yield small[0]
+        inside.set()
+        assert second_done.wait(60)
+        yield from small[1:]
+
+    def second():
+        assert inside.wait(60)
+        try:
+            fxquant.calibrate(prepared, large, progress=False)
+        except CalibrationError as exc:
+            errors.append(exc)
+        finally:
+            second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    fxquant.calibrate(prepared, first_batches(), progress=False)
+    thread.join()
+    assert len(errors) == 1 and "calibrate() was called while calibrate() runs on this model (another thread)" in \
+        str(errors[0])
+    expected = _scales(fxquant.calibrate(_prepare(), small, progress=False))
+    assert all(torch.equal(_scales(prepared)[k], v) for k, v in expected.items())  # the first call's data alone
+    fxquant.calibrate(prepared, large, progress=False)  # and once it is done, the model calibrates again
+    assert not torch.equal(_scales(prepared)["x_to_conv_quantizer"], expected["x_to_conv_quantizer"])

@@ -49,6 +49,20 @@ USER_FILE = textwrap.dedent("""
     def tokens():
         torch.manual_seed(0)
         return Tokens().eval()
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.cls, self.box = nn.Linear(4 * 6 * 6, 5), nn.Linear(4 * 6 * 6, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x)).flatten(1)
+            return self.cls(h), self.box(h)
+
+    def two_heads():
+        torch.manual_seed(0)
+        return TwoHeads().eval()
 """)
 
 
@@ -116,3 +130,44 @@ def test_help_says_file_specs_are_executed():
     quantize = parser._subparsers._group_actions[0].choices["quantize"]
     assert "the file is executed as Python code, once" in " ".join(quantize.format_help().split())
     assert "executes that file" in " ".join(parser.format_help().split())
+
+
+def test_a_model_returning_a_tuple_exports_and_exits_0(user_file, tmp_path, capsys):
+    # before: the export succeeded, then the summary's SQNR took the tuple and the command exited 2
+    out = tmp_path / "two.onnx"
+    code = main(["quantize", f"{user_file}:two_heads", "--calib", f"{user_file}:data", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert len(onnx.load(out).graph.output) == 2
+    found = re.search(r"fake-quant vs fp32\s+([\d.]+) dB SQNR", capsys.readouterr().out)
+    assert found is not None and float(found.group(1)) > 25  # the worse of the two heads
+
+
+def test_report_top_must_be_positive(user_file, tmp_path, capsys):
+    # before: --top -3 printed an empty table
+    code = main(["report", f"{user_file}:model", "--calib", f"{user_file}:data", "--top", "-3", "--out",
+                 str(tmp_path / "r.html")])
+    assert code == 2
+    assert "--top must be at least 1 (the number of layers to list), got -3" in _error_line(capsys)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_an_opset_the_model_cannot_take_fails_before_calibration(user_file, tmp_path, capsys):
+    # before: --opset help said ">= 13"; 13 failed after calibration with ONNX's adapter text, naming 18 while 14 works
+    code = main(["quantize", f"{user_file}:model", "--calib", f"{user_file}:data", "--opset", "13", "--out",
+                 str(tmp_path / "m.onnx")])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert re.search(r"opset 13 cannot be written for this model: ONNX's version converter cannot write its Relu "
+                     r"\(as of opset 14\) at opset 13\. The lowest opset it can be written at is 14", captured.err)
+    assert "fxquant calibrate" not in captured.err  # no calibration ran
+    assert main(["quantize", f"{user_file}:model", "--calib", f"{user_file}:data", "--opset", "14", "--out",
+                 str(tmp_path / "m.onnx")]) == 0
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["quantize"].format_help().split())
+    assert "14 for most CNNs, 17 with LayerNorm), checked before calibration" in help_text
+
+
+def test_a_directory_out_path_fails_before_calibration(user_file, tmp_path, capsys):
+    code = main(["quantize", f"{user_file}:model", "--calib", f"{user_file}:data", "--out", str(tmp_path)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "is a directory, not a file name" in captured.err and "fxquant calibrate" not in captured.err

@@ -13,8 +13,8 @@ from torch import nn
 
 import fxquant
 from fxquant.errors import ExportError, FxQuantError
+from fxquant.files import atomic_write
 from fxquant.lower.onnx_export import export_float_onnx, ort_session, run_ort
-from fxquant.validate.export import atomic_file
 from tests.models.tiny import ConvFC as _Net
 
 
@@ -67,11 +67,54 @@ def test_the_opset_asked_for_is_the_opset_written(qmodel, tmp_path, opset):
     assert result.ort_sqnr_db > 40
 
 
-def test_an_opset_that_cannot_be_written_raises_and_leaves_no_file(qmodel, tmp_path):
-    with pytest.raises(ExportError, match=r"opset 13 cannot be written: torch's exporter writes opset 18.*pass "
-                                          r"opset=18 or later"):
+def test_an_opset_that_cannot_be_written_names_the_op_and_the_lowest_opset(qmodel, tmp_path):
+    # before: ONNX's raw adapter text, and "pass opset=18 or later" while 17 works
+    with pytest.raises(ExportError, match=r"opset 13 cannot be written for this model: ONNX's version converter "
+                                          r"cannot write its Relu \(as of opset 14\) at opset 13\. The lowest opset "
+                                          r"it can be written at is 14: pass opset=14 or later"):
         fxquant.export_onnx(qmodel, _x(), tmp_path / "m.onnx", opset=13)
     assert os.listdir(tmp_path) == []
+    assert _opset(fxquant.export_onnx(qmodel, _x(), tmp_path / "m.onnx", opset=14).model) == 14
+    with pytest.raises(fxquant.ConfigError, match=r"opset must be an int from 13 \(per-axis QuantizeLinear\) to \d+"):
+        fxquant.export_onnx(qmodel, _x(), tmp_path / "m.onnx", opset=99)
+
+
+class _Norm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def test_an_op_missing_from_an_older_opset_is_named(tmp_path):
+    x = torch.randn(2, 5, 8)
+    qmodel = _quantize(_Norm(), x)
+    with pytest.raises(ExportError, match=r"opset 16 cannot be written for this model: LayerNormalization does not "
+                                          r"exist at opset 16\. The lowest opset it can be written at is 17"):
+        fxquant.export_onnx(qmodel, x, tmp_path / "m.onnx", opset=16)
+    assert _opset(fxquant.export_onnx(qmodel, x, tmp_path / "m.onnx", opset=17).model) == 17
+
+
+class _Dropout(_Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return super().forward(self.drop(x))
+
+
+def test_a_model_left_in_train_mode_is_told_to_call_eval(tmp_path):
+    # before: export ran, ORT "agreed" at 2.5 dB and the warning blamed float rounding (dropout in the reference)
+    qmodel = _quantize(_Dropout()).train()
+    with pytest.raises(ExportError, match=r"the model is in training mode \(`the model`, `drop`\): "
+                                          r"export traces the forward as it runs now, so dropout would be random.*"
+                                          r"call model\.eval\(\) before export_onnx"):
+        fxquant.export_onnx(qmodel, _x(), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+    assert fxquant.export_onnx(qmodel.eval(), _x(), tmp_path / "m.onnx").ort_sqnr_db > 40
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -135,7 +178,7 @@ def test_an_in_place_forward_leaves_the_example_alone(tmp_path):
 
 def test_a_failed_write_leaves_no_file_and_keeps_an_existing_one(tmp_path):
     target = tmp_path / "m.onnx"
-    with pytest.raises(ZeroDivisionError), atomic_file(str(target)) as tmp:
+    with pytest.raises(ZeroDivisionError), atomic_write(str(target)) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"partial")
         1 / 0  # noqa: B018

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from fxquant.lower.graph import OnnxGraph, attr
+from fxquant.lower.graph import OnnxGraph
 
 
 def _dynamic_input(node: onnx.NodeProto, g: OnnxGraph) -> onnx.NodeProto | None:
@@ -28,18 +28,13 @@ def dynamic_matmuls(proto: onnx.ModelProto) -> int:
     """Rewrite every Linear with a dynamic uint8 input and an int8 weight into MatMulInteger; returns how many."""
     g = OnnxGraph(proto)
     done = 0
-    for node in list(g.graph.node):
-        if node.op_type not in ("MatMul", "Gemm"):
+    for node, dq, transposed in g.column_weighted_linears():
+        dql = _dynamic_input(node, g)
+        if dql is None:
             continue
-        dql, found = _dynamic_input(node, g), g.linear_weight(node)
-        if dql is None or found is None:
-            continue
-        dq, transposed = found
         w = g.array(dq.input[0])
         scale = g.array(dq.input[1]).astype(np.float32)
         zero_point = g.array(dq.input[2])
-        if scale.ndim and (attr(dq, "axis", 1) % 2 != (0 if transposed else 1)):
-            continue  # per-channel along the reduced axis: not a per-column scale
         base = dq.input[0]
         w_kn = np.ascontiguousarray(w.T if transposed else w)
         names = {k: f"{base}_{k}" for k in ("kn", "zp", "scale", "int32", "float", "rescale", "product")}

@@ -46,12 +46,19 @@ class RegionGraph:
         self.nodes = {n.name: n for n in graph.node}
         self.constant_dq = {n.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
         self.layers: dict[str, OnnxLayer] = {}
+        self.weight_path: dict[str, str] = {}  # a Transpose between a weight's DQ and its MatMul -> the layer
         for n in graph.node:
             weight = self.producer.get(n.input[1]) if n.op_type in WEIGHTED_OPS and len(n.input) > 1 else None
+            node = self.nodes.get(weight) if weight is not None else None
+            if node is not None and node.op_type == "Transpose" and self.producer.get(node.input[0]) in \
+                    self.constant_dq:  # a Linear's (out, in) weight read by a MatMul: DQ -> Transpose -> MatMul
+                self.weight_path[weight] = n.name
+                weight = self.producer[node.input[0]]
             if weight in self.constant_dq:
                 self.layers[n.name] = OnnxLayer(n.name, n.name.rpartition("/")[0] or n.name,
                                           quantizer_of(self.nodes[weight]))
-        glue = [n for n in graph.node if n.name not in self.layers and n.name not in self.constant_dq]
+        glue = [n for n in graph.node if n.name not in self.layers and n.name not in self.constant_dq
+                and n.name not in self.weight_path]
         parent = {n.name: n.name for n in glue}
 
         def find(a: str) -> str:
@@ -155,7 +162,7 @@ def _float_dynamic_matmuls(g: OnnxGraph, inits: dict[str, np.ndarray]) -> None:
 
 def with_float_layers(proto: onnx.ModelProto, floated: set[str] | None = None) -> tuple[onnx.ModelProto, set[str]]:
     """``proto`` with the layers ``floated`` (node names; None: all) in float, and the quantizer modules whose
-    Q/DQ nodes were removed (weight quantizers included)."""
+    Q/DQ nodes were removed (weight quantizers included; an int32 bias's DQ is made at export, by no module)."""
     twin = standard_form(proto)
     regions = RegionGraph(twin)
     everything = floated is None or floated >= set(regions.layers)
@@ -171,11 +178,12 @@ def with_float_layers(proto: onnx.ModelProto, floated: set[str] | None = None) -
     consumers = {name: {n.name for n in users} for name, users in g.consumers.items()}
     for name in regions.constant_dq:  # weights and biases of float layers become float initializers
         node = nodes[name]
-        users = consumers.get(node.output[0], set())
+        users = {regions.weight_path.get(u, u) for u in consumers.get(node.output[0], set())}
         if users and (users <= floated or everything):
             g.add_initializer(_dequantized(node, inits), node.output[0])
             g.remove(node)
-            removed.add(quantizer_of(node))
+            if inits[node.input[0]].dtype != np.int32:  # an int32 bias is made at export: no module of its own
+                removed.add(quantizer_of(node))
     rename: dict[str, str] = {}
     for q, dq in regions.removable_pairs(floated):
         rename[dq.output[0]] = q.input[0]

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from fxquant.lower.graph import OnnxGraph, attr
+from fxquant.lower.graph import EIGHT_BIT, OnnxGraph
 
 MS_DOMAIN = "com.microsoft"
 
@@ -29,7 +29,7 @@ def _static_input(node: onnx.NodeProto, g: OnnxGraph) -> onnx.NodeProto | None:
         return None
     if any(i not in g.initializers for i in q.input[1:3]) or g.array(q.input[1]).ndim != 0:
         return None
-    return q
+    return q if g.initializers[q.input[2]].data_type in EIGHT_BIT else None  # ORT's op takes 8-bit codes only
 
 
 def _float_output(node: onnx.NodeProto, g: OnnxGraph) -> tuple[str | None, str]:
@@ -56,19 +56,13 @@ def integer_to_float_matmuls(proto: onnx.ModelProto) -> int:
     MatMulIntegerToFloat; returns how many."""
     g = OnnxGraph(proto)
     done = 0
-    for node in list(g.graph.node):
-        if node.op_type not in ("MatMul", "Gemm"):
-            continue
-        q, found = _static_input(node, g), g.linear_weight(node)
-        if q is None or found is None:
+    for node, dq, transposed in g.column_weighted_linears():
+        q = _static_input(node, g)
+        if q is None:
             continue
         bias, out = _float_output(node, g)
         if not out:
             continue
-        dq, transposed = found
-        scale = g.array(dq.input[1])
-        if scale.ndim and attr(dq, "axis", 1) % 2 != (0 if transposed else 1):
-            continue  # per-channel along the reduced axis: not a per-column scale
         w = g.array(dq.input[0])
         kn = g.add_initializer(np.ascontiguousarray(w.T if transposed else w), f"{dq.input[0]}_kn")
         # the weight quantizer's own scale and zero point (per output column): the node still names its quantizer

@@ -9,6 +9,7 @@ chosen model is never slower than float on the measurement.
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import tempfile
@@ -45,28 +46,39 @@ class TunePlan:
     layer_us: dict[str, tuple[float, float]]
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
-    layers: int = 0
+    layers: int = 0  # weighted modules (a module called twice counts once)
+
+
+WARMUP_RUNS = 3  # ORT's first runs pack weights and grow arenas: 20-30x a steady run; never counted
 
 
 def profile_layers(proto: onnx.ModelProto, inputs: list[np.ndarray], aliases: dict[str, str], runs: int = 20) -> dict:
-    """Mean kernel time (us) per run of each layer in ORT. An optimized node is the layer's when its name, less
-    ORT's ``_token_N`` / ``_nchwc`` suffixes, is one of the layer's ``aliases`` (RegionGraph.aliases)."""
+    """Median kernel time (us) per run of each layer in ORT, over ``runs`` runs after the warm-up ones. An optimized
+    node is the layer's when its name, less ORT's ``_token_N`` / ``_nchwc`` suffixes, is one of the layer's
+    ``aliases`` (RegionGraph.aliases)."""
     with tempfile.TemporaryDirectory() as tmp:
         profiled = session(proto, profile_dir=tmp)
         feeds = feeds_for(profiled, inputs)
-        for _ in range(runs + 3):
+        for _ in range(runs + WARMUP_RUNS):
             profiled.run(None, feeds)
         with open(profiled.end_profiling()) as f:
             events = json.load(f)
-    total: dict[str, float] = defaultdict(float)
+    return layer_medians(events, aliases)
+
+
+def layer_medians(events: list[dict], aliases: dict[str, str], warmup: int = WARMUP_RUNS) -> dict[str, float]:
+    """From an ORT profile (chrome-trace events): per layer, the median over the runs after ``warmup`` of its
+    kernel time in each run (a layer may run several kernels per run)."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(starts))
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         name = event["name"].removesuffix("_kernel_time").removesuffix("_nchwc")
         layer = aliases.get(name) or aliases.get(name.rpartition("_token_")[0])
-        if layer is not None:
-            total[layer] += float(event["dur"])
-    return {u: t / (runs + 3) for u, t in total.items()}
+        if layer is not None and starts:
+            per_run[layer][bisect.bisect_right(starts, event["ts"]) - 1] += float(event["dur"])
+    return {u: statistics.median(times[warmup:] or times) for u, times in per_run.items()}
 
 
 def _steps(order: list[str], losing: int) -> list[tuple[str, ...]]:
@@ -96,7 +108,8 @@ def plan(proto: onnx.ModelProto, inputs: list[np.ndarray], runs: int = 30) -> Tu
     chosen = choose(candidates)
     quantizers = built[candidates.index(chosen)][1]
     floated = {u: _why(layer_us[u], chosen) for u in chosen.floated}
-    return TunePlan(floated, quantizers, layer_us, candidates, chosen, len(names))
+    modules = len({regions.layers[u].module for u in names})  # a module called twice is two ONNX layers
+    return TunePlan(floated, quantizers, layer_us, candidates, chosen, modules)
 
 
 def choose(candidates: list[Candidate]) -> Candidate:
@@ -109,7 +122,7 @@ def choose(candidates: list[Candidate]) -> Candidate:
 def _why(us: tuple[float, float], chosen: Candidate) -> str:
     int8, flt = us
     if int8 >= flt:
-        return f"int8 is not faster here in ONNX Runtime ({int8:.0f} us int8 vs {flt:.0f} us float per run)"
+        return f"int8 is not faster here in ONNX Runtime ({int8:.0f} us int8 vs {flt:.0f} us float, median per run)"
     return (f"int8 saves only {flt - int8:.0f} us here ({int8:.0f} vs {flt:.0f} us), less than the float <-> int8 "
             f"conversions cost around it: the model is fastest with it float ({chosen.ms:.2f} ms vs "
             f"{chosen.float_ms:.2f} ms float)")
