@@ -175,3 +175,17 @@ def exact_models(data: dict) -> str:
                      f"{r['export_check_differing']} | {_db(r['ort_vs_fakequant_db'])} | {_db(r['ort_vs_exact_db'])} "
                      f"| {r['first_mismatch'] or '-'} |")
     return "\n".join(lines)
+
+
+def hist_subsample(data: dict) -> str:
+    """Histogram subsample (2^20 elements per tensor and batch) against binning every element."""
+    lines = ["| model / preset | ranges identical | largest range difference (of its width) | SQNR dB subsample / all "
+             "| top-1 agreement subsample / all | calibrate s subsample / all |", "|---|---|---|---|---|---|"]
+    for name, row in data.items():
+        if not isinstance(row, dict):
+            continue
+        sub, every, r = row["subsample"], row["all"], row["ranges"]
+        lines.append(f"| {name} | {r['identical']} of {r['quantizers']} | {r['max_rel_diff']:.2%} | "
+                     f"{sub['sqnr_db']:.2f} / {every['sqnr_db']:.2f} | {sub['top1_agreement']:.1%} / "
+                     f"{every['top1_agreement']:.1%} | {sub['calibrate_s']:.0f} / {every['calibrate_s']:.0f} |")
+    return "\n".join(lines)

@@ -97,6 +97,14 @@ SECTIONS: dict[str, t.Section] = {
         "per-channel weights, 4-bit asymmetric activations; fxquant on the `onnxruntime` preset's placement, "
         "torch.ao's `prepare_qat_fx` with the same bit widths; accuracy of the fake-quant models in torch.",
         t.qat_digits),
+    "hist_subsample": t.Section(
+        "Histogram subsample against binning every element", "python benchmarks/hist_subsample.py",
+        "Each preset's histogram method (`onnxruntime`: percentile 99.99; `tensorrt`: mse) with the default "
+        "`QuantSpec.hist_samples` (2^20 elements per tensor and batch) and with `hist_samples=None`, on the "
+        "pretrained EfficientNet-Lite0 and MobileNetV2 of the section above: 64 calibration crops in batches of 16, "
+        "64 other crops for SQNR and top-1 agreement with fp32 (fake-quant models in torch). Range difference: the "
+        "largest change of a quantizer's range end, divided by its range width. Times from a shared machine.",
+        t.hist_subsample),
     "compiler_speed": t.Section(
         "Compiler speed", "python benchmarks/bench_compiler.py --repeats 3",
         "fxquant's prepare + calibrate (one batch) + convert against torch.ao's `prepare_fx` + one calibration "

@@ -92,8 +92,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     on this rank alone (e.g. under ``if rank == 0:``); a rank that calls calibrate while the others do not raises
     after ``FXQUANT_ARRIVAL_TIMEOUT_S`` seconds instead of hanging.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
-    (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again. The steps, in
-    order: ``fxquant.pipeline.calibrate.STEPS``.
+    (read again, or kept in a list when ``batches`` is a one-shot iterator); weights AdaRound rounded keep their
+    ranges when calibrate() runs again. The steps, in order: ``fxquant.pipeline.calibrate.STEPS``.
     """
     state = get_state(prepared)
     if state is not None and state.stage == "converted":
