@@ -135,9 +135,11 @@ class Reader(CalibrationDataReader):
         self.index = 0
 
 
-def ort_quantize_static(fp32_path: str, path: str, batches: list[torch.Tensor], workdir: str) -> bool:
-    """ORT's quantize_static (QDQ, u8 activations, s8 per-channel 7-bit weights); returns whether
-    quant_pre_process ran (ORT recommends it: shape inference and Conv+BatchNorm folding)."""
+def ort_quantize_static(fp32_path: str, path: str, batches: list[torch.Tensor], workdir: str,
+                        reduce_range: bool = True) -> bool:
+    """ORT's quantize_static (QDQ, u8 activations, s8 per-channel weights: 7-bit with ``reduce_range``, the
+    setting CPUs without VNNI need); returns whether quant_pre_process ran (ORT recommends it: shape inference and
+    Conv+BatchNorm folding)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source = fp32_path
@@ -154,7 +156,7 @@ def ort_quantize_static(fp32_path: str, path: str, batches: list[torch.Tensor], 
     with quiet():
         quantize_static(source, path, Reader(input_name, batches), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
+                        reduce_range=reduce_range, calibrate_method=CalibrationMethod.MinMax)
     return preprocessed
 
 

@@ -74,6 +74,16 @@ SECTIONS: dict[str, t.Section] = {
         "calibrated in batches of 4 padded to the first length); cosine to the fp32 embedding; one thread, batch 1, "
         "latency interleaved across recipes (median). ORT's own quantize_dynamic and quantize_static in the same "
         "run.", t.transformer_minilm),
+    "exact_models": t.Section(
+        "convert(exact=...): the torch model against ONNX Runtime", "python benchmarks/exact_models.py",
+        "Each model prepared with `QuantConfig(target=...)`, calibrated, converted to fake quant and to "
+        "`exact=target`; ORT runs the exported model as the target CPU (natively on this VNNI/AMX machine; `avx2` "
+        "as a Haswell CPU under qemu-x86_64) on evaluation inputs neither calibration nor the export's example "
+        "saw. \"differing\" counts output elements where ORT and the exact model differ; \"before\" is the "
+        "fake-quant model against ORT, \"after\" the exact model (inf: bit for bit). Random weights with "
+        "randomized BatchNorm for resnet18/mobilenet_v2 (112x112; 64x64 under qemu); pretrained EfficientNet-Lite0 "
+        "on photo crops; pretrained all-MiniLM-L6-v2 padded to 24 tokens (all hidden states compared). See "
+        "[deploy-exact.md](deploy-exact.md).", t.exact_models),
     "ptq_digits": t.Section(
         "PTQ passes on the MobileNet-style digits CNN", "python benchmarks/ptq_digits.py",
         "Depthwise-separable CNN with BatchNorm, 6 epochs on the digits training split, one model per seed; tensorrt "
@@ -88,6 +98,14 @@ SECTIONS: dict[str, t.Section] = {
         "per-channel weights, 4-bit asymmetric activations; fxquant on the `onnxruntime` preset's placement, "
         "torch.ao's `prepare_qat_fx` with the same bit widths; accuracy of the fake-quant models in torch.",
         t.qat_digits),
+    "hist_subsample": t.Section(
+        "Histogram subsample against binning every element", "python benchmarks/hist_subsample.py",
+        "Each preset's histogram method (`onnxruntime`: percentile 99.99; `tensorrt`: mse) with the default "
+        "`QuantSpec.hist_samples` (2^20 elements per tensor and batch) and with `hist_samples=None`, on the "
+        "pretrained EfficientNet-Lite0 and MobileNetV2 of the section above: 64 calibration crops in batches of 16, "
+        "64 other crops for SQNR and top-1 agreement with fp32 (fake-quant models in torch). Range difference: the "
+        "largest change of a quantizer's range end, divided by its range width. Times from a shared machine.",
+        t.hist_subsample),
     "compiler_speed": t.Section(
         "Compiler speed", "python benchmarks/bench_compiler.py --repeats 3",
         "fxquant's prepare + calibrate (one batch) + convert against torch.ao's `prepare_fx` + one calibration "

@@ -14,6 +14,7 @@ from fxquant.backends import Backend, get_backend
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.batches import ModelBatches, Selector
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
+from fxquant.lower.exact.convert import check_exact, convert_exact
 from fxquant.lower.frozen import freeze
 from fxquant.pipeline import calibrate_model, prepare_model, record
 from fxquant.ptq.adaround import learn_rounding
@@ -64,6 +65,10 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
         if spec is not None and spec.learn_amax and not qat:
             raise ConfigError("QuantSpec.learn_amax=True trains the range, which only quantization-aware training "
                               "does: use fxquant.prepare_qat(...) with the same arguments, or learn_amax=False")
+    if config.target is not None and backend.runtime != "onnxruntime":
+        raise ConfigError(f"QuantConfig.target={config.target!r} chooses ONNX Runtime's CPU int8 kernels, which the "
+                          f"{backend.name} backend does not deploy to: drop the target, or use an ONNX Runtime "
+                          "backend (onnxruntime, onnxruntime_dynamic)")
     check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.validate)
     check_before_trace(model, config)
     return backend, config
@@ -93,8 +98,8 @@ def calibrate(prepared: nn.Module, batches: Iterable, progress: bool = True, inp
     on this rank alone (e.g. under ``if rank == 0:``); a rank that calls calibrate while the others do not raises
     after ``FXQUANT_ARRIVAL_TIMEOUT_S`` seconds instead of hanging.
     When the config asks for AdaRound or empirical bias correction, they run afterwards on the same batches
-    (kept in a list); weights AdaRound rounded keep their ranges when calibrate() runs again. The steps, in
-    order: ``fxquant.pipeline.calibrate.STEPS``.
+    (read again, or kept in a list when ``batches`` is a one-shot iterator); weights AdaRound rounded keep their
+    ranges when calibrate() runs again. The steps, in order: ``fxquant.pipeline.calibrate.STEPS``.
     """
     state = get_state(prepared)
     if state is not None and state.stage == "converted":
@@ -173,9 +178,18 @@ def load_calib_amax(prepared: nn.Module, method: str, percentile: float | None =
     return prepared
 
 
-def convert(prepared: nn.Module) -> nn.Module:
+def convert(prepared: nn.Module, exact: str | None = None,
+            example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
     """A copy of the calibrated model with every quantizer frozen into a Q/DQ op (exportable to ONNX); a
-    GraphModule when the model was traced whole."""
+    GraphModule when the model was traced whole.
+
+    ``exact="vnni"`` or ``"avx2"`` (ONNX Runtime backends) returns instead a model that computes what ONNX
+    Runtime's CPU kernels compute on that CPU (``QuantConfig.target`` explains the two), bit for bit wherever ORT
+    runs the graph in its integer kernels, and as close as torch allows in its float kernels
+    (docs/deploy-exact.md): evaluate it to know the deployed accuracy. It exports to the same QDQ ONNX, and
+    ``export_onnx`` counts the outputs ORT computes differently and names the first differing tensor.
+    ``example_inputs`` (default: prepare's) is what the model is exported with to let ORT build its graph.
+    """
     state = get_state(prepared)
     if state is None:
         raise ConversionError("convert() takes the model returned by fxquant.prepare() (after calibrate())")
@@ -186,6 +200,8 @@ def convert(prepared: nn.Module) -> nn.Module:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ConversionError(f"{len(missing)} quantizer(s) have no range yet ({shown}); run "
                               "fxquant.calibrate(prepared, batches) before convert()")
+    if exact is not None:
+        check_exact(exact, state.backend)
     qmodel = copy.deepcopy(prepared).eval()
     for name, q in list(quantizers_of(qmodel).items()):
         qmodel.set_submodule(name, freeze(q).eval())
@@ -193,7 +209,9 @@ def convert(prepared: nn.Module) -> nn.Module:
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):
             m.recompile()
-    return qmodel
+    if exact is None:
+        return qmodel
+    return convert_exact(qmodel, exact, state.example_inputs if example_inputs is None else example_inputs)
 
 
 def quantize(model: nn.Module, example_inputs: torch.Tensor | tuple, batches: Iterable,

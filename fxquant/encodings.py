@@ -96,7 +96,8 @@ def encodings_of(model: nn.Module) -> dict[str, Any]:
         raise CalibrationError(f"{len(missing)} quantizer(s) have no range yet ({_shown(missing)}); run "
                                "fxquant.calibrate(prepared, batches) before saving the encodings")
     return {"fxquant_version": __version__, "format_version": FORMAT_VERSION, "backend": state.backend.name,
-            "calibrate_passes": _changes(state), "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
+            "target": state.config.target, "calibrate_passes": _changes(state),
+            "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
 
 
 def _changes(state: Any) -> dict[str, list[str]]:
@@ -128,7 +129,8 @@ def save_encodings(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     Per quantizer (module name -> entry): ``scale``, ``zero_point``, ``amax``, ``min``, ``max`` (numbers for
     per-tensor quantizers, lists for per-channel ones; ``scale`` is the step size, ``x ~= (q - zero_point) *
     scale``) and the spec: ``num_bits``, ``axis``, ``symmetric``, ``unsigned``, ``narrow_range``,
-    ``calib_method``, ``qmin``, ``qmax``. Top level: ``fxquant_version``, ``format_version``, ``backend``.
+    ``calib_method``, ``qmin``, ``qmax``. Top level: ``fxquant_version``, ``format_version``, ``backend``,
+    ``target`` (``QuantConfig.target``: the CPU the weight widths were chosen for; null when none was declared).
     """
     path = output_path(path, "encodings", EncodingsError)
     data = encodings_of(model)
@@ -266,6 +268,11 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
         raise EncodingsError(f"the encodings were saved for backend {data.get('backend')!r} but this model was "
                              f"prepared for {state.backend.name!r}; prepare it with backend={data.get('backend')!r} "
                              "(the backend decides where quantizers go and their specs)")
+    if data.get("target") != state.config.target:  # files without the key were saved with no declared target
+        raise EncodingsError(f"the encodings were saved for CPU target {data.get('target')!r} but this model was "
+                             f"prepared with QuantConfig(target={state.config.target!r}); the target decides the "
+                             "weight widths (ONNX Runtime's int8 kernels saturate on some CPUs): prepare it with "
+                             f"QuantConfig(target={data.get('target')!r})")
     mismatch = _pass_mismatch(data.get("calibrate_passes"), _changes(state))
     if mismatch:
         raise EncodingsError(mismatch)
@@ -283,7 +290,7 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
                                                                 spec)
             structural += graph_diff
             problems += bad_values
-    structural += weight_mismatches(model, quantizers, ranges, widths, state.backend)
+    structural += weight_mismatches(model, quantizers, ranges, widths, state.config)
     if missing or extra or structural or problems:
         lines = [f"the encodings do not fit this model ({len(quantizers)} quantizers; the file has "
                  f"{len(entries)}):"]

@@ -16,6 +16,20 @@ HISTOGRAM_METHODS = frozenset({"percentile", "entropy", "mse"})
 """Calibration methods that derive a range from one histogram per tensor (one calibrator serves them all)."""
 CALIB_METHODS = ("max", "ema", *sorted(HISTOGRAM_METHODS))
 """Every ``QuantSpec.calib_method`` name; ``fxquant.calib.CALIBRATORS`` maps each to its calibrator."""
+CPU_TARGETS = {
+    "vnni": "x86 CPUs whose int8 dot products accumulate exactly in int32 (AVX-VNNI, AVX-512 VNNI, AMX)",
+    "avx2": "x86 CPUs without VNNI (AVX2, AVX-512 without VNNI): ORT adds adjacent u8s8 products in saturating int16",
+}
+"""The CPU targets of ONNX Runtime's int8 kernels (``QuantConfig.target``, ``fxquant.convert(exact=...)``): they
+compute differently on each (``fxquant.lower.ort.targets``)."""
+
+
+def check_cpu_target(target: object, what: str = "target") -> str:
+    """``target`` if it names a CPU target; ConfigError listing them otherwise."""
+    if not isinstance(target, str) or target not in CPU_TARGETS:
+        raise ConfigError(f"unknown CPU {what} {target!r}; valid targets: " +
+                          "; ".join(f"{name!r} ({what_it_is})" for name, what_it_is in CPU_TARGETS.items()))
+    return target
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -52,6 +66,9 @@ class QuantSpec:
             DynamicQuantizeLinear; needs ``num_bits=8, symmetric=False`` and no axis/amax/learned range.
         per_token: with ``dynamic``, one range per row (every position of all but the last axis: per token in a
             transformer) instead of one per tensor. Fake quant only: ONNX has no per-row DynamicQuantizeLinear.
+        hist_samples: for the histogram methods, the most elements of one tensor binned per batch: a larger
+            tensor is binned from a fixed, evenly spread subsample (runs of contiguous elements; its min and max
+            stay exact, see ``fxquant.calib.histogram``); None bins every element (slower calibration).
     """
 
     num_bits: int = 8
@@ -68,6 +85,7 @@ class QuantSpec:
     ema_decay: float = 0.9
     dynamic: bool = False
     per_token: bool = False
+    hist_samples: int | None = 1 << 20
 
     def __post_init__(self) -> None:
         _check_int("QuantSpec", "num_bits", self.num_bits)
@@ -100,6 +118,11 @@ class QuantSpec:
                 raise ConfigTypeError(f"QuantSpec.{name} must be a number {rule}, got {value!r}")
             if not (math.isfinite(value) and ok(value)):
                 raise ConfigError(f"QuantSpec.{name} must be {rule}, got {value}")
+        if self.hist_samples is not None:
+            _check_int("QuantSpec", "hist_samples", self.hist_samples)
+            if self.hist_samples < 4096:
+                raise ConfigError(f"QuantSpec.hist_samples must be >= 4096 (or None: bin every element), got "
+                                  f"{self.hist_samples}")
         if self.calib_method in HISTOGRAM_METHODS and self.axis is not None:
             raise ConfigError(f"calib_method={self.calib_method!r} collects one histogram per tensor; per-channel "
                               "specs (axis set) use calib_method='max' or 'ema'")
@@ -148,16 +171,24 @@ BIAS_CORRECTION_METHODS = ("empirical", "analytical")
 
 @dataclass(frozen=True)
 class AdaRoundOptions:
-    """AdaRound (Nagel et al. 2020) settings; defaults follow the paper and AIMET, scaled for speed.
+    """Reconstruction settings: AdaRound's learned rounding (Nagel et al. 2020) fitted block by block (BRECQ, Li et
+    al. 2021) with activation quantization in the loop, dropped at random (QDrop, Wei et al. 2022).
 
     Args:
-        iterations: Adam steps per layer.
-        batch_size: samples per step, drawn from the captured layer inputs.
-        num_samples: most calibration samples whose layer inputs are kept (memory: one layer at a time).
+        iterations: Adam steps per block.
+        batch_size: samples per step.
+        num_samples: most calibration samples used (read once from the batches; memory: two copies of the
+            tensors crossing one block boundary for this many samples).
         lr: Adam learning rate of the rounding variables.
         reg_weight: lambda, weight of the regularizer that pushes each rounding to 0 or 1.
         beta_start, beta_end: the regularizer's exponent, annealed linearly after the warm-up.
         warm_up: share of the iterations without the regularizer.
+        granularity: "block" (the residual units and the stretches between them) or "layer" (one layer at a
+            time, AdaRound's objective).
+        act_drop: probability that an activation stays float per element in a step (the block's input and each
+            activation quantizer inside it): 0.5 is QDrop's, 0 quantizes them always (BRECQ), 1 never.
+        crop: train on random ``crop`` x ``crop`` windows of a block's input feature maps where they are larger
+            (the float block recomputes the target on the same window); None trains on whole maps.
         seed: seeds the sampling of steps, so a run is reproducible.
     """
 
@@ -169,6 +200,9 @@ class AdaRoundOptions:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warm_up: float = 0.2
+    granularity: str = "block"
+    act_drop: float = 0.5
+    crop: int | None = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -176,15 +210,21 @@ class AdaRoundOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise ConfigError(f"AdaRoundOptions.{name} must be a positive int, got {value!r}")
-        for name in ("lr", "reg_weight", "beta_start", "beta_end", "warm_up"):
+        for name in ("lr", "reg_weight", "beta_start", "beta_end", "warm_up", "act_drop"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
                 raise ConfigError(f"AdaRoundOptions.{name} must be a finite number >= 0, got {value!r}")
         if not 0 <= self.warm_up < 1:
             raise ConfigError(f"AdaRoundOptions.warm_up must be in [0, 1), got {self.warm_up}")
+        if self.act_drop > 1:
+            raise ConfigError(f"AdaRoundOptions.act_drop is a probability in [0, 1], got {self.act_drop}")
         if self.lr == 0:
             raise ConfigError("AdaRoundOptions.lr must be > 0")
+        if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
+            raise ConfigError(f"AdaRoundOptions.crop must be a positive int or None, got {self.crop!r}")
+        if self.granularity not in ("block", "layer"):
+            raise ConfigError(f"AdaRoundOptions.granularity must be 'block' or 'layer', got {self.granularity!r}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +286,11 @@ class QuantConfig:
             Linear whose calibration maximum dwarfs the rest (transformers' "massive activations") in float beside
             the int8 Linear, where that divides the output error on its batches by at least 2
             (``fxquant.ptq.outlier_channels``; float-exact). "auto" reports it only where it split something.
+        target: the CPU ONNX Runtime will run the model on (ORT backends only; its int8 kernels compute
+            differently per CPU): "vnni" (AVX-VNNI, AVX-512 VNNI, AMX: exact int32 sums) gives every layer plain
+            8-bit weights; "avx2" (x86 without VNNI: adjacent u8 x s8 products added in a saturating int16) and
+            None (not declared: safe on both) give saturation-aware weights (``fxquant.ptq.weight_widths``).
+            Recorded in the encodings and the ONNX metadata. Never guessed from the machine that quantizes.
     """
 
     weight: QuantSpec | None = None
@@ -263,6 +308,7 @@ class QuantConfig:
     adaround: bool | AdaRoundOptions = False
     smoothquant: bool | str = "auto"
     outlier_channels: bool | str = "auto"
+    target: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation"):
@@ -301,6 +347,8 @@ class QuantConfig:
         if not isinstance(self.adaround, (bool, AdaRoundOptions)):
             raise ConfigTypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
                                   f"got {type(self.adaround).__name__}")
+        if self.target is not None:
+            check_cpu_target(self.target, "target (QuantConfig.target)")
         if (self.equalize or self.absorb_bias or self.bias_correction == "analytical") and not self.fold_bn:
             raise ConfigError("equalize, absorb_bias and analytical bias correction work on folded BatchNorm; "
                               "keep fold_bn=True")

@@ -16,13 +16,16 @@ from fxquant.spec import QuantConfig
 @dataclass
 class QuantState:
     """The backend (the object itself, custom ones included), config and stage of a model made by fxquant,
-    the prepare report, and the weight quantizers whose ranges AdaRound fixed (calibrate leaves them alone)."""
+    the prepare report, the weight quantizers whose ranges AdaRound fixed (calibrate leaves them alone), prepare's
+    example inputs and, for a model converted with ``exact=``, what the exact model was made from."""
 
     backend: Backend
     config: QuantConfig
     stage: str
     report: PrepareReport
     fixed_weights: set[str] = field(default_factory=set)
+    example_inputs: tuple = ()  # prepare's example (convert(exact=...) exports with it)
+    exact: object = None  # an exact model's ExactInfo (fxquant.lower.exact.model): its target and fake-quant twin
     busy: str | None = field(default=None, compare=False)  # the call running on the model now (calibrate)
 
 

@@ -33,7 +33,7 @@ class Backend:
     (``fxquant.lower.export_passes.EXPORT_PASSES``: "ort_cpu_graph", "integer_float_output", "int32_bias").
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
-    can (``fxquant.ptq.weight_widths``).
+    can (``fxquant.ptq.weight_widths``); plain 8 bits everywhere for ``QuantConfig(target="vnni")``.
     """
 
     name: str

@@ -4,8 +4,8 @@
 - Weights are saturation-aware: without VNNI, ORT's u8s8 kernels add pairs of adjacent u8*s8 products in
   16 bits, which can saturate with full 8-bit weights (255 * 127 * 2 > 32767). After calibration each layer
   gets 8-bit weights when none of its adjacent weight pairs can overflow, else 7 bits ([-63, 63], as torch.ao's
-  fbgemm configs and ORT's ``reduce_range`` use everywhere); see fxquant.ptq.weight_widths. Pass
-  ``QuantConfig(weight=QuantSpec(8, axis=0, narrow_range=True))`` on VNNI/ARM machines (8 bits everywhere).
+  fbgemm configs and ORT's ``reduce_range`` use everywhere); see fxquant.ptq.weight_widths. Declare
+  ``QuantConfig(target="vnni")`` for VNNI/AMX CPUs (plain 8 bits everywhere: they accumulate exactly).
 - ``LINEAR_FLOAT_OUTPUT``: a Linear whose output only reaches float ops keeps a float output (a uint8 output
   there would hold the residual branch's outlier channels with one scale, or requantize logits for nothing);
   export writes it as MatMulIntegerToFloat, an integer kernel with a float output.

@@ -22,6 +22,8 @@ def make_calibrator(spec: QuantSpec) -> Calibrator:
     """The calibrator a spec asks for."""
     if spec.calib_method == "ema":
         return EmaCalibrator(spec.axis, spec.ema_decay)
+    if spec.calib_method in HISTOGRAM_METHODS:
+        return HistogramCalibrator(spec.axis, spec.hist_samples)
     return CALIBRATORS[spec.calib_method](spec.axis)
 
 __all__ = ["CALIBRATORS", "HISTOGRAM_METHODS", "Calibrator", "EmaCalibrator", "HistogramCalibrator",

@@ -14,6 +14,13 @@ candidates with infinite KL and takes the last of equal minima. Differences by d
 grid (1.0 where NVIDIA gets 1.00098 on its outlier test); entropy flattens the zero bin only when bin 1 is not
 empty; mse searches a grid of ranges (``MSE_CANDIDATES``) instead of every bin center; affine specs (which NVIDIA
 does not have) take each tail's percentile on the signed histogram and start the entropy search at 2^b bins.
+
+Cost: a tensor of more than ``QuantSpec.hist_samples`` elements (2^20 by default) is binned from a fixed subsample,
+runs of ``SAMPLE_BLOCK`` contiguous elements spread evenly over it (``subsample``: deterministic, the same
+elements every run); min and max still come from every element. Measured on pretrained EfficientNet-Lite0 and
+MobileNetV2 (``benchmarks/hist_subsample.py``, docs/ptq.md) the ranges and accuracy match binning every element
+within the figures there; ``hist_samples=None`` bins every element. The searches (percentile, entropy, mse) run
+over all candidate bins at once (tensor ops, entropy in cache-sized chunks of candidates).
 """
 
 from __future__ import annotations
@@ -22,17 +29,19 @@ import math
 
 import torch
 
-from fxquant import qmath
 from fxquant.calib.base import Calibrator, Stats, has_stats, merged_minmax, minmax_parts, numel
 from fxquant.errors import CalibrationError, ConfigError
+from fxquant.spec import QuantSpec
 
 NUM_BINS = 4096  # signed: 2048 bins for each sign
 _HALF_BITS = (NUM_BINS // 2).bit_length() - 1  # 2^11 bins per sign
 _MIN_EXP = -24
 MSE_CANDIDATES = 128  # ranges tried by the mse search, evenly spaced up to the observed maximum
-MAX_SAMPLES = 1 << 20  # elements binned per tensor and batch; larger tensors are subsampled (see above)
+MAX_SAMPLES = QuantSpec.hist_samples  # elements binned per tensor and batch; larger tensors are subsampled
+SAMPLE_BLOCK = 256  # contiguous elements per run of the subsample
 ENTROPY_START_BIN = 128  # the entropy search's first candidate (|x| bins), as pytorch_quantization documents
 ENTROPY_STRIDE = 1  # the entropy search tries every bin from the start bin on, as pytorch_quantization does
+ENTROPY_CHUNK = 256  # candidates evaluated together by the entropy search
 
 
 def _rebin(hist: torch.Tensor, factor: int) -> torch.Tensor:
@@ -56,20 +65,29 @@ def exponent_for(amax: float) -> int:
     return max(_MIN_EXP, math.frexp(amax)[1])  # amax = m * 2^e with 0.5 <= m < 1, so 2^(e-1) <= amax < 2^e
 
 
-def sample_stride(numel: int, max_samples: int = MAX_SAMPLES) -> int:
-    """The smallest stride coprime with ``numel`` that leaves at most ``max_samples`` elements (1 if it fits)."""
+def sample_blocks(numel: int, max_samples: int = MAX_SAMPLES, block: int = SAMPLE_BLOCK) -> tuple[int, int]:
+    """(blocks, step): the subsample of a tensor of ``numel`` elements is ``blocks`` runs of ``block`` contiguous
+    elements starting every ``step`` elements, with ``step`` coprime with ``numel`` (so the runs start at every
+    row, column and channel position evenly) and at most ``max_samples`` elements in all; (1, numel) when the
+    whole tensor fits."""
     if numel <= max_samples:
-        return 1
-    stride = -(-numel // max_samples)
-    while math.gcd(stride, numel) != 1:
-        stride += 1
-    return stride
+        return 1, numel
+    blocks = max(max_samples // block, 2)
+    step = (numel - block) // (blocks - 1)  # the last run ends inside the tensor
+    while math.gcd(step, numel) != 1:
+        step -= 1
+    return blocks, step
 
 
-def subsample(x: torch.Tensor, max_samples: int = MAX_SAMPLES) -> torch.Tensor:
-    """Every ``sample_stride``-th element of ``x`` flattened (a view when ``x`` is contiguous)."""
+def subsample(x: torch.Tensor, max_samples: int = MAX_SAMPLES, block: int = SAMPLE_BLOCK) -> torch.Tensor:
+    """The elements of ``x`` that ``sample_blocks`` picks, as a contiguous 1-D tensor (``x`` itself, flattened,
+    when it fits). Runs of contiguous elements read only the sampled memory; an element-wise stride would read
+    every cache line of the tensor."""
     flat = x.detach().reshape(-1)
-    return flat[:: sample_stride(flat.numel(), max_samples)]
+    blocks, step = sample_blocks(flat.numel(), max_samples, block)
+    if blocks == 1:
+        return flat
+    return flat.as_strided((blocks, block), (step, 1), flat.storage_offset()).reshape(-1)
 
 
 def bin_counts(x: torch.Tensor, exponent: int) -> torch.Tensor:
@@ -92,11 +110,12 @@ class HistogramCalibrator(Calibrator):
     methods = ("max", "percentile", "entropy", "mse")
     mergeable = True  # histograms widened to the largest range of any rank and summed, exact minima/maxima
 
-    def __init__(self, axis: int | None) -> None:
+    def __init__(self, axis: int | None, max_samples: int | None = MAX_SAMPLES) -> None:
         if axis is not None:
             raise ConfigError("histogram calibration (percentile/entropy/mse) is per tensor; use calib_method='max' "
                               "or 'ema' for per-channel quantizers")
         super().__init__(axis)
+        self.max_samples = max_samples  # None: bin every element (``QuantSpec.hist_samples``)
         self.reset()
 
     def reset(self) -> None:
@@ -125,7 +144,8 @@ class HistogramCalibrator(Calibrator):
             # (a CalibrationError naming the quantizer), as it does for the other calibrators
             return
         self.widen_to(exponent_for(max(-lo_f, hi_f)))
-        self.hist += bin_counts(subsample(x), self.exponent)
+        self.hist += bin_counts(x.reshape(-1) if self.max_samples is None else subsample(x, self.max_samples),
+                                self.exponent)
 
     @property
     def is_finite(self) -> bool:
@@ -224,7 +244,9 @@ class HistogramCalibrator(Calibrator):
         levels = spec.qmax
 
         def error(candidates: torch.Tensor) -> torch.Tensor:
-            q = qmath.fake_quantize(centers[None, :], candidates[:, None] / levels, 0.0, 0, levels)
+            step = candidates[:, None] / levels
+            # qmath.fake_quantize(centers, step, 0, 0, levels) in place (centers > 0: only the top clamps)
+            q = torch.div(centers[None, :], step).round_().clamp_(max=levels).mul_(step)
             return q.sub_(centers[None, :]).square_() @ counts  # in place + matmul: ~10x faster than **2 and sum
 
         top = float(torch.maximum(-self._min, self._max))
@@ -241,7 +263,8 @@ class HistogramCalibrator(Calibrator):
         def error(alphas: torch.Tensor) -> torch.Tensor:
             scale = torch.clamp(alphas * (hi - lo) / spec.qmax, min=1e-12)[:, None]
             zp = torch.clamp(torch.round(-alphas[:, None] * lo / scale), 0, spec.qmax)
-            q = qmath.fake_quantize(centers[None, :], scale, zp, 0, spec.qmax)
+            # qmath.fake_quantize(centers, scale, zp, 0, qmax) in place
+            q = torch.div(centers[None, :], scale).round_().add_(zp).clamp_(0, spec.qmax).sub_(zp).mul_(scale)
             return q.sub_(centers[None, :]).square_() @ counts
 
         a = _minimize(error, 1 / 128, 1.0, counts.device)
@@ -291,18 +314,32 @@ def _entropy_amax(hist: torch.Tensor, width: float, levels: int, stride: int = E
     total = hist.sum()
     tail = total - counts[cand]                                  # mass beyond each candidate's range
     p_last = h[cand - 1] + tail                                  # P's last bin holds the clipped tail
-    groups = torch.arange(levels + 1, device=dev)
-    bounds = torch.div(groups[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")  # [C, levels+1]
-    s = counts[bounds[:, 1:]] - counts[bounds[:, :-1]]           # S_g: the group's counts in hist[:i]
-    u = nonempty[bounds[:, 1:]] - nonempty[bounds[:, :-1]]       # U_g: its bins non-empty in hist[:i]
-    rows = torch.arange(cand.numel(), device=dev)
+    groups = torch.arange(levels + 1, device=dev, dtype=torch.int32)
     g_last = torch.div((cand - 1) * levels, cand, rounding_mode="floor")  # bin i-1's group (not the last one
-    p = s.clone()                                                          # when levels > i)
-    p[rows, g_last] += tail
-    q = (s / u.clamp(min=1)).clamp(min=1e-300)
+    grouped = torch.empty(cand.numel(), dtype=dt, device=dev)             # when levels > i)
+    for start in range(0, cand.numel(), ENTROPY_CHUNK):  # chunks of candidates: the [C, levels] terms stay in cache
+        part = slice(start, start + ENTROPY_CHUNK)
+        grouped[part] = _grouped_plogq(counts, nonempty, cand[part].int(), groups, levels, g_last[part], tail[part])
     plogp = hlogh[cand - 1] + torch.xlogy(p_last, p_last)
-    kl = plogp / total - torch.log(total) + torch.log(counts[cand]) - torch.xlogy(p, q).sum(1) / total
+    kl = plogp / total - torch.log(total) + torch.log(counts[cand]) - grouped / total
     # Q is 0 where hist is empty: a candidate whose empty last bin would hold the tail (KL infinite, as
     # pytorch_quantization finds), or that lies below every value, is never chosen
     kl = torch.where((counts[cand] > 0) & ((h[cand - 1] > 0) | (tail == 0)), kl, torch.inf)
     return int(cand[len(kl) - 1 - int(kl.flip(0).argmin())]) * width
+
+
+def _grouped_plogq(counts: torch.Tensor, nonempty: torch.Tensor, cand: torch.Tensor, groups: torch.Tensor,
+                   levels: int, g_last: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """sum_g P_g log(S_g / U_g) per candidate (see ``_entropy_amax``), with one gather per prefix sum and the
+    [candidates, levels] terms computed in place."""
+    bounds = groups[None, :] * cand[:, None] + levels - 1  # [C, levels + 1], int32
+    if levels & (levels - 1) == 0:  # a power of two (every qmax + 1 is): a shift, not an integer division
+        bounds.bitwise_right_shift_(levels.bit_length() - 1)
+    else:
+        bounds = torch.div(bounds, levels, rounding_mode="floor")
+    at = counts[bounds]
+    s = at[:, 1:] - at[:, :-1]                                   # S_g: the group's counts in hist[:i]
+    at = nonempty[bounds]
+    q = torch.div(s, (at[:, 1:] - at[:, :-1]).clamp_(min=1)).clamp_(min=1e-300)  # U_g: its non-empty bins
+    s[torch.arange(cand.numel(), device=cand.device), g_last] += tail  # P: the clipped tail in bin i-1's group
+    return q.log_().mul_(s).sum(1)  # xlogy(P, Q): Q >= 1e-300 keeps log(Q) finite, so P = 0 gives 0

@@ -16,7 +16,7 @@ from fxquant.cli.inputs import add_model_and_data_args, load_model_and_data
 from fxquant.cli.summary import Stopwatch, config_from_args, print_table, quiet_warnings
 from fxquant.lower.onnx_export import DEFAULT_OPSET, export_float_onnx
 from fxquant.lower.outputs import flat_outputs
-from fxquant.spec import CALIB_METHODS
+from fxquant.spec import CALIB_METHODS, CPU_TARGETS
 from fxquant.validate.export import check_opset, export_path
 
 DESCRIPTION = """Targets a model to QDQ ONNX: trace it, fold BatchNorm, place quantizers for the backend,
@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_and_data_args(parser)
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default=None,
                         help="activation calibration method (default: the backend's)")
+    parser.add_argument("--target", choices=list(CPU_TARGETS), default=None,
+                        help="ONNX Runtime backends: the CPU the model will run on, which decides the weight widths "
+                             "(vnni: plain 8-bit; avx2 or none given: saturation-safe on both; docs/deploy-exact.md)")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="ONNX file to write (default: <model>_<backend>.onnx)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,

@@ -60,13 +60,14 @@ def print_table(title: str, rows: list[tuple[str, str]], notes: list[str] | None
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig | None:
-    """A QuantConfig for --exclude and --calib-method (None when neither is given)."""
+    """A QuantConfig for --exclude, --calib-method and --target (None when none is given)."""
     overrides = tuple(Override(glob, exclude=True) for glob in args.exclude)
     activation = None
     method = getattr(args, "calib_method", None)
     if method is not None:
         base: QuantSpec = get_backend(args.backend).activation
         activation = base.with_(calib_method=method)
-    if not overrides and activation is None:
+    target = getattr(args, "target", None)
+    if not overrides and activation is None and target is None:
         return None
-    return QuantConfig(activation=activation, overrides=overrides)
+    return QuantConfig(activation=activation, overrides=overrides, target=target)

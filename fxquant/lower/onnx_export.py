@@ -26,20 +26,22 @@ from onnx import helper
 from fxquant.backends.base import Backend
 from fxquant.capture.shapes import InputShapes, shapes_of
 from fxquant.capture.trace import normalize_inputs
-from fxquant.errors import ConversionError, ExportError, FxQuantError
+from fxquant.errors import ConfigError, ConversionError, ExportError, FxQuantError
 from fxquant.files import atomic_write
+from fxquant.lower.exact.check import ExactCheck, Mismatch, check_exact, exact_differs_message
 from fxquant.lower.export_passes import run_export_passes
 from fxquant.lower.frozen import FrozenDynamicQuantizer, FrozenQuantizer
 from fxquant.lower.onnx_passes import infer_shapes
 from fxquant.lower.ort import latency as ort_latency
 from fxquant.lower.ort.fusion import FusionReport, fusion_report
 from fxquant.lower.ort.latency import LatencyCheck
-from fxquant.lower.ort.targets import check_target, host_target, run_as
+from fxquant.lower.ort.targets import host_target, run_as
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening
 from fxquant.lower.qdq_op import TRANSLATIONS
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
+from fxquant.spec import CPU_TARGETS, check_cpu_target
 from fxquant.state import QuantState, get_state
 from fxquant.validate.export import (
     check_dtypes,
@@ -68,6 +70,17 @@ class ExportResult:
     fusion: FusionReport | None = None  # ops meant to run in int8 that ORT left in float (runtime onnxruntime)
     latency: LatencyCheck | None = None  # int8 vs its float twin in ORT, one thread (runtime onnxruntime)
     trt_lint: list[LintFinding] | None = None  # what TensorRT would run in higher precision (runtime tensorrt)
+    exact: ExactCheck | None = None  # an exact model: ORT's outputs element by element, the first differing tensor
+
+    @property
+    def differing_outputs(self) -> int | None:
+        """For an exact model (convert(exact=...)): how many output elements ORT computes differently."""
+        return None if self.exact is None else self.exact.differing
+
+    @property
+    def first_mismatch(self) -> Mismatch | None:
+        """For an exact model: the first ONNX tensor (graph order) whose values ORT computes differently."""
+        return None if self.exact is None else self.exact.first_mismatch
 
     @property
     def op_counts(self) -> Counter:
@@ -91,7 +104,14 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
         raise ConversionError("export_onnx() takes the model returned by fxquant.convert() or fxquant.quantize(); "
                               + ("this one was never converted" if state else "this one did not come from fxquant"))
     if check_cpu is not None:
-        check_target(check_cpu)
+        check_cpu_target(check_cpu, "check_cpu")
+    exact = model if state.exact is not None else None
+    if exact is not None:  # the exact model exports its fake-quant twin's QDQ ONNX and is checked as its CPU
+        if check_cpu not in (None, state.exact.target):
+            raise ConfigError(f"this model computes what ONNX Runtime computes on a {state.exact.target!r} CPU; its "
+                              f"check runs as that CPU: drop check_cpu={check_cpu!r}, or convert with "
+                              f"exact={check_cpu!r}")
+        model, check_cpu = state.exact.fake, state.exact.target
     check_opset(opset)
     for name, m in model.named_modules():
         if getattr(m, "num_bits", 8) > 8 and opset < 21:
@@ -106,7 +126,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
     check_dtypes(model, inputs)
     check_eval_mode(model)
     with kept_buffers(model) as changed:  # a forward that updates buffers: the model's state is what it was
-        result = _export_checked(model, inputs, path, opset, dynamic_batch, verify, check_latency, check_cpu)
+        result = _export_checked(model, inputs, path, opset, dynamic_batch, verify, check_latency, check_cpu, exact)
     if changed:
         warnings.warn(f"the model's forward updates buffer(s) {', '.join(f'`{n}`' for n in changed[:4])} in place; an "
                       "ONNX model has no state, so the exported model starts every run from their values at "
@@ -116,9 +136,10 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | tuple, pa
 
 
 def _export_checked(model: torch.nn.Module, inputs: tuple, path: str, opset: int, dynamic_batch: bool,
-                    verify: bool, check_latency: bool, check_cpu: str | None) -> ExportResult:
-    """export_onnx after its argument checks."""
-    state = get_state(model)
+                    verify: bool, check_latency: bool, check_cpu: str | None,
+                    exact: torch.nn.Module | None = None) -> ExportResult:
+    """export_onnx after its argument checks; ``exact``: the exact model whose fake-quant twin ``model`` is."""
+    state = get_state(exact if exact is not None else model)
     sample = run_example(model, inputs)  # on a copy: the user's example is never edited
     wrapped = needs_flattening(sample)  # dicts, dataclasses (ModelOutput-style), None entries: flat, named
     shapes = shapes_of(model)  # the dynamic axes of its capture, or those declared at prepare
@@ -137,10 +158,17 @@ def _export_checked(model: torch.nn.Module, inputs: tuple, path: str, opset: int
     onnx.checker.check_model(proto, full_check=True)
     # A graph for ORT is verified as deployed (all fusions); a graph meant for another runtime (TensorRT) is
     # checked for its meaning without fusing it into ORT's own int8 CPU kernels (Backend.runtime).
+    exact_check = None
     with atomic_write(path) as tmp:  # the file appears only once the export and its check succeeded
         onnx.save(proto, tmp)
-        agreement = verify_in_ort(model, inputs, tmp, backend.verify_level, check_cpu) if verify else None
-    if agreement is not None and agreement < MIN_AGREEMENT_DB:
+        if verify and exact is not None:
+            exact_check = check_exact(exact, inputs, tmp, state.exact.target)
+            agreement = exact_check.sqnr_db
+        else:
+            agreement = verify_in_ort(model, inputs, tmp, backend.verify_level, check_cpu) if verify else None
+    if exact_check is not None and exact_check.differing:
+        warnings.warn(exact_differs_message(exact_check, state.exact.target), stacklevel=3)
+    elif exact_check is None and agreement is not None and agreement < MIN_AGREEMENT_DB:
         cause = _low_agreement_cause(model, backend, check_cpu or host_target())
         warnings.warn(f"ONNX Runtime's output agrees with the fake-quant model at only {agreement:.1f} dB "
                       f"(< {MIN_AGREEMENT_DB} dB). {cause}", stacklevel=3)
@@ -157,7 +185,7 @@ def _export_checked(model: torch.nn.Module, inputs: tuple, path: str, opset: int
     if lint:
         warnings.warn(f"{len(lint)} place(s) TensorRT would run in higher precision (its Q/DQ fusion rules):\n"
                       + "\n".join(f"  {f.node} ({f.op_type}): {f.reason}" for f in lint), stacklevel=3)
-    return ExportResult(path, proto, agreement, fusion, latency, lint)
+    return ExportResult(path, proto, agreement, fusion, latency, lint, exact_check)
 
 
 def _low_agreement_cause(model: torch.nn.Module, backend: Backend, cpu: str | None) -> str:
@@ -172,8 +200,9 @@ def _low_agreement_cause(model: torch.nn.Module, backend: Backend, cpu: str | No
     eight_bit_weights = any(bits == 8 and per_channel for bits, per_channel in widths)
     if cpu == "avx2" and backend.runtime == "onnxruntime" and eight_bit_weights:
         return ("ORT ran as an x86 CPU without VNNI, where 8-bit weights can hit ORT's u8s8 saturation (adjacent "
-                "products added in int16): keep the weight spec the backend chooses "
-                "(Backend.saturation_aware_weights) or use 7-bit weights")
+                "products added in int16): declare the CPU (QuantConfig(target='avx2'), or no target: weights safe "
+                "on both), keep the weight spec the backend chooses (Backend.saturation_aware_weights) or use "
+                "7-bit weights")
     return ("Torch and ORT round floats differently and each quantizer turns such differences into whole-step flips, "
             "so agreement tracks the model's own int8-vs-fp32 SQNR: check that first (fxquant.sensitivity)")
 
@@ -269,7 +298,9 @@ def _note_unchecked_sizes(proto: onnx.ModelProto, shapes: InputShapes | None) ->
 
 
 def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Module | None = None) -> None:
-    """Record fxquant's version, the backend, the calibration methods in use and the ops left float."""
+    """Record fxquant's version, the backend, the calibration methods in use, the ops left float and, for ORT CPU
+    backends, the CPU target the weights were chosen for (``fxquant.target``: "vnni", "avx2", or "vnni,avx2" when
+    none was declared: safe on both)."""
     backend, config = state.backend, state.config
 
     frozen = [] if model is None else [m for m in model.modules()
@@ -288,6 +319,10 @@ def _set_metadata(proto: onnx.ModelProto, state: QuantState, model: torch.nn.Mod
     props.update({"fxquant.version": __version__, "fxquant.backend": backend.name,
                   "fxquant.calib_method": methods("activation"), "fxquant.weight_calib_method": methods("weight"),
                   "fxquant.float_ops": ",".join(e.node for e in state.report.float_ops)})
+    if backend.runtime == "onnxruntime":  # ORT CPU backends: their int8 kernels compute differently per CPU
+        props["fxquant.target"] = config.target or ",".join(CPU_TARGETS)
+    if state.exact is not None:
+        props["fxquant.exact"] = state.exact.target  # exported from an exact model: checked bit for bit as this CPU
     helper.set_model_props(proto, props)
 
 

@@ -8,6 +8,7 @@ explained), and the report and state are written here only (``record``), never f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -57,8 +58,9 @@ def calibrate_model(prepared: nn.Module, data: ModelBatches, progress: bool, dis
             q.calibrator.reset()
             q.set_mode("calib")
         try:
-            if any(_runs(step, ctx) and step.reads_batches(ctx) for step in STEPS):
-                ctx.batches = list(ctx.batches)  # the model's inputs per batch, as selected and checked
+            if isinstance(data.batches, Iterator) and any(_runs(step, ctx) and step.reads_batches(ctx)
+                                                          for step in STEPS):
+                ctx.batches = list(ctx.batches)  # a one-shot iterator read more than once: keep the model inputs
             for step in STEPS[:split]:
                 _run(step, ctx)
         except BaseException:

@@ -115,7 +115,8 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     warn_dropped_hooks(model, root, report.folded_bn)
     report.count_quantizers(root)
     report.notes += runtime_notes
-    attach_state(root, QuantState(backend, config, "prepared", report))
+    example = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    attach_state(root, QuantState(backend, config, "prepared", report, example_inputs=example))
     attach_shapes(root, shapes or declared_shapes(declared, forward_arity(model)[0]))
     if runtime_notes:
         warnings.warn(f"{backend.name}: " + ";\n  ".join(runtime_notes), stacklevel=3)

@@ -156,7 +156,13 @@ def followed_by_relu(model: nn.Module, node: fx.Node | None) -> bool:
 @contextlib.contextmanager
 def float_mode(model: nn.Module) -> Iterator[None]:
     """Every quantizer passes its input through (the float model with the current parameters)."""
-    quantizers = list(quantizers_of(model).values())
+    with disabled(list(quantizers_of(model).values())):
+        yield
+
+
+@contextlib.contextmanager
+def disabled(quantizers: list[TensorQuantizer]) -> Iterator[None]:
+    """``quantizers`` pass their inputs through, then get their modes back."""
     modes = [q.mode for q in quantizers]
     for q in quantizers:
         q.set_mode("disabled")

@@ -42,8 +42,9 @@ class CalibrationContext:
     """What every calibrate step gets.
 
     ``model``: the prepared model, changed in place. ``batches``: the model inputs of each calibration batch
-    (tuples of tensors, selected and checked); a list when any step of this run reads them (``reads_batches``),
-    else the one-pass iterable the ranges step consumes. ``run(index, batch)``: one forward of ``model`` whose
+    (tuples of tensors, selected and checked), iterable again for each step that reads them (a re-iterable source
+    such as a DataLoader is read again, streaming; a one-shot iterator is kept in a list when any step of this
+    run reads the batches, ``reads_batches``). ``run(index, batch)``: one forward of ``model`` whose
     failure names the batch. ``state``: the model's ``QuantState`` (backend, config, prepare report; read it,
     the pipeline writes it). ``quantizers``: the quantizers this calibration sets (name -> quantizer; the ones
     the user disabled, AdaRound fixed or that are dynamic are left out). ``distributed``: statistics are merged

@@ -1,4 +1,7 @@
-"""Saturation-aware weight widths for ONNX Runtime's u8s8 kernels on x86 CPUs without VNNI.
+"""Weight widths for ONNX Runtime's u8s8 kernels, chosen for the declared CPU target (``QuantConfig.target``).
+
+With ``target="vnni"`` (AVX-VNNI, AVX-512 VNNI, AMX: every product accumulates exactly in int32) every layer gets
+plain 8-bit weights. With ``target="avx2"`` or no declared target (safe on both), the widths are saturation-aware:
 
 Without VNNI, ORT (MLAS, AVX2) multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds
 two adjacent products into a saturating int16: elements ``2j`` and ``2j + 1`` of the reduction dimension.
@@ -9,10 +12,10 @@ Depthwise convs (one input and one output channel per group) run on a kernel tha
 never saturates. With activations up to 255, a pair overflows when its same-signed codes add up to 129 or
 more in magnitude (255 * 129 > 32767), which 7-bit weights (|code| <= 63) never reach.
 
-``choose_weight_bits`` gives each weight quantizer on the backend's default weight spec 8-bit codes: the full
-range for output channels none of whose pairs can overflow, and for the others the smallest wider range that
-keeps every pair below the limit (always a finer step than 7 bits, which the layer falls back to if widening
-fails). The choice, per layer, goes to the prepare report (``report_of(model).ptq["weight_bits"]``).
+For those targets ``choose_weight_bits`` gives each weight quantizer on the backend's default weight spec 8-bit
+codes: the full range for output channels none of whose pairs can overflow, and for the others the smallest wider
+range that keeps every pair below the limit (always a finer step than 7 bits, which the layer falls back to if
+widening fails). The choice, per layer, goes to the prepare report (``report_of(model).ptq["weight_bits"]``).
 """
 
 from __future__ import annotations
@@ -127,11 +130,12 @@ def widen(q: TensorQuantizer, weight: torch.Tensor, kind: str, groups: int, limi
     return data | {"min_effective_bits": round(float(torch.log2(levels).min()), 2)}
 
 
-def choose_weight_bits(model: nn.Module, backend: Backend, fixed: set[str] = frozenset(), margin: int = 0
-                       ) -> PTQReport:
-    """Give every calibrated weight quantizer on ``backend``'s default weight spec 8-bit codes that no adjacent
-    pair can overflow ORT's int16 u8s8 accumulation with: the full 8-bit range per output channel where no pair
-    can overflow, a range widened just enough where one could (7 bits if that fails); returns the choice per layer.
+def choose_weight_bits(model: nn.Module, backend: Backend, target: str | None = None, fixed: set[str] = frozenset(),
+                       margin: int = 0) -> PTQReport:
+    """Give every calibrated weight quantizer on ``backend``'s default weight spec 8-bit codes for the CPU
+    ``target``: plain 8-bit ranges for ``"vnni"``; for ``"avx2"`` and no target, codes that no adjacent pair can
+    overflow ORT's int16 u8s8 accumulation with: the full 8-bit range per output channel where no pair can
+    overflow, a range widened just enough where one could (7 bits if that fails); returns the choice per layer.
 
     ``fixed``: quantizer names whose codes are fixed (AdaRound), left alone. ``margin``: codes a later pass may
     still move a pair by (AdaRound moves each weight by at most one), kept free below the overflow limit.
@@ -140,6 +144,11 @@ def choose_weight_bits(model: nn.Module, backend: Backend, fixed: set[str] = fro
     names = {id(m): n for n, m in model.named_modules()}
     for layer, q, weight, kind, groups in weighted_quantizers(model):
         if not eligible(q.spec, backend.weight) or not q.is_calibrated or names.get(id(q)) in fixed:
+            continue
+        if target == "vnni":
+            q.spec = q.spec.with_(num_bits=FULL_BITS)
+            report.done.append(f"`{layer}`: 8-bit weights (target 'vnni': int8 products accumulate exactly in int32)")
+            report.data[layer] = {"bits": FULL_BITS, "target": "vnni"}
             continue
         if reduction_rows(weight, kind, groups) is None:
             q.spec = q.spec.with_(num_bits=FULL_BITS)
@@ -165,4 +174,5 @@ def saturation_aware(ctx: CalibrationContext) -> bool:
 def weight_bits_step(ctx: CalibrationContext) -> StepResult:
     """calibrate()'s weight-width step (``fxquant.ptq.step``), after the ranges and before AdaRound."""
     margin = 2 if ctx.config.adaround_options else 0  # AdaRound may move each code by one: two codes of headroom
-    return StepResult(choose_weight_bits(ctx.model, ctx.backend, ctx.state.fixed_weights, margin))
+    return StepResult(choose_weight_bits(ctx.model, ctx.backend, ctx.config.target, ctx.state.fixed_weights,
+                                         margin))

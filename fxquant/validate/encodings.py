@@ -35,15 +35,17 @@ def chosen_widths(backend: Backend, config: QuantConfig, quantizers: dict[str, T
     return widths
 
 
-def _expected(q: TensorQuantizer, weight: torch.Tensor, owner: nn.Module, bits: int | None) -> list[TensorQuantizer]:
+def _expected(q: TensorQuantizer, weight: torch.Tensor, owner: nn.Module, bits: int | None,
+              target: str | None) -> list[TensorQuantizer]:
     """Probe quantizers calibrated on ``weight`` as calibration would leave them: the plain range, and where the
-    backend chooses the width, the saturation-aware range (with and without AdaRound's headroom)."""
+    backend chooses the width for a CPU that can saturate, the saturation-aware range (with and without
+    AdaRound's headroom)."""
     probe = TensorQuantizer(q.spec, constant=True)
     probe.set_mode("calib")
     with torch.no_grad():
         probe(weight.detach().float().cpu())
     probe.load_calib_amax()
-    if bits is None:
+    if bits is None or target == "vnni":
         return [probe]
     kind, groups = module_kind(owner), getattr(owner, "groups", 1)
     if reduction_rows(weight, kind, groups) is None:
@@ -59,7 +61,7 @@ def _expected(q: TensorQuantizer, weight: torch.Tensor, owner: nn.Module, bits: 
 
 def weight_mismatches(model: nn.Module, quantizers: dict[str, TensorQuantizer],
                       ranges: dict[str, dict[str, torch.Tensor]], widths: dict[str, int],
-                      backend: Backend) -> list[str]:
+                      config: QuantConfig) -> list[str]:
     """One line per weight quantizer whose loaded range is not what calibrating the model's weight gives (more
     than one quantization step off): encodings saved from other weights or another kernel size."""
     found = []
@@ -71,7 +73,7 @@ def weight_mismatches(model: nn.Module, quantizers: dict[str, TensorQuantizer],
         lo, hi = ranges[name]["min"], ranges[name]["max"]
         spec = q.spec.with_(num_bits=widths[name]) if name in widths else q.spec
         step = qmath.qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)[0]
-        probes = _expected(q, weight, model.get_submodule(name.rpartition(".")[0]), widths.get(name))
+        probes = _expected(q, weight, model.get_submodule(name.rpartition(".")[0]), widths.get(name), config.target)
         if any(lo.shape == p._min.shape and not bool((torch.maximum((lo - p._min).abs(), (hi - p._max).abs())
                                                       > step * 1.01 + 1e-12).any()) for p in probes):
             continue

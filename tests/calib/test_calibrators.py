@@ -13,8 +13,9 @@ from torch import nn
 
 import fxquant
 from fxquant import QuantConfig, QuantSpec, TensorQuantizer
-from fxquant.calib import CALIBRATORS, EmaCalibrator, HistogramCalibrator, MaxCalibrator
-from fxquant.calib.histogram import MAX_SAMPLES, NUM_BINS, bin_counts, sample_stride
+from fxquant.calib import CALIBRATORS, EmaCalibrator, HistogramCalibrator, MaxCalibrator, make_calibrator
+from fxquant.calib.histogram import MAX_SAMPLES, NUM_BINS, SAMPLE_BLOCK, bin_counts, sample_blocks, subsample
+from fxquant.errors import ConfigError
 
 
 def _calibrated(spec: QuantSpec, *batches: torch.Tensor) -> TensorQuantizer:
@@ -227,31 +228,46 @@ def test_range_growth_is_order_independent_for_random_floats():
 
 
 def test_large_tensors_are_binned_from_an_even_subsample_with_exact_extremes():
-    # 8 x 64 x 56 x 56 = 1,605,632 elements need a stride of 2 to fit MAX_SAMPLES, but 2 divides the 56-wide rows
-    # (it would only ever see even columns), so the stride is 3, the smallest coprime with the element count
+    # 8 x 64 x 56 x 56 = 1,605,632 elements: 4096 runs of 256 contiguous elements, starting every `step`
+    # elements, step coprime with the element count (a step sharing a factor with the 56-wide rows would start
+    # every run at the same few columns)
     numel = 8 * 64 * 56 * 56
-    assert numel > MAX_SAMPLES and sample_stride(numel) == 3
-    assert sample_stride(MAX_SAMPLES) == 1 and sample_stride(MAX_SAMPLES + 1) == 2  # 2^20 + 1 is odd
-    for n in (numel, 3 * 5 * 7 * 2**16, 10**7):
-        s = sample_stride(n)
-        assert math.gcd(s, n) == 1 and -(-n // s) <= MAX_SAMPLES
+    blocks, step = sample_blocks(numel)
+    assert blocks * SAMPLE_BLOCK == MAX_SAMPLES and math.gcd(step, numel) == 1
+    assert (blocks - 1) * step + SAMPLE_BLOCK <= numel  # the last run ends inside the tensor
+    assert sample_blocks(MAX_SAMPLES) == (1, MAX_SAMPLES)
+    for n in (numel, 3 * 5 * 7 * 2**16, 10**7, MAX_SAMPLES + 1):
+        b, s = sample_blocks(n)
+        assert math.gcd(s, n) == 1 and b * SAMPLE_BLOCK <= MAX_SAMPLES and (b - 1) * s + SAMPLE_BLOCK <= n
     torch.manual_seed(0)
     x = torch.randn(8, 64, 56, 56).relu()
-    x[3, 17, 55, 55] = 9.5  # the extreme sits off the sampled grid (its flat index is 2 mod 3)
-    assert (x.flatten() == 9.5).nonzero().item() % 3 == 2
+    flat = x.flatten()
+    sampled = torch.zeros(numel, dtype=torch.bool)
+    for i in range(blocks):
+        sampled[i * step:i * step + SAMPLE_BLOCK] = True
+    assert torch.equal(subsample(x), flat[sampled])
+    outside = int((~sampled).nonzero()[0])
+    x.view(-1)[outside] = 9.5  # the extreme sits off the sample
     cal = _hist(x)
-    assert cal.hist.sum().item() == len(range(0, numel, 3))  # the binned sample
+    assert cal.hist.sum().item() == MAX_SAMPLES  # the binned sample
     assert cal._max.item() == 9.5  # ... but min/max come from every element
     assert cal.exponent == 4  # and the range holds them
-    # the sample's column positions cover all 56 columns evenly (the stride is coprime with the width)
-    cols = torch.arange(0, numel, 3) % 56
-    assert torch.bincount(cols, minlength=56).float().std() / (numel / 3 / 56) < 0.01
-    # the subsampled ranges stay close to full binning: percentile within 2%, mse's error within 1% of full's
+    # the runs start at every column evenly (the step is coprime with the width)
+    cols = torch.arange(blocks) * step % 56
+    assert torch.bincount(cols, minlength=56).float().std() / (blocks / 56) < 0.05
+    # the subsampled ranges stay close to full binning: percentile within 2%, mse's error within 2% of full's
+    # (over seeds 0-5 without the outlier, sampled / full error scatters up to 1.012 for an element-wise
+    # stride and 1.005 for these runs)
     full = HistogramCalibrator(None)
     full.hist = torch.zeros(NUM_BINS, dtype=torch.float64)
     full.widen_to(cal.exponent)
     full.hist += bin_counts(x, cal.exponent)
     full._min, full._max, full.num_batches = cal._min, cal._max, 1
+    every = make_calibrator(QuantSpec(calib_method="mse", hist_samples=None))  # the switch that bins every element
+    every.collect(x)
+    assert torch.equal(every.hist, full.hist) and every.exponent == cal.exponent
+    with pytest.raises(ConfigError, match="hist_samples"):
+        QuantSpec(hist_samples=100)
 
     def mse(amax: float) -> float:
         s = amax / 127
@@ -260,7 +276,7 @@ def test_large_tensors_are_binned_from_an_even_subsample_with_exact_extremes():
     spec = QuantSpec(calib_method="percentile", percentile=99.99)
     assert cal.compute(spec)[1].item() == pytest.approx(full.compute(spec)[1].item(), rel=0.02)
     spec = QuantSpec(calib_method="mse")
-    assert mse(cal.compute(spec)[1].item()) <= 1.01 * mse(full.compute(spec)[1].item())
+    assert mse(cal.compute(spec)[1].item()) <= 1.02 * mse(full.compute(spec)[1].item())
 
 
 # ---- re-deriving ranges without running data again -------------------------------------------------------

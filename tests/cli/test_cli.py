@@ -13,7 +13,7 @@ import pytest
 
 from fxquant import BACKENDS
 from fxquant.lower.onnx_export import DEFAULT_OPSET
-from fxquant.spec import CALIB_METHODS
+from fxquant.spec import CALIB_METHODS, CPU_TARGETS
 
 FACTORY = textwrap.dedent("""
     import torch
@@ -53,7 +53,8 @@ def test_quantize_from_an_image_folder(factory, tmp_path):
             Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
     out = tmp_path / "tiny.onnx"
     run = fxquant("quantize", f"{factory}:build", "--backend", "onnxruntime", "--calib", str(tmp_path / "images"),
-                  "--image-size", "16", "--batch-size", "2", "--num-batches", "2", "--out", str(out))
+                  "--image-size", "16", "--batch-size", "2", "--num-batches", "2", "--target", "vnni",
+                  "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert "fxquant calibrate" in run.stderr  # progress bars
     summary = dict(re.findall(r"^(calibration|ops quantized / float|ONNX Runtime vs fake-quant)\s{2,}(.+)$",
@@ -67,6 +68,7 @@ def test_quantize_from_an_image_folder(factory, tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["fxquant.backend"] == "onnxruntime" and meta["fxquant.calib_method"] == \
         BACKENDS["onnxruntime"].activation.calib_method
+    assert meta["fxquant.target"] == "vnni"  # --target: the deployment CPU, recorded
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= 4
 
 
@@ -137,3 +139,4 @@ def test_quantize_help_offers_every_backend_calib_method_and_the_export_opset():
     assert backends == list(BACKENDS) and "onnxruntime_dynamic" in backends
     assert re.search(r"--calib-method \{([^}]*)\}", text).group(1).split(",") == list(CALIB_METHODS)
     assert f"default: {DEFAULT_OPSET})" in text
+    assert re.search(r"--target \{([^}]*)\}", text).group(1).split(",") == list(CPU_TARGETS)

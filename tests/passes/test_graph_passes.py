@@ -156,10 +156,10 @@ def test_adaround_and_bias_correction_run_on_every_layer(style):
     prepared = fxquant.prepare(MODELS[style], X[:4], backend="onnxruntime", config=config)
     fxquant.calibrate(prepared, [X[:8], X[8:]], progress=False)
     ptq = fxquant.report_of(prepared).ptq
-    assert len(ptq["adaround"].done) == len(WIDTHS) + 1, ptq["adaround"].summary()
+    assert len(ptq["adaround"].data["codes"]) == len(WIDTHS) + 1, ptq["adaround"].summary()
     assert len(ptq["bias_correction"].done) == len(WIDTHS) + 1, ptq["bias_correction"].summary()
-    mse = ptq["adaround"].data["layers"]
-    assert sum(v["mse_adaround"] for v in mse.values()) < sum(v["mse_nearest"] for v in mse.values())
+    blocks = ptq["adaround"].data["blocks"]
+    assert sum(v["mse_reconstructed"] for v in blocks.values()) < sum(v["mse_nearest"] for v in blocks.values())
 
 
 def test_a_leaf_conv_subclass_folds_when_its_forward_is_pad_then_conv():

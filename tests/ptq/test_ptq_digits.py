@@ -73,7 +73,7 @@ def test_adaround_beats_round_to_nearest_and_exports_its_codes(digits, tmp_path)
     report = fxquant.report_of(prepared).ptq["adaround"]
     codes = report.data["codes"]
     assert len(report.done) == 8 and not report.skipped
-    assert all(row["mse_adaround"] < row["mse_nearest"] for row in report.data["layers"].values())
+    assert all(row["mse_reconstructed"] < row["mse_nearest"] for row in report.data["blocks"].values())
     result = fxquant.export_onnx(rounded, x_test[:32], tmp_path / "adaround.onnx")
     assert result.ort_sqnr_db >= 30.0
     inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}

@@ -172,3 +172,24 @@ def test_functional_convs_get_the_weight_bits_their_module_twins_get() -> None:
     assert report.data["conv2d_1"] == by_module["conv_b"]
     assert report.data["conv2d_2"] == {"bits": 8, "saturating_pairs_at_8_bits": 0, "widened_channels": 0}
     assert "`conv2d_2`: 8-bit weights (a conv ORT runs with 32-bit accumulation: depthwise)" in report.done
+
+
+@needs_vnni
+@needs_avx2
+def test_weights_for_the_vnni_target_are_plain_8_bit_and_right_only_on_vnni(tmp_path) -> None:
+    """QuantConfig(target="vnni") gives every layer plain 8-bit weights: ORT on a VNNI/AMX CPU computes them as the
+    fake-quant model does, ORT on a pre-VNNI CPU (AVX2) saturates the same model. Undeclared, the widths are safe
+    on both (the test above)."""
+    gen = torch.Generator().manual_seed(1)
+    data = [0.7 + 0.3 * torch.rand(4, 16, 6, 6, generator=gen) for _ in range(4)]
+    vnni = fxquant.QuantConfig(target="vnni")
+    qmodel, on_vnni = _quantize(vnni, data, tmp_path / "vnni.onnx", "vnni")
+    report = fxquant.report_of(qmodel).ptq["weight_bits"]
+    assert report.data == {"conv_a": {"bits": 8, "target": "vnni"}, "conv_b": {"bits": 8, "target": "vnni"}}
+    plain = fxquant.quantize(TwoConvs().eval(), data[0], data, backend="onnxruntime", progress=False,
+                             config=fxquant.QuantConfig(weight=ONNXRUNTIME.weight.with_(num_bits=8)))
+    with torch.no_grad():  # exactly the plain 8-bit model: no range widened
+        assert torch.equal(qmodel(data[0]), plain(data[0]))
+    assert on_vnni.ort_sqnr_db > 35.0
+    _, on_avx2 = _quantize(vnni, data, tmp_path / "vnni_on_avx2.onnx", "avx2")
+    assert on_avx2.ort_sqnr_db < 15.0

@@ -26,11 +26,8 @@ import onnxruntime as ort
 import torch
 
 from fxquant.errors import ConfigError, ExportError
+from fxquant.spec import CPU_TARGETS, check_cpu_target
 
-TARGETS = {
-    "vnni": "x86 CPUs whose int8 dot products accumulate exactly in int32 (AVX-VNNI, AVX-512 VNNI, AMX)",
-    "avx2": "x86 CPUs without VNNI (AVX2, AVX-512 without VNNI): ORT adds adjacent u8s8 products in saturating int16",
-}
 QEMU_CPU = {"avx2": "Haswell-v4"}  # a qemu CPU model per target this machine may not be
 LEVELS = ("all", "basic")
 
@@ -61,21 +58,14 @@ def host_target() -> str | None:
     return "avx2" if caps.get("avx2") else None
 
 
-def check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise ConfigError(f"unknown CPU target {target!r}; valid targets: " +
-                          "; ".join(f"{name!r} ({what})" for name, what in TARGETS.items()))
-    return target
-
-
 def qemu_command(target: str) -> list[str]:
     """The emulator command that runs this Python as ``target``; ExportError naming the install if missing."""
     qemu = shutil.which("qemu-x86_64")
     if target not in QEMU_CPU:
-        raise ExportError(f"this machine is not a {target!r} CPU ({TARGETS[target]}) and no emulator runs one: "
+        raise ExportError(f"this machine is not a {target!r} CPU ({CPU_TARGETS[target]}) and no emulator runs one: "
                           f"run the check on such a CPU")
     if qemu is None:
-        raise ExportError(f"running ONNX Runtime as a {target!r} CPU ({TARGETS[target]}) on this "
+        raise ExportError(f"running ONNX Runtime as a {target!r} CPU ({CPU_TARGETS[target]}) on this "
                           f"{host_target()!r} machine needs the user-mode emulator qemu-x86_64 (Debian/Ubuntu: "
                           "apt-get install qemu-user); or run the check on such a CPU")
     return [qemu, "-cpu", QEMU_CPU[target], sys.executable]
@@ -87,7 +77,7 @@ def run_as(target: str | None, model: str | os.PathLike, feeds: list[np.ndarray]
     (one array per graph input, in order), with graph optimizations ``level`` ("all": as deployed)."""
     if level not in LEVELS:
         raise ConfigError(f"level must be one of {LEVELS}, got {level!r}")
-    if target is None or check_target(target) == host_target():
+    if target is None or check_cpu_target(target) == host_target():
         options = ort.SessionOptions()
         options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
