@@ -75,6 +75,21 @@ def test_every_public_name_is_documented() -> None:
     assert not missing, f"public names in no README.md or docs/*.md: {missing}"
 
 
+def _error_classes(base: type) -> set[type]:
+    found = set()
+    for sub in base.__subclasses__():
+        found |= {sub, *_error_classes(sub)}
+    return found
+
+
+def test_every_error_class_has_a_row_in_the_errors_page() -> None:
+    text = (ROOT / "docs" / "errors.md").read_text()
+    classes = {fxquant.FxQuantError, *_error_classes(fxquant.FxQuantError)}
+    missing = sorted(c.__name__ for c in classes if f"| `{c.__name__}` |" not in text)
+    assert not missing, f"FxQuantError subclasses without a row in docs/errors.md (add one: class, bases, when): " \
+                        f"{missing}"
+
+
 @pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(page: Path) -> None:
     broken = []
