@@ -3,13 +3,16 @@ MatMulIntegerToFloat), a conv module called twice, and per-layer times that are 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 import fxquant
+from fxquant.analysis.tune import float_layers
 from fxquant.lower.ort.regions import RegionGraph, standard_form, with_float_layers
 from fxquant.lower.ort.tune import layer_medians, profile_layers
 
@@ -93,6 +96,30 @@ def test_per_layer_times_are_medians_of_the_steady_runs():
         events.append({"cat": "Node", "name": "conv/Conv_nchwc_kernel_time", "ts": start + 30, "dur": other})
     aliases = {"fc/MatMul": "fc", "fc_relu": "fc", "conv/Conv": "conv"}
     assert layer_medians(events, aliases) == {"fc": 6.0, "conv": 2.0}  # runs 4-8; fc's fused ReLU counted with it
+
+
+def test_floating_a_conv_called_twice_removes_only_module_quantizers(tmp_path):
+    # the deterministic half of the next test (which layers tune floats depends on the CPU's timings): floating
+    # every layer removes both calls' int32-bias DQs (refine.bias_quantizer, refine.bias_1_quantizer), which no
+    # module holds; the quantizers reported must be modules the torch model can swap, as tune does
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(1, 3, 16, 16)
+    qmodel = _converted(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = fxquant.export_onnx(qmodel, x, tmp_path / "t.onnx", check_latency=False).model
+    assert sum(n.name.startswith("refine.bias") for n in proto.graph.node) == 2  # one int32 bias per call
+    twin, removed = with_float_layers(proto)
+    assert not any("bias" in name for name in removed)
+    modules = dict(qmodel.named_modules())
+    assert {"stem.weight_quantizer", "refine.weight_quantizer"} <= removed <= set(modules)
+    floated = copy.deepcopy(qmodel)
+    float_layers(floated, {}, removed)  # before: ConversionError, "`refine.bias_1_quantizer` has no module"
+    session = ort.InferenceSession(twin.SerializeToString(), providers=["CPUExecutionProvider"])
+    in_ort = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), floated(x)) > 35  # only the weights' 8-bit codes remain
+        assert fxquant.sqnr(model(x), in_ort) > 35  # the ONNX twin is the same float-activation model
 
 
 def test_tune_takes_a_conv_called_twice(tmp_path):

@@ -62,6 +62,17 @@ def test_16_bit_linears_with_a_float_output_stay_in_qdq_form(tmp_path):
     assert types["UINT16"] >= 2
 
 
+def test_16_bit_weights_under_8_bit_activations_stay_in_qdq_form(tmp_path):
+    # the weight's width decides too: ORT's integer matmuls (MatMulIntegerToFloat, MatMulInteger) take 8-bit
+    # weights only; a uint8 input with an int16 weight must keep the QDQ form ORT runs dequantized
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 16)
+    result = _export(model, x, 8, tmp_path, weight_bits=16)
+    assert result.op_counts["MatMulIntegerToFloat"] == 0 and result.ort_sqnr_db > 30
+    weights = [t for t in result.model.graph.initializer if t.name.endswith("weight_quantized")]
+    assert weights and {onnx.TensorProto.DataType.Name(t.data_type) for t in weights} == {"INT16"}
+
+
 def test_16_bit_weights_keep_a_bias_int32_cannot_hold_in_float(tmp_path):
     # before: the int32 bias (scale s_x * s_w ~ 1e-9) saturated, in fxquant's pass or in ORT's WeightBiasQuantization
     # after it: ORT agreed with the fake-quant model at 13.2 dB
