@@ -165,27 +165,27 @@ def transformer_minilm(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _table(columns: list[str], rows: list[list[object]]) -> str:
+    """A markdown table: a header of ``columns``, then one row per list of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def exact_models(data: dict) -> str:
     """The convert(exact=...) table: differing outputs on new inputs, ORT vs fake-quant before and exact after."""
-    lines = ["| model | preset | target | differing outputs (new inputs) | export check differing | "
-             "ORT vs fake-quant dB (before) | ORT vs exact dB (after) | first mismatch |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['model']} | {r['backend']} | {r['target']} | {r['differing']} of {r['outputs']} | "
-                     f"{r['export_check_differing']} | {_db(r['ort_vs_fakequant_db'])} | {_db(r['ort_vs_exact_db'])} "
-                     f"| {r['first_mismatch'] or '-'} |")
-    return "\n".join(lines)
+    return _table(["model", "preset", "target", "differing outputs (new inputs)", "export check differing",
+                   "ORT vs fake-quant dB (before)", "ORT vs exact dB (after)", "first mismatch"],
+                  [[r["model"], r["backend"], r["target"], f"{r['differing']} of {r['outputs']}",
+                    r["export_check_differing"], _db(r["ort_vs_fakequant_db"]), _db(r["ort_vs_exact_db"]),
+                    r["first_mismatch"] or "-"] for r in data["rows"]])
 
 
 def hist_subsample(data: dict) -> str:
     """Histogram subsample (2^20 elements per tensor and batch) against binning every element."""
-    lines = ["| model / preset | ranges identical | largest range difference (of its width) | SQNR dB subsample / all "
-             "| top-1 agreement subsample / all | calibrate s subsample / all |", "|---|---|---|---|---|---|"]
-    for name, row in data.items():
-        if not isinstance(row, dict):
-            continue
-        sub, every, r = row["subsample"], row["all"], row["ranges"]
-        lines.append(f"| {name} | {r['identical']} of {r['quantizers']} | {r['max_rel_diff']:.2%} | "
-                     f"{sub['sqnr_db']:.2f} / {every['sqnr_db']:.2f} | {sub['top1_agreement']:.1%} / "
-                     f"{every['top1_agreement']:.1%} | {sub['calibrate_s']:.0f} / {every['calibrate_s']:.0f} |")
-    return "\n".join(lines)
+    rows = [(name, row["subsample"], row["all"], row["ranges"]) for name, row in data.items() if isinstance(row, dict)]
+    return _table(["model / preset", "ranges identical", "largest range difference (of its width)",
+                   "SQNR dB subsample / all", "top-1 agreement subsample / all", "calibrate s subsample / all"],
+                  [[name, f"{r['identical']} of {r['quantizers']}", f"{r['max_rel_diff']:.2%}",
+                    f"{sub['sqnr_db']:.2f} / {every['sqnr_db']:.2f}",
+                    f"{sub['top1_agreement']:.1%} / {every['top1_agreement']:.1%}",
+                    f"{sub['calibrate_s']:.0f} / {every['calibrate_s']:.0f}"] for name, sub, every, r in rows])
