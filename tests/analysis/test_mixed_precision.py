@@ -32,6 +32,7 @@ def w4a4(digits):
     return result, fp32, batches
 
 
+@pytest.mark.zoo  # the W4A4 search (sensitivity + trials): about 2 minutes on 2 cores
 def test_w4a4_accuracy_improves_with_the_fewest_float_layers(digits, w4a4):
     model, (_, _, x_test, y_test) = digits
     result, fp32, batches = w4a4
@@ -54,6 +55,7 @@ def test_w4a4_accuracy_improves_with_the_fewest_float_layers(digits, w4a4):
     assert "kept float" in result.summary()
 
 
+@pytest.mark.zoo  # the W4A4 search (sensitivity + trials): about 2 minutes on 2 cores
 def test_float_layers_stay_float_in_onnx_and_ort_fuses_the_rest(digits, w4a4, tmp_path):
     """The chosen exclusions at the default 8-bit onnxruntime preset: the excluded convs are float Conv with
     float weights in the exported model and in ORT's optimized graph; every other conv is a QLinearConv."""

@@ -77,6 +77,7 @@ torch.save(model.state_dict(), sys.argv[1])
 """
 
 
+@pytest.mark.zoo  # two trainings in subprocesses: about a minute on 2 cores
 def test_digits_training_gives_the_same_weights_with_avx2_and_avx512_kernels(tmp_path):
     """Tests pin accuracy margins on models trained here, so training must not depend on the CPU: the same seed
     gives the same float32 weights whether torch runs its AVX2 or AVX-512 kernels (float64 training keeps the
