@@ -1,6 +1,6 @@
 """The scripts in examples/ run as a user runs them and print figures that hold (heavy: `-m zoo`).
 
-custom_pattern.py and custom_backend.py run in tests/rules/test_rules_api.py (default run); mixed_precision_digits.py
+custom_pattern.py and custom_backend.py run in tests/rules/test_rules_api.py (also zoo); mixed_precision_digits.py
 runs its search through fxquant.mixed_precision, tested in tests/analysis/test_mixed_precision.py.
 """
 

@@ -42,6 +42,7 @@ def test_int8_accuracy_within_half_a_point(digits, backend, tmp_path):
         assert ops["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in ops, ops
 
 
+@pytest.mark.zoo  # README command 1 runs the demo too
 def test_demo_command_prints_int8_accuracy(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fxquant", "demo", "--out", str(tmp_path)], capture_output=True,
                          text=True, timeout=600, check=True).stdout

@@ -120,6 +120,7 @@ def test_the_report_gives_time_and_gain_per_block(nets):
     assert sorted(report.data["codes"]) == sorted(layer.name for layer in quantized_layers(prepared)[0])
 
 
+@pytest.mark.zoo  # block reconstruction of two nets: about 80 s on 2 cores
 @pytest.mark.parametrize("name", ["digits", "mobilenet"])
 def test_reconstruction_beats_round_to_nearest_at_w4a8(nets, name, tmp_path):
     """The documented switch with its defaults: ``QuantConfig(adaround=True)``, onnxruntime preset, 4-bit

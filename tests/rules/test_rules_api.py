@@ -128,6 +128,7 @@ def test_bad_rules_say_what_is_wrong():
         Rule("r", Pattern.chain(("conv", "conv")), Targets(inputs="conv"), checks=("single_user",))
 
 
+@pytest.mark.zoo  # examples/ scripts run under -m zoo (tests/test_examples.py)
 def test_custom_pattern_example_runs():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pattern.py")], capture_output=True,
                          text=True, timeout=600, check=True).stdout
@@ -145,6 +146,7 @@ def test_custom_pattern_example_runs():
     assert "0 float" in out.splitlines()[0]
 
 
+@pytest.mark.zoo  # examples/ scripts run under -m zoo (tests/test_examples.py)
 def test_custom_backends_export_and_run_in_ort():
     """A backend made with dataclasses.replace and one built from scratch (with a handler rule) both go through
     quantize -> export_onnx -> ONNX Runtime; the backend object, not its name, drives export."""
