@@ -72,6 +72,7 @@ def test_quantize_from_an_image_folder(factory, tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= 4
 
 
+@pytest.mark.zoo  # times the model in ORT layer by layer (tests/analysis/test_tune.py covers tune)
 def test_quantize_tune_floats_what_is_slower(factory, tmp_path):
     out = tmp_path / "tuned.onnx"
     run = fxquant("quantize", f"{factory}:build", "--backend", "onnxruntime", "--calib", "random", "--input-shape",
