@@ -89,6 +89,11 @@ def gather(x, indices, *, axis: int = 0, **_):
         *x.shape[:axis % x.dim()], *idx.shape, *x.shape[axis % x.dim() + 1:])
 
 
+def gather_elements(x, indices, *, axis: int = 0, **_):
+    idx = indices.to(torch.int64)
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
 def gather_nd(x, indices, *, batch_dims: int = 0, **_):
     """GatherND: ``indices[..., :k]`` index the first k axes after ``batch_dims`` batch axes."""
     idx = indices.to(torch.int64)
@@ -133,6 +138,20 @@ def where(cond, a, b, **_):
     return torch.where(cond.bool(), a, b)
 
 
+def cum_sum(x, axis, *, exclusive: int = 0, reverse: int = 0, **_):
+    dim = int(axis.reshape(()).item())
+    y = x.flip(dim) if reverse else x
+    out = torch.cumsum(y, dim, dtype=x.dtype)
+    if exclusive:
+        out = out - y
+    return out.flip(dim) if reverse else out
+
+
+def trilu(x, k=None, *, upper: int = 1, **_):
+    diagonal = 0 if k is None else int(k.reshape(()).item())
+    return torch.triu(x, diagonal) if upper else torch.tril(x, diagonal)
+
+
 def tile(x, repeats, **_):
     return x.repeat(_ints(repeats))
 
@@ -162,6 +181,10 @@ def sum_(*xs, **_):
     for x in xs[1:]:
         total = total + x
     return total
+
+
+def mod(a, b, *, fmod: int = 0, **_):
+    return torch.fmod(a, b) if fmod else torch.remainder(a, b)
 
 
 def div(a, b, **_):

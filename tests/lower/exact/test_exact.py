@@ -161,3 +161,29 @@ def test_a_transformer_block_is_exact_with_both_presets(backend, tmp_path) -> No
         new = torch.randn(3, 8, 32)
         with torch.no_grad():
             assert np.array_equal(exact(new).numpy(), _ort("vnni", result.path, new))
+
+
+@needs_vnni
+def test_a_bert_exported_at_any_length_is_exact_at_other_lengths_and_batches(tmp_path) -> None:
+    """Position ids, token types and the padding mask follow the sequence length, so ORT keeps their index and
+    comparison ops (GatherElements, GreaterOrEqual, Range, Where) in the graph beside the integer kernels."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+
+    def ids(seed: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[::2, length - 1 - seed % 3:] = 0  # every other sequence padded
+        return torch.randint(0, 120, (batch, length), generator=g), mask
+
+    example = ids(0, 1, 9)
+    _, exact = _quantized(transformers.BertModel(config), example, [ids(s, 4, 16) for s in range(1, 4)], "vnni")
+    result = _export(exact, example, tmp_path / "bert.onnx")
+    assert result.differing_outputs == 0
+    for seed, batch, length in ((5, 1, 9), (6, 3, 20), (7, 2, 64)):
+        inputs = ids(seed, batch, length)
+        with torch.no_grad():
+            mine = exact(*inputs).last_hidden_state.numpy()
+        assert np.array_equal(mine, run_as("vnni", result.path, [t.numpy() for t in inputs])[0]), (batch, length)
