@@ -60,6 +60,7 @@ def test_no_import_cycles_between_modules():
     assert graph.number_of_edges() > 100  # the check sees the real import graph
 
 
+@pytest.mark.zoo  # every module in turn, with the package unloaded before each: about 20 s on 2 cores
 def test_every_module_imports_alone():
     names = sorted(m for m in _modules() if not m.endswith("__main__"))
 

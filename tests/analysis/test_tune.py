@@ -153,7 +153,6 @@ def test_tune_floats_a_model_int8_cannot_speed_up(digits, tmp_path):
     # here; ORT's int8 kernels do not pay at that size, so every layer goes float
     assert result.units == 9
     assert len(result.floated) == 9
-    assert result.speedup > 0.9  # the float model against its twin: the same graph, within timing noise
     report = fxquant.report_of(result.model)
     tuned_rows = [e for e in report.float_ops if e.detail.startswith("tune: ")]
     assert sorted(e.node for e in tuned_rows) == sorted(result.floated)

@@ -13,7 +13,7 @@ from fxquant.cli.demo_model import accuracy, load_digits_split, train_digits
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.ptq.blocks import block_module, find_blocks, probe
 from fxquant.ptq.layers import float_mode, quantized_layers
-from tests.models.mobilenet_digits import train_mobilenet_digits
+from tests.models.mobilenet_digits import MobileNetDigits, train_mobilenet_digits
 
 W4 = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
 
@@ -31,14 +31,24 @@ def nets():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def untrained(digits):
+    """What the structural tests need, with no training of their own: the session's digits CNN and an untrained
+    MobileNet-style chain (block cuts, sample counts and the report do not depend on the weights)."""
+    model, data = digits
+    torch.manual_seed(0)
+    batches = [data[0][i:i + 64] for i in range(0, 512, 64)]
+    return {"digits": model, "mobilenet": MobileNetDigits().eval()}, data, batches
+
+
 def _calibrated(model: nn.Module, data, batches, **config) -> nn.Module:
     prepared = fxquant.prepare(model, data[2][:1], backend="onnxruntime", config=fxquant.QuantConfig(**config))
     fxquant.calibrate(prepared, batches, progress=False)
     return prepared
 
 
-def test_blocks_are_the_residual_units_and_cover_every_layer(nets):
-    models, data, batches = nets
+def test_blocks_are_the_residual_units_and_cover_every_layer(untrained):
+    models, data, batches = untrained
     prepared = _calibrated(models["digits"], data, batches)
     layers, _ = quantized_layers(prepared)
     with float_mode(prepared):
@@ -73,8 +83,8 @@ class SizeView(nn.Module):
         return self.fc(x.view(n, -1))
 
 
-def test_the_sample_count_read_across_blocks_follows_each_step(nets):
-    _, data, batches = nets
+def test_the_sample_count_read_across_blocks_follows_each_step(untrained):
+    _, data, batches = untrained
     torch.manual_seed(0)
     options = fxquant.AdaRoundOptions(iterations=20, batch_size=8, granularity="layer")
     prepared = _calibrated(SizeView().eval(), data, batches, weight=W4, adaround=options)
@@ -96,8 +106,8 @@ class CountingLoader:
             yield batch
 
 
-def test_samples_are_read_once_up_to_num_samples(nets):
-    models, data, batches = nets
+def test_samples_are_read_once_up_to_num_samples(untrained):
+    models, data, batches = untrained
     loader = CountingLoader(batches)  # 8 batches of 64
     options = fxquant.AdaRoundOptions(iterations=5, num_samples=100)
     prepared = fxquant.prepare(models["mobilenet"], data[2][:1], backend="onnxruntime",
@@ -108,8 +118,8 @@ def test_samples_are_read_once_up_to_num_samples(nets):
     assert fxquant.report_of(prepared).ptq["adaround"].data["samples"] == 100
 
 
-def test_the_report_gives_time_and_gain_per_block(nets):
-    models, data, batches = nets
+def test_the_report_gives_time_and_gain_per_block(untrained):
+    models, data, batches = untrained
     options = fxquant.AdaRoundOptions(iterations=30)
     prepared = _calibrated(models["digits"], data, batches, weight=W4, adaround=options)
     report = fxquant.report_of(prepared).ptq["adaround"]

@@ -15,15 +15,26 @@ from torch import nn
 
 import fxquant
 from fxquant.backends.onnxruntime import ONNXRUNTIME
-from fxquant.lower.ort.targets import run_as
+from fxquant.lower.ort.targets import run_many_as
 from fxquant.ptq.weight_widths import reduction_rows, saturating_pairs
 from tests.cpus import needs_avx2, needs_vnni
 
 
-def ort_conv(codes: np.ndarray, groups: int, target: str, path) -> float:
+def ort_conv_errors(cases: list[tuple[np.ndarray, int]], target: str, tmp_path) -> list[float]:
     """ORT (all optimizations: QLinearConv) as the CPU ``target`` on an all-ones input (uint8 code 255) through a
-    1-output-pixel QDQ conv with weight ``codes`` (scale 1); the exact result is ``codes.sum()`` per output
-    channel."""
+    1-output-pixel QDQ conv per (weight ``codes``, groups) case (scale 1), all in one ORT process; the exact
+    result is ``codes.sum()`` per output channel. Each case's error in output steps."""
+    jobs, steps = [], []
+    for k, (codes, groups) in enumerate(cases):
+        path, shape, step = _conv_model(codes, groups, tmp_path / f"conv{k}.onnx")
+        jobs.append((path, [np.ones(shape, np.float32)]))
+        steps.append(step)
+    outputs = run_many_as(target, jobs)
+    return [abs(float(out[0].ravel()[0]) - float(codes[0].sum())) / float(step)
+            for out, (codes, _), step in zip(outputs, cases, steps, strict=True)]
+
+
+def _conv_model(codes: np.ndarray, groups: int, path) -> tuple[object, list[int], np.float32]:
     out, cin = codes.shape[0], codes.shape[1] * groups
     step = np.float32(127 * codes[0].size / 128)
     inits = [numpy_helper.from_array(np.array(1 / 255, np.float32), "sx"),
@@ -42,8 +53,7 @@ def ort_conv(codes: np.ndarray, groups: int, target: str, path) -> float:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
-    got = run_as(target, path, [np.ones(shape, np.float32)])[0].ravel()[0]
-    return abs(float(got) - float(codes[0].sum())) / float(step)  # error in output steps
+    return path, shape, step
 
 
 def _codes(shape: tuple, where: list[tuple]) -> np.ndarray:
@@ -71,10 +81,11 @@ CASES = {  # name: (weight codes (O, C/g, kh, kw), groups)
 @needs_avx2
 def test_ort_as_avx2_saturates_exactly_where_predicted(tmp_path) -> None:
     errors = {}
-    for k, (name, (codes, groups)) in enumerate(CASES.items()):
+    measured = ort_conv_errors(list(CASES.values()), "avx2", tmp_path)
+    for (name, (codes, groups)), err in zip(CASES.items(), measured, strict=True):
         rows = reduction_rows(torch.from_numpy(codes), "conv", groups)
         predicted = rows is not None and bool(saturating_pairs(rows).sum() > 0)
-        errors[name] = (ort_conv(codes, groups, "avx2", tmp_path / f"{k}.onnx"), predicted)
+        errors[name] = (err, predicted)
     # a saturated pair loses (255 * 254 - 32767) / 255 = 125.5 of the exact 254: far more than one output step
     agrees = {name: (err > 2.0) == predicted for name, (err, predicted) in errors.items()}
     assert agrees == dict.fromkeys(CASES, True), errors
@@ -83,9 +94,9 @@ def test_ort_as_avx2_saturates_exactly_where_predicted(tmp_path) -> None:
 
 @needs_vnni
 def test_ort_as_vnni_never_saturates(tmp_path) -> None:
-    for k, (name, (codes, groups)) in enumerate(CASES.items()):
-        # the cases that saturate as AVX2 are exact here (the all-127 depthwise one clips its output by a step)
-        assert ort_conv(codes, groups, "vnni", tmp_path / f"{k}.onnx") <= 1.0, name
+    # the cases that saturate as AVX2 are exact here (the all-127 depthwise one clips its output by a step)
+    errors = dict(zip(CASES, ort_conv_errors(list(CASES.values()), "vnni", tmp_path), strict=True))
+    assert all(err <= 1.0 for err in errors.values()), errors
 
 
 @pytest.mark.smoke

@@ -15,7 +15,7 @@ from torch import nn
 import fxquant
 import fxquant.qat
 from fxquant import QATError, QuantConfig, QuantSpec
-from fxquant.cli.demo_model import DigitsNet, accuracy, load_digits_split, run_epochs, train_digits
+from fxquant.cli.demo_model import DigitsNet, accuracy, run_epochs
 from fxquant.lower.onnx_export import ort_session, run_ort
 from fxquant.qat import QATQuantizer, lsq_fake_quant
 
@@ -33,13 +33,6 @@ def _prepare_qat(model: nn.Module, example: torch.Tensor, config: QuantConfig = 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, seed: int,
            epochs: int = 1, batch: int = 32) -> None:
     run_epochs(model, opt, x, y, epochs, seed, batch)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(1)  # the thread count changes float sums, hence the trained model: match the benchmark
-    data = load_digits_split(seed=0)
-    return train_digits(seed=0, data=data), data
 
 
 # ---- LSQ arithmetic --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ models and checks.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -33,20 +34,21 @@ LEVELS = ("all", "basic")
 
 # Runs under the emulator: onnxruntime and numpy only (importing torch there would take a minute).
 _RUNNER = """
+import json
 import sys
 import numpy as np
 import onnxruntime as ort
-model, feeds_path, out_path, level = sys.argv[1:5]
+level = sys.argv[1]
 options = ort.SessionOptions()
 options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
 options.log_severity_level = 3
-session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-feeds = dict(np.load(feeds_path))
-outputs = session.run(None, {i.name: feeds[f"input_{k}"] for k, i in enumerate(session.get_inputs())})
-np.savez(out_path, **{f"output_{k}": np.asarray(o) for k, o in enumerate(outputs)})
+for model, feeds_path, out_path in json.loads(sys.argv[2]):
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    feeds = dict(np.load(feeds_path))
+    outputs = session.run(None, {i.name: feeds[f"input_{k}"] for k, i in enumerate(session.get_inputs())})
+    np.savez(out_path, **{f"output_{k}": np.asarray(o) for k, o in enumerate(outputs)})
 """
-
 
 @functools.cache
 def host_target() -> str | None:
@@ -75,23 +77,39 @@ def run_as(target: str | None, model: str | os.PathLike, feeds: list[np.ndarray]
            timeout_s: float = 600.0) -> list[np.ndarray]:
     """Run the ONNX file ``model`` in ORT's CPU provider as the CPU ``target`` (None: this machine) on ``feeds``
     (one array per graph input, in order), with graph optimizations ``level`` ("all": as deployed)."""
+    return run_many_as(target, [(model, feeds)], level, timeout_s)[0]
+
+
+def run_many_as(target: str | None, jobs: list[tuple[str | os.PathLike, list[np.ndarray]]], level: str = "all",
+                timeout_s: float = 600.0) -> list[list[np.ndarray]]:
+    """``run_as`` for several (model, feeds) pairs, in one emulator process where one is needed (starting it
+    costs more than a small model's run)."""
     if level not in LEVELS:
         raise ConfigError(f"level must be one of {LEVELS}, got {level!r}")
     if target is None or check_cpu_target(target) == host_target():
         options = ort.SessionOptions()
         options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
-        session = ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
-        return session.run(None, {i.name: x for i, x in zip(session.get_inputs(), feeds, strict=False)})
+        results = []
+        for model, feeds in jobs:
+            session = ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
+            results.append(session.run(None, {i.name: x for i, x in zip(session.get_inputs(), feeds, strict=False)}))
+        return results
     command = qemu_command(target)
     with tempfile.TemporaryDirectory() as tmp:
-        feeds_path, out_path = os.path.join(tmp, "feeds.npz"), os.path.join(tmp, "outputs.npz")
-        np.savez(feeds_path, **{f"input_{k}": np.asarray(x) for k, x in enumerate(feeds)})
-        done = subprocess.run([*command, "-c", _RUNNER, os.fspath(model), feeds_path, out_path, level],
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        plan = []
+        for k, (model, feeds) in enumerate(jobs):
+            feeds_path, out_path = os.path.join(tmp, f"feeds{k}.npz"), os.path.join(tmp, f"outputs{k}.npz")
+            np.savez(feeds_path, **{f"input_{i}": np.asarray(x) for i, x in enumerate(feeds)})
+            plan.append((os.fspath(model), feeds_path, out_path))
+        done = subprocess.run([*command, "-c", _RUNNER, level, json.dumps(plan)], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
         if done.returncode != 0:
             lines = [ln for ln in done.stderr.splitlines() if "TCG doesn't support" not in ln]
             raise ExportError(f"ONNX Runtime failed as a {target!r} CPU under {' '.join(command[:3])}: "
                               + " | ".join(lines[-3:]))
-        with np.load(out_path) as out:
-            return [out[f"output_{k}"] for k in range(len(out.files))]
+        results = []
+        for _, _, out_path in plan:
+            with np.load(out_path) as out:
+                results.append([out[f"output_{k}"] for k in range(len(out.files))])
+        return results

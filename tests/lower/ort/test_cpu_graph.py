@@ -25,9 +25,10 @@ LAYERS = 2
 
 
 def _bert() -> torch.nn.Module:
-    """A BertModel from the default config with two layers (and a small vocabulary: embeddings only)."""
+    """A BertModel with two layers of width 256 (4 heads of 64, as BERT-base has; a small vocabulary)."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(num_hidden_layers=LAYERS, vocab_size=256, max_position_embeddings=64)
+    config = transformers.BertConfig(num_hidden_layers=LAYERS, vocab_size=256, max_position_embeddings=64,
+                                     hidden_size=256, num_attention_heads=4, intermediate_size=1024)
     return transformers.BertModel(config).eval()
 
 
