@@ -42,7 +42,7 @@ from tests.fuzz_ops import programs
 BACKENDS = ("tensorrt", "onnxruntime")
 MIN_AGREEMENT_DB = 30.0
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-DEFAULT = settings(max_examples=10, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH,
+DEFAULT = settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH,
                    print_blob=True)
 SHAPES = settings(max_examples=4, deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH,
                   print_blob=True)

@@ -76,13 +76,13 @@ class InputShapes:
                 f"with inputs of the sizes it was captured for, or prepare it again with an example of the sizes "
                 f"you run (or declare them: prepare(..., dynamic_shapes=...))")
 
-    def unchecked(self) -> list[tuple[str, str, bool]]:
-        """(condition, site, whether the user's own code set it, not an installed package's) of each condition on
-        a size the ONNX export keeps dynamic: ONNX Runtime checks no such condition, so outside it the exported
-        graph computes the captured path."""
+    def unchecked(self) -> list[tuple[str, str, str, bool]]:
+        """(code, condition, site, whether the user's own code set it, not an installed package's) of each
+        condition on a size the ONNX export keeps dynamic: the exported graph holds only where it holds, and no
+        runtime checks it unless the export adds the check (``fxquant.lower.size_guards``)."""
         dynamic = [f"{name}.size()[{axis}]" for name, axes in zip(self.names, self.dims, strict=False)
                    for axis, _ in axes]
-        return [(text, site, own) for _, text, site, own in self.conditions
+        return [(code, text, site, own) for code, text, site, own in self.conditions
                 if any(re.search(rf"(?<![\w.]){re.escape(d)}", text) for d in dynamic)]
 
     def onnx_dims(self) -> tuple[dict[int, Dim] | None, ...]:

@@ -38,6 +38,7 @@ from fxquant.lower.ort.latency import LatencyCheck
 from fxquant.lower.ort.targets import host_target, run_as
 from fxquant.lower.outputs import FlatOutputs, flat_outputs, needs_flattening
 from fxquant.lower.qdq_op import TRANSLATIONS
+from fxquant.lower.size_guards import guard_sizes
 from fxquant.lower.specialize import data_dependent_site, export_specialized, untranslated_op
 from fxquant.lower.trt_lint import LintFinding, trt_fusion_lint
 from fxquant.metrics import sqnr
@@ -151,7 +152,7 @@ def _export_checked(model: torch.nn.Module, inputs: tuple, path: str, opset: int
     backend = state.backend
     run_export_passes(proto, backend.export_passes, wrapped)  # common passes, then the backend's
     _set_metadata(proto, state, model)
-    _note_unchecked_sizes(proto, shapes)
+    _check_sizes_in_graph(proto, shapes, backend.runtime)
     proto = honour_opset(infer_shapes(proto), opset)
     warn_static_batch(proto, dynamic_batch, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)
                                                   and x.dim() > 0), None))
@@ -278,20 +279,30 @@ def _run_exporter(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> onnx.M
     return program.model_proto
 
 
-def _note_unchecked_sizes(proto: onnx.ModelProto, shapes: InputShapes | None) -> None:
-    """The conditions on dynamic sizes the capture holds (``fxquant.capture.shapes``), which ONNX Runtime does not
-    check: listed in the metadata (``fxquant.input_conditions``), and a warning for those the user's own code set
-    (a branch on a size: outside it the ONNX graph computes the captured path, not the model's; an installed
-    library's, such as transformers' ``q_length > 1``, is listed only)."""
+def _check_sizes_in_graph(proto: onnx.ModelProto, shapes: InputShapes | None, runtime: str) -> None:
+    """The conditions on dynamic sizes the capture holds (``fxquant.capture.shapes``): listed in the metadata
+    (``fxquant.input_conditions``) and, for a graph ONNX Runtime runs, checked in the graph
+    (``fxquant.lower.size_guards``: ORT then raises outside them, naming the condition). A condition left
+    unchecked (TensorRT's graph, or one the check cannot express) that the user's own code set gets a warning:
+    outside it the graph computes the captured path, not the model's; an installed library's (transformers'
+    ``q_length > 1``) is listed only."""
     unchecked = shapes.unchecked() if shapes is not None else []
     if not unchecked:
         return
+    described = {code: text + (f" ({site})" if site else "") for code, text, site, _ in unchecked}
+    left = set(described)
+    if runtime == "onnxruntime":
+        left = {code for code, _ in guard_sizes(proto, described.items(), list(shapes.names))}
+    checked = "; ".join(described[c] for c in described if c not in left)
     helper.set_model_props(proto, {p.key: p.value for p in proto.metadata_props} | {
-        "fxquant.input_conditions": "; ".join(text + (f" ({site})" if site else "") for text, site, _ in unchecked)})
-    branches = [f"`{text}` ({site})" for text, site, own in unchecked if own]
+        "fxquant.input_conditions": "; ".join(described.values())} | (
+        {"fxquant.input_conditions_checked": checked} if checked else {}))
+    branches = [f"`{text}` ({site})" for code, text, site, own in unchecked if own and code in left]
     if branches:
+        where = ("TensorRT checks no condition on a dynamic size beyond its optimization profile"
+                 if runtime == "tensorrt" else "the exported graph cannot check them")
         warnings.warn(f"the exported graph holds only for inputs where {', '.join(branches)}, conditions of "
-                      "your model's code on sizes its ONNX inputs keep dynamic; ONNX Runtime does not check them, so "
+                      f"your model's code on sizes its ONNX inputs keep dynamic; {where}, so "
                       "other sizes compute the captured path, not the model's. Check the sizes before running it "
                       "(they are in the ONNX metadata, fxquant.input_conditions; the fake-quant model raises "
                       "InputShapeError), or declare the axis static: prepare(..., dynamic_shapes=...)", stacklevel=4)

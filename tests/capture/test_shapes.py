@@ -140,14 +140,28 @@ def test_a_branch_on_a_size_raises_outside_the_captured_path_and_names_the_line(
     for m in (prepared, qmodel, copy.deepcopy(qmodel)):
         with pytest.raises(InputShapeError, match=r"`x\.size\(\)\[1\] > 6`.*`if x\.shape\[1\] > 6:`.*\[2, 5, 8\]"):
             m(torch.randn(2, 5, 8))  # the other path: never computed silently
-    # ONNX Runtime checks no condition on a dynamic size: the export says so and lists it in the metadata
-    with pytest.warns(UserWarning, match=r"`x\.size\(\)\[1\] > 6` \(test_shapes\.py:\d+ .*ONNX Runtime does not check"):
+    # the ONNX graph checks the condition too: ORT raises outside it, naming it and the line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unchecked to warn about
         result = fxquant.export_onnx(qmodel, x, tmp_path / "branch.onnx", check_latency=False)
     assert _dims(result) == [["batch", "x_dim1", 8]]
     props = {p.key: p.value for p in result.model.metadata_props}
     assert props["fxquant.input_conditions"].startswith("x.size()[1] > 6 (test_shapes.py:")
-    with torch.no_grad():
-        assert fxquant.sqnr(qmodel(x), _ort(result.path, (x,))) >= 30.0  # inside it, ORT computes the model
+    assert props["fxquant.input_conditions_checked"] == props["fxquant.input_conditions"]
+    for size in (7, 12, 30):  # inside it, ORT computes the model
+        x = torch.randn(3, size, 8)
+        with torch.no_grad():
+            assert fxquant.sqnr(qmodel(x), _ort(result.path, (x,))) >= 30.0
+    for size in (1, 5, 6):
+        with pytest.raises(Exception, match=r"captured for inputs where x\.size\(\)\[1\] > 6 \(test_shapes\.py:"):
+            _ort(result.path, (torch.randn(2, size, 8),))
+    # TensorRT's graph carries no check (its optimization profile bounds the sizes): the export warns instead
+    trt = _prepare(model, torch.randn(1, 8, 8), backend="tensorrt")
+    fxquant.calibrate(trt, [torch.randn(4, 8, 8)], progress=False)
+    warned = r"`x\.size\(\)\[1\] > 6` \(test_shapes\.py:\d+ .*TensorRT checks no condition"
+    with pytest.warns(UserWarning, match=warned):
+        result = fxquant.export_onnx(fxquant.convert(trt), x, tmp_path / "branch_trt.onnx", check_latency=False)
+    assert not [n for n in result.model.graph.node if n.name.startswith("fxquant_size_check")]
 
 
 def test_a_size_the_code_fixes_is_a_guard() -> None:

@@ -86,7 +86,7 @@ def gather(x, indices, *, axis: int = 0, **_):
     idx = indices.to(torch.int64)
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     return torch.index_select(x, axis, idx.reshape(-1)).reshape(
-        *x.shape[:axis % x.dim()], *idx.shape, *x.shape[axis % x.dim() + 1:])
+        (*x.shape[:axis % x.dim()], *idx.shape, *x.shape[axis % x.dim() + 1:]))  # a scalar index: rank - 1
 
 
 def gather_elements(x, indices, *, axis: int = 0, **_):

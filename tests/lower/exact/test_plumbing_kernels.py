@@ -1,4 +1,4 @@
-"""The index, comparison and rounding ops ORT leaves between its integer kernels (shape-dependent masks and
+"""The shape, index, comparison and rounding ops ORT leaves between its integer kernels (shape-dependent masks and
 position ids of a transformer exported with a dynamic sequence length): each one-op ONNX graph in ONNX Runtime
 against the exact program's kernel for it, on negative indices, ties and every attribute the kernel reads."""
 
@@ -22,6 +22,7 @@ DIVISORS = np.array([3, -4, 5, -7, 2, 9], np.int64)
 CASES = {
     "GatherElements": (dict(axis=1), [FLOATS, RNG.integers(-5, 5, (3, 4, 7)).astype(np.int64)]),
     "GatherElements_axis0": (dict(axis=0), [INTS, RNG.integers(-4, 4, (2, 6)).astype(np.int64)]),
+    "Gather_scalar_index": (dict(axis=0), [np.array([1, 9, 4], np.int64), np.array(-2, np.int64)]),
     "GreaterOrEqual": ({}, [INTS, INTS[:1]]),
     "LessOrEqual": ({}, [FLOATS, np.float32(0.5) * np.ones((1, 1, 7), np.float32)]),
     "Xor": ({}, [INTS > 0, INTS < 3]),
