@@ -13,12 +13,10 @@ import fxquant
 from fxquant.cli.torchvision_models import random_torchvision
 
 
-@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
-def model_name(request):
-    return request.param
-
-
-@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize(("model_name", "backend"), [
+    ("resnet18", "tensorrt"), ("mobilenet_v2", "onnxruntime"),  # one per backend by default, the rest under zoo
+    pytest.param("resnet18", "onnxruntime", marks=pytest.mark.zoo),
+    pytest.param("mobilenet_v2", "tensorrt", marks=pytest.mark.zoo)])
 def test_int8_accuracy_and_ort_agreement(model_name, backend, tmp_path):
     model = random_torchvision(model_name)
     before = copy.deepcopy(model.state_dict())

@@ -87,7 +87,7 @@ def test_bert_style_encoder_every_linear_quantized_and_onnx_agrees(backend, tmp_
         assert torch.equal(v, snap[k]), k
 
 
-@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("backend", [pytest.param("tensorrt", marks=pytest.mark.zoo), "onnxruntime"])
 def test_yolo_style_detector(backend, tmp_path):
     torch.manual_seed(0)
     model = randomize_bn(Detector())

@@ -134,6 +134,7 @@ def _quantize(config: fxquant.QuantConfig | None, data: list[torch.Tensor], path
         return qmodel, fxquant.export_onnx(qmodel, data[0], path, check_cpu=cpu, check_latency=False)
 
 
+@pytest.mark.zoo  # two exports checked in ORT under the emulator: about 10 s (the exact tests run AVX2 by default)
 @needs_avx2
 def test_saturation_aware_weights_in_ort_as_avx2(tmp_path) -> None:
     gen = torch.Generator().manual_seed(1)

@@ -179,10 +179,10 @@ def test_a_bert_exported_at_any_length_is_exact_at_other_lengths_and_batches(tmp
         return torch.randint(0, 120, (batch, length), generator=g), mask
 
     example = ids(0, 1, 9)
-    _, exact = _quantized(transformers.BertModel(config), example, [ids(s, 4, 16) for s in range(1, 4)], "vnni")
+    _, exact = _quantized(transformers.BertModel(config), example, [ids(s, 4, 16) for s in range(1, 3)], "vnni")
     result = _export(exact, example, tmp_path / "bert.onnx")
     assert result.differing_outputs == 0
-    for seed, batch, length in ((5, 1, 9), (6, 3, 20), (7, 2, 64)):
+    for seed, batch, length in ((6, 3, 20), (7, 2, 64)):
         inputs = ids(seed, batch, length)
         with torch.no_grad():
             mine = exact(*inputs).last_hidden_state.numpy()
