@@ -8,7 +8,8 @@ The values are unchanged (bit for bit); only what ORT's graph optimizer makes of
 - ``plain_residual_layernorm``: ORT fuses ``Add -> LayerNormalization`` into SkipLayerNormalization, whose CPU
   kernel (ORT 1.32, x86) runs 4-6x slower than its own Add plus LayerNormalization kernels (measured: 62 vs
   14 us per call at 24 x 384, 323 vs 51 us at 128 x 384, one thread; 12-14 % of all-MiniLM-L6-v2's int8 run
-  time). The residual add is written as the equivalent ``Sum``, which that fusion does not match.
+  time; ``benchmarks/skip_layernorm.py`` re-measures it). The residual add is written as the equivalent ``Sum``,
+  which that fusion does not match.
 - ``float_layers_stay_float``: ORT's WeightBiasQuantization (graph level 1) quantizes the float weight of a
   Conv/ConvTranspose/Gemm to per-tensor int8 with its own scale when the op reads a per-tensor
   DequantizeLinear and feeds a QuantizeLinear: a layer left float (an exclusion, mixed precision, ``tune``) between

@@ -4,8 +4,6 @@ and close to fp32."""
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections import Counter
 
@@ -134,36 +132,6 @@ def test_gelu_is_reordered_into_the_pattern_ort_fuses_with_the_same_bits():
     assert for_ort_cpu(proto) == {"gelu": 1, "residual_layernorm": 0, "float_layers": 0}
     np.testing.assert_array_equal(run(proto, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), before)
     np.testing.assert_allclose(run(proto, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), before, atol=1e-6)
-
-
-def _residual_layernorms(op: str, length: int, width: int = 384, count: int = 12) -> bytes:
-    g, b = (numpy_helper.from_array(np.ones(width, np.float32) * v, n) for n, v in (("g", 1.0), ("b", 0.0)))
-    nodes, cur = [], "x"
-    for i in range(count):
-        nodes += [helper.make_node(op, [cur, "s"], [f"a{i}"]),
-                  helper.make_node("LayerNormalization", [f"a{i}", "g", "b"], [f"n{i}"], axis=-1, epsilon=1e-12)]
-        cur = f"n{i}"
-    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, length, width]) for n in ("x", "s", cur)]
-    graph = helper.make_graph(nodes, op, io[:2], io[2:], [g, b])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
-
-
-def test_add_layernorm_beats_ort_skiplayernorm_on_cpu():
-    """Why residual adds are written as Sum: ORT's SkipLayerNormalization CPU kernel is slower than its Add and
-    LayerNormalization kernels (measured 4-6x on ORT 1.32). If an ORT release makes it fast, this fails: then
-    drop ``plain_residual_layernorm``."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    sessions = {op: ort.InferenceSession(_residual_layernorms(op, 64), options, providers=["CPUExecutionProvider"])
-                for op in ("Add", "Sum")}
-    feed = {n: np.random.default_rng(0).normal(size=(1, 64, 384)).astype(np.float32) for n in ("x", "s")}
-    times: dict[str, list[float]] = {op: [] for op in sessions}
-    for r in range(60):
-        for op in (("Add", "Sum") if r % 2 else ("Sum", "Add")):
-            start = time.perf_counter()
-            sessions[op].run(None, feed)
-            times[op].append(time.perf_counter() - start)
-    assert statistics.median(times["Add"]) > 1.5 * statistics.median(times["Sum"])
 
 
 class _Attention(torch.nn.Module):
