@@ -1,6 +1,6 @@
 """scikit-learn is the optional extra ``fxquant[demo]``: without it every module but the demo's imports, and
 ``fxquant demo`` says in one line what to install (exit code 2). One interpreter, started with scikit-learn
-blocked, checks both."""
+blocked, checks both, and runs ``python -m fxquant --help`` (the package's entry point) there too."""
 
 from __future__ import annotations
 
@@ -24,7 +24,16 @@ from fxquant.cli.main import main
 err = io.StringIO()
 with contextlib.redirect_stderr(err):
     code = main(['demo'])
-print(json.dumps({'modules': len(names), 'demo_code': code, 'demo_stderr': err.getvalue()}))
+import runpy
+out = io.StringIO()
+sys.argv = ['fxquant', '--help']
+with contextlib.redirect_stdout(out):
+    try:
+        runpy.run_module('fxquant', run_name='__main__')
+    except SystemExit as exc:
+        help_code = exc.code
+print(json.dumps({'modules': len(names), 'demo_code': code, 'demo_stderr': err.getvalue(),
+                  'help_code': help_code, 'help': out.getvalue()}))
 """
 
 
@@ -44,3 +53,8 @@ def test_demo_without_scikit_learn_says_what_to_install(without_sklearn):
     assert without_sklearn["demo_code"] == 2
     assert without_sklearn["demo_stderr"].splitlines() == [
         'fxquant demo: error: the demo needs scikit-learn (its digits data): pip install "fxquant[demo]"']
+
+
+def test_python_m_fxquant_help_lists_every_command(without_sklearn):
+    assert without_sklearn["help_code"] == 0
+    assert all(cmd in without_sklearn["help"] for cmd in ("quantize", "report", "demo"))
