@@ -16,7 +16,9 @@ then runs that module eagerly, where the ops run as written (``fxquant.capture.p
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
@@ -122,3 +124,19 @@ def aliasing_hazard(gm: fx.GraphModule) -> fx.Node | None:
         if any(order[u] > order[node] for n in sharing for u in n.users):
             return node
     return None
+
+
+@contextlib.contextmanager
+def kept_buffers(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Restore every buffer of ``model`` after the block (a trace, or the export's forwards, must not advance
+    the model's state); yields the list, filled when the block ends, of the buffers changed in place."""
+    saved = {name: (b, b._version, b.detach().clone()) for name, b in model.named_buffers()}
+    changed: list[str] = []
+    try:
+        yield changed
+    finally:
+        with torch.no_grad():
+            for name, (b, version, value) in saved.items():
+                if b._version != version:
+                    changed.append(name)
+                    b.copy_(value)

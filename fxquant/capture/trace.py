@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxquant.capture.inplace import aliasing_hazard
+from fxquant.capture.inplace import aliasing_hazard, kept_buffers
 from fxquant.errors import ExampleInputError, ExampleTypeError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -85,16 +85,12 @@ def try_trace(model: nn.Module, leaf_globs: Sequence[str] = (), leaf_names: Coll
               concrete_args: dict[str, object] | None = None) -> tuple[fx.GraphModule | None, TraceFailure | None]:
     """Symbolically trace ``model``: (GraphModule, None), or (None, where and why it failed)."""
     tracer = _Tracer(leaf_globs, leaf_names)
-    buffers = {name: (b, b._version, b.detach().clone()) for name, b in model.named_buffers()}
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args or None)
-    except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
-        return None, _failure(tracer, model, exc)
-    finally:  # torch.fx runs code on buffers (constants to it) while tracing: undo what it changed
-        changed = [name for name, (b, version, _) in buffers.items() if b._version != version]
-        with torch.no_grad():
-            for name in changed:
-                buffers[name][0].copy_(buffers[name][2])
+    # torch.fx runs code on buffers (constants to it) while tracing: what it changed is undone
+    with kept_buffers(model) as changed:
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args or None)
+        except Exception as exc:  # torch.fx raises many types; all of them become one actionable error
+            return None, _failure(tracer, model, exc)
     if concrete_args:
         _keep_argument_names(model, graph, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)

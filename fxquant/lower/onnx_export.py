@@ -24,6 +24,7 @@ import torch
 from onnx import helper
 
 from fxquant.backends.base import Backend
+from fxquant.capture.inplace import kept_buffers
 from fxquant.capture.shapes import InputShapes, shapes_of
 from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import ConfigError, ConversionError, ExportError, FxQuantError
@@ -51,7 +52,6 @@ from fxquant.validate.export import (
     clones,
     export_path,
     honour_opset,
-    kept_buffers,
     run_example,
     warn_static_batch,
 )

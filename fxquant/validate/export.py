@@ -3,10 +3,8 @@ train mode and buffer updates, the opset the model can be written at, the batch 
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
-from collections.abc import Iterator
 
 import onnx
 import torch
@@ -56,22 +54,6 @@ def check_eval_mode(model: torch.nn.Module) -> None:
                           "dropout would be random and BatchNorm would use batch statistics, in the ONNX file and in "
                           "the torch reference its ONNX Runtime check compares against; call model.eval() before "
                           "export_onnx (convert() returns a model in eval mode)")
-
-
-@contextlib.contextmanager
-def kept_buffers(model: torch.nn.Module) -> Iterator[list[str]]:
-    """Restore every buffer of ``model`` after the block (the export's forwards must not advance the model's
-    state); yields the list, filled when the block ends, of the buffers the forwards changed in place."""
-    saved = {name: (b, b._version, b.detach().clone()) for name, b in model.named_buffers()}
-    changed: list[str] = []
-    try:
-        yield changed
-    finally:
-        with torch.no_grad():
-            for name, (b, version, value) in saved.items():
-                if b._version != version:
-                    changed.append(name)
-                    b.copy_(value)
 
 
 def run_example(model: torch.nn.Module, inputs: tuple) -> object:
