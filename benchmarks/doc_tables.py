@@ -189,3 +189,10 @@ def hist_subsample(data: dict) -> str:
                     f"{sub['sqnr_db']:.2f} / {every['sqnr_db']:.2f}",
                     f"{sub['top1_agreement']:.1%} / {every['top1_agreement']:.1%}",
                     f"{sub['calibrate_s']:.0f} / {every['calibrate_s']:.0f}"] for name, sub, every, r in rows])
+
+
+def skip_layernorm(data: dict) -> str:
+    """SkipLayerNormalization against Add + LayerNormalization, per sequence length and width."""
+    return _table(["tokens", "width", "SkipLayerNormalization ms", "Add + LayerNormalization ms", "ratio"],
+                  [[r["length"], r["width"], r["skiplayernorm_ms"], r["add_layernorm_ms"], f"{r['ratio']}x"]
+                   for r in data["rows"]])

@@ -106,6 +106,13 @@ SECTIONS: dict[str, t.Section] = {
         "64 other crops for SQNR and top-1 agreement with fp32 (fake-quant models in torch). Range difference: the "
         "largest change of a quantizer's range end, divided by its range width. Times from a shared machine.",
         t.hist_subsample),
+    "skip_layernorm": t.Section(
+        "Residual LayerNorm in ONNX Runtime: SkipLayerNormalization against Add + LayerNormalization",
+        "python benchmarks/skip_layernorm.py",
+        "Why `export_onnx` writes a residual add before a LayerNorm as `Sum` (`lower/ort/cpu_graph.py`): 12 "
+        "residual LayerNorms in a chain, written with `Add` (ORT fuses SkipLayerNormalization) and with `Sum` (it "
+        "keeps Add and LayerNormalization kernels); one thread, batch 1, median of 200 interleaved runs. A ratio "
+        "below 1 would mean an ORT release made the fused kernel faster: then drop the pass.", t.skip_layernorm),
     "compiler_speed": t.Section(
         "Compiler speed", "python benchmarks/bench_compiler.py --repeats 3",
         "fxquant's prepare + calibrate (one batch) + convert against torch.ao's `prepare_fx` + one calibration "
