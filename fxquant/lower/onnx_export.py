@@ -290,9 +290,8 @@ def _check_sizes_in_graph(proto: onnx.ModelProto, shapes: InputShapes | None, ru
     if not unchecked:
         return
     described = {code: text + (f" ({site})" if site else "") for code, text, site, _ in unchecked}
-    left = set(described)
-    if runtime == "onnxruntime":
-        left = {code for code, _ in guard_sizes(proto, described.items(), list(shapes.names))}
+    left = ({code for code, _ in guard_sizes(proto, described.items(), list(shapes.names))}
+            if runtime == "onnxruntime" else set(described))
     checked = "; ".join(described[c] for c in described if c not in left)
     helper.set_model_props(proto, {p.key: p.value for p in proto.metadata_props} | {
         "fxquant.input_conditions": "; ".join(described.values())} | (

@@ -3,10 +3,10 @@
 A captured model holds only for inputs that satisfy its conditions on sizes (``fxquant.capture.shapes``: a
 branch on ``x.shape[1]``, transformers' ``q_length > 1``, a maximum length). The torch model raises
 ``InputShapeError`` outside them; ONNX has no assert op, so ``guard_sizes`` computes each condition from the
-inputs' ``Shape`` and routes every graph output through a ``Reshape`` whose target shape is the output's own shape
-when the condition holds and invalid (-2) when it does not. ORT then fails at run time with the node's name, which
-states the condition and the model line behind it, instead of computing another path's function. When the
-conditions hold the outputs are unchanged (a Reshape to their own shape).
+inputs' ``Shape`` and routes every graph output through one ``Reshape`` per condition, whose target is the
+output's shape with a trailing 1 when the condition holds and invalid (-2) when it does not, then back to its
+shape. ORT then fails at run time with the node's name, which states the condition and the model line behind it,
+instead of computing another path's function. Where the conditions hold the outputs are unchanged.
 
 Conditions are torch.export's guard code (``L['x'].size()[1] > 6``); the translation covers integer arithmetic
 (+, -, *, //, %, min, max), comparisons and and/or/not. A condition outside that subset is returned unguarded.
@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from fxquant.lower.graph import OnnxGraph
 
 PREFIX = "fxquant_size_check"
 _COMPARE = {ast.Lt: "Less", ast.LtE: "LessOrEqual", ast.Gt: "Greater", ast.GtE: "GreaterOrEqual",
@@ -132,38 +134,34 @@ def guard_sizes(proto: onnx.ModelProto, conditions: Iterable[tuple[str, str]], n
         checks.append((builder, ok, text))
     if not checks:
         return left
-    graph_inputs = {i.name for i in graph.input}
+    g = OnnxGraph(proto)
     for builder, _, _ in checks:
-        graph.node.extend(builder.nodes)
-        graph.initializer.extend(builder.consts)
-    for j, output in enumerate(graph.output):
-        if output.name in graph_inputs:
-            continue  # an input returned as it is: nothing computed, nothing to check
-        current = f"{output.name}{PREFIX}_unchecked"
-        _rename(graph, output.name, current)
-        shape = _append(graph, "Shape", [current], f"{PREFIX}/out{j}/shape")
-        invalid = _append(graph, "ConstantOfShape", [_append(graph, "Shape", [shape], f"{PREFIX}/out{j}/rank")],
-                          f"{PREFIX}/out{j}/invalid", value=numpy_helper.from_array(np.array([-2], np.int64)))
+        g.graph.node.extend(builder.nodes)
+        g.graph.initializer.extend(builder.consts)
+    invalid = g.add_initializer(np.array([-2], np.int64), f"{PREFIX}/invalid")
+    one = g.add_initializer(np.array([1], np.int64), f"{PREFIX}/one")
+    for j, output in enumerate(g.graph.output):
+        producer = g.producer.get(output.name)
+        if producer is None:
+            continue  # an input or a constant returned as it is: nothing computed, nothing to check
+        current = f"{PREFIX}/out{j}/unchecked"
+        producer.output[list(producer.output).index(output.name)] = current
+        g.replace_input(output.name, current)
+        shape = _node(g, "Shape", [current], f"{PREFIX}/out{j}/shape")
+        # one axis more than the output has, so the invalid target fails at any rank (a scalar output too)
+        longer = _node(g, "Concat", [shape, one], f"{PREFIX}/out{j}/shape_and_1", axis=0)
         for i, (_, ok, text) in enumerate(checks):
-            target = _append(graph, "Where", [ok, shape, invalid], f"{PREFIX}/out{j}/c{i}/target")
-            last = i == len(checks) - 1
-            name = f"{PREFIX}: the model was captured for inputs where {text}; these inputs are not ({j}.{i})"
-            out = output.name if last else f"{PREFIX}/out{j}/c{i}/checked"
-            graph.node.append(helper.make_node("Reshape", [current, target], [out], name=name))
-            current = out
+            target = _node(g, "Where", [ok, longer, invalid], f"{PREFIX}/out{j}/c{i}/target")
+            current = _node(g, "Reshape", [current, target], f"{PREFIX}/out{j}/c{i}/checked",
+                            name=f"{PREFIX}: the model was captured for inputs where {text}; these inputs are not "
+                                 f"({j}.{i})")
+        _node(g, "Reshape", [current, shape], output.name, name=f"{PREFIX}/out{j}/restore")
     return left
 
 
-def _append(graph: onnx.GraphProto, op_type: str, inputs: list[str], name: str, **attrs: object) -> str:
-    graph.node.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
-    return name
-
-
-def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Tensor ``old`` is called ``new`` everywhere inside the graph (the graph output keeps ``old``)."""
-    for node in graph.node:
-        node.input[:] = [new if x == old else x for x in node.input]
-        node.output[:] = [new if x == old else x for x in node.output]
-    for info in graph.value_info:
-        if info.name == old:
-            info.name = new
+def _node(g: OnnxGraph, op_type: str, inputs: list[str], output: str, name: str | None = None,
+          **attrs: object) -> str:
+    """Append one node computing tensor ``output`` (named ``name``, or after its output); returns ``output``."""
+    g.graph.node.append(helper.make_node(op_type, inputs, [output], name=name or output, **attrs))
+    g.changed()
+    return output

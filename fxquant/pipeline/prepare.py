@@ -91,7 +91,8 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     runtime_notes = check_specs(backend.runtime, backend.name, config,
                                 {"weight": backend.weight, "activation": backend.activation})
     inputs = normalize_inputs(example_inputs)
-    declared = declared_dims(dynamic_shapes, forward_arity(model)[0], inputs)
+    arguments = forward_arity(model)[0]
+    declared = declared_dims(dynamic_shapes, arguments, inputs)
     work = copy.deepcopy(model).eval()  # PTQ: BatchNorm uses running statistics and can be folded
     frozen = freeze_parametrizations(work)  # weight_norm & co: quantize the weight the model computes with
     parts = partition(work, inputs, config, declared)  # the whole model as one traced part when torch.fx traces it
@@ -117,7 +118,7 @@ def prepare_model(model: nn.Module, example_inputs: torch.Tensor | tuple, backen
     report.notes += runtime_notes
     example = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     attach_state(root, QuantState(backend, config, "prepared", report, example_inputs=example))
-    attach_shapes(root, shapes or declared_shapes(declared, forward_arity(model)[0]))
+    attach_shapes(root, shapes or declared_shapes(declared, arguments))
     if runtime_notes:
         warnings.warn(f"{backend.name}: " + ";\n  ".join(runtime_notes), stacklevel=3)
     _warn(report)

@@ -27,14 +27,16 @@ CONDITIONS = [
 
 
 def _identity_model() -> onnx.ModelProto:
-    """y = x + 1 and z = m, from inputs x (batch, t, 2) and m (batch, t2)."""
+    """y = x + 1, z = m and the scalar s = sum(m), from inputs x (batch, t, 2) and m (batch, t2)."""
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "one"], ["y"]), helper.make_node("Identity", ["m"], ["z"])], "g",
+        [helper.make_node("Add", ["x", "one"], ["y"]), helper.make_node("Identity", ["m"], ["z"]),
+         helper.make_node("ReduceSum", ["m"], ["s"], keepdims=0)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 2]),
          helper.make_tensor_value_info("m", TensorProto.FLOAT, ["b", "t2"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", 2]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "t2"])], [one])
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "t2"]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [])], [one])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -61,11 +63,13 @@ def test_each_condition_is_computed_in_the_graph_as_in_python(code: str) -> None
         expected = _holds(code, x, m)
         seen.add(expected)
         if expected:
-            y, z = session.run(None, {"x": x, "m": m})
+            y, z, total = session.run(None, {"x": x, "m": m})
             assert np.array_equal(y, x + 1) and np.array_equal(z, m), (batch, t, t2)
+            assert total.shape == () and total == m.sum()
         else:
-            with pytest.raises(Exception, match=f"{PREFIX}: the model was captured for inputs where"):
-                session.run(None, {"x": x, "m": m})
+            for output in ("y", "z", "s"):  # each output checks on its own: a scalar one too
+                with pytest.raises(Exception, match=f"{PREFIX}: the model was captured for inputs where"):
+                    session.run([output], {"x": x, "m": m})
     assert seen == {True, False}  # both sides of the condition were run
 
 
@@ -76,7 +80,7 @@ def test_conditions_it_cannot_write_are_returned_and_the_rest_checked() -> None:
     assert left == [("L['x'].stride()[0] > 1", "b"), ("L['w'].size()[0] == 2", "c")]
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"x": np.zeros((1, 7, 2), np.float32), "m": np.zeros((1, 3), np.float32)}
-    assert [o.name for o in session.get_outputs()] == ["y", "z"]  # the outputs keep their names
+    assert [o.name for o in session.get_outputs()] == ["y", "z", "s"]  # the outputs keep their names
     session.run(None, feeds)
     with pytest.raises(Exception, match="where a;"):
         session.run(None, {**feeds, "x": np.zeros((1, 6, 2), np.float32)})

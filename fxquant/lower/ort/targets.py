@@ -50,6 +50,7 @@ for model, feeds_path, out_path in json.loads(sys.argv[2]):
     np.savez(out_path, **{f"output_{k}": np.asarray(o) for k, o in enumerate(outputs)})
 """
 
+
 @functools.cache
 def host_target() -> str | None:
     """This machine's target (read with CPUID, so an emulated CPU reports itself): "vnni", "avx2", or None on a
