@@ -12,14 +12,17 @@ positions (as QDrop and AIMET compute it), plus AdaRound's regularizer after the
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant.ptq.blocks import BATCH, Block
-from fxquant.ptq.layers import Layer, disabled
+from fxquant import qmath
+from fxquant.ptq.blocks import BATCH, Block, block_module
+from fxquant.ptq.layers import Layer
 from fxquant.ptq.rounding import SoftRounding
 from fxquant.quantizer import TensorQuantizer
 from fxquant.spec import AdaRoundOptions
@@ -33,7 +36,7 @@ def take(values: Sequence[object], index: slice | torch.Tensor) -> list[object]:
 
 
 @torch.enable_grad()  # calibrate() runs under no_grad
-def fit(module: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]],
+def fit(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]],
         data: tuple[list, list, list], options: AdaRoundOptions, generator: torch.Generator, bar: tqdm) -> None:
     """Fit the rounding variables of ``pairs`` (the block's layers) for ``options.iterations`` steps; ``data``:
     the block's float inputs, quantized inputs and float outputs over all samples."""
@@ -43,10 +46,7 @@ def fit(module: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRound
     n = targets[0].shape[0]
     size = min(options.batch_size, n)
     window = _window(q_in, options.crop)
-    activations = _quantizers(module, block)
-    quantizers = activations + [layer.quantizer for layer, _ in pairs]
-    switch = _Switch()
-    with _hooks(pairs, activations, options.act_drop, generator, switch):
+    with _training(gm, block, pairs, options.act_drop, generator) as (module, mode):
         for it in range(options.iterations):
             idx = torch.randint(0, n, (size,), generator=generator)
             fp, q = take(fp_in, idx), take(q_in, idx)
@@ -55,12 +55,12 @@ def fit(module: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRound
             else:
                 corner = _corner(q, window, generator)
                 fp, q = _crop(fp, window, corner), _crop(q, window, corner)
-                with torch.no_grad(), disabled(quantizers):
+                mode.train = False
+                with torch.no_grad():
                     target = list(module(*fp))
-            switch.on = True
+                mode.train = True
             loss = _loss(module(*[_mix(f, v, options.act_drop, generator) for f, v in zip(fp, q, strict=True)]),
                          target)
-            switch.on = False
             if it >= warm:
                 share = (it - warm) / max(options.iterations - warm, 1)
                 beta = options.beta_start + (options.beta_end - options.beta_start) * share
@@ -81,7 +81,17 @@ def _mix(fp: object, q: object, drop: float, generator: torch.Generator) -> obje
         return q
     if drop >= 1:
         return fp
-    return torch.where(torch.rand(q.shape, generator=generator).to(q.device) < drop, fp, q)
+    return torch.where(keep_mask(q.shape, drop, generator).to(q.device), fp, q)
+
+
+def keep_mask(shape: torch.Size, p: float, generator: torch.Generator) -> torch.Tensor:
+    """A boolean tensor of ``shape``, each element True with probability ``p`` (in steps of 1/256): one random
+    byte per element, seven bytes per 64-bit draw (a float draw per element costs several times as much)."""
+    count = math.prod(shape)
+    words = -(-count // 7)
+    draws = torch.empty(words, dtype=torch.int64).random_(0, 1 << 56, generator=generator)
+    low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the seven random bytes of each draw
+    return (draws.view(torch.uint8).view(words, 8)[:, low].reshape(-1)[:count] < round(p * 256)).view(shape)
 
 
 def _window(inputs: Sequence[object], crop: int | None) -> tuple[int, int] | None:
@@ -108,36 +118,77 @@ def _corner(values: list[object], window: tuple[int, int], generator: torch.Gene
             int(torch.randint(0, some.shape[3] - window[1] + 1, (1,), generator=generator)))
 
 
-def _quantizers(module: fx.GraphModule, block: Block) -> list[TensorQuantizer]:
-    """The block's activation quantizers that quantize (graph nodes, not weights)."""
-    found = []
+def _quantizers(gm: fx.GraphModule, block: Block) -> dict[str, TensorQuantizer]:
+    """The block's activation quantizers that quantize (graph nodes, not weights), by module path."""
+    found = {}
     for n in block.nodes:
         if n.op == "call_module":
-            m = module.get_submodule(n.target)
+            m = gm.get_submodule(n.target)
             if isinstance(m, TensorQuantizer) and not m.constant and m.mode == "quant":
-                found.append(m)
+                found[n.target] = m
     return found
 
 
-class _Switch:
-    on = False
+class _Mode:
+    """What the training view computes: the quantized block with soft weights (``train``) or the float one."""
+
+    train = True
+
+
+class _ActivationQuantizer(nn.Module):
+    """An activation quantizer during fitting: one fused fake-quant op where the range is one static step and
+    zero point (else the quantizer itself), its input kept per element with probability ``drop`` (QDrop);
+    the identity in float mode."""
+
+    def __init__(self, quantizer: TensorQuantizer, drop: float, generator: torch.Generator, mode: _Mode) -> None:
+        super().__init__()
+        self.quantizer, self.drop, self.generator, self.mode = quantizer, drop, generator, mode
+        self.step = self.zero_point = None
+        spec = quantizer.spec
+        if quantizer.is_calibrated and spec.fake_quant and not spec.dynamic and quantizer.scale.numel() == 1:
+            step, zero_point = quantizer.scale.float(), quantizer.zero_point
+            if float(step) > qmath.EPS and spec.qmin <= float(zero_point) <= spec.qmax:
+                self.step, self.zero_point = step.reshape(1), zero_point.reshape(1).to(torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.mode.train:
+            return x
+        if self.step is not None and x.dtype == torch.float32:
+            spec = self.quantizer.spec
+            out = torch.fake_quantize_per_tensor_affine(x, self.step.to(x.device), self.zero_point.to(x.device),
+                                                        spec.qmin, spec.qmax)
+        else:
+            out = self.quantizer(x)
+        return _mix(x, out, self.drop, self.generator)
+
+
+class _SoftWeight(nn.Module):
+    """A weight quantizer during fitting: the soft-rounded weight, or the float one in float mode."""
+
+    def __init__(self, soft: SoftRounding, mode: _Mode) -> None:
+        super().__init__()
+        self.soft, self.mode = soft, mode
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.soft.weight().to(w.dtype) if self.mode.train else w
 
 
 @contextlib.contextmanager
-def _hooks(pairs: list[tuple[Layer, SoftRounding]], activations: list[TensorQuantizer], drop: float,
-           generator: torch.Generator, switch: _Switch) -> Iterator[None]:
-    """While ``switch.on``: each layer's weight quantizer returns its soft-rounded weight, and each activation
-    quantizer keeps its float input per element with probability ``drop``."""
-    def soft_hook(soft: SoftRounding):
-        return lambda _m, _args, out: soft.weight() if switch.on else out
-
-    def drop_hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return _mix(args[0], out, drop, generator) if switch.on else out
-
-    handles = [layer.quantizer.register_forward_hook(soft_hook(soft)) for layer, soft in pairs]
-    handles += [q.register_forward_hook(drop_hook) for q in activations] if drop > 0 else []
+def _training(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]], drop: float,
+              generator: torch.Generator) -> Iterator[tuple[fx.GraphModule, _Mode]]:
+    """The block as a module to fit, and its mode switch: its activation quantizers and its layers' weight
+    quantizers replaced by their training forms (``_ActivationQuantizer``, ``_SoftWeight``) for the duration."""
+    mode = _Mode()
+    activations = _quantizers(gm, block)
+    weights = [(layer, layer.quantizer) for layer, _ in pairs]
     try:
-        yield
+        for path, q in activations.items():
+            gm.set_submodule(path, _ActivationQuantizer(q, drop, generator, mode))
+        for layer, soft in pairs:
+            layer.quantizer = _SoftWeight(soft, mode)
+        yield block_module(gm, block), mode
     finally:
-        for h in handles:
-            h.remove()
+        for path, q in activations.items():
+            gm.set_submodule(path, q)
+        for layer, q in weights:
+            layer.quantizer = q

@@ -30,6 +30,7 @@ from fxquant.report import PTQReport
 from fxquant.spec import AdaRoundOptions
 
 CHUNK = 32  # samples per forward when a block runs over all samples
+SCORED = 64  # samples the per-block errors of the report are measured on (the first ones)
 
 
 def take_samples(batches: Iterable, limit: int) -> tuple[tuple[torch.Tensor, ...], list[str]]:
@@ -79,19 +80,20 @@ def reconstruct(gm: fx.GraphModule, layers: list, samples: tuple[torch.Tensor, .
             fp_in, q_in = [fp[n] for n in block.inputs], [q[n] for n in block.inputs]
             with float_mode(gm):
                 targets = _run(module, fp_in)
-            before = _error(_run(module, q_in), targets)
             pairs = [(layer, soft) for layer in block.layers if (soft := rounding_for(layer)) is not None]
+            scored = slice(0, min(SCORED, targets[0].shape[0]))  # the samples the report's errors are over
+            before = _error(_run(module, q_in, scored.stop), [t[scored] for t in targets]) if pairs else 0.0
             if pairs:
                 bar.set_postfix_str(block.name, refresh=False)
                 fitting = time.perf_counter()
-                fit(module, block, pairs, (fp_in, q_in, targets), options, generator, bar)
+                fit(gm, block, pairs, (fp_in, q_in, targets), options, generator, bar)
                 stats.setdefault(block.name, {"layers": {}})["fit_seconds"] = time.perf_counter() - fitting
                 for layer, soft in pairs:
                     codes[layer.name] = harden(layer, soft)
                     flipped = float((codes[layer.name] != soft.nearest).float().mean())
                     stats.setdefault(block.name, {"layers": {}})["layers"][layer.name] = {"flipped": flipped}
             outputs = _run(module, q_in)
-            after = _error(outputs, targets)
+            after = _error([o[scored] for o in outputs], [t[scored] for t in targets])
             for n, f, v in zip(block.outputs, targets, outputs, strict=True):
                 fp[n], q[n] = f, v
             for n in [n for n in fp if last_block.get(n, -1) <= i and n not in block.outputs
@@ -114,9 +116,10 @@ def _record(report: PTQReport, stats: dict, block: Block, before: float, after: 
 
 
 @torch.no_grad()
-def _run(module: fx.GraphModule, inputs: Sequence[object]) -> list[torch.Tensor]:
-    """``module`` over all samples in chunks; its outputs concatenated."""
+def _run(module: fx.GraphModule, inputs: Sequence[object], limit: int | None = None) -> list[torch.Tensor]:
+    """``module`` over all samples (the first ``limit``) in chunks; its outputs concatenated."""
     n = next(v.shape[0] for v in inputs if isinstance(v, torch.Tensor))
+    n = n if limit is None else min(n, limit)
     parts = [module(*take(inputs, slice(i, i + CHUNK))) for i in range(0, n, CHUNK)]
     return [torch.cat(list(xs)) for xs in zip(*parts, strict=True)]
 
