@@ -13,16 +13,20 @@ scikit-learn's two sample images; random crops (10-100% of the area, aspect 3/4.
 ImageNet-normalized. Calibration crops and evaluation crops are drawn with different seeds (disjoint sets).
 
 Per model, in one run: fp32 (torch and its dynamo-exported ONNX), fxquant ``onnxruntime`` preset (defaults),
+the same with ``QuantConfig(adaround=True)`` (block reconstruction; ``--no-reconstruction`` leaves it out),
 fxquant ``tensorrt`` preset (its QDQ graph run by ORT at ORT_ENABLE_BASIC: the graph's meaning, not TensorRT
-speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, ``reduce_range=True``, MinMax, same calibration
-crops, after ``quant_pre_process``) and torch.ao FX (``get_default_qconfig_mapping("x86")``, run in torch).
-Reported: top-1 agreement with fp32 and SQNR of the logits over the evaluation crops; ORT latency (one
+speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, MinMax, same calibration crops, after
+``quant_pre_process``) both with ``reduce_range=True`` (7-bit weights, what CPUs without VNNI need) and without
+(8-bit weights, right on VNNI CPUs only), and torch.ao FX (``get_default_qconfig_mapping("x86")``, run in torch).
+Reported: top-1 agreement with fp32 and SQNR of the logits over the evaluation crops (ORT at ORT_ENABLE_ALL on
+the machine that runs the benchmark: its CPU is in the results), calibration wall time; ORT latency (one
 thread, batch 1, interleaved runs with rotating order, median and interquartile range) and the
 BatchNormalization / float Conv nodes left in ORT's optimized graph (``optimized_model_filepath``).
 
 Run::
 
     python benchmarks/cnn_pretrained.py [--models efficientnet_lite0 mobilenet_v2] [--calib 64] [--eval 256]
+        [--calib-seed 0] [--eval-seed 1] [--no-reconstruction]
 
 Writes benchmarks/results/cnn_pretrained.json (ONNX files go to benchmarks/results/cnn_pretrained_models/).
 """
@@ -63,6 +67,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FLOAT_CONVS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
 TIMED = ("fp32", "fxquant_ort", "quantize_static")
+QUANTIZED = ("fxquant_ort", "fxquant_recon", "fxquant_trt", "quantize_static", "quantize_static_full")
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -126,16 +131,20 @@ def random_crops(images: dict[str, torch.Tensor], count: int, seed: int, size: i
 
 # ---- quantizers -----------------------------------------------------------------------------------------
 def fxquant_export(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor], backend: str,
-                   path: str) -> dict:
-    """fxquant with a preset's defaults; returns what the prepare report and export said."""
+                   path: str, config: fxquant.QuantConfig | None = None) -> dict:
+    """fxquant with a preset's defaults (and ``config``); returns the calibrate time and what the prepare report
+    and export said."""
     with quiet():
-        prepared = fxquant.prepare(model, x, backend=backend)
+        prepared = fxquant.prepare(model, x, backend=backend, config=config)
+        start = time.perf_counter()
         fxquant.calibrate(prepared, calib, progress=False)
+        seconds = time.perf_counter() - start
         qmodel = fxquant.convert(prepared)
-        result = fxquant.export_onnx(qmodel, x, path)
+        result = fxquant.export_onnx(qmodel, x, path, check_latency=False)
     report = fxquant.report_of(qmodel)
-    return {"ort_vs_fake_quant_sqnr_db": result.ort_sqnr_db, "folded_bn": len(report.folded_bn),
-            "float_ops": [f"{e.node} ({e.kind}): {e.detail}" for e in report.float_ops],
+    return {"calibrate_seconds": seconds, "ort_vs_fake_quant_sqnr_db": result.ort_sqnr_db,
+            "folded_bn": len(report.folded_bn), "float_ops": [f"{e.node} ({e.kind}): {e.detail}"
+                                                               for e in report.float_ops],
             "skipped": list(report.skipped)}
 
 
@@ -198,8 +207,7 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
     model = MODELS[name]()
     x = evals[:1]
     batches = list(calib.split(args.calib_batch))
-    paths = {k: os.path.join(model_dir, f"{name}_{k}.onnx") for k in ("fp32", "fxquant_ort", "fxquant_trt",
-                                                                       "quantize_static")}
+    paths = {k: os.path.join(model_dir, f"{name}_{k}.onnx") for k in ("fp32", *QUANTIZED)}
     with torch.no_grad():
         ref = torch.cat([model(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
     t0 = time.perf_counter()
@@ -207,40 +215,55 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
         export_float_onnx(model, x, paths["fp32"])
     info = {"fxquant_ort": fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_ort"]),
             "fxquant_trt": fxquant_export(model, x, batches, "tensorrt", paths["fxquant_trt"])}
-    ort_quantize_static(paths["fp32"], paths["quantize_static"], batches, model_dir)
+    if not args.no_reconstruction:
+        info["fxquant_recon"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_recon"],
+                                               fxquant.QuantConfig(adaround=True))
+    seconds = {}
+    for key, reduce_range in (("quantize_static", True), ("quantize_static_full", False)):
+        start = time.perf_counter()
+        ort_quantize_static(paths["fp32"], paths[key], batches, model_dir, reduce_range=reduce_range)
+        seconds[key] = time.perf_counter() - start
     ao = torch_ao_fx(model, x, batches)
     print(f"[{name}] quantized in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
-    logits = {"fp32_onnx": ort_logits(paths["fp32"], evals), "fxquant_ort": ort_logits(paths["fxquant_ort"], evals),
-              "fxquant_trt": ort_logits(paths["fxquant_trt"], evals, level="basic"),
-              "quantize_static": ort_logits(paths["quantize_static"], evals)}
+    done = [k for k in QUANTIZED if k in info or k in seconds]
+    logits = {"fp32_onnx": ort_logits(paths["fp32"], evals)}
+    logits.update({k: ort_logits(paths[k], evals, level="basic" if k == "fxquant_trt" else "all") for k in done})
     with torch.no_grad():
         logits["torch_ao_fx"] = torch.cat([ao(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
     rows = {k: agreement(ref, v) for k, v in logits.items()}
-    for k in ("fp32", "fxquant_ort", "fxquant_trt", "quantize_static"):
+    for k in ("fp32", *done):
         rows.setdefault(k, {}).update(optimized_graph_ops(paths[k]))
+    for k, v in seconds.items():
+        rows[k]["calibrate_seconds"] = v
     for k, v in latency({k: paths[k] for k in TIMED}, x.numpy(), args.runs, args.warmup).items():
         rows[k].update(v)
     for k, v in info.items():
+        rows[k]["calibrate_seconds"] = v.pop("calibrate_seconds")
         rows[k]["fxquant"] = v
     return rows
 
 
 def markdown(name: str, rows: dict) -> str:
     labels = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
+              "fxquant_recon": "fxquant `onnxruntime` preset, `QuantConfig(adaround=True)` (reconstruction)",
               "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
-              "quantize_static": "ORT `quantize_static` (QDQ, per-channel, reduce_range)",
+              "quantize_static": "ORT `quantize_static` (QDQ, per-channel, reduce_range: 7-bit weights)",
+              "quantize_static_full": "ORT `quantize_static` (QDQ, per-channel, 8-bit weights: VNNI CPUs only)",
               "torch_ao_fx": "torch.ao FX (x86 qconfig)"}
-    lines = [f"**{name}**", "", "| tool | top-1 agreement | SQNR dB | ORT speed vs fp32 (median, paired) | "
-             "BatchNorm / float Conv left in ORT graph |", "|---|---|---|---|---|"]
+    lines = [f"**{name}**", "", "| tool | top-1 agreement | SQNR dB | calibrate s | ORT speed vs fp32 (median, "
+             "paired) | BatchNorm / float Conv left in ORT graph |", "|---|---|---|---|---|---|"]
     for key, label in labels.items():
+        if key not in rows:
+            continue
         r = rows[key]
+        calibrate = f"{r['calibrate_seconds']:.1f}" if "calibrate_seconds" in r else "-"
         speed = (f"{r['speedup_vs_fp32']:.2f}x ({r['speedup_vs_fp32_paired']:.2f}x)" if "speedup_vs_fp32" in r
                  else "-")
         graph = f"{r['BatchNormalization']} / {r['float_conv_gemm_matmul']}" if "BatchNormalization" in r else "-"
-        lines.append(f"| {label} | {r['top1_agreement']:.1%} | {r['sqnr_db']:.1f} | {speed} | {graph} |")
+        lines.append(f"| {label} | {r['top1_agreement']:.1%} | {r['sqnr_db']:.1f} | {calibrate} | {speed} | {graph} |")
     fp = rows["fp32"]
-    lines.append(f"| fp32 ONNX | {rows['fp32_onnx']['top1_agreement']:.1%} | {rows['fp32_onnx']['sqnr_db']:.1f} | "
+    lines.append(f"| fp32 ONNX | {rows['fp32_onnx']['top1_agreement']:.1%} | {rows['fp32_onnx']['sqnr_db']:.1f} | - | "
                  f"1.00x ({fp['median_ms']:.2f} ms, IQR {fp['q1_ms']:.2f}-{fp['q3_ms']:.2f}) | "
                  f"{fp['BatchNormalization']} / {fp['float_conv_gemm_matmul']} |")
     return "\n".join(lines)
@@ -255,6 +278,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=256, help="evaluation crops (disjoint from calibration)")
     parser.add_argument("--runs", type=int, default=60, help="timed runs per model")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration crops")
+    parser.add_argument("--eval-seed", type=int, default=1, help="seed of the evaluation crops")
+    parser.add_argument("--no-reconstruction", action="store_true",
+                        help="leave out the QuantConfig(adaround=True) row (minutes per model)")
     parser.add_argument("--out", default=OUT)
     return parser.parse_args(argv)
 
@@ -266,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "cnn_pretrained_models")
     os.makedirs(model_dir, exist_ok=True)
     images = photos()
-    calib, evals = random_crops(images, args.calib, seed=0), random_crops(images, args.eval, seed=1)
+    calib = random_crops(images, args.calib, seed=args.calib_seed)
+    evals = random_crops(images, args.eval, seed=args.eval_seed)
     results = {name: bench_model(name, calib, evals, args, model_dir) for name in args.models}
     tables = "\n\n".join(markdown(name, rows) for name, rows in results.items())
     print(tables)

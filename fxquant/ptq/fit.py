@@ -37,16 +37,20 @@ def take(values: Sequence[object], index: slice | torch.Tensor) -> list[object]:
 
 @torch.enable_grad()  # calibrate() runs under no_grad
 def fit(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]],
-        data: tuple[list, list, list], options: AdaRoundOptions, generator: torch.Generator, bar: tqdm) -> None:
-    """Fit the rounding variables of ``pairs`` (the block's layers) for ``options.iterations`` steps; ``data``:
-    the block's float inputs, quantized inputs and float outputs over all samples."""
+        data: tuple[list, list, list], options: AdaRoundOptions, generator: torch.Generator,
+        bar: tqdm) -> dict[str, float]:
+    """Fit the rounding variables of ``pairs`` (the block's layers), and the steps of the activation quantizers
+    only the block calls, for ``options.iterations`` steps; ``data``: the block's float inputs, quantized inputs
+    and float outputs over all samples. Returns the factor each learned activation step was scaled by."""
     fp_in, q_in, targets = data
-    opt = torch.optim.Adam([soft.V for _, soft in pairs], lr=options.lr)
     warm = int(options.warm_up * options.iterations)
     n = targets[0].shape[0]
     size = min(options.batch_size, n)
     window = _window(q_in, options.crop)
-    with _training(gm, block, pairs, options.act_drop, generator) as (module, mode):
+    learned: dict[str, float] = {}
+    with _training(gm, block, pairs, options, generator, learned) as (module, mode, steps):
+        groups = [{"params": [soft.V for _, soft in pairs], "lr": options.lr}]
+        opt = torch.optim.Adam(groups + ([{"params": steps, "lr": options.act_lr}] if steps else []))
         for it in range(options.iterations):
             idx = torch.randint(0, n, (size,), generator=generator)
             fp, q = take(fp_in, idx), take(q_in, idx)
@@ -59,6 +63,7 @@ def fit(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]
                 with torch.no_grad():
                     target = list(module(*fp))
                 mode.train = True
+            fp, q, target = _channels_last(fp), _channels_last(q), _channels_last(target)
             loss = _loss(module(*[_mix(f, v, options.act_drop, generator) for f, v in zip(fp, q, strict=True)]),
                          target)
             if it >= warm:
@@ -69,6 +74,7 @@ def fit(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]
             loss.backward()
             opt.step()
             bar.update(1)
+    return learned
 
 
 def _loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -92,6 +98,12 @@ def keep_mask(shape: torch.Size, p: float, generator: torch.Generator) -> torch.
     draws = torch.empty(words, dtype=torch.int64).random_(0, 1 << 56, generator=generator)
     low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the seven random bytes of each draw
     return (draws.view(torch.uint8).view(words, 8)[:, low].reshape(-1)[:count] < round(p * 256)).view(shape)
+
+
+def _channels_last(values: list[object]) -> list[object]:
+    """4-D tensors in channels-last memory order (a depthwise convolution's backward runs faster so)."""
+    return [v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
+            for v in values]
 
 
 def _window(inputs: Sequence[object], crop: int | None) -> tuple[int, int] | None:
@@ -138,28 +150,48 @@ class _Mode:
 class _ActivationQuantizer(nn.Module):
     """An activation quantizer during fitting: one fused fake-quant op where the range is one static step and
     zero point (else the quantizer itself), its input kept per element with probability ``drop`` (QDrop);
-    the identity in float mode."""
+    the identity in float mode. With ``learn``, the step is ``step * exp(log_factor)`` with ``log_factor``
+    learned (LSQ's gradient for the step, Esser et al. 2020; the zero point stays)."""
 
-    def __init__(self, quantizer: TensorQuantizer, drop: float, generator: torch.Generator, mode: _Mode) -> None:
+    def __init__(self, quantizer: TensorQuantizer, drop: float, generator: torch.Generator, mode: _Mode,
+                 learn: bool) -> None:
         super().__init__()
         self.quantizer, self.drop, self.generator, self.mode = quantizer, drop, generator, mode
-        self.step = self.zero_point = None
+        self.step = self.zero_point = self.log_factor = None
         spec = quantizer.spec
         if quantizer.is_calibrated and spec.fake_quant and not spec.dynamic and quantizer.scale.numel() == 1:
-            step, zero_point = quantizer.scale.float(), quantizer.zero_point
+            step, zero_point = quantizer.scale.float(), quantizer.zero_point.float()
             if float(step) > qmath.EPS and spec.qmin <= float(zero_point) <= spec.qmax:
-                self.step, self.zero_point = step.reshape(1), zero_point.reshape(1).to(torch.int32)
+                self.step, self.zero_point = step.reshape(1), zero_point.reshape(1)
+                if learn:
+                    self.log_factor = nn.Parameter(torch.zeros(1, device=step.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.mode.train:
             return x
-        if self.step is not None and x.dtype == torch.float32:
-            spec = self.quantizer.spec
-            out = torch.fake_quantize_per_tensor_affine(x, self.step.to(x.device), self.zero_point.to(x.device),
-                                                        spec.qmin, spec.qmax)
-        else:
+        spec = self.quantizer.spec
+        if self.step is None or x.dtype != torch.float32:
             out = self.quantizer(x)
+        elif self.log_factor is None:
+            out = torch.fake_quantize_per_tensor_affine(x, self.step.to(x.device),
+                                                        self.zero_point.to(x.device, torch.int32), spec.qmin,
+                                                        spec.qmax)
+        else:
+            step = self.step.to(x.device) * self.log_factor.exp()
+            out = torch._fake_quantize_learnable_per_tensor_affine(x, step, self.zero_point.to(x.device),
+                                                                   spec.qmin, spec.qmax, 1.0)
         return _mix(x, out, self.drop, self.generator)
+
+    @torch.no_grad()
+    def apply_learned_step(self) -> float:
+        """Scale the quantizer's range by the learned factor (its step with it; the zero point stays); returns
+        the factor (1 when nothing was learned)."""
+        if self.log_factor is None or not bool(torch.isfinite(self.log_factor).all()):
+            return 1.0
+        factor = float(self.log_factor.exp())
+        q = self.quantizer
+        q._store_range(q._min * factor, q._max * factor)
+        return factor
 
 
 class _SoftWeight(nn.Module):
@@ -174,19 +206,30 @@ class _SoftWeight(nn.Module):
 
 
 @contextlib.contextmanager
-def _training(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]], drop: float,
-              generator: torch.Generator) -> Iterator[tuple[fx.GraphModule, _Mode]]:
-    """The block as a module to fit, and its mode switch: its activation quantizers and its layers' weight
-    quantizers replaced by their training forms (``_ActivationQuantizer``, ``_SoftWeight``) for the duration."""
+def _training(gm: fx.GraphModule, block: Block, pairs: list[tuple[Layer, SoftRounding]], options: AdaRoundOptions,
+              generator: torch.Generator, learned: dict[str, float]) -> Iterator[tuple[fx.GraphModule, _Mode, list]]:
+    """The block as a module to fit, its mode switch and its parameters to learn: its activation quantizers and
+    its layers' weight quantizers replaced by their training forms (``_ActivationQuantizer``, ``_SoftWeight``)
+    for the duration. Activation steps are learned (``options.act_lr``) for the quantizers called only inside
+    the block; their factors go to ``learned`` (module path -> factor) and into their ranges at the end."""
     mode = _Mode()
     activations = _quantizers(gm, block)
+    inside = set(block.nodes)
+    calls = {path: [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path] for path in activations}
     weights = [(layer, layer.quantizer) for layer, _ in pairs]
+    wrappers = {path: _ActivationQuantizer(q, options.act_drop, generator, mode,
+                                           options.act_lr > 0 and all(n in inside for n in calls[path]))
+                for path, q in activations.items()}
     try:
-        for path, q in activations.items():
-            gm.set_submodule(path, _ActivationQuantizer(q, drop, generator, mode))
+        for path, wrapper in wrappers.items():
+            gm.set_submodule(path, wrapper)
         for layer, soft in pairs:
             layer.quantizer = _SoftWeight(soft, mode)
-        yield block_module(gm, block), mode
+        steps = [w.log_factor for w in wrappers.values() if w.log_factor is not None]
+        yield block_module(gm, block), mode, steps
+        for path, wrapper in wrappers.items():
+            if wrapper.log_factor is not None:
+                learned[path] = wrapper.apply_learned_step()
     finally:
         for path, q in activations.items():
             gm.set_submodule(path, q)

@@ -86,8 +86,9 @@ def reconstruct(gm: fx.GraphModule, layers: list, samples: tuple[torch.Tensor, .
             if pairs:
                 bar.set_postfix_str(block.name, refresh=False)
                 fitting = time.perf_counter()
-                fit(gm, block, pairs, (fp_in, q_in, targets), options, generator, bar)
-                stats.setdefault(block.name, {"layers": {}})["fit_seconds"] = time.perf_counter() - fitting
+                learned = fit(gm, block, pairs, (fp_in, q_in, targets), options, generator, bar)
+                entry = stats.setdefault(block.name, {"layers": {}})
+                entry.update({"fit_seconds": time.perf_counter() - fitting, "activation_steps": learned})
                 for layer, soft in pairs:
                     codes[layer.name] = harden(layer, soft)
                     flipped = float((codes[layer.name] != soft.nearest).float().mean())
