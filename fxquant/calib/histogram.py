@@ -80,28 +80,30 @@ def sample_blocks(numel: int, max_samples: int = MAX_SAMPLES, block: int = SAMPL
 
 
 def subsample(x: torch.Tensor, max_samples: int = MAX_SAMPLES, block: int = SAMPLE_BLOCK) -> torch.Tensor:
-    """The elements of ``x`` that ``sample_blocks`` picks, as a contiguous 1-D tensor (``x`` itself, flattened,
-    when it fits). Runs of contiguous elements read only the sampled memory; an element-wise stride would read
-    every cache line of the tensor."""
+    """The elements of ``x`` that ``sample_blocks`` picks, as a (blocks, block) view of its memory, one run per
+    row (``x`` itself, flattened, when it fits): no copy. Runs of contiguous elements read only the sampled
+    memory; an element-wise stride would read every cache line of the tensor."""
     flat = x.detach().reshape(-1)
     blocks, step = sample_blocks(flat.numel(), max_samples, block)
     if blocks == 1:
         return flat
-    return flat.as_strided((blocks, block), (step, 1), flat.storage_offset()).reshape(-1)
+    return flat.as_strided((blocks, block), (step, 1), flat.storage_offset())
 
 
 def bin_counts(x: torch.Tensor, exponent: int) -> torch.Tensor:
-    """Counts of ``x`` (all |x| < 2^exponent) in NUM_BINS bins over [-2^exponent, 2^exponent), as float64.
+    """Counts of ``x`` (all |x| < 2^exponent, any shape or strides) in NUM_BINS bins over
+    [-2^exponent, 2^exponent), as float64.
 
     The bin is ``floor(x * 2^(11 - exponent))`` with no rounding error: scaling by a power of two is exact in
     float32 when the factor is >= 1 (no underflow, and |x * factor| < 2^11); a smaller factor could flush tiny
-    negative values to -0.0 in float32, so that (rare: |x| >= 2048) case scales in float64.
+    negative values to -0.0 in float32, so that (rare: |x| >= 2048) case scales in float64. The scaling reads a
+    strided ``x`` (a subsample) into one new contiguous tensor, the only copy.
     """
     scale = 2.0 ** (_HALF_BITS - exponent)
-    scaled = x.detach().flatten().float() * scale if scale >= 1 else x.detach().flatten().double() * scale
+    scaled = x.detach().float() * scale if scale >= 1 else x.detach().double() * scale
     # |x| < 2^exponent puts floor(scaled) in [-2^11, 2^11): the index is in range without a clamp
     index = scaled.floor_().to(torch.int32).add_(NUM_BINS // 2)
-    return torch.bincount(index, minlength=NUM_BINS).double()
+    return torch.bincount(index.view(-1), minlength=NUM_BINS).double()
 
 
 class HistogramCalibrator(Calibrator):
@@ -144,8 +146,7 @@ class HistogramCalibrator(Calibrator):
             # (a CalibrationError naming the quantizer), as it does for the other calibrators
             return
         self.widen_to(exponent_for(max(-lo_f, hi_f)))
-        self.hist += bin_counts(x.reshape(-1) if self.max_samples is None else subsample(x, self.max_samples),
-                                self.exponent)
+        self.hist += bin_counts(x if self.max_samples is None else subsample(x, self.max_samples), self.exponent)
 
     @property
     def is_finite(self) -> bool:

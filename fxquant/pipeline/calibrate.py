@@ -15,10 +15,10 @@ from torch import nn
 
 from fxquant.calib.batches import ModelBatches, clear_ranges, run_batch
 from fxquant.errors import ConfigError
-from fxquant.pipeline.ranges import collect_ranges
+from fxquant.pipeline.ranges import collect_ranges, recollect_ranges
 from fxquant.ptq.adaround import adaround_step, rounds
 from fxquant.ptq.bias_correction import bias_correction_step, corrects_bias, corrects_empirically
-from fxquant.ptq.outlier_channels import outlier_channels_step, splits
+from fxquant.ptq.outlier_channels import outlier_channels_step, split_watched, splits, watching
 from fxquant.ptq.smoothquant import smoothquant_step, smooths
 from fxquant.ptq.step import CalibrateStep, CalibrationContext, StepResult, always
 from fxquant.ptq.weight_widths import saturation_aware, weight_bits_step
@@ -29,6 +29,18 @@ from fxquant.state import QuantState, get_state
 RANGES = CalibrateStep("ranges", collect_ranges)  # the calibrator loop: before it, steps change the model; after
 # it, they see calibrated ranges
 
+
+def _split_on_ranges(ctx: CalibrationContext) -> StepResult:
+    """The outlier split decided on the activations of the ranges pass; the quantizers it changed collect again."""
+    result, changed = split_watched(ctx)
+    if changed:
+        recollect_ranges(ctx, changed)
+    return result
+
+
+# the split where the ranges pass runs the float model: it decides on that pass's activations (no pass of its own)
+SPLIT_ON_RANGES = CalibrateStep("outlier_channels", _split_on_ranges, applies=watching, reads_batches=always)
+
 STEPS: tuple[CalibrateStep, ...] = (
     # data-driven changes of the model its ranges are then calibrated on; skipped under distributed calibration
     # (SmoothQuant's trigger, a LayerNorm feeding Linears, means a transformer that loses accuracy without it: a
@@ -37,6 +49,7 @@ STEPS: tuple[CalibrateStep, ...] = (
                   distributed="skip_and_warn"),
     CalibrateStep("outlier_channels", outlier_channels_step, applies=splits, reads_batches=always, distributed="skip"),
     RANGES,
+    SPLIT_ON_RANGES,
     CalibrateStep("weight_bits", weight_bits_step, applies=saturation_aware),  # ORT u8s8 saturation-safe codes
     CalibrateStep("adaround", adaround_step, applies=rounds, reads_batches=always),
     CalibrateStep("bias_correction", bias_correction_step, applies=corrects_bias, reads_batches=corrects_empirically),
@@ -50,7 +63,7 @@ def calibrate_model(prepared: nn.Module, data: ModelBatches, progress: bool, dis
     state = get_state(prepared)
     ctx = CalibrationContext(prepared, data, lambda i, batch: run_batch(prepared, batch, i, data.expected), state,
                              _calibrated_quantizers(prepared, state), distributed, progress, data)
-    split = STEPS.index(RANGES) + 1
+    split = STEPS.index(SPLIT_ON_RANGES) + 1  # up to here quantizers collect (in eval mode); then they quantize
     was_training = prepared.training
     prepared.eval()
     with torch.no_grad():
@@ -67,6 +80,7 @@ def calibrate_model(prepared: nn.Module, data: ModelBatches, progress: bool, dis
             clear_ranges(ctx.quantizers.values(), state)  # a failed re-calibration must not leave the old ranges
             raise
         finally:
+            ctx.hooks.close()
             for q in ctx.quantizers.values():
                 q.set_mode("quant")
             prepared.train(was_training)

@@ -3,12 +3,16 @@ merge across ranks, and each quantizer's range."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tqdm.auto import tqdm
 
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.positions import PositionReport, counting_positions
 from fxquant.errors import CalibrationError, NegativeInputError
+from fxquant.ptq.layers import disabled
 from fxquant.ptq.step import CalibrationContext, StepResult
+from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PTQReport
 
 
@@ -50,6 +54,19 @@ def collect_ranges(ctx: CalibrationContext) -> StepResult:
         raise NegativeInputError(f"{len(negative)} unsigned quantizer(s) saw negative calibration data ("
                                  + ", ".join(f"`{n}`" for n, _ in negative[:6]) + "): " + str(negative[0][1]))
     return StepResult(_positions_report(positions))
+
+
+def recollect_ranges(ctx: CalibrationContext, quantizers: list[TensorQuantizer]) -> None:
+    """Collect the statistics of ``quantizers`` (some of ``ctx.quantizers``, whose inputs a step changed) again
+    over the batches and set their ranges; every other quantizer passes its input through meanwhile and keeps its
+    range."""
+    ids = {id(q) for q in quantizers}
+    chosen = {name: q for name, q in ctx.quantizers.items() if id(q) in ids}
+    with disabled([q for q in ctx.quantizers.values() if id(q) not in ids]):
+        for q in chosen.values():
+            q.calibrator.reset()
+            q.set_mode("calib")
+        collect_ranges(dataclasses.replace(ctx, quantizers=chosen))
 
 
 def _positions_report(positions: PositionReport) -> PTQReport | None:

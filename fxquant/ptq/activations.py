@@ -4,7 +4,8 @@ batches, with every quantizer off)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import TypeVar
 
@@ -84,22 +85,37 @@ def float_rows(model: nn.Module, taps: Mapping[int, tuple[nn.Module, str]], batc
     """Per tap ``key -> (module, "input" | "output")``: the rows (last dimension = channels, at most
     ``MAX_ROWS``, float32) of what that module reads or returns over ``batches``, every quantizer disabled.
     A tap that never ran gets one row of zeros."""
+    with tapped_rows(taps) as rows, float_mode(model):
+        for i, batch in enumerate(batches):
+            (run or plain_forward(model))(i, batch)
+    return stacked_rows(rows, taps)
+
+
+@contextlib.contextmanager
+def tapped_rows(taps: Mapping[int, tuple[nn.Module, str]]) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Hooks that keep, per tap ``key -> (module, "input" | "output")``, the first ``MAX_ROWS`` rows of what the
+    module reads or returns in the forwards run inside (float32, one tensor per forward); removed on exit."""
     rows: dict[int, list[torch.Tensor]] = {}
     handles = [module.register_forward_pre_hook(partial(_keep_input, rows, key)) if where == "input"
                else module.register_forward_hook(partial(_keep_output, rows, key))
                for key, (module, where) in taps.items()]
     try:
-        with float_mode(model):
-            for i, batch in enumerate(batches):
-                (run or plain_forward(model))(i, batch)
+        yield rows
     finally:
         for h in handles:
             h.remove()
-    return {key: torch.cat(rows.get(key) or [torch.zeros(1, 1)])[:MAX_ROWS] for key in taps}
+
+
+def stacked_rows(rows: Mapping[int, list[torch.Tensor]], keys: Iterable[int]) -> dict[int, torch.Tensor]:
+    """``tapped_rows``' rows as one [rows, channels] tensor per key (one row of zeros for a tap that never ran)."""
+    return {key: torch.cat(rows.get(key) or [torch.zeros(1, 1)])[:MAX_ROWS] for key in keys}
 
 
 def _keep(rows: dict[int, list], key: int, x: torch.Tensor) -> None:
-    rows.setdefault(key, []).append(x.detach().reshape(-1, x.shape[-1]).float())
+    kept = rows.setdefault(key, [])
+    room = MAX_ROWS - sum(len(r) for r in kept)
+    if room > 0:  # rows past MAX_ROWS would be dropped: not copied at all
+        kept.append(x.detach().reshape(-1, x.shape[-1])[:room].float())
 
 
 def _keep_input(rows: dict[int, list], key: int, _module: nn.Module, args: tuple) -> None:

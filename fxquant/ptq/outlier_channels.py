@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part
+from fxquant.ptq.activations import Forward, Sharing, float_rows, sites_by_part, stacked_rows, tapped_rows
 from fxquant.ptq.step import CalibrationContext, StepResult, auto_applies, auto_result
 from fxquant.qmath import fake_quant_minmax
 from fxquant.quantizer import TensorQuantizer
@@ -167,43 +167,66 @@ def splittable(model: nn.Module) -> bool:
 def split_outlier_channels(model: nn.Module, batches: list, run: Forward | None = None) -> PTQReport:
     """Split the outlier input channels of every eligible Linear of ``model``'s traced parts (float-exact).
     ``run(index, batch)`` runs one batch (calibrate passes its checked runner; default ``model(*batch)``)."""
-    report = PTQReport("outlier_channels")
-    sites, notes = sites_by_part(model, find_sites)
-    report.skipped += notes
-    if not sites:
-        return report
-    taps = {id(s): (gm.get_submodule(s.quantizer.target), "input") for gm, ss in sites.items() for s in ss}
-    rows = float_rows(model, taps, batches, run)
-    layers = {}
-    for gm, ss in sites.items():
-        for site in ss:
-            x = rows[id(site)]
-            channel_max = x.abs().amax(0)
-            channels = candidates(channel_max)
-            if not channels:
-                continue
-            act = gm.get_submodule(site.quantizer.target)
-            linears = list({n.target: gm.get_submodule(n.target) for n in site.linears}.values())  # each once
-            w_bits = [getattr(getattr(lin, "weight_quantizer", None), "spec", None) for lin in linears]
-            w_bits = [8 if s is None else s.num_bits for s in w_bits]
-            k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels, site.own)
-            readers = ", ".join(dict.fromkeys(n.target for n in site.linears))
-            layers[readers] = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
-            if k == 0:
-                report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
-                                      f"(median channel {channel_max.median():.3g}), but running them in float "
-                                      f"divides the output error by less than {MIN_GAIN}")
-                continue
-            _apply(gm, site, channels[:k])
-            report.done.append(f"`{readers}`: input channel(s) {channels[:k]} (max |x| "
-                               f"{', '.join(f'{float(channel_max[c]):.3g}' for c in channels[:k])}; median channel "
-                               f"{float(channel_max.median()):.3g}) run in float beside the int8 Linear, output "
-                               f"error / {errors[0] / max(errors[k], 1e-30):.1f}"
-                               + ("" if site.own else "; the weight is shared elsewhere, so its columns stay"))
-        gm.graph.lint()
-        gm.recompile()
-    report.data = {"layers": layers}
-    return report
+    watch = OutlierWatch(model)
+    return watch.split(float_rows(model, watch.taps, batches, run))[0]
+
+
+class OutlierWatch:
+    """The split's sites in ``model`` and the taps on their input quantizers (key ``id(site)``), decided on the
+    float rows those taps keep: by ``split_outlier_channels``' own float pass, or by calibrate's ranges pass when
+    that pass runs the float model (``watching``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sites, self.notes = sites_by_part(model, find_sites)
+        self.taps = {id(s): (gm.get_submodule(s.quantizer.target), "input") for gm, ss in self.sites.items()
+                     for s in ss}
+
+    def split(self, rows: dict[int, torch.Tensor]) -> tuple[PTQReport, list[TensorQuantizer]]:
+        """Split every site where it pays on ``rows`` (``taps``' float rows); the report, and the quantizers
+        whose inputs changed (the split sites' input quantizers and the zeroed Linears' weight quantizers)."""
+        report = PTQReport("outlier_channels", skipped=list(self.notes))
+        changed: list[TensorQuantizer] = []
+        if not self.sites:
+            return report, changed
+        layers: dict[str, dict] = {}
+        for gm, ss in self.sites.items():
+            for site in ss:
+                changed += _split_site(gm, site, rows[id(site)], report, layers)
+            gm.graph.lint()
+            gm.recompile()
+        report.data = {"layers": layers}
+        return report, changed
+
+
+def _split_site(gm: fx.GraphModule, site: Site, x: torch.Tensor, report: PTQReport,
+                layers: dict[str, dict]) -> list[TensorQuantizer]:
+    """Search and apply the split of one site on its float input rows ``x``, noting what was done or why not in
+    ``report`` and ``layers``; the quantizers whose inputs it changed (none when it split nothing)."""
+    channel_max = x.abs().amax(0)
+    readers = ", ".join(dict.fromkeys(n.target for n in site.linears))
+    channels = candidates(channel_max)
+    if not channels:  # measured first: the search (and its float matmuls) runs only where an outlier can matter
+        report.skipped.append(f"`{readers}`: no input channel's max |x| is above {RATIO:g}x the median channel's "
+                              f"(largest {float(channel_max.max()):.3g}, median {float(channel_max.median()):.3g})")
+        return []
+    act = gm.get_submodule(site.quantizer.target)
+    linears = list({n.target: gm.get_submodule(n.target) for n in site.linears}.values())  # each once
+    w_quantizers = [getattr(lin, "weight_quantizer", None) for lin in linears]
+    w_bits = [8 if q is None else q.spec.num_bits for q in w_quantizers]
+    k, errors = _search(x, [lin.weight.detach().float() for lin in linears], act, w_bits, channels, site.own)
+    layers[readers] = {"channels": channels[:k], "errors": {str(n): e for n, e in errors.items()}}
+    if k == 0:
+        report.skipped.append(f"`{readers}`: input channels {channels} reach {channel_max[channels[0]]:.3g} "
+                              f"(median channel {channel_max.median():.3g}), but running them in float "
+                              f"divides the output error by less than {MIN_GAIN}")
+        return []
+    _apply(gm, site, channels[:k])
+    report.done.append(f"`{readers}`: input channel(s) {channels[:k]} (max |x| "
+                       f"{', '.join(f'{float(channel_max[c]):.3g}' for c in channels[:k])}; median channel "
+                       f"{float(channel_max.median()):.3g}) run in float beside the int8 Linear, output "
+                       f"error / {errors[0] / max(errors[k], 1e-30):.1f}"
+                       + ("" if site.own else "; the weight is shared elsewhere, so its columns stay"))
+    return [act] + ([q for q in w_quantizers if q is not None] if site.own else [])
 
 
 def splits(ctx: CalibrationContext) -> bool:
@@ -213,5 +236,25 @@ def splits(ctx: CalibrationContext) -> bool:
 
 
 def outlier_channels_step(ctx: CalibrationContext) -> StepResult:
-    """calibrate()'s outlier-channel split, on its checked batches (``fxquant.ptq.step``)."""
-    return auto_result(ctx, "outlier_channels", split_outlier_channels(ctx.model, ctx.batches, ctx.run))
+    """calibrate()'s outlier-channel split, on its checked batches (``fxquant.ptq.step``). Where the ranges pass
+    runs the float model it only taps the sites' inputs for that pass (``split_watched`` decides after it, so a
+    model where nothing is split, e.g. a CNN head, runs no extra pass); otherwise it runs a float pass now."""
+    if not ctx.float_pass:
+        return auto_result(ctx, "outlier_channels", split_outlier_channels(ctx.model, ctx.batches, ctx.run))
+    watch = OutlierWatch(ctx.model)
+    ctx.watches["outlier_channels"] = (watch, ctx.hooks.enter_context(tapped_rows(watch.taps)))
+    return StepResult()
+
+
+def watching(ctx: CalibrationContext) -> bool:
+    """Whether ``outlier_channels_step`` tapped the ranges pass (``split_watched`` then runs)."""
+    return "outlier_channels" in ctx.watches
+
+
+def split_watched(ctx: CalibrationContext) -> tuple[StepResult, list[TensorQuantizer]]:
+    """The split decided on the rows the ranges pass kept: its result, and the quantizers whose inputs it changed
+    (their statistics must be collected again)."""
+    watch, rows = ctx.watches.pop("outlier_channels")
+    ctx.hooks.close()
+    report, changed = watch.split(stacked_rows(rows, watch.taps))
+    return auto_result(ctx, "outlier_channels", report), changed

@@ -22,6 +22,7 @@ mode (set eval yourself where it matters), and gradients off (``torch.enable_gra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,7 +32,7 @@ from torch import nn
 from fxquant.backends.base import Backend
 from fxquant.calib.batches import ModelBatches
 from fxquant.ptq.activations import Forward
-from fxquant.quantizer import TensorQuantizer
+from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.report import PTQReport
 from fxquant.spec import QuantConfig
 from fxquant.state import QuantState
@@ -49,7 +50,9 @@ class CalibrationContext:
     the pipeline writes it). ``quantizers``: the quantizers this calibration sets (name -> quantizer; the ones
     the user disabled, AdaRound fixed or that are dynamic are left out). ``distributed``: statistics are merged
     across torch.distributed ranks. ``progress``: show progress bars. ``data``: the checked batch source (its
-    all-zero check needs every batch seen).
+    all-zero check needs every batch seen). ``watches``: what a step before the ranges leaves for its step after
+    them (by step name), to decide on the activations of the ranges pass instead of a pass of its own; ``hooks``:
+    the hooks such a step sets for the ranges pass, closed by its later step or when the calibrating steps end.
     """
 
     model: nn.Module
@@ -60,6 +63,15 @@ class CalibrationContext:
     distributed: bool
     progress: bool
     data: ModelBatches
+    watches: dict[str, object] = field(default_factory=dict)
+    hooks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def float_pass(self) -> bool:
+        """Whether the ranges pass runs the float model: every quantizer it does not calibrate is disabled (a
+        dynamic quantizer, or a weight's whose codes AdaRound fixed, quantizes in that pass)."""
+        calibrated = {id(q) for q in self.quantizers.values()}
+        return all(id(q) in calibrated or q.mode == "disabled" for q in quantizers_of(self.model).values())
 
     @property
     def config(self) -> QuantConfig:

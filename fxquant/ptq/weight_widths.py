@@ -27,7 +27,7 @@ from torch import fx, nn
 from fxquant.backends.base import Backend
 from fxquant.ops.kinds import module_kind, quantized_weight_op
 from fxquant.ptq.step import CalibrationContext, StepResult
-from fxquant.qmath import along_axis, quantize, symmetric_step
+from fxquant.qmath import symmetric_step
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PTQReport
 from fxquant.spec import QuantSpec
@@ -50,31 +50,36 @@ def reduction_rows(weight: torch.Tensor, kind: str, groups: int = 1) -> torch.Te
     return weight.movedim(1, -1).reshape(out_channels, -1)  # (O, k..., I/g): the input channel fastest
 
 
-def pair_sums(rows: torch.Tensor) -> torch.Tensor:
-    """Per row, the largest magnitude of the same-signed parts of an adjacent pair (2j, 2j + 1): what one
-    ``vpmaddubsw`` lane adds at worst, per unit of activation."""
+def pair_magnitudes(rows: torch.Tensor) -> torch.Tensor:
+    """Per adjacent pair (2j, 2j + 1) of each row, the magnitude of its same-signed parts: ``|a + b|`` when
+    ``a`` and ``b`` share a sign, else ``max(|a|, |b|)``; so ``max(|a + b|, |a|, |b|)`` always (exact: no
+    sum is rounded that the same-signed sums would not round). What one ``vpmaddubsw`` lane adds at worst,
+    per unit of activation; shape (rows, pairs)."""
     if rows.shape[1] % 2:
         rows = F.pad(rows, (0, 1))
-    pairs = rows.reshape(rows.shape[0], -1, 2)
-    return torch.maximum(pairs.clamp(min=0).sum(-1), -pairs.clamp(max=0).sum(-1)).amax(-1)
+    a, b = rows.reshape(rows.shape[0], -1, 2).unbind(-1)
+    size = rows.abs().reshape(rows.shape[0], -1, 2)  # abs of the contiguous rows: strided abs is slower
+    most = torch.maximum(size[..., 0], size[..., 1])
+    return torch.maximum(most, (a + b).abs_(), out=most)
+
+
+def pair_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest ``pair_magnitudes``."""
+    return pair_magnitudes(rows).amax(-1)
 
 
 def saturating_pairs(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> torch.Tensor:
-    """Per row of integer ``codes``, how many adjacent pairs could overflow int16 in ``vpmaddubsw`` with
-    uint8 activations (same-signed parts adding up to more than ``limit`` in magnitude)."""
-    codes = codes.to(torch.int32)  # int8 codes would wrap around when added
-    if codes.shape[1] % 2:
-        codes = F.pad(codes, (0, 1))
-    pairs = codes.reshape(codes.shape[0], -1, 2)
-    return ((pairs.clamp(min=0).sum(-1) > limit) | (pairs.clamp(max=0).sum(-1) < -limit)).sum(-1)
+    """Per row of integer ``codes`` (floats or integers), how many adjacent pairs could overflow int16 in
+    ``vpmaddubsw`` with uint8 activations (same-signed parts adding up to more than ``limit`` in magnitude)."""
+    codes = codes if codes.is_floating_point() else codes.to(torch.int32)  # int8 codes would wrap when added
+    return torch.count_nonzero(pair_magnitudes(codes) > limit, -1)
 
 
-def codes_at(weight: torch.Tensor, quantizer: TensorQuantizer, num_bits: int) -> torch.Tensor:
-    """The integer codes ``weight`` gets from ``quantizer``'s range at ``num_bits`` (round half to even)."""
-    spec = quantizer.spec.with_(num_bits=num_bits)
-    step = symmetric_step(quantizer.amax, spec.qmax)
-    axis = None if spec.axis is None else spec.axis % weight.dim()
-    return quantize(weight.detach(), along_axis(step, weight.dim(), axis), 0.0, spec.qmin, spec.qmax)
+def row_codes(rows: torch.Tensor, amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The integer codes (as floats) of the reduction ``rows`` of a weight at the symmetric range ``amax``
+    (one value, or one per row: the quantizer's axis 0), as ``qmath.quantize`` gives them (round half to even)."""
+    step = symmetric_step(amax, spec.qmax)
+    return torch.div(rows, step if step.dim() == 0 else step[:, None]).round_().clamp_(spec.qmin, spec.qmax)
 
 
 def weighted_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer, torch.Tensor, str, int]]:
@@ -109,23 +114,28 @@ def eligible(spec: QuantSpec, default: QuantSpec) -> bool:
 
 def widen(q: TensorQuantizer, weight: torch.Tensor, kind: str, groups: int, limit: int) -> dict:
     """8 bits for ``q``: channels whose 8-bit codes could overflow get their range widened to the smallest one
-    that keeps every pair within ``limit`` (a step between the 8- and 7-bit ones); 7 bits if that fails."""
+    that keeps every pair within ``limit`` (a step between the 8- and 7-bit ones); 7 bits if that fails.
+    ``q`` quantizes per tensor or along the output channel (axis 0), as the backends' weight specs do."""
     q.spec = q.spec.with_(num_bits=FULL_BITS)
-    risky = saturating_pairs(reduction_rows(codes_at(weight, q, FULL_BITS), kind, groups), limit)
+    rows = reduction_rows(weight.detach().float(), kind, groups)
+    amax = q.amax.float()
+    risky = saturating_pairs(row_codes(rows, amax, q.spec), limit)
     data = {"bits": FULL_BITS, "saturating_pairs_at_8_bits": int(risky.sum()), "channels": len(risky),
             "widened_channels": int((risky > 0).sum()), "min_effective_bits": float(FULL_BITS)}
     if not risky.any():
         return data
-    amax = q.amax.float()
     # codes of a pair add up to at most qmax * pair / amax + 1 (rounding): this amax keeps them <= limit
-    needed = pair_sums(reduction_rows(weight.detach().float(), kind, groups)) * q.spec.qmax / (limit - 1)
-    widened = torch.where(risky > 0, torch.maximum(amax, needed.to(amax)), amax)
-    old = q._min, q._max  # a weight quantizer's range: symmetric, one value per output channel
-    q._min, q._max = -widened.to(old[0]), widened.to(old[1])
-    if saturating_pairs(reduction_rows(codes_at(weight, q, FULL_BITS), kind, groups), limit).any():
-        q._min, q._max = old
+    risky = risky > 0
+    rows, widened = rows[risky], amax.expand(len(risky)).clone()
+    pairs = pair_sums(rows)
+    widened[risky] = torch.maximum(widened[risky], pairs * q.spec.qmax / (limit - 1))
+    # each code is within 0.5 of weight / step, so a pair's codes add up to at most pair / step + 1: no row with
+    # pair / step < limit (2^-20 of room for float rounding) can overflow; any other row's codes are checked
+    unsure = pairs * (1 + 2.0 ** -20) / symmetric_step(widened[risky], q.spec.qmax) >= limit
+    if unsure.any() and saturating_pairs(row_codes(rows[unsure], widened[risky][unsure], q.spec), limit).any():
         q.spec = q.spec.with_(num_bits=SAFE_BITS)
         return data | {"bits": SAFE_BITS, "widened_channels": 0, "min_effective_bits": float(SAFE_BITS)}
+    q._min, q._max = -widened.to(q._min), widened.to(q._max)  # symmetric, one value per output channel
     levels = 2 * q.spec.qmax * amax / widened + 1
     return data | {"min_effective_bits": round(float(torch.log2(levels).min()), 2)}
 

@@ -224,7 +224,7 @@ def test_large_tensors_are_binned_from_an_even_subsample_with_exact_extremes():
     sampled = torch.zeros(numel, dtype=torch.bool)
     for i in range(blocks):
         sampled[i * step:i * step + SAMPLE_BLOCK] = True
-    assert torch.equal(subsample(x), flat[sampled])
+    assert torch.equal(subsample(x).reshape(-1), flat[sampled])
     outside = int((~sampled).nonzero()[0])
     x.view(-1)[outside] = 9.5  # the extreme sits off the sample
     cal = histogram(x)
@@ -286,3 +286,69 @@ def test_max_calibrator_cannot_give_mse():
     assert "a MaxCalibrator cannot derive a 'mse' range (it can: ['max'])" in msg
     assert "calibrate with calib_method='percentile', 'entropy' or 'mse'" in msg
     assert q.amax.item() == 2.0  # unchanged
+
+
+# ---- histogram: the vectorized searches against straightforward per-candidate loops ------------------------
+
+
+def _reference_entropy_bin(hist: torch.Tensor, levels: int, start: int) -> int | None:
+    """The KL search one candidate at a time, each P and Q built over its bins (float64, no prefix sums)."""
+    last = int(torch.nonzero(hist).flatten()[-1]) + 1
+    best, best_i = math.inf, None
+    for i in range(start, last + 1):
+        h = hist[:i]
+        p = h.clone()
+        p[-1] += hist[i:].sum()
+        group = torch.arange(i) * levels // i  # bin j's group: floor(j * levels / i)
+        sums = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, h)
+        used = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, (h > 0).double())
+        q = torch.where(h > 0, sums[group] / used[group].clamp(min=1), 0.0)  # spread over the non-empty bins
+        if q.sum() == 0 or bool(((p > 0) & (q == 0)).any()):
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        kl = float((p[p > 0] * (p[p > 0] / q[p > 0]).log()).sum())
+        if kl <= best:
+            best, best_i = kl, i
+    return best_i
+
+
+def _test_histograms() -> list[torch.Tensor]:
+    """|x| histograms (2048 bins) of random and heavy-tailed data, as the calibrator folds them."""
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(50_000, generator=g), torch.rand(30_000, generator=g) * 3,
+            torch.distributions.StudentT(2.0).sample((40_000,)),  # heavy tails
+            torch.cat([torch.randn(20_000, generator=g).abs() * 0.1, torch.tensor([9.0, 5.5, 7.25])])]
+    return [histogram(x)._folded() for x in data]
+
+
+@pytest.mark.parametrize("levels", [128, 256])
+def test_entropy_search_picks_the_bin_a_per_candidate_loop_picks(levels: int) -> None:
+    from fxquant.calib.histogram import _entropy_amax
+
+    for hist in _test_histograms():
+        want = _reference_entropy_bin(hist, levels, 128)
+        assert want is not None
+        assert _entropy_amax(hist, 1.0, levels) == float(want)
+
+
+def _mse_error(hist: torch.Tensor, width: float, amax: float) -> float:
+    """The squared error of the bin centers of ``hist`` quantized symmetric 8-bit with ``amax``, one candidate."""
+    centers = (torch.arange(hist.numel(), dtype=torch.float64) + 0.5) * width
+    step = amax / 127
+    q = torch.clamp(torch.round(centers / step), max=127) * step
+    return float((((q - centers) ** 2) * hist).sum())
+
+
+def test_mse_search_matches_a_per_candidate_loop() -> None:
+    for hist in _test_histograms():
+        cal = histogram(torch.tensor([1.0]))
+        cal.hist = torch.cat([torch.zeros_like(hist), hist])  # the folded counts as non-negative data
+        top = float(torch.nonzero(hist).flatten()[-1] + 1) * cal._width
+        cal._min, cal._max = torch.tensor(0.0), torch.tensor(top)
+        grid = torch.linspace(top / 128, top, 128, dtype=torch.float64).tolist()
+        best = min(range(len(grid)), key=lambda k: _mse_error(hist, cal._width, grid[k]))
+        fine = torch.linspace(grid[max(best - 1, 0)], grid[min(best + 1, 127)], 64, dtype=torch.float64).tolist()
+        want = min(fine, key=lambda a: _mse_error(hist, cal._width, a))
+        got = cal._symmetric_mse(QuantSpec(calib_method="mse"))
+        assert _mse_error(hist, cal._width, got) <= _mse_error(hist, cal._width, want) * (1 + 1e-9)
+        assert got == pytest.approx(want, rel=1e-6)

@@ -232,3 +232,53 @@ def test_a_quantizer_read_by_two_linears_splits_both() -> None:
             q.set_mode("disabled")
     for x in batches:
         torch.testing.assert_close(calibrated(x), model(x), atol=1e-4, rtol=1e-5)
+
+
+class ConvHead(nn.Module):
+    """A CNN with a Linear classifier head: the split's only site, where no channel stands out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("setting", ["auto", True])
+def test_a_cnn_head_runs_each_batch_once_and_says_why_it_stays(setting: object) -> None:
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
+    prepared = fxquant.prepare(model, batches[0], backend="tensorrt",
+                               config=fxquant.QuantConfig(outlier_channels=setting))
+    calls = []
+    prepared.get_submodule("fc").register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    fxquant.calibrate(prepared, batches, progress=False)
+    assert len(calls) == 3  # the split decided on the ranges pass: no float pass of its own
+    report = fxquant.report_of(prepared).ptq.get("outlier_channels")
+    if setting == "auto":
+        assert report is None  # nothing split: "auto" records nothing
+    else:
+        assert report.done == [] and len(report.skipped) == 1
+        assert report.skipped[0].startswith("`fc`: no input channel's max |x| is above 8x the median channel's")
+
+
+def test_the_split_on_the_ranges_pass_collects_its_quantizers_again() -> None:
+    model, batches = _model(), _batches()
+    prepared = fxquant.calibrate(_prepare(model, "tensorrt", smoothquant=False), batches, progress=False)
+    assert fxquant.report_of(prepared).ptq["outlier_channels"].data["layers"]["down"]["channels"] == list(MASSIVE)
+    down = next(n for n in prepared.graph.nodes if n.target == "down")
+    act = prepared.get_submodule(down.args[0].target)
+    with torch.no_grad():
+        hidden = torch.cat([model.act(model.up(model.norm(x))).reshape(-1, 128) for x in batches])
+    hidden[:, list(MASSIVE)] = 0
+    lo, hi = act.calibrator.minmax()  # the masked input's exact extremes over each batch once, not the massive 40
+    assert act.calibrator.num_batches == len(batches)
+    assert (float(lo), float(hi)) == (float(hidden.min()), float(hidden.max()))
+    assert float(hi) < 10
+    weight = prepared.get_submodule("down")
+    torch.testing.assert_close(weight.weight_quantizer.amax.flatten(), weight.weight.detach().abs().amax(1),
+                               atol=0, rtol=0)  # per row, without the zeroed outlier columns

@@ -16,7 +16,8 @@ from torch import nn
 import fxquant
 from fxquant.backends.onnxruntime import ONNXRUNTIME
 from fxquant.lower.ort.targets import run_many_as
-from fxquant.ptq.weight_widths import reduction_rows, saturating_pairs
+from fxquant.ptq.weight_widths import reduction_rows, saturating_pairs, widen
+from fxquant.quantizer import TensorQuantizer
 from tests.cpus import needs_avx2, needs_vnni
 
 
@@ -105,6 +106,49 @@ def test_pair_counting() -> None:
     assert saturating_pairs(codes).tolist() == [2, 0]
     assert saturating_pairs(codes, limit=126).tolist() == [2, 1]  # the 64 + 64 pair within a margin of 2
     assert reduction_rows(torch.zeros(4, 3, 2, 2), "conv_transpose") is None
+
+
+def _reference_widen(weight: torch.Tensor, limit: int) -> tuple[int, list[int], torch.Tensor]:
+    """widen() written out channel by channel and pair by pair, on the OIHW weight itself: (pairs that could
+    overflow at 8 bits, widened channels, each channel's amax)."""
+    qmax, amaxes, risky, widened = 127, [], 0, []
+    for c, w in enumerate(weight):
+        row = w.permute(*range(1, w.dim()), 0).flatten() if w.dim() == 3 else w  # (kh, kw, in): input fastest
+        row = torch.cat([row, row.new_zeros(row.numel() % 2)])
+        amax = row.abs().max()
+        codes = torch.round(row / (amax / qmax)).clamp(-qmax, qmax)
+        same_signed = [max(sum(max(float(v), 0.0) for v in p), -sum(min(float(v), 0.0) for v in p))
+                       for p in (codes[j:j + 2] for j in range(0, len(codes), 2))]
+        over = sum(m > limit for m in same_signed)
+        risky += over
+        if over:
+            widened.append(c)
+            pairs = [max(float(p.clamp(min=0).sum()), float(-p.clamp(max=0).sum())) for p in row.view(-1, 2)]
+            amax = torch.maximum(amax, torch.tensor(max(pairs), dtype=torch.float32) * qmax / (limit - 1))
+        amaxes.append(amax)
+    return risky, widened, torch.stack(amaxes)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3, 3), (5, 16, 1, 1), (5, 3, 7, 7), (7, 33)])
+@pytest.mark.parametrize("limit", [128, 126])
+def test_widened_ranges_match_a_channel_by_channel_reference(shape: tuple, limit: int) -> None:
+    gen = torch.Generator().manual_seed(sum(shape) + limit)
+    weight = torch.randn(shape, generator=gen)
+    weight[1] = weight[1].abs() + 0.3  # one channel of same-signed weights: every pair overflows at 8 bits
+    weight[2] *= 0.01  # a small channel: its own range is what counts
+    alternating = torch.tensor([0.5, -0.5]).repeat(weight[3].numel())[:weight[3].numel()]  # in reduction order
+    weight[3] = alternating.view(*shape[2:], shape[1]).movedim(-1, 0)  # no same-signed pair: safe at limit 128
+    weight[4] = 0.0  # all zero: nothing to widen
+    q = TensorQuantizer(ONNXRUNTIME.weight, constant=True)
+    amax = weight.reshape(shape[0], -1).abs().amax(1)
+    q._min, q._max = -amax, amax.clone()
+    data = widen(q, weight, "conv" if len(shape) == 4 else "linear", 1, limit)
+    risky, widened, expected = _reference_widen(weight, limit)
+    assert 1 in widened and 4 not in widened and (3 in widened) == (limit < 127)  # |127| alone overflows 126
+    assert data["bits"] == 8 and data["saturating_pairs_at_8_bits"] == risky > 0
+    assert data["widened_channels"] == len(widened)
+    assert torch.equal(q._max, expected) and torch.equal(q._min, -expected)
+    assert torch.equal(q._max != amax, torch.isin(torch.arange(shape[0]), torch.tensor(widened)))
 
 
 class TwoConvs(nn.Module):
