@@ -78,8 +78,13 @@ def _prepare(model: nn.Module, example: tuple, backend: str = "onnxruntime", **k
         return fxquant.prepare(model, example, backend=backend, **kw)
 
 
-def _ort(path: str, inputs: tuple) -> torch.Tensor:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+def _ort(path: str, inputs: tuple, backend: str = "onnxruntime") -> torch.Tensor:
+    """ORT's output; a TensorRT-preset graph at the basic level (its meaning: ORT's int8 fusions of full 8-bit
+    weights saturate on x86 CPUs without VNNI, so at the full level the result depends on the CPU)."""
+    options = ort.SessionOptions()
+    if backend == "tensorrt":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
     return torch.from_numpy(session.run(None, feeds)[0])
 
@@ -107,7 +112,7 @@ def test_batch_one_example_runs_at_any_batch_and_length_in_torch_and_ort(backend
             expected, got = model(*inputs), qmodel(*inputs)
         # measured 40-50 dB, 26 at length 5 (a sharper softmax than most calibration rows)
         assert fxquant.sqnr(expected, got) >= 23.0, (batch, length)
-        assert fxquant.sqnr(got, _ort(result.path, inputs)) >= 30.0, (batch, length)
+        assert fxquant.sqnr(got, _ort(result.path, inputs, backend)) >= 30.0, (batch, length)
 
 
 def test_traced_cnn_reading_its_shape_exports_a_dynamic_batch_from_a_batch_one_example(tmp_path) -> None:

@@ -82,8 +82,9 @@ def test_16_bit_weights_keep_a_bias_int32_cannot_hold_in_float(tmp_path):
     assert result.ort_sqnr_db > 60
     adds = [n.name for n in result.model.graph.node if n.op_type == "Add" and n.name.endswith("_bias")]
     assert adds == ["conv1/Conv_bias"]  # conv1's bias of 2.0 after the Conv, in float; conv2's fits int32
-    eight = _export(Conv(), x, 8, tmp_path)
-    assert eight.ort_sqnr_db > 30 and not any(n.name.endswith("_bias") for n in eight.model.graph.node)
+    eight = _export(Conv(), x, 8, tmp_path, weight_bits=7)  # 7-bit: full 8-bit codes saturate ORT's u8s8 sums
+    assert eight.ort_sqnr_db > 30  # on CPUs without VNNI, which would make this figure depend on the CPU
+    assert not any(n.name.endswith("_bias") for n in eight.model.graph.node)
 
 
 def test_a_graph_ort_cannot_load_is_an_export_error(tmp_path, monkeypatch):
