@@ -7,6 +7,10 @@ inputs, at a fraction of the cost). The block's input is QDrop's random element-
 quantized model's values, and each of its activation quantizers keeps its float input per element with
 probability ``act_drop``. The loss is the squared error summed over channels, averaged over samples and
 positions (as QDrop and AIMET compute it), plus AdaRound's regularizer after the warm-up.
+
+While a block is fitted, its quantizers are swapped for training forms (``_training``): each activation quantizer
+runs as one fused fake-quant op (its step optionally learned, ``AdaRoundOptions.act_lr``) and each layer's weight
+quantizer returns the soft-rounded weight; the originals are put back afterwards.
 """
 
 from __future__ import annotations
