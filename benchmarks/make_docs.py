@@ -68,7 +68,8 @@ SECTIONS: dict[str, t.Section] = {
         "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch. The reconstruction "
         "row is `QuantConfig(adaround=True)` with its defaults; ORT's `quantize_static` runs with and without "
         "`reduce_range` (7-bit weights are what CPUs without VNNI need); calibrate seconds are wall time of "
-        "`fxquant.calibrate` or of `quantize_static` with torch at one thread (the benchmark runs everything at one thread).", t.ort_resnet18),
+        "`fxquant.calibrate` or of `quantize_static` with torch at one thread (the benchmark runs everything at "
+        "one thread).", t.ort_resnet18),
     "transformer_minilm": t.Section(
         "Pretrained sentence encoder (all-MiniLM-L6-v2) in ONNX Runtime", "python benchmarks/transformer_minilm.py "
         "--runs 20 --lengths 24 128",
