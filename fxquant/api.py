@@ -16,6 +16,7 @@ from fxquant.calib.batches import ModelBatches, Selector
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
 from fxquant.lower.exact.convert import check_exact, convert_exact
 from fxquant.lower.frozen import freeze
+from fxquant.lower.int32_bias import bias_sites, widen_for_int32_bias
 from fxquant.pipeline import calibrate_model, prepare_model, record
 from fxquant.ptq.adaround import learn_rounding
 from fxquant.ptq.bias_correction import correct_layer_biases
@@ -203,9 +204,14 @@ def convert(prepared: nn.Module, exact: str | None = None,
     if exact is not None:
         check_exact(exact, state.backend)
     qmodel = copy.deepcopy(prepared).eval()
+    sites = bias_sites(qmodel) if "int32_bias" in state.backend.export_passes else []
     for name, q in list(quantizers_of(qmodel).items()):
         qmodel.set_submodule(name, freeze(q).eval())
-    attach_state(qmodel, dataclasses.replace(state, stage="converted"))
+    report = dataclasses.replace(state.report, ptq=dict(state.report.ptq))
+    widened = widen_for_int32_bias(qmodel, sites)
+    if widened.done:
+        report.ptq[widened.name] = widened
+    attach_state(qmodel, dataclasses.replace(state, stage="converted", report=report))
     for m in qmodel.modules():  # the root, or the traced parts of a model that could not be traced whole
         if isinstance(m, fx.GraphModule):
             m.recompile()
