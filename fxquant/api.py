@@ -16,10 +16,10 @@ from fxquant.calib.batches import ModelBatches, Selector
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError, ConversionError
 from fxquant.lower.exact.convert import check_exact, convert_exact
 from fxquant.lower.frozen import freeze
-from fxquant.lower.int32_bias import bias_sites, widen_for_int32_bias
 from fxquant.pipeline import calibrate_model, prepare_model, record
 from fxquant.ptq.adaround import learn_rounding
 from fxquant.ptq.bias_correction import correct_layer_biases
+from fxquant.ptq.int32_bias import bias_sites, widen_for_int32_bias
 from fxquant.ptq.step import StepResult
 from fxquant.quantizer import quantizers_of
 from fxquant.report import PrepareReport, PTQReport
