@@ -293,6 +293,10 @@ class QuantConfig:
             Linear whose calibration maximum dwarfs the rest (transformers' "massive activations") in float beside
             the int8 Linear, where that divides the output error on its batches by at least 2
             (``fxquant.ptq.outlier_channels``; float-exact). "auto" reports it only where it split something.
+        gptq: "auto" (default), True or False: calibrate() rounds the weights of Linear and Conv2d layers
+            (up to 2304 weights per output channel) with GPTQ, on the layer inputs of its ranges pass, instead of
+            to nearest (``fxquant.ptq.gptq``; same steps, other codes). "auto": unless AdaRound learns the
+            rounding.
         target: the CPU ONNX Runtime will run the model on (ORT backends only; its int8 kernels compute
             differently per CPU): "vnni" (AVX-VNNI, AVX-512 VNNI, AMX: exact int32 sums) gives every layer plain
             8-bit weights; "avx2" (x86 without VNNI: adjacent u8 x s8 products added in a saturating int16) and
@@ -315,6 +319,7 @@ class QuantConfig:
     adaround: bool | AdaRoundOptions = False
     smoothquant: bool | str = "auto"
     outlier_channels: bool | str = "auto"
+    gptq: bool | str = "auto"
     target: str | None = None
 
     def __post_init__(self) -> None:
@@ -347,7 +352,7 @@ class QuantConfig:
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
             raise ConfigError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
                               f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
-        for name in ("smoothquant", "outlier_channels"):
+        for name in ("smoothquant", "outlier_channels", "gptq"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or value == "auto"):
                 raise ConfigError(f"QuantConfig.{name} must be 'auto', True or False, got {value!r}")

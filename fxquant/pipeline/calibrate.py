@@ -16,6 +16,7 @@ from torch import nn
 from fxquant.calib.batches import ModelBatches, clear_ranges, run_batch
 from fxquant.errors import ConfigError
 from fxquant.pipeline.ranges import collect_ranges, recollect_ranges
+from fxquant.ptq import gptq
 from fxquant.ptq.adaround import adaround_step, rounds
 from fxquant.ptq.bias_correction import bias_correction_step, corrects_bias, corrects_empirically
 from fxquant.ptq.outlier_channels import outlier_channels_step, split_watched, splits, watching
@@ -48,9 +49,12 @@ STEPS: tuple[CalibrateStep, ...] = (
     CalibrateStep("smoothquant", smoothquant_step, applies=smooths, reads_batches=always,
                   distributed="skip_and_warn"),
     CalibrateStep("outlier_channels", outlier_channels_step, applies=splits, reads_batches=always, distributed="skip"),
+    # GPTQ sums its layers' input moments in the ranges pass, then rounds after the weight widths are chosen
+    CalibrateStep("gptq", gptq.gptq_watch_step, applies=gptq.applies, distributed="skip"),
     RANGES,
     SPLIT_ON_RANGES,
     CalibrateStep("weight_bits", weight_bits_step, applies=saturation_aware),  # ORT u8s8 saturation-safe codes
+    CalibrateStep("gptq", gptq.gptq_step, applies=gptq.watching),
     CalibrateStep("adaround", adaround_step, applies=rounds, reads_batches=always),
     CalibrateStep("bias_correction", bias_correction_step, applies=corrects_bias, reads_batches=corrects_empirically),
 )

@@ -100,9 +100,10 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str | None:
     return Layer(node.name, node, op=op, quantizer_path=q.target)
 
 
-def quantized_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
-    """Weighted layers with an active, calibrated weight quantizer, in graph order (module order for a model
-    that is not one traced graph); plus notes on the ones left out and why."""
+def quantized_layers(model: nn.Module, calibrated: bool = True) -> tuple[list[Layer], list[str]]:
+    """Weighted layers with an active weight quantizer, calibrated unless ``calibrated=False`` (a step that taps
+    the ranges pass), in graph order (module order for a model that is not one traced graph); plus notes on the
+    ones left out and why."""
     modules = dict(model.named_modules())
     graph = getattr(model, "graph", None)
     candidates: list[Layer | str] = []
@@ -131,7 +132,7 @@ def quantized_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
         seen.add(c.name)
         if q.mode == "disabled":
             notes.append(f"`{c.name}`: its weight quantizer is disabled")
-        elif not q.is_calibrated:
+        elif calibrated and not q.is_calibrated:
             notes.append(f"`{c.name}`: its weight quantizer has no range (calibrate first)")
         elif sites.get(c.name, 1) > 1:
             notes.append(f"`{c.name}`: called at {sites[c.name]} places; its weight serves several inputs")
