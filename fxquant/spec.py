@@ -293,10 +293,10 @@ class QuantConfig:
             Linear whose calibration maximum dwarfs the rest (transformers' "massive activations") in float beside
             the int8 Linear, where that divides the output error on its batches by at least 2
             (``fxquant.ptq.outlier_channels``; float-exact). "auto" reports it only where it split something.
-        gptq: "auto" (default), True or False: calibrate() rounds the weights of Linear and Conv2d layers
-            (up to 2304 weights per output channel) with GPTQ, on the layer inputs of its ranges pass, instead of
-            to nearest (``fxquant.ptq.gptq``; same steps, other codes). "auto": unless AdaRound learns the
-            rounding.
+        gptq: calibrate() rounds the weights of Linear and Conv2d layers (up to 1152 weights per output
+            channel) with GPTQ, on the layer inputs of its ranges pass, instead of to nearest
+            (``fxquant.ptq.gptq``: same steps, other codes, fixed afterwards; a few seconds). Not with
+            ``adaround``, which learns the rounding itself.
         target: the CPU ONNX Runtime will run the model on (ORT backends only; its int8 kernels compute
             differently per CPU): "vnni" (AVX-VNNI, AVX-512 VNNI, AMX: exact int32 sums) gives every layer plain
             8-bit weights; "avx2" (x86 without VNNI: adjacent u8 x s8 products added in a saturating int16) and
@@ -319,7 +319,7 @@ class QuantConfig:
     adaround: bool | AdaRoundOptions = False
     smoothquant: bool | str = "auto"
     outlier_channels: bool | str = "auto"
-    gptq: bool | str = "auto"
+    gptq: bool = False
     target: str | None = None
 
     def __post_init__(self) -> None:
@@ -344,7 +344,7 @@ class QuantConfig:
                 if not isinstance(glob, str) or not glob:
                     raise ConfigTypeError(f"QuantConfig.{field_name} holds {glob!r}; use non-empty glob strings")
         object.__setattr__(self, "concrete_args", _pairs(self.concrete_args))
-        for name in ("fold_bn", "strict", "equalize", "absorb_bias"):
+        for name in ("fold_bn", "strict", "equalize", "absorb_bias", "gptq"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigTypeError(f"QuantConfig.{name} must be True or False")
         if self.equalize_relu6 is not None and not isinstance(self.equalize_relu6, bool):
@@ -352,13 +352,16 @@ class QuantConfig:
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
             raise ConfigError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
                               f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
-        for name in ("smoothquant", "outlier_channels", "gptq"):
+        for name in ("smoothquant", "outlier_channels"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or value == "auto"):
                 raise ConfigError(f"QuantConfig.{name} must be 'auto', True or False, got {value!r}")
         if not isinstance(self.adaround, (bool, AdaRoundOptions)):
             raise ConfigTypeError(f"QuantConfig.adaround must be True, False or an AdaRoundOptions, "
                                   f"got {type(self.adaround).__name__}")
+        if self.gptq and self.adaround:
+            raise ConfigError("QuantConfig(gptq=True) and adaround both choose the weight rounding: keep one "
+                              "(adaround learns it on the calibration batches, slower and usually better)")
         if self.target is not None:
             check_cpu_target(self.target, "target (QuantConfig.target)")
         if (self.equalize or self.absorb_bias or self.bias_correction == "analytical") and not self.fold_bn:

@@ -40,11 +40,9 @@ DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's def
 
 
 def applies(ctx: CalibrationContext) -> bool:
-    """Whether calibrate() runs GPTQ: ``QuantConfig(gptq=...)`` asks for it ("auto": unless AdaRound learns the
-    rounding), and the ranges pass runs the float model (where it taps the layer inputs)."""
-    option = ctx.config.gptq
-    wanted = option is True or (option == "auto" and ctx.config.adaround_options is None)
-    return wanted and ctx.float_pass and isinstance(ctx.model, fx.GraphModule)
+    """Whether calibrate() runs GPTQ: ``QuantConfig(gptq=True)`` asks for it, and the ranges pass runs the float
+    model (where it taps the layer inputs; a re-calibration, with the codes fixed, does not)."""
+    return ctx.config.gptq and ctx.float_pass and isinstance(ctx.model, fx.GraphModule)
 
 
 class _Watch:
@@ -56,11 +54,13 @@ class _Watch:
         layers, notes = quantized_layers(gm, calibrated=False)
         self.report.skipped += notes
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        uses = Counter(id(t) for _, t in gm.named_parameters(remove_duplicate=False))
         self.layers: list[Layer] = []
         self.taps: list[tuple[nn.Module, str, Layer]] = []
         self.sums: dict[str, torch.Tensor] = {}
         for layer in layers:
-            why = _unsupported(layer)
+            why = _unsupported(layer) or ("its weight is shared with another module (tied): rounding it would "
+                                          "change the other" if uses[id(layer.weight)] > 1 else None)
             tap = None if why else _tap(gm, layer, calls)
             if why or tap is None:
                 why = why or "its input is not read by a module called once"

@@ -1,0 +1,116 @@
+"""GPTQ rounding (``QuantConfig(gptq=True)``): on a MobileNet-style CNN trained on the real
+digits data it beats round-to-nearest at the same steps, its codes reach ONNX Runtime exactly, and the rounding
+minimizes the layer output error it is built for."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.cli.demo_model import accuracy, load_digits_split
+from fxquant.metrics import sqnr
+from fxquant.ptq.gptq import gptq_round
+from fxquant.quantizer import TensorQuantizer
+from tests.models.mobilenet_digits import train_mobilenet_digits
+
+W4 = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = load_digits_split(seed=0)
+    model = train_mobilenet_digits(epochs=6, seed=0, data=data)
+    yield model, data, [data[0][i:i + 64] for i in range(0, 512, 64)]
+    torch.set_num_threads(threads)
+
+
+def _quantized(model, batches, backend, **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare(model, batches[0][:1], backend=backend, config=fxquant.QuantConfig(**config))
+        fxquant.calibrate(prepared, batches, progress=False)
+    return prepared
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_gptq_beats_nearest_rounding_at_w4_on_digits(digits, backend):
+    model, (_, _, x_test, y_test), batches = digits
+    with torch.no_grad():
+        ref = model(x_test)
+    nearest = _quantized(model, batches, backend, weight=W4)
+    rounded = _quantized(model, batches, backend, weight=W4, gptq=True)
+    report = fxquant.report_of(rounded).ptq["gptq"]
+    assert len(report.done) == 8 and report.skipped == []  # stem, 3 x (depthwise, pointwise), fc
+    assert "gptq" not in fxquant.report_of(nearest).ptq
+    with torch.no_grad():
+        db_nearest, db_gptq = sqnr(ref, nearest(x_test)), sqnr(ref, rounded(x_test))
+        acc_nearest, acc_gptq = accuracy(nearest, x_test, y_test), accuracy(rounded, x_test, y_test)
+    assert db_gptq > db_nearest + 2.5, (db_nearest, db_gptq)  # 12.7 -> 16.1-16.2 dB
+    assert acc_gptq >= acc_nearest - 0.5 and acc_gptq > accuracy(model, x_test, y_test) - 2.0  # percent
+
+
+def test_gptq_codes_reach_onnx_runtime_and_survive_recalibration(digits, tmp_path):
+    model, (_, _, x_test, _), batches = digits
+    prepared = _quantized(model, batches, "onnxruntime", gptq=True)
+    weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
+    fxquant.calibrate(prepared, batches[:2], progress=False)  # the codes are fixed: a new calibration keeps them
+    assert all(torch.equal(weights[n], p) for n, p in prepared.named_parameters())
+    qmodel = fxquant.convert(prepared)
+    result = fxquant.export_onnx(qmodel, x_test[:1], tmp_path / "gptq.onnx", check_latency=False)
+    assert result.fusion.unfused == []
+    assert result.ort_sqnr_db > 35  # saturation-aware codes: ORT's u8s8 kernels compute them exactly on any CPU
+
+
+def test_gptq_with_adaround_is_a_config_error():
+    with pytest.raises(fxquant.ConfigError, match=r"gptq=True\) and adaround both choose the weight rounding"):
+        fxquant.QuantConfig(gptq=True, adaround=True)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.ff = nn.Embedding(40, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(torch.relu(self.ff(h)))
+
+
+def test_a_tied_weight_keeps_nearest_rounding_and_the_embedding():
+    torch.manual_seed(0)
+    model, ids = _Tied().eval(), torch.randint(0, 40, (8, 12))
+    prepared = _quantized(model, [ids[:4], ids[4:]], "onnxruntime", gptq=True)
+    report = fxquant.report_of(prepared).ptq["gptq"]
+    assert report.done == ["`ff`: GPTQ rounding"]
+    assert any("`head`: round-to-nearest (its weight is shared" in line for line in report.skipped)
+    assert torch.equal(prepared.get_submodule("embed").weight, model.embed.weight)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_gptq_round_lowers_the_output_error_it_minimizes(depthwise):
+    torch.manual_seed(0)
+    rows, cols, samples = 16, 9 if depthwise else 48, 2000
+    batch = rows if depthwise else 1  # correlated inputs (one shared component), as neighbouring pixels are
+    x = torch.randn(batch, samples, 1) + 0.3 * torch.randn(batch, samples, cols)
+    h = x.transpose(1, 2) @ x if depthwise else (x[0].T @ x[0])
+    weight = torch.randn(rows, cols)
+    q = TensorQuantizer(fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True))
+    q.amax = weight.abs().amax(1)
+    nearest, rounded = q(weight), gptq_round(weight, h.double(), q, per_row=depthwise)
+    steps = q.scale[:, None]
+    codes = rounded / steps
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() < 7.001  # on the grid, in range
+
+    def error(w):
+        inputs = x if depthwise else x.expand(rows, -1, -1)
+        return float((((w - weight)[:, None, :] * inputs).sum(-1) ** 2).mean())
+
+    assert error(rounded) < 0.4 * error(nearest)  # 0.15 and 0.21
