@@ -13,7 +13,8 @@ scikit-learn's two sample images; random crops (10-100% of the area, aspect 3/4.
 ImageNet-normalized. Calibration crops and evaluation crops are drawn with different seeds (disjoint sets).
 
 Per model, in one run: fp32 (torch and its dynamo-exported ONNX), fxquant ``onnxruntime`` preset (defaults),
-the same with ``QuantConfig(adaround=True)`` (block reconstruction; ``--no-reconstruction`` leaves it out),
+the same with ``QuantConfig(gptq=True)`` (GPTQ rounding) and with ``QuantConfig(adaround=True)`` (block
+reconstruction; ``--no-reconstruction`` leaves it out),
 fxquant ``tensorrt`` preset (its QDQ graph run by ORT at ORT_ENABLE_BASIC: the graph's meaning, not TensorRT
 speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, MinMax, same calibration crops, after
 ``quant_pre_process``) both with ``reduce_range=True`` (7-bit weights, what CPUs without VNNI need) and without
@@ -21,7 +22,9 @@ speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, MinMax, same calibratio
 Reported: top-1 agreement with fp32 and SQNR of the logits over the evaluation crops (ORT at ORT_ENABLE_ALL on
 the machine that runs the benchmark: its CPU is in the results), calibration wall time; ORT latency (one
 thread, batch 1, interleaved runs with rotating order, median and interquartile range) and the
-BatchNormalization / float Conv nodes left in ORT's optimized graph (``optimized_model_filepath``).
+BatchNormalization / float Conv nodes left in ORT's optimized graph (``optimized_model_filepath``). A last row
+gives fp32 torch on the evaluation crops rounded to the 8-bit pixel grid: the agreement a deployment that is fed
+8-bit images loses before any quantization (the floor of these figures).
 
 Run::
 
@@ -67,7 +70,8 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FLOAT_CONVS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
 TIMED = ("fp32", "fxquant_ort", "quantize_static")
-QUANTIZED = ("fxquant_ort", "fxquant_recon", "fxquant_trt", "quantize_static", "quantize_static_full")
+QUANTIZED = ("fxquant_ort", "fxquant_gptq", "fxquant_recon", "fxquant_trt", "quantize_static",
+             "quantize_static_full")
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -215,6 +219,8 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
         export_float_onnx(model, x, paths["fp32"])
     info = {"fxquant_ort": fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_ort"]),
             "fxquant_trt": fxquant_export(model, x, batches, "tensorrt", paths["fxquant_trt"])}
+    info["fxquant_gptq"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_gptq"],
+                                          fxquant.QuantConfig(gptq=True))
     if not args.no_reconstruction:
         info["fxquant_recon"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_recon"],
                                                fxquant.QuantConfig(adaround=True))
@@ -231,6 +237,10 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
     logits.update({k: ort_logits(paths[k], evals, level="basic" if k == "fxquant_trt" else "all") for k in done})
     with torch.no_grad():
         logits["torch_ao_fx"] = torch.cat([ao(evals[i:i + 32]) for i in range(0, len(evals), 32)]).numpy()
+    with torch.no_grad():  # the floor: fp32 itself on the crops rounded to the 8-bit pixels a deployment receives
+        grid = ((evals * STD + MEAN) * 255).round() / 255
+        logits["fp32_pixel_grid"] = torch.cat([model(((grid[i:i + 32]) - MEAN) / STD)
+                                               for i in range(0, len(evals), 32)]).numpy()
     rows = {k: agreement(ref, v) for k, v in logits.items()}
     for k in ("fp32", *done):
         rows.setdefault(k, {}).update(optimized_graph_ops(paths[k]))
@@ -246,6 +256,7 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
 
 def markdown(name: str, rows: dict) -> str:
     labels = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
+              "fxquant_gptq": "fxquant `onnxruntime` preset, `QuantConfig(gptq=True)` (GPTQ rounding)",
               "fxquant_recon": "fxquant `onnxruntime` preset, `QuantConfig(adaround=True)` (reconstruction)",
               "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
               "quantize_static": "ORT `quantize_static` (QDQ, per-channel, reduce_range: 7-bit weights)",
@@ -266,6 +277,9 @@ def markdown(name: str, rows: dict) -> str:
     lines.append(f"| fp32 ONNX | {rows['fp32_onnx']['top1_agreement']:.1%} | {rows['fp32_onnx']['sqnr_db']:.1f} | - | "
                  f"1.00x ({fp['median_ms']:.2f} ms, IQR {fp['q1_ms']:.2f}-{fp['q3_ms']:.2f}) | "
                  f"{fp['BatchNormalization']} / {fp['float_conv_gemm_matmul']} |")
+    grid = rows["fp32_pixel_grid"]
+    lines.append(f"| fp32 torch on the crops rounded to 8-bit pixels (the input-noise floor) | "
+                 f"{grid['top1_agreement']:.1%} | {grid['sqnr_db']:.1f} | - | - | - |")
     return "\n".join(lines)
 
 

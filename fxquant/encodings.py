@@ -11,7 +11,8 @@ calibrate() split outlier channels: their float side path adds buffers a fresh p
 
 Ranges calibrated after a pass that changed the model (SmoothQuant, outlier channels in float: calibrate() runs
 them first) only fit a model those passes changed the same way. The file records what they did
-(``calibrate_passes``) and ``load_encodings`` refuses a model that differs, saying so.
+(``calibrate_passes``) and ``load_encodings`` refuses a model that differs, saying so. The same holds for weight
+codes GPTQ or AdaRound chose: they live in the weights, not in the file, so a model they did not round is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ from fxquant.version import __version__
 
 FORMAT_VERSION = 1
 SPEC_FIELDS = ("num_bits", "axis", "symmetric", "unsigned", "narrow_range")  # must match the model's spec
-CHANGING_PASSES = ("smoothquant", "outlier_channels")  # calibrate() passes that change the model before its ranges
+# calibrate() passes that change the model: before its ranges (SmoothQuant, the outlier split), or its weight codes
+# after them (GPTQ, AdaRound: the codes live in the weights, which an encodings file does not hold)
+CHANGING_PASSES = ("smoothquant", "outlier_channels", "gptq", "adaround")
+_CODES = ("gptq", "adaround")
 _REDO = "prepare the same model with the same backend and config as the model the encodings were saved from"
 
 
@@ -113,8 +117,11 @@ def _pass_mismatch(saved: object, mine: dict[str, list[str]]) -> str | None:
         return None
     told = "; ".join(f"{name}: {len(saved.get(name, []))} change(s) in the file, {len(mine.get(name, []))} in this "
                      "model" for name in differing)
+    codes = [name for name in differing if name in _CODES]
+    why = (f" ({' and '.join(codes)} chose weight codes that live in the weights, which an encodings file does not "
+           "hold: loaded into another model they would silently round to nearest)") if codes else ""
     return (f"the encodings were calibrated on a model that calibrate()'s {' and '.join(differing)} changed "
-            f"differently ({told}): those ranges only fit the model they were calibrated on. Calibrate this model "
+            f"differently ({told}){why}: those ranges only fit the model they were calibrated on. Calibrate this model "
             "with fxquant.calibrate(prepared, batches), or keep the calibrated model itself (torch.save) or its "
             "exported ONNX")
 

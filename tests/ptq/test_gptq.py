@@ -114,3 +114,16 @@ def test_gptq_round_lowers_the_output_error_it_minimizes(depthwise):
         return float((((w - weight)[:, None, :] * inputs).sum(-1) ** 2).mean())
 
     assert error(rounded) < 0.4 * error(nearest)  # 0.15 and 0.21
+
+
+def test_encodings_of_gptq_codes_refuse_a_model_gptq_did_not_round(digits, tmp_path):
+    # the file holds ranges, not the codes: loaded into a fresh model they would silently round to nearest
+    model, _, batches = digits
+    rounded = _quantized(model, batches[:2], "onnxruntime", gptq=True)
+    fxquant.save_encodings(rounded, tmp_path / "enc.json")
+    fresh = fxquant.prepare(model, batches[0][:1], backend="onnxruntime", config=fxquant.QuantConfig(gptq=True))
+    with pytest.raises(fxquant.EncodingsError, match=r"gptq chose weight codes that live in the weights, which an "
+                                                     r"encodings file does not hold"):
+        fxquant.load_encodings(fresh, tmp_path / "enc.json")
+    again = _quantized(model, batches[:2], "onnxruntime", gptq=True)  # the same calibration: the same codes
+    assert all(torch.equal(a, b) for a, b in zip(rounded.parameters(), again.parameters(), strict=True))
