@@ -65,9 +65,11 @@ SECTIONS: dict[str, t.Section] = {
         "random crops of the scikit-image / scikit-learn sample photos. Agreement and SQNR against the fp32 torch "
         "logits; ORT speed: one thread, batch 1, interleaved runs (median; paired = median of per-round ratios); "
         "BatchNorm / float Conv nodes counted in ORT's optimized graph. The TensorRT-preset row runs its QDQ graph "
-        "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch. The reconstruction "
-        "row is `QuantConfig(adaround=True)` with its defaults; ORT's `quantize_static` runs with and without "
-        "`reduce_range` (7-bit weights are what CPUs without VNNI need); calibrate seconds are wall time of "
+        "in ORT at ORT_ENABLE_BASIC (its meaning, not TensorRT speed); torch.ao runs in torch. The GPTQ row is "
+        "`QuantConfig(gptq=True)`, the reconstruction row `QuantConfig(adaround=True)`, each with its defaults; the "
+        "last row is fp32 torch on the evaluation crops rounded to 8-bit pixels (what a deployment fed 8-bit images "
+        "loses before any quantization: the floor of the agreement figures); ORT's `quantize_static` runs with and "
+        "without `reduce_range` (7-bit weights are what CPUs without VNNI need); calibrate seconds are wall time of "
         "`fxquant.calibrate` or of `quantize_static` with torch at one thread (the benchmark runs everything at "
         "one thread).", t.ort_resnet18),
     "transformer_minilm": t.Section(
