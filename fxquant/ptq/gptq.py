@@ -250,7 +250,7 @@ def gptq_round(weight: torch.Tensor, h: torch.Tensor, q: TensorQuantizer, per_ro
     out = torch.empty_like(w)
     for start in range(0, w.shape[1], BLOCK):
         end = min(start + BLOCK, w.shape[1])
-        errors = torch.empty(w.shape[0], end - start, dtype=w.dtype)
+        errors = torch.empty(w.shape[0], end - start, dtype=w.dtype, device=w.device)
         for i in range(start, end):
             column = w[:, i]
             rounded = torch.clamp(torch.round(column / step), q.spec.qmin, q.spec.qmax) * step

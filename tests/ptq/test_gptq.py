@@ -127,3 +127,16 @@ def test_encodings_of_gptq_codes_refuse_a_model_gptq_did_not_round(digits, tmp_p
         fxquant.load_encodings(fresh, tmp_path / "enc.json")
     again = _quantized(model, batches[:2], "onnxruntime", gptq=True)  # the same calibration: the same codes
     assert all(torch.equal(a, b) for a, b in zip(rounded.parameters(), again.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"),
+                         [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)),
+                          ((3, 5), (1, 2), (2, 1), (2, 1)), ((1, 1), (2, 2), (0, 0), (1, 1))])
+def test_patches_are_unfolds_columns(kernel, stride, padding, dilation):
+    # H is summed from these patches: they must be the conv's own input patches, in its weight's order
+    from fxquant.ptq.gptq import _patches
+
+    x = torch.randn(2, 3, 11, 9)
+    ours = _patches(x, kernel, stride, padding, dilation)  # (N, C, k, positions)
+    ref = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    assert torch.equal(ours.reshape(2, -1, ours.shape[-1]), ref)
