@@ -49,7 +49,6 @@ class _Watch:
     """The eligible layers, where their inputs are read, and the sums of ``x x^T`` per layer."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
         self.report = PTQReport("gptq")
         layers, notes = quantized_layers(gm, calibrated=False)
         self.report.skipped += notes
@@ -85,8 +84,10 @@ def _unsupported(layer: Layer) -> str | None:
         return "its weight quantizer is not symmetric per tensor or per output channel"
     if layer.groups not in (1, w.shape[0]) or (layer.groups > 1 and w.shape[1] != 1):
         return "a grouped conv that is not depthwise"
+    if getattr(layer.module, "padding_mode", "zeros") != "zeros":
+        return f"a conv that pads with {layer.module.padding_mode!r}, which its input moments do not model"
     if layer.groups == 1 and w[0].numel() > MAX_COLUMNS:
-        return f"{w[0].numel()} weights per output channel, over GPTQ's {MAX_COLUMNS} (its cost grows with the square)"
+        return f"{w[0].numel()} weights per output channel, over GPTQ's {MAX_COLUMNS} (its cost grows with the cube)"
     return None
 
 
@@ -105,8 +106,9 @@ def _conv_args(layer: Layer) -> tuple:
     if layer.module is not None:
         m = layer.module
         return m.stride, m.padding, m.dilation
-    args = layer.node.args
-    return tuple(args[i] if len(args) > i else d for i, d in ((3, 1), (4, 0), (5, 1)))
+    args, kwargs = layer.node.args, layer.node.kwargs
+    return tuple(args[i] if len(args) > i else kwargs.get(name, default)
+                 for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
 
 
 def _pair(v) -> tuple[int, int]:
