@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.ptq.layers import Layer, quantized_layers
+from fxquant import qmath
+from fxquant.ptq.layers import Layer, input_module, quantized_layers
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.ptq.weight_widths import PAIR_LIMIT, reduction_rows, saturating_pairs, saturation_aware
 from fxquant.quantizer import TensorQuantizer
@@ -96,10 +97,8 @@ def _tap(gm: fx.GraphModule, layer: Layer, calls: Counter) -> tuple[nn.Module, s
     produces its input (its input quantizer)."""
     if layer.module is not None and calls[layer.node.target] == 1:
         return layer.module, "input"
-    source = layer.node.args[0] if layer.node.args else None
-    if isinstance(source, fx.Node) and source.op == "call_module" and calls[source.target] == 1:
-        return gm.get_submodule(source.target), "output"
-    return None
+    source = input_module(gm, layer)
+    return (source[1], "output") if source is not None and calls[source[0]] == 1 else None
 
 
 def _conv_args(layer: Layer) -> tuple:
@@ -201,7 +200,6 @@ def gptq_step(ctx: CalibrationContext) -> StepResult:
     report = watch.report
     guard = saturation_aware(ctx) and ctx.config.target != "vnni"
     fixed = set()
-    names = {id(m): n for n, m in ctx.model.named_modules()}
     for layer in watch.layers:
         h = watch.sums.get(layer.name)
         q = layer.quantizer
@@ -215,7 +213,7 @@ def gptq_step(ctx: CalibrationContext) -> StepResult:
             if kept is not None and kept.any():
                 rounded[kept] = nearest[kept]
             layer.weight.copy_(rounded.to(layer.weight.dtype))
-        fixed.add(names[id(q)])
+        fixed.add(layer.quantizer_path or f"{layer.name}.weight_quantizer")  # as AdaRound names them
         note = f" ({int(kept.sum())} rows keep round-to-nearest: ORT's int16 u8s8 sums)" if kept is not None \
             and kept.any() else ""
         report.done.append(f"`{layer.name}`: GPTQ rounding{note}")
@@ -228,10 +226,14 @@ def _step(q: TensorQuantizer, rows: int) -> torch.Tensor:
     return step.expand(rows) if step.numel() == 1 else step
 
 
+def _on_grid(values: torch.Tensor, step: torch.Tensor, q: TensorQuantizer) -> torch.Tensor:
+    """``values`` rounded to the nearest code of ``q``'s range at ``step`` (symmetric), dequantized."""
+    return qmath.quantize(values, step, 0.0, q.spec.qmin, q.spec.qmax) * step
+
+
 def _nearest(weight: torch.Tensor, q: TensorQuantizer) -> torch.Tensor:
     w = weight.detach().double().reshape(weight.shape[0], -1)
-    step = _step(q, w.shape[0])[:, None]
-    return (torch.clamp(torch.round(w / step), q.spec.qmin, q.spec.qmax) * step).reshape(weight.shape).float()
+    return _on_grid(w, _step(q, w.shape[0])[:, None], q).reshape(weight.shape).float()
 
 
 def gptq_round(weight: torch.Tensor, h: torch.Tensor, q: TensorQuantizer, per_row: bool) -> torch.Tensor:
@@ -255,7 +257,7 @@ def gptq_round(weight: torch.Tensor, h: torch.Tensor, q: TensorQuantizer, per_ro
         errors = torch.empty(w.shape[0], end - start, dtype=w.dtype, device=w.device)
         for i in range(start, end):
             column = w[:, i]
-            rounded = torch.clamp(torch.round(column / step), q.spec.qmin, q.spec.qmax) * step
+            rounded = _on_grid(column, step, q)
             out[:, i] = rounded
             errors[:, i - start] = error = (column - rounded) / u[:, i, i]
             w[:, i + 1:end] -= error[:, None] * u[:, i, i + 1:end]
@@ -270,5 +272,5 @@ def _overflowing_rows(layer: Layer, rounded: torch.Tensor, q: TensorQuantizer) -
     rows = reduction_rows(rounded, layer.kind, layer.groups)
     if rows is None:
         return None
-    step = _step(q, rows.shape[0])[:, None].float()
-    return saturating_pairs(torch.round(rows / step), PAIR_LIMIT) > 0
+    codes = qmath.quantize(rows, _step(q, rows.shape[0])[:, None].float(), 0.0, q.spec.qmin, q.spec.qmax)
+    return saturating_pairs(codes, PAIR_LIMIT) > 0

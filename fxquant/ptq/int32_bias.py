@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxquant.lower.frozen import FrozenQuantizer
-from fxquant.ptq.layers import quantized_layers
+from fxquant.ptq.layers import Layer, input_module, quantized_layers
 from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PTQReport
 
@@ -48,7 +48,7 @@ def bias_sites(model: nn.Module) -> list[BiasSite]:
     layers, _ = quantized_layers(model)
     for layer in layers:
         wq, bias = layer.quantizer, layer.bias
-        xq = _input_quantizer(model, layer.node, layer.module)
+        xq = _input_quantizer(model, layer)
         if (layer.kind not in KINDS or bias is None or xq is None or xq.spec.axis is not None or xq.spec.dynamic
                 or max(wq.spec.num_bits, xq.spec.num_bits) > MAX_BITS or wq.spec.axis not in (None, 0)):
             continue
@@ -56,14 +56,12 @@ def bias_sites(model: nn.Module) -> list[BiasSite]:
     return sites
 
 
-def _input_quantizer(model: nn.Module, node: fx.Node | None, module: nn.Module | None) -> TensorQuantizer | None:
-    if module is not None and isinstance(module._modules.get("input_quantizer"), TensorQuantizer):
-        return module.input_quantizer  # a layer quantized by module swap (called from eager code)
-    source = node.args[0] if node is not None and node.args else None
-    if isinstance(source, fx.Node) and source.op == "call_module":
-        found = model.get_submodule(source.target)
-        return found if isinstance(found, TensorQuantizer) and found.mode != "disabled" else None
-    return None
+def _input_quantizer(model: nn.Module, layer: Layer) -> TensorQuantizer | None:
+    own = layer.module._modules.get("input_quantizer") if layer.module is not None else None
+    if isinstance(own, TensorQuantizer):
+        return own  # a layer quantized by module swap (called from eager code)
+    found = input_module(model, layer)
+    return found[1] if found and isinstance(found[1], TensorQuantizer) and found[1].mode != "disabled" else None
 
 
 def widen_for_int32_bias(qmodel: nn.Module, sites: list[BiasSite]) -> PTQReport:

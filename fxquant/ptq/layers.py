@@ -100,6 +100,15 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | str | None:
     return Layer(node.name, node, op=op, quantizer_path=q.target)
 
 
+def input_module(model: nn.Module, layer: Layer) -> tuple[str, nn.Module] | None:
+    """The module whose call in the graph produces ``layer``'s input (usually its input quantizer), with its
+    name; None when the input comes from anything else."""
+    source = layer.node.args[0] if layer.node is not None and layer.node.args else None
+    if isinstance(source, fx.Node) and source.op == "call_module":
+        return source.target, model.get_submodule(source.target)
+    return None
+
+
 def quantized_layers(model: nn.Module, calibrated: bool = True) -> tuple[list[Layer], list[str]]:
     """Weighted layers with an active weight quantizer, calibrated unless ``calibrated=False`` (a step that taps
     the ranges pass), in graph order (module order for a model that is not one traced graph); plus notes on the

@@ -87,11 +87,13 @@ class _Tied(nn.Module):
 def test_a_tied_weight_keeps_nearest_rounding_and_the_embedding():
     torch.manual_seed(0)
     model, ids = _Tied().eval(), torch.randint(0, 40, (8, 12))
+    embedding = model.embed.weight.detach().clone()
     prepared = _quantized(model, [ids[:4], ids[4:]], "onnxruntime", gptq=True)
     report = fxquant.report_of(prepared).ptq["gptq"]
     assert report.done == ["`ff`: GPTQ rounding"]
     assert any("`head`: round-to-nearest (its weight is shared" in line for line in report.skipped)
-    assert torch.equal(prepared.get_submodule("embed").weight, model.embed.weight)
+    assert torch.equal(prepared.get_submodule("embed").weight, embedding)  # the shared tensor kept its values
+    assert torch.equal(model.embed.weight, embedding)  # and the user's model is untouched
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
