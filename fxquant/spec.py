@@ -66,9 +66,9 @@ class QuantSpec:
             DynamicQuantizeLinear; needs ``num_bits=8, symmetric=False`` and no axis/amax/learned range.
         per_token: with ``dynamic``, one range per row (every position of all but the last axis: per token in a
             transformer) instead of one per tensor. Fake quant only: ONNX has no per-row DynamicQuantizeLinear.
-        hist_samples: for the histogram methods, the most elements of one tensor binned per batch: a larger
-            tensor is binned from a fixed, evenly spread subsample (runs of contiguous elements; its min and max
-            stay exact, see ``fxquant.calib.histogram``); None bins every element (slower calibration).
+        hist_samples: for the histogram methods, the most elements of one tensor read per batch: a larger
+            tensor's histogram, min and max come from a fixed, evenly spread subsample (runs of contiguous
+            elements, see ``fxquant.calib.histogram``); None reads every element (slower calibration).
     """
 
     num_bits: int = 8
@@ -85,7 +85,7 @@ class QuantSpec:
     ema_decay: float = 0.9
     dynamic: bool = False
     per_token: bool = False
-    hist_samples: int | None = 1 << 20
+    hist_samples: int | None = 1 << 18
 
     def __post_init__(self) -> None:
         _check_int("QuantSpec", "num_bits", self.num_bits)

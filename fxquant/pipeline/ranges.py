@@ -3,12 +3,14 @@ merge across ranks, and each quantizer's range."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from tqdm.auto import tqdm
 
 from fxquant.calib import distributed as dist_calib
 from fxquant.calib.positions import PositionReport, counting_positions
+from fxquant.calib.reuse import reusing_buffers
 from fxquant.errors import CalibrationError, NegativeInputError
 from fxquant.ptq.layers import disabled
 from fxquant.ptq.step import CalibrationContext, StepResult
@@ -27,12 +29,16 @@ def collect_ranges(ctx: CalibrationContext) -> StepResult:
     constants = [q for q in ctx.quantizers.values() if q.constant]  # weights, layer scales: the same every batch
     count = 0
     # padded positions (the model's attention_mask input) do not set ranges; the report says what was masked
-    with counting_positions(ctx.model, ctx.quantizers) as positions:
+    with counting_positions(ctx.model, ctx.quantizers) as positions, contextlib.ExitStack() as reuse:
+        # element-wise ops reuse the buffers nothing else reads (``fxquant.calib.reuse``): from the first batch
+        # where that forward is built already, else from the second (one code generation, repaid by one batch)
+        reuse.enter_context(reusing_buffers(ctx.model, build=False))
         for i, batch in enumerate(tqdm(ctx.batches, desc="fxquant calibrate", unit="batch", disable=not ctx.progress)):
             ctx.run(i, batch)
             if count == 0:  # constants are the same in every batch: their statistics are complete after one
                 for q in constants:
                     q.set_mode("disabled")
+                reuse.enter_context(reusing_buffers(ctx.model))
             count += 1
     if ctx.distributed:  # merge every rank's statistics: all ranks get the same ranges
         count = dist_calib.sync_calibrators(ctx.quantizers, count, device=dist_calib.module_device(ctx.model))

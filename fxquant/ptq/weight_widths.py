@@ -72,7 +72,14 @@ def saturating_pairs(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> torch.Tens
     """Per row of integer ``codes`` (floats or integers), how many adjacent pairs could overflow int16 in
     ``vpmaddubsw`` with uint8 activations (same-signed parts adding up to more than ``limit`` in magnitude)."""
     codes = codes if codes.is_floating_point() else codes.to(torch.int32)  # int8 codes would wrap when added
-    return torch.count_nonzero(pair_magnitudes(codes) > limit, -1)
+    lo, hi = torch.aminmax(codes)
+    if max(-float(lo), float(hi)) > limit:  # a single code past the limit counts too
+        return torch.count_nonzero(pair_magnitudes(codes) > limit, -1)
+    # no code is past the limit (8-bit codes, limit 128): a pair is past it exactly when |a + b| is
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))
+    a, b = codes.reshape(codes.shape[0], -1, 2).unbind(-1)
+    return torch.count_nonzero((a + b).abs_() > limit, -1)
 
 
 def row_codes(rows: torch.Tensor, amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -18,8 +18,8 @@ def calibrated(spec: QuantSpec, *batches: torch.Tensor) -> TensorQuantizer:
     return q
 
 
-def histogram(*batches: torch.Tensor) -> HistogramCalibrator:
-    cal = HistogramCalibrator(None)
+def histogram(*batches: torch.Tensor, max_samples: int | None = QuantSpec.hist_samples) -> HistogramCalibrator:
+    cal = HistogramCalibrator(None, max_samples)
     for b in batches:
         cal.collect(b)
     return cal
