@@ -62,7 +62,7 @@ from fxquant.calib import HISTOGRAM_METHODS
 from fxquant.quantizer import TensorQuantizer
 
 METHODS = ("max", "ema", "percentile", "entropy", "mse")
-TARGETS = {"default": 1.3, "histogram": 1.6}
+TARGETS = {"default": 1.1, "histogram": 1.6}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "calibration_speed.json"
 
 

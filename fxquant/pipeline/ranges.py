@@ -31,14 +31,16 @@ def collect_ranges(ctx: CalibrationContext) -> StepResult:
     # padded positions (the model's attention_mask input) do not set ranges; the report says what was masked
     with counting_positions(ctx.model, ctx.quantizers) as positions, contextlib.ExitStack() as reuse:
         # element-wise ops reuse the buffers nothing else reads (``fxquant.calib.reuse``): from the first batch
-        # where that forward is built already, else from the second (one code generation, repaid by one batch)
-        reuse.enter_context(reusing_buffers(ctx.model, build=False))
+        # where that forward is built already or more batches are known to follow, else from the second (one code
+        # generation, which one small batch would not repay)
+        reuse.enter_context(reusing_buffers(ctx.model, build=_known_length(ctx.batches) > 1))
         for i, batch in enumerate(tqdm(ctx.batches, desc="fxquant calibrate", unit="batch", disable=not ctx.progress)):
+            if count == 1:
+                reuse.enter_context(reusing_buffers(ctx.model))  # a second batch: built now, if not yet
             ctx.run(i, batch)
             if count == 0:  # constants are the same in every batch: their statistics are complete after one
                 for q in constants:
                     q.set_mode("disabled")
-                reuse.enter_context(reusing_buffers(ctx.model))
             count += 1
     if ctx.distributed:  # merge every rank's statistics: all ranks get the same ranges
         count = dist_calib.sync_calibrators(ctx.quantizers, count, device=dist_calib.module_device(ctx.model))
@@ -60,6 +62,14 @@ def collect_ranges(ctx: CalibrationContext) -> StepResult:
         raise NegativeInputError(f"{len(negative)} unsigned quantizer(s) saw negative calibration data ("
                                  + ", ".join(f"`{n}`" for n, _ in negative[:6]) + "): " + str(negative[0][1]))
     return StepResult(_positions_report(positions))
+
+
+def _known_length(batches: object) -> int:
+    """How many batches ``batches`` holds, where that is known before reading them (0 for a stream)."""
+    try:
+        return len(batches)
+    except TypeError:  # a plain iterator: no length (the checked batches raise TypeError as len() would)
+        return 0
 
 
 def recollect_ranges(ctx: CalibrationContext, quantizers: list[TensorQuantizer]) -> None:

@@ -184,3 +184,24 @@ def test_the_rewrite_follows_changes_of_the_modules():
     assert first is not second
     with torch.no_grad(), reuse.reusing_buffers(prepared):
         assert vars(prepared)["forward"].__func__ is not second
+
+
+def test_the_in_place_forward_is_built_only_where_a_batch_repays_it():
+    """One code generation per graph: not for a single batch; before the first of several known batches."""
+    one = _prepare(_Net(), "tensorrt")
+    fxquant.calibrate(one, _batches(1), progress=False)
+    assert one not in reuse._CACHE
+    seen = []
+    several = _prepare(_Net(), "tensorrt")
+    handle = several.get_submodule("head").register_forward_pre_hook(lambda m, a: seen.append("forward" in
+                                                                                                vars(several)))
+    fxquant.calibrate(several, _batches(2), progress=False)
+    handle.remove()
+    assert several in reuse._CACHE and seen == [True, True]  # both batches ran the in-place forward
+    streamed = _prepare(_Net(), "tensorrt")
+    seen.clear()
+    handle = streamed.get_submodule("head").register_forward_pre_hook(lambda m, a: seen.append("forward" in
+                                                                                                vars(streamed)))
+    fxquant.calibrate(streamed, iter(_batches(3)), progress=False)
+    handle.remove()
+    assert seen == [False, True, True]  # an iterator of unknown length: from the second batch on
