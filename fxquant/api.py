@@ -133,7 +133,8 @@ def adaround(prepared: nn.Module, batches: Iterable, options: AdaRoundOptions | 
 def correct_bias(prepared: nn.Module, batches: Iterable | None = None, method: str = "empirical",
                  progress: bool = True) -> PTQReport:
     """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
-    ``batches``, or "analytical" from BatchNorm statistics). Returns the report (also in
+    ``batches``, "input_means" with ``batches`` (one float pass), or "analytical" from BatchNorm statistics).
+    Returns the report (also in
     ``fxquant.report_of(prepared).ptq['bias_correction']``)."""
     report = correct_layer_biases(prepared, batches, method, progress)
     return record(get_state(prepared), "bias_correction", StepResult(report))

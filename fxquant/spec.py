@@ -166,7 +166,7 @@ class QuantSpec:
         return replace(self, **changes)
 
 
-BIAS_CORRECTION_METHODS = ("empirical", "analytical")
+BIAS_CORRECTION_METHODS = ("empirical", "analytical", "input_means")
 
 
 @dataclass(frozen=True)
@@ -281,8 +281,10 @@ class QuantConfig:
             for per-tensor weights (where equalization pays) when the float output on the example inputs keeps
             an SQNR of at least 30 dB (``fxquant.ptq.relu6``); off for per-channel weights.
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
-        bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches), or
-            "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
+        bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches, one forward per
+            layer), "input_means" (from the layer inputs' channel means of calibrate's ranges pass, no forward of
+            its own; ``fxquant.ptq.input_means``), or "analytical" (from BatchNorm statistics, no data); see
+            ``fxquant.correct_bias``.
         adaround: False, True or an ``AdaRoundOptions``: calibrate() learns the weight rounding on its
             batches (``fxquant.adaround``).
         smoothquant: "auto" (default), True or False: calibrate() first migrates activation outliers of every
@@ -370,7 +372,7 @@ class QuantConfig:
 
     @property
     def bias_correction_method(self) -> str | None:
-        """"empirical", "analytical" or None."""
+        """"empirical", "analytical", "input_means" or None."""
         if self.bias_correction is True:
             return "empirical"
         return self.bias_correction or None

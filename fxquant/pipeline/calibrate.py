@@ -18,7 +18,13 @@ from fxquant.errors import ConfigError
 from fxquant.pipeline.ranges import collect_ranges, recollect_ranges
 from fxquant.ptq import gptq
 from fxquant.ptq.adaround import adaround_step, rounds
-from fxquant.ptq.bias_correction import bias_correction_step, corrects_bias, corrects_empirically
+from fxquant.ptq.bias_correction import (
+    bias_correction_step,
+    corrects_bias,
+    corrects_empirically,
+    input_means_watch_step,
+    watches_input_means,
+)
 from fxquant.ptq.outlier_channels import outlier_channels_step, split_watched, splits, watching
 from fxquant.ptq.smoothquant import smoothquant_step, smooths
 from fxquant.ptq.step import CalibrateStep, CalibrationContext, StepResult, always
@@ -51,6 +57,8 @@ STEPS: tuple[CalibrateStep, ...] = (
     CalibrateStep("outlier_channels", outlier_channels_step, applies=splits, reads_batches=always, distributed="skip"),
     # GPTQ sums its layers' input moments in the ranges pass, then rounds after the weight widths are chosen
     CalibrateStep("gptq", gptq.gptq_watch_step, applies=gptq.applies, distributed="skip"),
+    # bias correction from input means sums its layers' input channels in the ranges pass, corrects at the end
+    CalibrateStep("bias_correction", input_means_watch_step, applies=watches_input_means, distributed="skip"),
     RANGES,
     SPLIT_ON_RANGES,
     CalibrateStep("weight_bits", weight_bits_step, applies=saturation_aware),  # ORT u8s8 saturation-safe codes

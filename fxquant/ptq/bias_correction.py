@@ -8,7 +8,9 @@ minus that shift:
   quantized model (inputs quantized, earlier layers already corrected), layer by layer in graph order;
 - ``analytical``: from BatchNorm statistics alone, no data: when the layer's input is ReLU(y) (or y) with
   y ~ N(beta, gamma) per channel read from the folded BatchNorm of the layer before, E[x] is known in closed
-  form, and the correction is -dW E[x]. Layers whose input distribution is unknown are skipped with the reason.
+  form, and the correction is -dW E[x]. Layers whose input distribution is unknown are skipped with the reason;
+- ``input_means``: -dW E[x] with E[x] measured on the calibration data (``fxquant.ptq.input_means``), during
+  calibrate's ranges pass.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx
+from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import CalibrationError, ConfigError, ConfigTypeError
 from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
 from fxquant.ptq.chains import find_chains, input_response
+from fxquant.ptq.input_means import InputMeans
 from fxquant.ptq.layers import channel_sum, float_mode, layer_activations, quantized_layers
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.report import PTQReport
@@ -70,6 +74,8 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
     if state is None or state.stage != "calibrated":
         raise CalibrationError("correct_bias() needs a model that fxquant.calibrate() has run on")
     report = PTQReport("bias_correction")
+    if method == "input_means":
+        return _input_means(prepared, batches)
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
     shifts: dict[str, float] = {}
@@ -109,20 +115,61 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
     return report
 
 
+def _input_means(prepared: nn.Module, batches) -> PTQReport:
+    """The ``input_means`` correction on its own float pass over ``batches`` (outside calibrate's ranges pass)."""
+    if not isinstance(prepared, fx.GraphModule):
+        raise ConfigError("bias_correction='input_means' needs a model traced as one graph; use 'empirical'")
+    if batches is None or isinstance(batches, torch.Tensor):
+        raise ConfigTypeError("input_means bias correction needs batches: an iterable of calibration batches")
+    watch = InputMeans(prepared)
+    handles = watch.hooks()
+    try:
+        with torch.no_grad(), float_mode(prepared):
+            for batch in batches:
+                prepared(*normalize_inputs(batch))
+    finally:
+        for h in handles:
+            h.remove()
+    return watch.correct()
+
+
+def watches_input_means(ctx: CalibrationContext) -> bool:
+    """Whether the ``input_means`` correction taps calibrate's ranges pass (which must run the float model)."""
+    return (ctx.config.bias_correction_method == "input_means" and ctx.float_pass
+            and isinstance(ctx.model, fx.GraphModule))
+
+
+def input_means_watch_step(ctx: CalibrationContext) -> StepResult:
+    """Before the ranges: tap every Conv2d/Linear input for its channel means."""
+    watch = InputMeans(ctx.model)
+    for handle in watch.hooks():
+        ctx.hooks.callback(handle.remove)
+    ctx.watches["bias_correction"] = watch
+    return StepResult()
+
+
 def corrects_bias(ctx: CalibrationContext) -> bool:
     """Whether calibrate() corrects biases: ``QuantConfig(bias_correction=...)`` asks for it."""
     return ctx.config.bias_correction_method is not None
 
 
 def corrects_empirically(ctx: CalibrationContext) -> bool:
-    """Whether bias correction reads the calibration batches (the empirical method; analytical needs none)."""
-    return ctx.config.bias_correction_method == "empirical"
+    """Whether bias correction reads the calibration batches: the empirical method, and input_means where it
+    could not tap the ranges pass (analytical needs none)."""
+    method = ctx.config.bias_correction_method
+    return method == "empirical" or (method == "input_means" and not watches_input_means(ctx))
 
 
 def bias_correction_step(ctx: CalibrationContext) -> StepResult:
     """calibrate()'s bias correction step, the last (``fxquant.ptq.step``)."""
     method = ctx.config.bias_correction_method
-    return StepResult(correct_layer_biases(ctx.model, ctx.batches if method == "empirical" else None, method,
+    if method == "input_means":
+        watch = ctx.watches.pop("bias_correction", None)
+        if watch is not None:
+            return StepResult(watch.correct())
+        if ctx.distributed:  # its watch step was skipped on the ranks, with the note that says why
+            return StepResult()
+    return StepResult(correct_layer_biases(ctx.model, ctx.batches if method != "analytical" else None, method,
                                            ctx.progress))
 
 

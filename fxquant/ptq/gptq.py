@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant import qmath
-from fxquant.ptq.layers import Layer, input_module, quantized_layers
+from fxquant.ptq.layers import Layer, conv_args, input_tap, quantized_layers
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.ptq.weight_widths import PAIR_LIMIT, reduction_rows, saturating_pairs, saturation_aware
 from fxquant.quantizer import TensorQuantizer
@@ -61,7 +61,7 @@ class _Watch:
         for layer in layers:
             why = _unsupported(layer) or ("its weight is shared with another module (tied): rounding it would "
                                           "change the other" if uses[id(layer.weight)] > 1 else None)
-            tap = None if why else _tap(gm, layer, calls)
+            tap = None if why else input_tap(gm, layer, calls)
             if why or tap is None:
                 why = why or "its input is not read by a module called once"
                 self.report.skipped.append(f"`{layer.name}`: round-to-nearest ({why})")
@@ -92,24 +92,6 @@ def _unsupported(layer: Layer) -> str | None:
     return None
 
 
-def _tap(gm: fx.GraphModule, layer: Layer, calls: Counter) -> tuple[nn.Module, str] | None:
-    """Where the layer's input can be read in a forward: the module itself, or the module called once that
-    produces its input (its input quantizer)."""
-    if layer.module is not None and calls[layer.node.target] == 1:
-        return layer.module, "input"
-    source = input_module(gm, layer)
-    return (source[1], "output") if source is not None and calls[source[0]] == 1 else None
-
-
-def _conv_args(layer: Layer) -> tuple:
-    if layer.module is not None:
-        m = layer.module
-        return m.stride, m.padding, m.dilation
-    args, kwargs = layer.node.args, layer.node.kwargs
-    return tuple(args[i] if len(args) > i else kwargs.get(name, default)
-                 for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
-
-
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -130,7 +112,7 @@ def _second_moments(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         rows = rows[:: max(1, rows.shape[0] // wanted)]
         return (rows.T @ rows).double()
-    stride, padding, dilation = _conv_args(layer)
+    stride, padding, dilation = conv_args(layer)
     if isinstance(padding, str):  # "same"/"valid": torch pads inside the conv; read it as the layer does
         if padding == "same":
             pads = [d * (k - 1) for d, k in zip(_pair(dilation), w.shape[-2:], strict=True)]

@@ -4,6 +4,7 @@ capturing one layer's input or output over calibration batches."""
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -107,6 +108,26 @@ def input_module(model: nn.Module, layer: Layer) -> tuple[str, nn.Module] | None
     if isinstance(source, fx.Node) and source.op == "call_module":
         return source.target, model.get_submodule(source.target)
     return None
+
+
+def input_tap(gm: fx.GraphModule, layer: Layer, calls: Counter) -> tuple[nn.Module, str] | None:
+    """Where a forward hook can read ``layer``'s input: the layer's module itself (``"input"``: a pre-hook), or
+    the module called once that produces its input, usually its input quantizer (``"output"``: a hook); None when
+    neither is called exactly once. ``calls``: how often each module target is called in ``gm``'s graph."""
+    if layer.module is not None and calls[layer.node.target] == 1:
+        return layer.module, "input"
+    source = input_module(gm, layer)
+    return (source[1], "output") if source is not None and calls[source[0]] == 1 else None
+
+
+def conv_args(layer: Layer) -> tuple:
+    """A conv layer's (stride, padding, dilation), from its module or its functional call."""
+    if layer.module is not None:
+        m = layer.module
+        return m.stride, m.padding, m.dilation
+    args, kwargs = layer.node.args, layer.node.kwargs
+    return tuple(args[i] if len(args) > i else kwargs.get(name, default)
+                 for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
 
 
 def quantized_layers(model: nn.Module, calibrated: bool = True) -> tuple[list[Layer], list[str]]:
