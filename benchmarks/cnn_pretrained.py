@@ -13,7 +13,8 @@ scikit-learn's two sample images; random crops (10-100% of the area, aspect 3/4.
 ImageNet-normalized. Calibration crops and evaluation crops are drawn with different seeds (disjoint sets).
 
 Per model, in one run: fp32 (torch and its dynamo-exported ONNX), fxquant ``onnxruntime`` preset (defaults),
-the same with ``QuantConfig(gptq=True)`` (GPTQ rounding) and with ``QuantConfig(adaround=True)`` (block
+the same with ``QuantConfig(bias_correction="input_means")``, with ``QuantConfig(gptq=True)`` (GPTQ rounding)
+and with ``QuantConfig(adaround=True)`` (block
 reconstruction; ``--no-reconstruction`` leaves it out),
 fxquant ``tensorrt`` preset (its QDQ graph run by ORT at ORT_ENABLE_BASIC: the graph's meaning, not TensorRT
 speed), ORT ``quantize_static`` (QDQ, u8/s8 per-channel, MinMax, same calibration crops, after
@@ -70,7 +71,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FLOAT_CONVS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
 TIMED = ("fp32", "fxquant_ort", "quantize_static")
-QUANTIZED = ("fxquant_ort", "fxquant_gptq", "fxquant_recon", "fxquant_trt", "quantize_static",
+QUANTIZED = ("fxquant_ort", "fxquant_means", "fxquant_gptq", "fxquant_recon", "fxquant_trt", "quantize_static",
              "quantize_static_full")
 
 
@@ -219,6 +220,8 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
         export_float_onnx(model, x, paths["fp32"])
     info = {"fxquant_ort": fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_ort"]),
             "fxquant_trt": fxquant_export(model, x, batches, "tensorrt", paths["fxquant_trt"])}
+    info["fxquant_means"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_means"],
+                                           fxquant.QuantConfig(bias_correction="input_means"))
     info["fxquant_gptq"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_gptq"],
                                           fxquant.QuantConfig(gptq=True))
     if not args.no_reconstruction:
@@ -256,6 +259,7 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
 
 def markdown(name: str, rows: dict) -> str:
     labels = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
+              "fxquant_means": "fxquant `onnxruntime` preset, `QuantConfig(bias_correction=\"input_means\")`",
               "fxquant_gptq": "fxquant `onnxruntime` preset, `QuantConfig(gptq=True)` (GPTQ rounding)",
               "fxquant_recon": "fxquant `onnxruntime` preset, `QuantConfig(adaround=True)` (reconstruction)",
               "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
