@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.graph_module import _forward_from_src
+from torch.nn.modules import module as _module_state
 
 from fxquant.quantizer import TensorQuantizer
 
@@ -257,6 +258,4 @@ def reusing_buffers(model: nn.Module, build: bool = True) -> Iterator[None]:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_mod
-
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
