@@ -123,6 +123,8 @@ def _input_means(prepared: nn.Module, batches) -> PTQReport:
         raise ConfigTypeError("input_means bias correction needs batches: an iterable of calibration batches")
     watch = InputMeans(prepared)
     handles = watch.hooks()
+    was_training = prepared.training
+    prepared.eval()  # dropout off, as in calibrate's ranges pass
     try:
         with torch.no_grad(), float_mode(prepared):
             for batch in batches:
@@ -130,6 +132,7 @@ def _input_means(prepared: nn.Module, batches) -> PTQReport:
     finally:
         for h in handles:
             h.remove()
+        prepared.train(was_training)
     return watch.correct()
 
 
