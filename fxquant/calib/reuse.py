@@ -55,40 +55,27 @@ def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
-def _relu6_(x: torch.Tensor) -> torch.Tensor:
-    return F.hardtanh_(x, 0.0, 6.0)
-
-
-def _in_place_activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Callable, tuple] | None:
-    """The in-place twin (a function and its extra arguments) of an activation node, or None."""
+def _in_place_activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Callable, tuple, dict] | None:
+    """The in-place twin of an activation node (a function, its arguments after the input, its keywords), or
+    None."""
+    inplace = {"inplace": True}
     if node.op == "call_module":
         module = modules.get(node.target)
         if module is None or _hooked(module) or len(node.args) != 1 or node.kwargs:
             return None
-        kind = type(module)
-        if kind is nn.ReLU:
-            return torch.relu_, ()
-        if kind is nn.ReLU6:
-            return _relu6_, ()
-        if kind is nn.Hardtanh:
-            return F.hardtanh_, (module.min_val, module.max_val)
-        if kind is nn.SiLU:
-            return F.silu, ("inplace",)
-        if kind is nn.Hardswish:
-            return F.hardswish, ("inplace",)
-        return None
-    if node.op == "call_function" and len(node.args) == 1 and not node.kwargs.get("inplace"):
-        extra = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-        if extra:
-            return None
-        if node.target in (torch.relu, F.relu):
-            return torch.relu_, ()
-        if node.target is F.relu6:
-            return _relu6_, ()
-        if node.target in (F.silu, F.hardswish):
-            return node.target, ("inplace",)
+        twins = {nn.ReLU: (torch.relu_, (), {}), nn.ReLU6: (F.hardtanh_, (0.0, 6.0), {}),
+                 nn.SiLU: (F.silu, (), inplace), nn.Hardswish: (F.hardswish, (), inplace)}
+        if type(module) is nn.Hardtanh:
+            return F.hardtanh_, (module.min_val, module.max_val), {}
+        return twins.get(type(module))
+    if node.op == "call_function" and len(node.args) == 1 and set(node.kwargs) <= {"inplace"} \
+            and not node.kwargs.get("inplace"):
+        twins = {torch.relu: (torch.relu_, (), {}), F.relu: (torch.relu_, (), {}),
+                 F.relu6: (F.hardtanh_, (0.0, 6.0), {}), F.silu: (F.silu, (), inplace),
+                 F.hardswish: (F.hardswish, (), inplace)}
+        return twins.get(node.target)
     if node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs:
-        return torch.relu_, ()
+        return torch.relu_, (), {}
     return None
 
 
@@ -125,15 +112,22 @@ class _Aliases:
             return node.target in _FRESH_FUNCTIONS and not node.kwargs.get("inplace") and "out" not in node.kwargs
         return node.op == "call_method" and node.target in _FRESH_METHODS
 
-    def readers(self, root: fx.Node) -> list[fx.Node]:
-        """Every node reading ``root``'s buffer: its users and those of the quantizers it passes through."""
+    def readers(self, root: fx.Node) -> list[fx.Node] | None:
+        """Every node reading ``root``'s buffer: its users and those of the quantizers it passes through; None when
+        one of those quantizers has hooks (which may keep the tensor)."""
         out, todo = [], [root]
         while todo:
-            for user in todo.pop().users:
-                if self.is_quantizer(user) and user.args and user.args[0] is not None:
+            node = todo.pop()
+            for user in node.users:
+                if not self.is_quantizer(user):
+                    out.append(user)
+                elif _hooked(self.modules[user.target]):
+                    return None
+                elif user.args[0] is node:
                     todo.append(user)
-                out.append(user)
-        return [n for n in out if not self.is_quantizer(n)]
+                else:  # a quantizer reading it otherwise than as its input: not a pass-through
+                    out.append(user)
+        return out
 
     def reusable_by(self, value: object, node: fx.Node) -> bool:
         """Whether ``node`` may write into the buffer behind ``value``."""
@@ -142,21 +136,8 @@ class _Aliases:
         root = self.root(value)
         if root is None or not self.produces_new(root):
             return False
-        if any(_hooked(self.modules[q.target]) for q in _chain(root, self)):
-            return False
-        readers = self.readers(root)
         uses = sum(1 for a in (*node.args, *node.kwargs.values()) if a is value)
-        return readers == [node] and uses == 1
-
-
-def _chain(root: fx.Node, aliases: _Aliases) -> list[fx.Node]:
-    out, todo = [], [root]
-    while todo:
-        for user in todo.pop().users:
-            if aliases.is_quantizer(user):
-                out.append(user)
-                todo.append(user)
-    return out
+        return self.readers(root) == [node] and uses == 1
 
 
 def reused_graph(gm: fx.GraphModule) -> tuple[fx.Graph, int]:
@@ -176,12 +157,9 @@ def reused_graph(gm: fx.GraphModule) -> tuple[fx.Graph, int]:
             continue
         twin = _in_place_activation(node, modules)
         if twin is not None and aliases.reusable_by(_orig(node.args[0], original), old):
-            fn, extra = twin
+            fn, extra, kwargs = twin
             with graph.inserting_before(node):
-                if extra == ("inplace",):
-                    new = graph.call_function(fn, (node.args[0],), {"inplace": True})
-                else:
-                    new = graph.call_function(fn, (node.args[0], *extra))
+                new = graph.call_function(fn, (node.args[0], *extra), kwargs)
             _replace(graph, node, new, old, original, aliases)
             count += 1
         elif _is_add(node):

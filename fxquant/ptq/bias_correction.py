@@ -66,16 +66,18 @@ def record_expected_inputs(gm: fx.GraphModule) -> PassResult:
 
 def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "empirical",
                          progress: bool = True) -> PTQReport:
-    """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" with
-    ``batches``, or "analytical" from BatchNorm statistics); returns the report."""
+    """Correct the biases of a calibrated ``prepared`` model in place (``method``: "empirical" or "input_means"
+    with ``batches``, or "analytical" from BatchNorm statistics); returns the report."""
     if method not in BIAS_CORRECTION_METHODS:
         raise ConfigError(f"unknown bias correction method {method!r}; valid: {list(BIAS_CORRECTION_METHODS)}")
     state = get_state(prepared)
     if state is None or state.stage != "calibrated":
         raise CalibrationError("correct_bias() needs a model that fxquant.calibrate() has run on")
-    report = PTQReport("bias_correction")
+    if method != "analytical" and (batches is None or isinstance(batches, torch.Tensor)):
+        raise ConfigTypeError(f"{method} bias correction needs batches: an iterable of calibration batches")
     if method == "input_means":
         return _input_means(prepared, batches)
+    report = PTQReport("bias_correction")
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
     shifts: dict[str, float] = {}
@@ -83,8 +85,6 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
     prepared.eval()
     try:
         if method == "empirical":
-            if batches is None or isinstance(batches, torch.Tensor):
-                raise ConfigTypeError("empirical bias correction needs batches: an iterable of calibration batches")
             batches = list(batches)
             if not batches:
                 raise ConfigError("empirical bias correction needs at least one batch")
@@ -119,8 +119,6 @@ def _input_means(prepared: nn.Module, batches) -> PTQReport:
     """The ``input_means`` correction on its own float pass over ``batches`` (outside calibrate's ranges pass)."""
     if not isinstance(prepared, fx.GraphModule):
         raise ConfigError("bias_correction='input_means' needs a model traced as one graph; use 'empirical'")
-    if batches is None or isinstance(batches, torch.Tensor):
-        raise ConfigTypeError("input_means bias correction needs batches: an iterable of calibration batches")
     watch = InputMeans(prepared)
     handles = watch.hooks()
     was_training = prepared.training

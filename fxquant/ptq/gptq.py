@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from fxquant import qmath
-from fxquant.ptq.layers import Layer, conv_args, input_tap, quantized_layers
+from fxquant.ptq.layers import Layer, conv_args, hook_inputs, input_taps
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.ptq.weight_widths import PAIR_LIMIT, reduction_rows, saturating_pairs, saturation_aware
 from fxquant.quantizer import TensorQuantizer
@@ -50,24 +49,16 @@ class _Watch:
     """The eligible layers, where their inputs are read, and the sums of ``x x^T`` per layer."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        self.report = PTQReport("gptq")
-        layers, notes = quantized_layers(gm, calibrated=False)
-        self.report.skipped += notes
-        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         uses = Counter(id(t) for _, t in gm.named_parameters(remove_duplicate=False))
-        self.layers: list[Layer] = []
-        self.taps: list[tuple[nn.Module, str, Layer]] = []
+
+        def unsupported(layer: Layer) -> str | None:
+            return _unsupported(layer) or ("its weight is shared with another module (tied): rounding it would "
+                                           "change the other" if uses[id(layer.weight)] > 1 else None)
+
+        self.taps, skipped = input_taps(gm, unsupported, lambda why: f"round-to-nearest ({why})")
+        self.report = PTQReport("gptq", skipped=skipped)
+        self.layers = [layer for _, _, layer in self.taps]
         self.sums: dict[str, torch.Tensor] = {}
-        for layer in layers:
-            why = _unsupported(layer) or ("its weight is shared with another module (tied): rounding it would "
-                                          "change the other" if uses[id(layer.weight)] > 1 else None)
-            tap = None if why else input_tap(gm, layer, calls)
-            if why or tap is None:
-                why = why or "its input is not read by a module called once"
-                self.report.skipped.append(f"`{layer.name}`: round-to-nearest ({why})")
-                continue
-            self.layers.append(layer)
-            self.taps.append((*tap, layer))
 
     def hook(self, layer: Layer, x: torch.Tensor) -> None:
         h = _second_moments(layer, x.detach().float())
@@ -152,24 +143,10 @@ def _patches(x: torch.Tensor, kernel: tuple[int, int], step: tuple[int, int], pa
 def gptq_watch_step(ctx: CalibrationContext) -> StepResult:
     """Before the ranges: tap the eligible layers' inputs for the ranges pass."""
     watch = _Watch(ctx.model)
-    handles = []
-    for module, where, layer in watch.taps:
-        if where == "input":
-            handles.append(module.register_forward_pre_hook(partial(_on_input, watch, layer)))
-        else:
-            handles.append(module.register_forward_hook(partial(_on_output, watch, layer)))
-    for h in handles:
-        ctx.hooks.callback(h.remove)
+    for handle in hook_inputs(watch.taps, watch.hook):
+        ctx.hooks.callback(handle.remove)
     ctx.watches["gptq"] = watch
     return StepResult()
-
-
-def _on_input(watch: _Watch, layer: Layer, _module: nn.Module, args: tuple) -> None:
-    watch.hook(layer, args[0])
-
-
-def _on_output(watch: _Watch, layer: Layer, _module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-    watch.hook(layer, out)
 
 
 def watching(ctx: CalibrationContext) -> bool:

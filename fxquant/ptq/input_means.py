@@ -19,14 +19,11 @@ benchmark's): see docs/ptq.md. Means are taken over a strided subset of position
 
 from __future__ import annotations
 
-from collections import Counter
-from functools import partial
-
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
-from fxquant.ptq.layers import Layer, conv_args, input_tap, quantized_layers
+from fxquant.ptq.layers import Layer, conv_args, hook_inputs, input_taps
 from fxquant.report import PTQReport
 
 MAX_ROWS = 1 << 14  # input positions per forward averaged at most (a strided subset over the batch)
@@ -36,30 +33,16 @@ class InputMeans:
     """The layers corrected, where their inputs are read, and the running per-channel sums of those inputs."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        self.report = PTQReport("bias_correction", data={"method": "input_means"})
-        layers, notes = quantized_layers(gm, calibrated=False)
-        self.report.skipped += notes
-        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-        self.layers: list[Layer] = []
-        self.taps: list[tuple[nn.Module, str, Layer]] = []
+        self.taps, skipped = input_taps(gm, _unsupported, lambda why: f"bias not corrected ({why})")
+        self.report = PTQReport("bias_correction", skipped=skipped, data={"method": "input_means"})
+        self.layers = [layer for _, _, layer in self.taps]
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.sizes: dict[str, tuple[int, ...]] = {}
-        for layer in layers:
-            why = _unsupported(layer)
-            tap = None if why else input_tap(gm, layer, calls)
-            if why or tap is None:
-                self.report.skipped.append(f"`{layer.name}`: bias not corrected "
-                                           f"({why or 'its input is not read by a module called once'})")
-                continue
-            self.layers.append(layer)
-            self.taps.append((*tap, layer))
 
     def hooks(self) -> list:
         """Register the taps; returns the handles."""
-        return [module.register_forward_pre_hook(partial(_on_input, self, layer)) if where == "input"
-                else module.register_forward_hook(partial(_on_output, self, layer))
-                for module, where, layer in self.taps]
+        return hook_inputs(self.taps, self.add)
 
     def add(self, layer: Layer, x: torch.Tensor) -> None:
         x = x.detach()
@@ -117,11 +100,3 @@ def _unsupported(layer: Layer) -> str | None:
     if getattr(layer.module, "padding_mode", "zeros") != "zeros":
         return f"a conv that pads with {layer.module.padding_mode!r}"
     return None
-
-
-def _on_input(watch: InputMeans, layer: Layer, _module: nn.Module, args: tuple) -> None:
-    watch.add(layer, args[0])
-
-
-def _on_output(watch: InputMeans, layer: Layer, _module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-    watch.add(layer, out)

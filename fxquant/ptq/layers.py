@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import fx, nn
@@ -118,6 +119,39 @@ def input_tap(gm: fx.GraphModule, layer: Layer, calls: Counter) -> tuple[nn.Modu
         return layer.module, "input"
     source = input_module(gm, layer)
     return (source[1], "output") if source is not None and calls[source[0]] == 1 else None
+
+
+Tap = tuple[nn.Module, str, Layer]  # (module to hook, "input" (pre-hook) or "output" (hook), the layer)
+
+
+def input_taps(gm: fx.GraphModule, unsupported: Callable[[Layer], str | None],
+               left: Callable[[str], str]) -> tuple[list[Tap], list[str]]:
+    """Where a hook can read the input of each quantized layer of ``gm`` (calibrated or not: for a step that taps
+    the ranges pass) that ``unsupported(layer)`` (a reason, or None) allows; and notes on the others:
+    ``quantized_layers``' own, then ``"`name`: " + left(why)`` per layer left."""
+    layers, notes = quantized_layers(gm, calibrated=False)
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    taps, skipped = [], list(notes)
+    for layer in layers:
+        why = unsupported(layer)
+        tap = None if why else input_tap(gm, layer, calls)
+        if why or tap is None:
+            skipped.append(f"`{layer.name}`: {left(why or 'its input is not read by a module called once')}")
+        else:
+            taps.append((*tap, layer))
+    return taps, skipped
+
+
+def hook_inputs(taps: list[Tap], seen: Callable[[Layer, torch.Tensor], None]) -> list:
+    """Register hooks calling ``seen(layer, input)`` on every forward for each tap; returns the handles."""
+    def on_input(layer: Layer, _module: nn.Module, args: tuple) -> None:
+        seen(layer, args[0])
+
+    def on_output(layer: Layer, _module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        seen(layer, out)
+
+    return [module.register_forward_pre_hook(partial(on_input, layer)) if where == "input"
+            else module.register_forward_hook(partial(on_output, layer)) for module, where, layer in taps]
 
 
 def conv_args(layer: Layer) -> tuple:

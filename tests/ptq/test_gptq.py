@@ -11,23 +11,12 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.cli.demo_model import accuracy, load_digits_split
+from fxquant.cli.demo_model import accuracy
 from fxquant.metrics import sqnr
 from fxquant.ptq.gptq import gptq_round
 from fxquant.quantizer import TensorQuantizer
-from tests.models.mobilenet_digits import train_mobilenet_digits
 
 W4 = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    data = load_digits_split(seed=0)
-    model = train_mobilenet_digits(epochs=6, seed=0, data=data)
-    yield model, data, [data[0][i:i + 64] for i in range(0, 512, 64)]
-    torch.set_num_threads(threads)
 
 
 def _quantized(model, batches, backend, **config):
@@ -39,8 +28,8 @@ def _quantized(model, batches, backend, **config):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
-def test_gptq_beats_nearest_rounding_at_w4_on_digits(digits, backend):
-    model, (_, _, x_test, y_test), batches = digits
+def test_gptq_beats_nearest_rounding_at_w4_on_digits(mobilenet_digits, backend):
+    model, (_, _, x_test, y_test), batches = mobilenet_digits
     with torch.no_grad():
         ref = model(x_test)
     nearest = _quantized(model, batches, backend, weight=W4)
@@ -55,8 +44,8 @@ def test_gptq_beats_nearest_rounding_at_w4_on_digits(digits, backend):
     assert acc_gptq >= acc_nearest - 0.5 and acc_gptq > accuracy(model, x_test, y_test) - 2.0  # percent
 
 
-def test_gptq_codes_reach_onnx_runtime_and_survive_recalibration(digits, tmp_path):
-    model, (_, _, x_test, _), batches = digits
+def test_gptq_codes_reach_onnx_runtime_and_survive_recalibration(mobilenet_digits, tmp_path):
+    model, (_, _, x_test, _), batches = mobilenet_digits
     prepared = _quantized(model, batches, "onnxruntime", gptq=True)
     weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
     fxquant.calibrate(prepared, batches[:2], progress=False)  # the codes are fixed: a new calibration keeps them
@@ -118,9 +107,9 @@ def test_gptq_round_lowers_the_output_error_it_minimizes(depthwise):
     assert error(rounded) < 0.4 * error(nearest)  # 0.15 and 0.21
 
 
-def test_encodings_of_gptq_codes_refuse_a_model_gptq_did_not_round(digits, tmp_path):
+def test_encodings_of_gptq_codes_refuse_a_model_gptq_did_not_round(mobilenet_digits, tmp_path):
     # the file holds ranges, not the codes: loaded into a fresh model they would silently round to nearest
-    model, _, batches = digits
+    model, _, batches = mobilenet_digits
     rounded = _quantized(model, batches[:2], "onnxruntime", gptq=True)
     fxquant.save_encodings(rounded, tmp_path / "enc.json")
     fresh = fxquant.prepare(model, batches[0][:1], backend="onnxruntime", config=fxquant.QuantConfig(gptq=True))

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.cli.demo_model import accuracy, load_digits_split
+from fxquant.cli.demo_model import accuracy
 from fxquant.metrics import sqnr
-from tests.models.mobilenet_digits import train_mobilenet_digits
 
 W4 = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
 A16 = fxquant.QuantSpec(num_bits=16, calib_method="max")  # activations all but exact: the weights' shift alone
@@ -91,19 +90,9 @@ def test_standalone_correct_bias_matches_calibrate():
         fxquant.QuantConfig(bias_correction="means")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    data = load_digits_split(seed=0)
-    model = train_mobilenet_digits(epochs=6, seed=0, data=data)
-    yield model, data, [data[0][i:i + 64] for i in range(0, 512, 64)]
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
-def test_input_means_pays_at_w4_on_digits(digits, backend):
-    model, (_, _, x_test, y_test), batches = digits
+def test_input_means_pays_at_w4_on_digits(mobilenet_digits, backend):
+    model, (_, _, x_test, y_test), batches = mobilenet_digits
     with torch.no_grad():
         ref = model(x_test)
     results = {}
