@@ -161,12 +161,21 @@ def fake_quant_symmetric(x: torch.Tensor, amax: torch.Tensor, qmin: int, qmax: i
     """Symmetric quantize(-dequantize) of ``x`` with ``amax`` broadcastable to it; an amax below EPS gives zeros;
     straight-through gradient where ``|x| <= amax``, zero outside (pytorch_quantization's estimator)."""
     amax = amax.float()
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no gradient: the same values in three passes
+        step = symmetric_step(amax, qmax)
+        codes = (x.double() if x.dtype == step.dtype == torch.float64 else x.float()) / step
+        codes = codes.round_().clamp_(qmin, qmax).masked_fill_(amax <= EPS, 0.0)
+        return (codes.mul_(step) if fake else codes).to(x.dtype)
     return _FakeQuant.apply(x, symmetric_step(amax, qmax), 0.0, qmin, qmax, amax <= EPS, x.abs() <= amax, fake)
 
 
 def fake_quant_affine(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                       fake: bool = True) -> torch.Tensor:
     """Affine quantize(-dequantize); straight-through gradient where the unclamped code lies in [qmin, qmax]."""
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no gradient: the same values, in place
+        codes = (x.double() if x.dtype == step.dtype == torch.float64 else x.float()) / step
+        codes = codes.round_().add_(zero_point).clamp_(qmin, qmax)
+        return (codes.sub_(zero_point).mul_(step) if fake else codes).to(x.dtype)
     with torch.no_grad():
         codes = torch.round(x.float() / step) + zero_point
     return _FakeQuant.apply(x, step, zero_point, qmin, qmax, None, (codes >= qmin) & (codes <= qmax), fake)

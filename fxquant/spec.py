@@ -281,10 +281,16 @@ class QuantConfig:
             for per-tensor weights (where equalization pays) when the float output on the example inputs keeps
             an SQNR of at least 30 dB (``fxquant.ptq.relu6``); off for per-channel weights.
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
-        bias_correction: False, True or "empirical" (calibrate() corrects biases on its batches, one forward per
-            layer), "input_means" (from the layer inputs' channel means of calibrate's ranges pass, no forward of
-            its own; ``fxquant.ptq.input_means``), or "analytical" (from BatchNorm statistics, no data); see
-            ``fxquant.correct_bias``.
+        bias_correction: "auto" (default: the backend's choice, ``Backend.bias_correction``: "input_means" on
+            ``onnxruntime``, none on ``tensorrt``; applied only where it costs no pass of its own, i.e. where
+            calibrate's ranges pass runs one traced graph in float), False, True or "empirical" (calibrate()
+            corrects biases on its batches, one forward per layer), "input_means" (from the layer inputs' channel
+            means of calibrate's ranges pass, no forward of its own; ``fxquant.ptq.input_means``), or
+            "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
+        float_stem: None (default: the backend's choice: ``onnxruntime`` keeps a stem conv float where it has at
+            most 32 products per output, the MobileNet/EfficientNet 3 x 3 x 3 stems, faster in float there and
+            spared the 8-bit input; ``tensorrt`` quantizes every stem), True (every conv reading a model input
+            stays float) or False (every stem is quantized).
         adaround: False, True or an ``AdaRoundOptions``: calibrate() learns the weight rounding on its
             batches (``fxquant.adaround``).
         smoothquant: "auto" (default), True or False: calibrate() first migrates activation outliers of every
@@ -317,7 +323,8 @@ class QuantConfig:
     equalize: bool = False
     equalize_relu6: bool | None = None
     absorb_bias: bool = False
-    bias_correction: bool | str = False
+    bias_correction: bool | str = "auto"
+    float_stem: bool | None = None
     adaround: bool | AdaRoundOptions = False
     smoothquant: bool | str = "auto"
     outlier_channels: bool | str = "auto"
@@ -349,11 +356,14 @@ class QuantConfig:
         for name in ("fold_bn", "strict", "equalize", "absorb_bias", "gptq"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigTypeError(f"QuantConfig.{name} must be True or False")
+        if self.float_stem is not None and not isinstance(self.float_stem, bool):
+            raise ConfigTypeError("QuantConfig.float_stem must be None (the backend's choice), True or False")
         if self.equalize_relu6 is not None and not isinstance(self.equalize_relu6, bool):
             raise ConfigTypeError("QuantConfig.equalize_relu6 must be True, False or None (per-tensor weights decide)")
-        if not (isinstance(self.bias_correction, bool) or self.bias_correction in BIAS_CORRECTION_METHODS):
-            raise ConfigError(f"QuantConfig.bias_correction must be False, True (= 'empirical') or one of "
-                              f"{list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
+        if not (isinstance(self.bias_correction, bool) or self.bias_correction in ("auto", *BIAS_CORRECTION_METHODS)):
+            raise ConfigError(f"QuantConfig.bias_correction must be 'auto' (the backend's choice), False, True "
+                              f"(= 'empirical') or one of {list(BIAS_CORRECTION_METHODS)}, "
+                              f"got {self.bias_correction!r}")
         for name in ("smoothquant", "outlier_channels"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or value == "auto"):
@@ -372,7 +382,7 @@ class QuantConfig:
 
     @property
     def bias_correction_method(self) -> str | None:
-        """"empirical", "analytical", "input_means" or None."""
+        """"empirical", "analytical", "input_means", "auto" (the backend decides at calibrate) or None."""
         if self.bias_correction is True:
             return "empirical"
         return self.bias_correction or None

@@ -34,6 +34,9 @@ class Backend:
     saturation_aware_weights: after calibration, weights on the default weight spec get 8 bits where no pair of
     adjacent products can overflow the int16 accumulation of x86 u8s8 kernels without VNNI, 7 bits where one
     can (``fxquant.ptq.weight_widths``); plain 8 bits everywhere for ``QuantConfig(target="vnni")``.
+    bias_correction: what ``QuantConfig(bias_correction="auto")`` (the default) does on this backend: a method
+    that costs no pass of its own ("input_means", where calibrate's ranges pass can tap the layer inputs), or
+    None (no correction), chosen by measurement (docs/ptq.md).
     """
 
     name: str
@@ -46,6 +49,7 @@ class Backend:
     runtime: str | None = None
     export_passes: tuple[str, ...] = ()
     saturation_aware_weights: bool = False
+    bias_correction: str | None = None
 
     def __post_init__(self) -> None:
         if self.runtime is not None and self.runtime not in RUNTIMES:

@@ -103,3 +103,53 @@ def output_reaches_int8(name: str) -> Check:
                 "through other such adds: quantizing it would add rounding error and enable no int8 kernel")
 
     return check
+
+
+STEM_KINDS = frozenset({"pad", "identity"})  # what may sit between a model input and the stem conv
+
+
+def float_stem(name: str, max_reduction: int | None) -> Check:
+    """A Conv2d that reads a model input (through zero pads) stays float: where ``QuantConfig(float_stem=True)``
+    asks, or by the backend's choice (``float_stem=None``) where its reduction (input channels per group x kernel
+    area) is at most ``max_reduction`` (None: never by choice). ``float_stem=False`` quantizes every stem."""
+
+    def check(match: Match, ctx: RuleContext) -> str | None:
+        node, choice = match[name], ctx.config.float_stem
+        if choice is False or (choice is None and max_reduction is None) or ctx.kind(node) != "conv":
+            return None
+        weight = _weight(ctx, node)
+        if weight is None or weight.dim() != 4 or not _reads_model_input(ctx, node):
+            return None
+        reduction = weight[0].numel()
+        if choice:
+            return "a stem conv (reads the model input): QuantConfig(float_stem=True) keeps it float"
+        if reduction > max_reduction:
+            return None
+        return (f"a stem conv (reads the model input, {reduction} products per output, at most {max_reduction}): "
+                f"{ctx.backend.name} runs it faster in float (no QuantizeLinear of the input, and int8 kernels do "
+                "not pay on so short a reduction) and 8-bit input quantization is where such stems lose most "
+                "(EfficientNet-Lite0: 22.5 dB vs 16.1 dB, docs/ptq.md); QuantConfig(float_stem=False) quantizes it")
+
+    return check
+
+
+def _weight(ctx: RuleContext, node):
+    if node.op == "call_module":
+        return getattr(ctx.view.modules[node.target], "weight", None)
+    attr = parameter_arg(ctx.view.gm, node)
+    if attr is None:
+        return None
+    value = ctx.view.gm
+    for part in attr.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _reads_model_input(ctx: RuleContext, node) -> bool:
+    inputs = ctx.activation_inputs(node)
+    source = inputs[0] if inputs else None
+    while source is not None and source.op != "placeholder":
+        if ctx.kind(source) not in STEM_KINDS and not read(source).pad_merged_into:
+            return False
+        source = source.args[0] if source.args and hasattr(source.args[0], "op") else None
+    return source is not None

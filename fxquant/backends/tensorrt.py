@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend
-from fxquant.backends.checks import output_reaches_int8, quantizable_weight
+from fxquant.backends.checks import float_stem, output_reaches_int8, quantizable_weight
 from fxquant.ops.kinds import WEIGHTED_KINDS
 from fxquant.provenance import info
 from fxquant.rules import Match, Pattern, Rule, Targets
@@ -70,7 +70,7 @@ TENSORRT = Backend(
     activation=QuantSpec(num_bits=8, calib_method="mse"),
     rules=(
         Rule("weighted_input", Pattern.chain(("op", WEIGHTED_KINDS)), Targets(inputs="op", weight="op"),
-             checks=(quantizable_weight("op"),), priority=20),
+             checks=(quantizable_weight("op"), float_stem("op", None)), priority=20),
         Rule("matmul_inputs", Pattern.chain(("op", "matmul")), Targets(inputs="op"), priority=20),
         Rule("residual_add", Pattern.chain(("add", "add")), handler=residual_add,
              checks=(output_reaches_int8("add"),), priority=10),

@@ -14,9 +14,10 @@ generated from a copy of its graph in which:
 only where the value changed is *reusable*: produced by an op that returns a new tensor (a convolution, a linear
 layer, a normalization, a pooling, an activation or an add, or an op this rewrite already made in place) and read by
 this op alone, counting the readers of every TensorQuantizer it passes through (in calib mode a quantizer returns
-its input). A producer, quantizer or activation module with hooks (fxquant's own taps keep views of the tensors they
-see) is left out, and so is the whole GraphModule while global module hooks are set. The model's own forward, its
-graph and its modules are not changed; the swap is undone when the pass ends.
+its input). A producer, quantizer or activation module with hooks (a hook may keep a view of the tensor it sees) is
+left out, except for hooks marked ``transient`` (fxquant's statistics taps, which reduce the tensor on the spot: the
+input means, GPTQ's Hessians); so is the whole GraphModule while global module hooks are set. The model's own
+forward, its graph and its modules are not changed; the swap is undone when the pass ends.
 """
 
 from __future__ import annotations
@@ -79,8 +80,19 @@ def _in_place_activation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[
     return None
 
 
+TRANSIENT = "_fxquant_transient"
+
+
+def transient(hook: Callable) -> Callable:
+    """Mark a module hook that reads its tensors on the spot and keeps none: the ranges pass may still reuse them."""
+    setattr(hook, TRANSIENT, True)
+    return hook
+
+
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether ``module`` has a hook that may keep the tensors it sees."""
+    return any(not getattr(h, TRANSIENT, False)
+               for hooks in (module._forward_hooks, module._forward_pre_hooks) for h in hooks.values())
 
 
 class _Aliases:

@@ -11,6 +11,10 @@ minus that shift:
   form, and the correction is -dW E[x]. Layers whose input distribution is unknown are skipped with the reason;
 - ``input_means``: -dW E[x] with E[x] measured on the calibration data (``fxquant.ptq.input_means``), during
   calibrate's ranges pass.
+
+``QuantConfig(bias_correction="auto")``, the default, runs the backend's ``bias_correction`` (``input_means`` on
+ONNX Runtime) only where it costs no pass of its own: calibrate's ranges pass runs one traced graph in float, and
+no AdaRound, whose reconstruction fits each layer's output itself.
 """
 
 from __future__ import annotations
@@ -134,10 +138,24 @@ def _input_means(prepared: nn.Module, batches) -> PTQReport:
     return watch.correct()
 
 
+def method_in_force(ctx: CalibrationContext) -> str | None:
+    """The correction calibrate runs: the config's method, or for "auto" the backend's where it is free (a tap
+    on the ranges pass of one traced graph run in float; not with AdaRound)."""
+    method = ctx.config.bias_correction_method
+    if method != "auto":
+        return method
+    if ctx.backend.bias_correction != "input_means" or ctx.config.adaround_options is not None:
+        return None
+    return "input_means" if _can_tap(ctx) or "bias_correction" in ctx.watches else None
+
+
+def _can_tap(ctx: CalibrationContext) -> bool:
+    return ctx.float_pass and isinstance(ctx.model, fx.GraphModule)
+
+
 def watches_input_means(ctx: CalibrationContext) -> bool:
     """Whether the ``input_means`` correction taps calibrate's ranges pass (which must run the float model)."""
-    return (ctx.config.bias_correction_method == "input_means" and ctx.float_pass
-            and isinstance(ctx.model, fx.GraphModule))
+    return method_in_force(ctx) == "input_means" and _can_tap(ctx)
 
 
 def input_means_watch_step(ctx: CalibrationContext) -> StepResult:
@@ -150,20 +168,20 @@ def input_means_watch_step(ctx: CalibrationContext) -> StepResult:
 
 
 def corrects_bias(ctx: CalibrationContext) -> bool:
-    """Whether calibrate() corrects biases: ``QuantConfig(bias_correction=...)`` asks for it."""
-    return ctx.config.bias_correction_method is not None
+    """Whether calibrate() corrects biases: ``QuantConfig(bias_correction=...)`` asks for it (or "auto" chose it)."""
+    return method_in_force(ctx) is not None
 
 
 def corrects_empirically(ctx: CalibrationContext) -> bool:
     """Whether bias correction reads the calibration batches: the empirical method, and input_means where it
     could not tap the ranges pass (analytical needs none)."""
-    method = ctx.config.bias_correction_method
+    method = method_in_force(ctx)
     return method == "empirical" or (method == "input_means" and not watches_input_means(ctx))
 
 
 def bias_correction_step(ctx: CalibrationContext) -> StepResult:
     """calibrate()'s bias correction step, the last (``fxquant.ptq.step``)."""
-    method = ctx.config.bias_correction_method
+    method = method_in_force(ctx)
     if method == "input_means":
         watch = ctx.watches.pop("bias_correction", None)
         if watch is not None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fxquant import qmath
-from fxquant.ptq.layers import Layer, conv_args, hook_inputs, input_taps
+from fxquant.ptq.layers import Layer, conv_args, hook_inputs, input_taps, pair
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.ptq.weight_widths import PAIR_LIMIT, reduction_rows, saturating_pairs, saturation_aware
 from fxquant.quantizer import TensorQuantizer
@@ -83,10 +83,6 @@ def _unsupported(layer: Layer) -> str | None:
     return None
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _rows_wanted(columns: int, depthwise: bool) -> int:
     """Input positions per forward summed into H: twice the columns (H's size; over several batches that is
     plenty), at least 256, at most ``MAX_POSITIONS``; a depthwise conv's (k, k) matrices need few."""
@@ -106,10 +102,10 @@ def _second_moments(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     stride, padding, dilation = conv_args(layer)
     if isinstance(padding, str):  # "same"/"valid": torch pads inside the conv; read it as the layer does
         if padding == "same":
-            pads = [d * (k - 1) for d, k in zip(_pair(dilation), w.shape[-2:], strict=True)]
+            pads = [d * (k - 1) for d, k in zip(pair(dilation), w.shape[-2:], strict=True)]
             x = F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
         padding = 0
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
            zip(x.shape[-2:], padding, dilation, w.shape[-2:], stride, strict=True)]
     every = max(1, math.isqrt(max(1, out[0] * out[1] // wanted)))  # a strided grid of positions per image...

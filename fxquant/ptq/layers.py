@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from torch import fx, nn
 
+from fxquant.calib.reuse import transient
 from fxquant.capture.trace import normalize_inputs
 from fxquant.ops.kinds import FUNCTION_KINDS, WEIGHTED_KINDS, WeightedOp, module_kind, node_kind, quantized_weight_op
 from fxquant.quantizer import TensorQuantizer, quantizers_of
@@ -143,15 +144,21 @@ def input_taps(gm: fx.GraphModule, unsupported: Callable[[Layer], str | None],
 
 
 def hook_inputs(taps: list[Tap], seen: Callable[[Layer, torch.Tensor], None]) -> list:
-    """Register hooks calling ``seen(layer, input)`` on every forward for each tap; returns the handles."""
+    """Register hooks calling ``seen(layer, input)`` on every forward for each tap; returns the handles. ``seen``
+    must not keep the tensor (it may be overwritten afterwards: the ranges pass runs element-wise ops in place)."""
     def on_input(layer: Layer, _module: nn.Module, args: tuple) -> None:
         seen(layer, args[0])
 
     def on_output(layer: Layer, _module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
         seen(layer, out)
 
-    return [module.register_forward_pre_hook(partial(on_input, layer)) if where == "input"
-            else module.register_forward_hook(partial(on_output, layer)) for module, where, layer in taps]
+    return [module.register_forward_pre_hook(transient(partial(on_input, layer))) if where == "input"
+            else module.register_forward_hook(transient(partial(on_output, layer))) for module, where, layer in taps]
+
+
+def pair(value: int | str | Sequence) -> tuple:
+    """A conv argument as one value per spatial axis (2-D): ``3 -> (3, 3)``, ``"same" -> ("same", "same")``."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def conv_args(layer: Layer) -> tuple:

@@ -96,10 +96,15 @@ class RuleContext:
         return flat
 
     def owner_names(self, node: fx.Node) -> list[tuple[str, str]]:
-        """(qualified name, class name) pairs that override globs are matched against for ``node``."""
+        """(qualified name, class name) pairs that override globs are matched against for ``node``: the module it
+        calls, the modules whose forward it runs in (an ``F.conv2d`` inside a ``Conv2dSame``, every op of
+        ``layer4``: tracing's ``nn_module_stack``, the root left out), and its node name."""
         names = [(node.name, node.name)]
         if node.op == "call_module":
             names.insert(0, (node.target, type(self.view.modules[node.target]).__name__))
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if path:
+                names.append((path, cls.__name__ if isinstance(cls, type) else str(cls).rpartition(".")[2]))
         return names
 
     def _overrides(self, node: fx.Node):

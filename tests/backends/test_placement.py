@@ -326,6 +326,41 @@ def test_functional_conv_weight_is_a_constant_quantizer(tmp_path):
     assert result.ort_sqnr_db > 35
 
 
+
+class SameConv(nn.Conv2d):
+    """TF-style "same" padding written in the module's own forward (EfficientNet-Lite's Conv2dStaticSamePadding,
+    timm's Conv2dSame): tracing records an F.pad and an F.conv2d inside the module, not a call of it."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride)
+
+
+class Stem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SameConv(3, 8, 3, stride=2)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("pattern", "floats"), [("stem", {"conv2d"}), ("SameConv", {"conv2d"}),
+                                                 ("block", {"block_0", "block_2"}), ("head", {"head"})])
+def test_override_matches_the_ops_a_module_runs_in_its_forward(pattern, floats):
+    # a glob on a module name or class matches the functional ops that run inside that module's forward too
+    # (tracing's module stack), not only a call of the module itself
+    torch.manual_seed(0)
+    config = fxquant.QuantConfig(overrides=(fxquant.Override(pattern, exclude=True),))
+    with pytest.warns(UserWarning, match="stay float"):
+        gm = fxquant.prepare(Stem().eval(), torch.randn(1, 3, 16, 16), backend="onnxruntime", config=config)
+    excluded = {e.node for e in fxquant.report_of(gm).float_ops if e.detail == f"excluded by Override({pattern!r})"
+                and e.kind in ("conv", "linear")}
+    assert excluded == floats
+    weights = {n for n, q in gm.named_modules() if isinstance(q, TensorQuantizer) and q.constant}
+    assert len(weights) == 4 - len(floats)  # every other conv and linear keeps its weight quantizer
+
 # ---- residual streams read only by float ops ----------------------------------------------------------------
 class PreNormBlocks(nn.Module):
     """Two pre-norm transformer blocks and a final LayerNorm: the residual stream is read only by LayerNorms

@@ -154,6 +154,21 @@ def test_a_hooked_producer_keeps_what_its_hook_saw():
     assert len(seen) == 3 and all(bool((out < 0).any()) for out in seen)  # still the pre-ReLU values
 
 
+def test_transient_statistics_taps_do_not_block_reuse():
+    """A hook marked transient reduces what it sees on the spot (the input means, GPTQ's Hessians): the ranges
+    pass keeps every in-place op, and the hook saw the values before any op wrote into them."""
+    prepared = _prepare(_Net(), "onnxruntime")
+    seen = []
+    stem = prepared.get_submodule("stem")
+    handle = stem.register_forward_hook(reuse.transient(lambda _m, _a, out: seen.append(float(out.min()))))
+    try:
+        _, count = reuse.reused_graph(prepared)
+        assert count == 7  # the stem's ReLU in place too
+        fxquant.calibrate(prepared, _batches(), progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(m < 0 for m in seen)  # the pre-ReLU values
+
 def test_the_swap_needs_no_grad_and_no_global_hooks():
     prepared = _prepare(_Net(), "tensorrt")
     with reuse.reusing_buffers(prepared):

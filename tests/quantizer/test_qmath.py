@@ -133,6 +133,27 @@ def test_fake_quant_affine_gradient_inside_the_codes():
     assert out.dtype == x.dtype and out[1].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_fake_quant_without_gradient_equals_the_autograd_path(dtype):
+    # the no-gradient shortcut (in place, no mask) gives exactly the values of the straight-through path:
+    # per-channel and per-tensor, a zero amax, rounding ties, values past the range, codes and fake values
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(6, 200) * 3, (torch.arange(-600, 600).float().reshape(6, 200) + 0.5) / 64], 1)
+    x = x.to(dtype)
+    original = x.clone()
+    amax = x.float().abs().amax(1, keepdim=True) * torch.tensor([[1.0], [0.5], [0.0], [2.0], [1.0], [0.25]])
+    step, zp = torch.tensor(0.03), torch.tensor(117.0)
+    for fake in (True, False):
+        slow_x = x.clone().requires_grad_()
+        with torch.no_grad():
+            fast = qmath.fake_quant_symmetric(x, amax, -127, 127, fake=fake)
+            fast_affine = qmath.fake_quant_affine(x, step, zp, 0, 255, fake=fake)
+        assert torch.equal(fast, qmath.fake_quant_symmetric(slow_x, amax, -127, 127, fake=fake).detach())
+        assert torch.equal(fast_affine, qmath.fake_quant_affine(slow_x, step, zp, 0, 255, fake=fake).detach())
+        assert fast.dtype == fast_affine.dtype == dtype
+    assert torch.equal(x, original)  # the input is not written into
+    assert not qmath.fake_quant_symmetric(x, amax, -127, 127)[2].any()  # zero amax: zeros
+
 def test_fake_quant_keeps_half_precision_dtype():
     x = torch.tensor([0.1, -0.7, 0.5], dtype=torch.float16)
     assert qmath.fake_quant_symmetric(x, torch.tensor(1.0), -127, 127).dtype == torch.float16
