@@ -70,6 +70,8 @@ def checked_arguments(model: nn.Module, backend: str | Backend, config: QuantCon
         raise ConfigError(f"QuantConfig.target={config.target!r} chooses ONNX Runtime's CPU int8 kernels, which the "
                           f"{backend.name} backend does not deploy to: drop the target, or use an ONNX Runtime "
                           "backend (onnxruntime, onnxruntime_dynamic)")
+    if qat and config.bias_correction == "auto":  # training moves the biases itself
+        config = dataclasses.replace(config, bias_correction=False)
     check_model(model, qat)  # not fxquant's own output, no pruning hooks (fxquant.validate)
     check_before_trace(model, config)
     return backend, config

@@ -13,6 +13,9 @@ Ranges calibrated after a pass that changed the model (SmoothQuant, outlier chan
 them first) only fit a model those passes changed the same way. The file records what they did
 (``calibrate_passes``) and ``load_encodings`` refuses a model that differs, saying so. The same holds for weight
 codes GPTQ or AdaRound chose: they live in the weights, not in the file, so a model they did not round is refused.
+Bias corrections (``QuantConfig.bias_correction``; on by default for onnxruntime) are part of the calibration: the
+file keeps each layer's shift (``bias_corrections``) and ``load_encodings`` sets the biases to the prepared model's
+own minus those shifts.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from torch import nn
 from fxquant import qmath
 from fxquant.errors import CalibrationError
 from fxquant.files import output_path, write_text
+from fxquant.ptq.input_means import subtract_shift
+from fxquant.ptq.layers import quantized_layers
 from fxquant.quantizer import TensorQuantizer, quantizers_of
+from fxquant.report import PTQReport
 from fxquant.spec import QuantSpec
 from fxquant.state import get_state
 from fxquant.validate.encodings import chosen_widths, weight_mismatches
@@ -101,7 +107,49 @@ def encodings_of(model: nn.Module) -> dict[str, Any]:
                                "fxquant.calibrate(prepared, batches) before saving the encodings")
     return {"fxquant_version": __version__, "format_version": FORMAT_VERSION, "backend": state.backend.name,
             "target": state.config.target, "calibrate_passes": _changes(state),
+            "bias_corrections": _bias_shifts(state),
             "quantizers": {name: _entry(q) for name, q in quantizers.items()}}
+
+
+def _bias_shifts(state: Any) -> dict[str, list[float]]:
+    """Per layer, what calibrate()'s bias correction subtracted from its bias."""
+    report = state.report.ptq.get("bias_correction")
+    return dict(report.data.get("bias_shifts", {})) if report is not None else {}
+
+
+def _bias_layers(model: nn.Module, shifts: object) -> tuple[dict[str, Any], list[str]]:
+    """The layers the file's bias shifts name, and what does not fit (unknown layers, other channel counts)."""
+    if not isinstance(shifts, Mapping):
+        return {}, [f"'bias_corrections' must map layer names to lists of numbers, got {type(shifts).__name__}"]
+    layers = {layer.name: layer for layer in quantized_layers(model, calibrated=False)[0]}
+    found, problems = {}, []
+    for name, values in shifts.items():
+        layer = layers.get(name)
+        if layer is None:
+            problems.append(f"bias correction of `{name}`: no such quantized layer in this model")
+            continue
+        channels = layer.weight.shape[1] * layer.groups if layer.kind == "conv_transpose" else layer.weight.shape[0]
+        numbers = _as_numbers(values, channels, float)
+        if numbers is None or not all(math.isfinite(v) for v in numbers):
+            problems.append(f"bias correction of `{name}`: expected {channels} finite numbers")
+            continue
+        found[name] = (layer, torch.tensor(numbers, dtype=torch.float64))
+    return found, problems
+
+
+@torch.no_grad()
+def _set_bias_shifts(model: nn.Module, state: Any, found: dict[str, Any]) -> None:
+    """Biases = the model's own (its earlier corrections undone) minus the file's shifts; recorded in the report."""
+    own, _ = _bias_layers(model, _bias_shifts(state))
+    for layer, shift in own.values():
+        layer.bias.add_(shift.to(layer.bias))
+    report = PTQReport("bias_correction", data={"method": "loaded", "max_shift": {}, "bias_shifts": {}})
+    for layer, shift in found.values():
+        subtract_shift(layer, shift, report)
+    if found:
+        state.report.ptq["bias_correction"] = report
+    else:
+        state.report.ptq.pop("bias_correction", None)
 
 
 def _changes(state: Any) -> dict[str, list[str]]:
@@ -298,6 +346,8 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
             structural += graph_diff
             problems += bad_values
     structural += weight_mismatches(model, quantizers, ranges, widths, state.config)
+    bias_shifts, bias_problems = _bias_layers(model, data.get("bias_corrections", {}))
+    problems += bias_problems
     if missing or extra or structural or problems:
         lines = [f"the encodings do not fit this model ({len(quantizers)} quantizers; the file has "
                  f"{len(entries)}):"]
@@ -318,5 +368,6 @@ def load_encodings(model: nn.Module, source: str | os.PathLike | Mapping) -> nn.
             q.spec = q.spec.with_(num_bits=widths[name])
         q._min = ranges[name]["min"].to(device)  # set as-is: these are the final ranges (scale_amax applied)
         q._max = ranges[name]["max"].to(device)
+    _set_bias_shifts(model, state, bias_shifts)
     state.stage = "calibrated"
     return model

@@ -283,7 +283,8 @@ class QuantConfig:
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
         bias_correction: "auto" (default: the backend's choice, ``Backend.bias_correction``: "input_means" on
             ``onnxruntime``, none on ``tensorrt``; applied only where it costs no pass of its own, i.e. where
-            calibrate's ranges pass runs one traced graph in float), False, True or "empirical" (calibrate()
+            calibrate's ranges pass runs one traced graph in float in one process, without AdaRound or GPTQ; off for
+            ``prepare_qat``), False, True or "empirical" (calibrate()
             corrects biases on its batches, one forward per layer), "input_means" (from the layer inputs' channel
             means of calibrate's ranges pass, no forward of its own; ``fxquant.ptq.input_means``), or
             "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.

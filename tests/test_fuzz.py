@@ -34,8 +34,8 @@ from torch import fx
 
 import fxquant
 from fxquant.lower.onnx_export import ort_session, run_ort
-from fxquant.quantizer import TensorQuantizer
 from fxquant.report import PrepareReport
+from tests.float_twin import float_twin
 from tests.fuzz_graphs import FuzzModel, Program
 from tests.fuzz_ops import programs
 
@@ -108,10 +108,7 @@ MIN_FLOAT_EQUIVALENCE_DB = 80.0  # float32 rounding of folded BatchNorms: typica
 def float_equivalence_db(prepared: torch.nn.Module, x: torch.Tensor, reference: tuple[torch.Tensor, ...]) -> float:
     """SQNR of the prepared model with every quantizer disabled against the user's model: what the passes
     (BatchNorm folding, rewrites) did to the float function."""
-    twin = copy.deepcopy(prepared)
-    for m in twin.modules():
-        if isinstance(m, TensorQuantizer):
-            m.set_mode("disabled")
+    twin = float_twin(prepared)
     return min(fxquant.sqnr(r, o) for r, o in zip(reference, _outputs(twin, x), strict=True))
 
 

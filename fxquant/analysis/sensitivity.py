@@ -29,6 +29,7 @@ from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import CalibrationError, ConfigTypeError
 from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
+from fxquant.ptq.layers import quantized_layers
 from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.spec import Override
 from fxquant.state import get_state
@@ -115,8 +116,9 @@ class Probe:
 
     ``configure(units)`` builds a GraphModule sharing the prepared model's modules in which each activation
     quantizer acts only on the edges that an active unit asked for (its other users read the float value) and
-    weight quantizers of inactive units are disabled: what preparing with the other units excluded gives.
-    ``restore()`` puts the original quantizer modes back.
+    weight quantizers of inactive units are disabled, with the bias their layer had before calibrate()'s bias
+    correction (a shift that compensates a weight rounding no longer applied): what preparing with the other units
+    excluded gives. ``restore()`` puts the original quantizer modes and biases back.
     """
 
     def __init__(self, prepared: fx.GraphModule, layers: Sequence[QuantUnit], batches: Iterable) -> None:
@@ -132,6 +134,8 @@ class Probe:
                              and read(n).unit}
         self.was_training = prepared.training
         self.module: fx.GraphModule | None = None
+        self.shifts = _bias_shifts(prepared, self.quantizers)
+        self.unshifted: set[str] = set()
 
     def configure(self, units: Iterable[str], taps: bool = True) -> fx.GraphModule:
         """Targets as the units ``units`` ask (quantizers the user disabled stay disabled). The module
@@ -140,6 +144,12 @@ class Probe:
         for name, q in self.quantizers.items():
             if name in self.weight_units:
                 q.set_mode(self.modes[name] if self.weight_units[name] in active else "disabled")
+        for name, (bias, shift, unit) in self.shifts.items():
+            float_layer = unit not in active or self.modes[name] == "disabled"
+            if float_layer != (name in self.unshifted):
+                with torch.no_grad():
+                    bias.add_(shift if float_layer else -shift)
+                (self.unshifted.add if float_layer else self.unshifted.discard)(name)
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         source: dict[fx.Node, fx.Node] = {}  # quantizer call -> the value it quantizes (in the new graph)
@@ -190,7 +200,27 @@ class Probe:
     def restore(self) -> None:
         for name, q in self.quantizers.items():
             q.set_mode(self.modes[name])
+        with torch.no_grad():
+            for name in self.unshifted:
+                bias, shift, _ = self.shifts[name]
+                bias.sub_(shift)
+        self.unshifted.clear()
         self.prepared.train(self.was_training)
+
+
+def _bias_shifts(prepared: fx.GraphModule, quantizers: dict[str, TensorQuantizer]) -> dict[str, tuple]:
+    """Weight quantizer name -> (its layer's bias, the shift calibrate()'s bias correction subtracted from it, the
+    layer's unit)."""
+    state = get_state(prepared)
+    report = state.report.ptq.get("bias_correction") if state is not None else None
+    shifts = report.data.get("bias_shifts", {}) if report is not None else {}
+    names = {id(q): name for name, q in quantizers.items()}
+    out = {}
+    for layer in quantized_layers(prepared, calibrated=False)[0]:
+        name = names.get(id(layer.quantizer))
+        if layer.name in shifts and name is not None and layer.bias is not None and read(layer.node).unit:
+            out[name] = (layer.bias, torch.tensor(shifts[layer.name], dtype=layer.bias.dtype), read(layer.node).unit)
+    return out
 
 
 def _compare(reference: list, test: list, layer: int | None) -> tuple[float, float]:

@@ -96,5 +96,11 @@ def float_layers(model: nn.Module, floated: dict[str, str], quantizers: set[str]
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity().eval())
     report = get_state(model).report
+    correction = report.ptq.get("bias_correction")
+    with torch.no_grad():  # a float layer needs no compensation of its weights' rounding: its own bias back
+        for layer, shift in (correction.data.get("bias_shifts", {}) if correction else {}).items():
+            if f"{layer}.weight_quantizer" in quantizers:
+                bias = model.get_submodule(layer).bias
+                bias.add_(torch.tensor(shift, dtype=bias.dtype, device=bias.device))
     for node, why in floated.items():
         report.float_ops.append(OpEntry(_layer(node), node.rpartition("/")[2], f"tune: {why}"))

@@ -108,10 +108,11 @@ def output_reaches_int8(name: str) -> Check:
 STEM_KINDS = frozenset({"pad", "identity"})  # what may sit between a model input and the stem conv
 
 
-def float_stem(name: str, max_reduction: int | None) -> Check:
+def float_stem(name: str, max_reduction: int | None, min_positions: int = 0) -> Check:
     """A Conv2d that reads a model input (through zero pads) stays float: where ``QuantConfig(float_stem=True)``
     asks, or by the backend's choice (``float_stem=None``) where its reduction (input channels per group x kernel
-    area) is at most ``max_reduction`` (None: never by choice). ``float_stem=False`` quantizes every stem."""
+    area) is at most ``max_reduction`` (None: never by choice) and its output map in the example has at least
+    ``min_positions`` positions per image. ``float_stem=False`` quantizes every stem."""
 
     def check(match: Match, ctx: RuleContext) -> str | None:
         node, choice = match[name], ctx.config.float_stem
@@ -123,7 +124,7 @@ def float_stem(name: str, max_reduction: int | None) -> Check:
         reduction = weight[0].numel()
         if choice:
             return "a stem conv (reads the model input): QuantConfig(float_stem=True) keeps it float"
-        if reduction > max_reduction:
+        if reduction > max_reduction or _positions(node) < min_positions:
             return None
         return (f"a stem conv (reads the model input, {reduction} products per output, at most {max_reduction}): "
                 f"{ctx.backend.name} runs it faster in float (no QuantizeLinear of the input, and int8 kernels do "
@@ -131,6 +132,12 @@ def float_stem(name: str, max_reduction: int | None) -> Check:
                 "(EfficientNet-Lite0: 22.5 dB vs 16.1 dB, docs/ptq.md); QuantConfig(float_stem=False) quantizes it")
 
     return check
+
+
+def _positions(node) -> int:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return int(shape[-1] * shape[-2]) if shape is not None and len(shape) == 4 else 0
 
 
 def _weight(ctx: RuleContext, node):

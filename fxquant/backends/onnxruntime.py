@@ -9,9 +9,9 @@
 - ``LINEAR_FLOAT_OUTPUT``: a Linear whose output only reaches float ops keeps a float output (a uint8 output
   there would hold the residual branch's outlier channels with one scale, or requantize logits for nothing);
   export writes it as MatMulIntegerToFloat, an integer kernel with a float output.
-- A stem conv (reads the model input, at most ``STEM_MAX_REDUCTION`` products per output: MobileNet and
-  EfficientNet stems) stays float: faster in ORT and spared the 8-bit input (``QuantConfig(float_stem=False)``
-  quantizes it).
+- A stem conv (reads the model input, at most ``STEM_MAX_REDUCTION`` products per output, an image-sized output
+  map: MobileNet and EfficientNet stems) stays float: faster in ORT and spared the 8-bit input
+  (``QuantConfig(float_stem=False)`` quantizes it).
 - Q/DQ on the inputs and outputs of Conv, Gemm, MatMul, Add, Mul, Concat and average pooling; a ReLU/Clip
   right after Conv/Gemm/Add is absorbed by the output quantizer (ORT removes it); max-pool, reshapes and
   concat share one scale between input and output so ORT can drop their Q/DQ.
@@ -45,9 +45,10 @@ from fxquant.rules.rule import Check
 from fxquant.spec import QuantSpec
 
 CLAMPS = frozenset({"relu", "relu6", "hardtanh"})
-STEM_MAX_REDUCTION = 32
+STEM_MAX_REDUCTION, STEM_MIN_POSITIONS = 32, 32 * 32
 """A conv reading the model input with at most this many products per output (3 x 3 x 3 = 27: MobileNet and
-EfficientNet stems) stays float. Measured with ORT on 2 AVX2 cores (docs/ptq.md): float stems are faster
+EfficientNet stems) and an output map of at least 32 x 32 in the example (an image model's stem; measured at 112 x
+112) stays float. Measured with ORT on 2 AVX2 cores (docs/ptq.md): float stems are faster
 (EfficientNet-Lite0 12.3 vs 15.7 ms, MobileNetV2 10.2 vs 11.3, MobileNetV3-Small 2.6 vs 3.3, EfficientNet-B0 25.0
 vs 26.6) and far more accurate where 8-bit input quantization is amplified (EfficientNet-Lite0 22.5 vs 16.1 dB,
 MobileNetV2 17.7 vs 16.9 dB); ResNet's 7 x 7 x 3 = 147 runs faster in int8 (22.2 vs 26.7 ms) and stays int8."""
@@ -112,6 +113,8 @@ decides nothing) keeps a float output: export writes it as ORT's MatMulIntegerTo
 (``Backend.integer_float_output``). Measured on all-MiniLM-L6-v2: cosine 0.995 (0.951 with a uint8 output),
 export check 26 dB (12.5 dB), see docs/benchmarks.md."""
 
+STEM = float_stem("op", STEM_MAX_REDUCTION, STEM_MIN_POSITIONS)
+
 ONNXRUNTIME = Backend(
     name="onnxruntime",
     description=("ONNX Runtime CPU: uint8 activations, int8 per-channel weights (8 bits where the u8s8 int16 "
@@ -122,9 +125,9 @@ ONNXRUNTIME = Backend(
         LINEAR_FLOAT_OUTPUT,
         Rule("weighted_clamp", Pattern.chain(("op", WEIGHTED_KINDS), ("act", CLAMPS)),
              Targets(inputs="op", weight="op", output="act"),
-             checks=(quantizable_weight("op"), float_stem("op", STEM_MAX_REDUCTION), single_user("op")), priority=30),
+             checks=(quantizable_weight("op"), STEM, single_user("op")), priority=30),
         Rule("weighted", Pattern.chain(("op", WEIGHTED_KINDS)), Targets(inputs="op", weight="op", output="op"),
-             checks=(quantizable_weight("op"), float_stem("op", STEM_MAX_REDUCTION)), priority=20),
+             checks=(quantizable_weight("op"), STEM), priority=20),
         Rule("binary_clamp", Pattern.chain(("op", BINARY), ("act", CLAMPS)), Targets(inputs="op", output="act"),
              checks=(output_reaches_int8("act"), single_user("op"), two_activation_inputs("op")), priority=30),
         Rule("binary", Pattern.chain(("op", BINARY)), Targets(inputs="op", output="op"),

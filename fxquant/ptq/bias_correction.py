@@ -13,8 +13,10 @@ minus that shift:
   calibrate's ranges pass.
 
 ``QuantConfig(bias_correction="auto")``, the default, runs the backend's ``bias_correction`` (``input_means`` on
-ONNX Runtime) only where it costs no pass of its own: calibrate's ranges pass runs one traced graph in float, and
-no AdaRound, whose reconstruction fits each layer's output itself.
+ONNX Runtime) only where it costs no pass of its own: calibrate's ranges pass runs one traced graph in float, in
+one process (not across torch.distributed ranks), and neither AdaRound nor GPTQ, which compensate the rounding
+themselves (measured: GPTQ + input means 18.1 dB vs GPTQ 18.2 dB on EfficientNet-Lite0, 16.2 vs 17.3 dB on the
+digits MobileNet at W4). ``prepare_qat`` turns "auto" off: training moves the biases itself.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fxquant.passes.manager import PassResult
 from fxquant.provenance import ExpectedInput, info, read
 from fxquant.ptq.bn_stats import bn_stats
 from fxquant.ptq.chains import find_chains, input_response
-from fxquant.ptq.input_means import InputMeans
+from fxquant.ptq.input_means import InputMeans, subtract_shift
 from fxquant.ptq.layers import channel_sum, float_mode, layer_activations, quantized_layers
 from fxquant.ptq.step import CalibrationContext, StepResult
 from fxquant.report import PTQReport
@@ -81,10 +83,9 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
         raise ConfigTypeError(f"{method} bias correction needs batches: an iterable of calibration batches")
     if method == "input_means":
         return _input_means(prepared, batches)
-    report = PTQReport("bias_correction")
+    report = PTQReport("bias_correction", data={"method": method, "max_shift": {}, "bias_shifts": {}})
     layers, notes = quantized_layers(prepared)
     report.skipped += notes
-    shifts: dict[str, float] = {}
     was_training = prepared.training
     prepared.eval()
     try:
@@ -101,7 +102,7 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
             for layer in tqdm(layers, desc="fxquant bias correction", unit="layer", disable=not progress):
                 parts = layer_activations(prepared, layer, batches, "output", reduce=channel_sum(layer.channel_dim))
                 shift = sum(s for s, _ in parts) / sum(c for _, c in parts) - targets[layer.name]
-                _apply(layer, shift, report, shifts)
+                subtract_shift(layer, shift, report)
         else:
             for layer in layers:
                 expected = read(layer.node).expected_input if layer.node is not None else None
@@ -112,10 +113,9 @@ def correct_layer_biases(prepared: fx.GraphModule, batches=None, method: str = "
                 with torch.no_grad():
                     error = layer.quantizer(layer.weight) - layer.weight
                     shift = input_response(layer, expected.mean, expected.repeat, weight=error)
-                _apply(layer, shift.double(), report, shifts)
+                subtract_shift(layer, shift.double(), report)
     finally:
         prepared.train(was_training)
-    report.data = {"method": method, "max_shift": shifts}
     return report
 
 
@@ -144,7 +144,8 @@ def method_in_force(ctx: CalibrationContext) -> str | None:
     method = ctx.config.bias_correction_method
     if method != "auto":
         return method
-    if ctx.backend.bias_correction != "input_means" or ctx.config.adaround_options is not None:
+    fits_itself = ctx.config.adaround_options is not None or ctx.config.gptq  # they compensate the rounding
+    if ctx.backend.bias_correction != "input_means" or fits_itself or ctx.distributed:
         return None
     return "input_means" if _can_tap(ctx) or "bias_correction" in ctx.watches else None
 
@@ -190,11 +191,3 @@ def bias_correction_step(ctx: CalibrationContext) -> StepResult:
             return StepResult()
     return StepResult(correct_layer_biases(ctx.model, ctx.batches if method != "analytical" else None, method,
                                            ctx.progress))
-
-
-@torch.no_grad()
-def _apply(layer, shift: torch.Tensor, report: PTQReport, shifts: dict) -> None:
-    bias = layer.ensure_bias()
-    bias.sub_(shift.to(bias.dtype))
-    shifts[layer.name] = float(shift.abs().max())
-    report.done.append(f"`{layer.name}`: bias corrected by up to {shifts[layer.name]:.3g}")

@@ -34,7 +34,8 @@ class InputMeans:
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.taps, skipped = input_taps(gm, _unsupported, lambda why: f"bias not corrected ({why})")
-        self.report = PTQReport("bias_correction", skipped=skipped, data={"method": "input_means"})
+        self.report = PTQReport("bias_correction", skipped=skipped,
+                                data={"method": "input_means", "max_shift": {}, "bias_shifts": {}})
         self.layers = [layer for _, _, layer in self.taps]
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -70,21 +71,27 @@ class InputMeans:
     def correct(self) -> PTQReport:
         """Subtract ``dW E[x]`` from every tapped layer's bias (with the weights as they are now: after the
         weight widths, GPTQ or AdaRound); the report."""
-        shifts: dict[str, float] = {}
         for layer in self.layers:
             if layer.name not in self.sums:
                 self.report.skipped.append(f"`{layer.name}`: bias not corrected (no calibration batch reached it)")
                 continue
             mean = self.sums[layer.name] / self.counts[layer.name]
             shift = weight_shift(layer, mean, self.sizes.get(layer.name))
-            if not bool(shift.abs().max() > 0):
-                continue
-            bias = layer.ensure_bias()
-            bias.sub_(shift.to(bias.dtype))
-            shifts[layer.name] = float(shift.abs().max())
-            self.report.done.append(f"`{layer.name}`: bias corrected by up to {shifts[layer.name]:.3g}")
-        self.report.data["max_shift"] = shifts
+            if bool(shift.abs().max() > 0):
+                subtract_shift(layer, shift, self.report)
         return self.report
+
+
+@torch.no_grad()
+def subtract_shift(layer: Layer, shift: torch.Tensor, report: PTQReport) -> None:
+    """``bias -= shift`` (a bias of zeros created where the layer has none), recorded in ``report``: a line, the
+    largest magnitude (``data["max_shift"]``) and the shift itself (``data["bias_shifts"]``, which
+    ``fxquant.save_encodings`` keeps, the biases being part of the calibration)."""
+    bias = layer.ensure_bias()
+    bias.sub_(shift.to(bias.dtype))
+    largest = report.data.setdefault("max_shift", {})[layer.name] = float(shift.abs().max())
+    report.data.setdefault("bias_shifts", {})[layer.name] = shift.to(bias.dtype).tolist()
+    report.done.append(f"`{layer.name}`: bias corrected by up to {largest:.3g}")
 
 
 def weight_shift(layer: Layer, mean: torch.Tensor, size: tuple[int, ...] | None) -> torch.Tensor:

@@ -38,7 +38,8 @@ def wide():
     torch.manual_seed(0)
     model = Wide().eval()
     data = [torch.rand(2, 3, 48, 48) for _ in range(3)]
-    qmodel = fxquant.quantize(model, data[0][:1], data, backend="onnxruntime", progress=False)
+    config = fxquant.QuantConfig(float_stem=False)  # every layer int8, the stem too: tune decides what floats
+    qmodel = fxquant.quantize(model, data[0][:1], data, backend="onnxruntime", config=config, progress=False)
     return model, data, qmodel
 
 

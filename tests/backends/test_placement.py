@@ -6,6 +6,8 @@ A placement is (quantized tensor, the nodes its quantizer feeds). Node names are
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -412,3 +414,49 @@ def test_adds_read_only_by_float_ops_stay_float_with_reason(backend):
     floats = {e.node: e.detail for e in report.float_ops if e.kind == "add"}
     assert list(floats) == ["add"] and "layer_norm `ln`" in floats["add"]
     assert [e.node for e in report.quantized if e.kind == "add"] == ["add_1"]  # add -> ReLU -> Linear: int8
+
+
+# ---- image stems ----------------------------------------------------------------------------------------------
+class ImageNet(nn.Module):
+    """A stem conv on the image (optionally behind a zero pad, as TF-style "same" padding writes it), then a body."""
+
+    def __init__(self, kernel: int = 3, pad: bool = False) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if pad else None
+        self.stem = nn.Conv2d(3, 8, kernel, stride=2, padding=0 if pad else kernel // 2)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.body(nn.functional.relu6(self.stem(x if self.pad is None else self.pad(x)))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("model", "size", "backend", "float_stem", "stays_float"), [
+    (ImageNet(), 96, "onnxruntime", None, True),  # 3 x 3 x 3 = 27 products on a 48 x 48 map: float
+    (ImageNet(pad=True), 96, "onnxruntime", None, True),  # behind a zero pad too
+    (ImageNet(kernel=7), 96, "onnxruntime", None, False),  # ResNet's 7 x 7 x 3 = 147: int8 is faster there
+    (ImageNet(), 32, "onnxruntime", None, False),  # a 16 x 16 map: no image stem measured
+    (ImageNet(), 96, "onnxruntime", False, False),
+    (ImageNet(), 96, "tensorrt", None, False),
+    (ImageNet(kernel=7), 32, "tensorrt", True, True)])
+def test_image_stems_stay_float_where_the_backend_measured_it_pays(model, size, backend, float_stem, stays_float,
+                                                                    tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, size, size)
+    config = fxquant.QuantConfig(float_stem=float_stem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare(model.eval(), x[:1], backend=backend, config=config)
+        fxquant.calibrate(prepared, [x], progress=False)
+    floats = {e.node: e.detail for e in fxquant.report_of(prepared).float_ops if e.kind == "conv"}
+    assert (set(floats) == {"stem"}) == stays_float and set(floats) <= {"stem"}, floats
+    assert hasattr(prepared.get_submodule("stem"), "weight_quantizer") != stays_float
+    if stays_float:
+        assert floats["stem"].startswith("a stem conv (reads the model input")
+    if backend == "onnxruntime":  # int8 after the stem, and ORT runs what the fake-quant model computes
+        result = fxquant.export_onnx(fxquant.convert(prepared), x, tmp_path / "m.onnx", check_latency=False)
+        assert result.fusion.unfused == [] and result.ort_sqnr_db > 35
+        producer = {o: n.op_type for n in result.model.graph.node for o in n.output}
+        stem = next(n for n in result.model.graph.node if n.op_type == "Conv" and "stem" in n.name)
+        assert producer.get(stem.input[0], "input") == ("input" if stays_float else "DequantizeLinear")

@@ -32,11 +32,12 @@ def test_gptq_beats_nearest_rounding_at_w4_on_digits(mobilenet_digits, backend):
     model, (_, _, x_test, y_test), batches = mobilenet_digits
     with torch.no_grad():
         ref = model(x_test)
-    nearest = _quantized(model, batches, backend, weight=W4)
+    nearest = _quantized(model, batches, backend, weight=W4, bias_correction=False)  # rounding alone
     rounded = _quantized(model, batches, backend, weight=W4, gptq=True)
     report = fxquant.report_of(rounded).ptq["gptq"]
     assert len(report.done) == 8 and report.skipped == []  # stem, 3 x (depthwise, pointwise), fc
     assert "gptq" not in fxquant.report_of(nearest).ptq
+    assert "bias_correction" not in fxquant.report_of(rounded).ptq  # "auto" leaves GPTQ's codes alone
     with torch.no_grad():
         db_nearest, db_gptq = sqnr(ref, nearest(x_test)), sqnr(ref, rounded(x_test))
         acc_nearest, acc_gptq = accuracy(nearest, x_test, y_test), accuracy(rounded, x_test, y_test)

@@ -4,7 +4,6 @@ weights in place, so each must account for every user of a weight: the float fun
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.quantizer import TensorQuantizer
+from tests.float_twin import float_twin
 
 BACKENDS = ("tensorrt", "onnxruntime")
 D = 32
@@ -103,10 +102,9 @@ def _calibrated(model: nn.Module, backend: str) -> nn.Module:
 
 
 def _float_db(model: nn.Module, prepared: nn.Module) -> float:
-    twin = copy.deepcopy(prepared)
-    for m in twin.modules():
-        if isinstance(m, TensorQuantizer):
-            m.set_mode("disabled")
+    """The float function left by calibrate's float-exact passes: quantizers off, and the biases the onnxruntime
+    default's bias correction shifted (on purpose: it compensates the weights' rounding) put back."""
+    twin = float_twin(prepared)
     x = _data(model)[0]
     with torch.no_grad():
         return fxquant.sqnr(model(x), twin(x))
