@@ -70,9 +70,9 @@ OUT = os.path.join(ROOT, "benchmarks", "results", "cnn_pretrained.json")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FLOAT_CONVS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
-TIMED = ("fp32", "fxquant_ort", "quantize_static")
-QUANTIZED = ("fxquant_ort", "fxquant_means", "fxquant_gptq", "fxquant_recon", "fxquant_trt", "quantize_static",
-             "quantize_static_full")
+TIMED = ("fp32", "fxquant_ort", "fxquant_plain", "quantize_static")
+QUANTIZED = ("fxquant_ort", "fxquant_int8_stem", "fxquant_plain", "fxquant_gptq", "fxquant_recon", "fxquant_trt",
+             "quantize_static", "quantize_static_full")
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -220,8 +220,10 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
         export_float_onnx(model, x, paths["fp32"])
     info = {"fxquant_ort": fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_ort"]),
             "fxquant_trt": fxquant_export(model, x, batches, "tensorrt", paths["fxquant_trt"])}
-    info["fxquant_means"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_means"],
-                                           fxquant.QuantConfig(bias_correction="input_means"))
+    info["fxquant_int8_stem"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_int8_stem"],
+                                               fxquant.QuantConfig(float_stem=False))
+    info["fxquant_plain"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_plain"],
+                                           fxquant.QuantConfig(float_stem=False, bias_correction=False))
     info["fxquant_gptq"] = fxquant_export(model, x, batches, "onnxruntime", paths["fxquant_gptq"],
                                           fxquant.QuantConfig(gptq=True))
     if not args.no_reconstruction:
@@ -259,7 +261,9 @@ def bench_model(name: str, calib: torch.Tensor, evals: torch.Tensor, args: argpa
 
 def markdown(name: str, rows: dict) -> str:
     labels = {"fxquant_ort": "fxquant `onnxruntime` preset (defaults)",
-              "fxquant_means": "fxquant `onnxruntime` preset, `QuantConfig(bias_correction=\"input_means\")`",
+              "fxquant_int8_stem": "fxquant `onnxruntime` preset, `QuantConfig(float_stem=False)` (int8 stem)",
+              "fxquant_plain": ("fxquant `onnxruntime` preset, `QuantConfig(float_stem=False, bias_correction=False)` "
+                                "(every conv int8, no bias correction: the defaults before 2026-12-07)"),
               "fxquant_gptq": "fxquant `onnxruntime` preset, `QuantConfig(gptq=True)` (GPTQ rounding)",
               "fxquant_recon": "fxquant `onnxruntime` preset, `QuantConfig(adaround=True)` (reconstruction)",
               "fxquant_trt": "fxquant `tensorrt` preset (graph meaning, ORT basic)",
