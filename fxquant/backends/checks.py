@@ -105,7 +105,7 @@ def output_reaches_int8(name: str) -> Check:
     return check
 
 
-STEM_KINDS = frozenset({"pad", "identity"})  # what may sit between a model input and the stem conv
+STEM_KINDS = frozenset({"pad"})  # what may sit between a model input and a stem conv (zero pads, merged or not)
 
 
 def float_stem(name: str, max_reduction: int | None, min_positions: int = 0) -> Check:
