@@ -33,7 +33,7 @@ from torch import nn
 from fxquant import qmath
 from fxquant.errors import CalibrationError
 from fxquant.files import output_path, write_text
-from fxquant.ptq.input_means import subtract_shift
+from fxquant.ptq.input_means import shifted_layers, subtract_shift
 from fxquant.ptq.layers import quantized_layers
 from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.report import PTQReport
@@ -140,8 +140,7 @@ def _bias_layers(model: nn.Module, shifts: object) -> tuple[dict[str, Any], list
 @torch.no_grad()
 def _set_bias_shifts(model: nn.Module, state: Any, found: dict[str, Any]) -> None:
     """Biases = the model's own (its earlier corrections undone) minus the file's shifts; recorded in the report."""
-    own, _ = _bias_layers(model, _bias_shifts(state))
-    for layer, shift in own.values():
+    for layer, shift in shifted_layers(model):
         layer.bias.add_(shift.to(layer.bias))
     report = PTQReport("bias_correction", data={"method": "loaded", "max_shift": {}, "bias_shifts": {}})
     for layer, shift in found.values():

@@ -281,17 +281,11 @@ class QuantConfig:
             for per-tensor weights (where equalization pays) when the float output on the example inputs keeps
             an SQNR of at least 30 dB (``fxquant.ptq.relu6``); off for per-channel weights.
         absorb_bias: high-bias absorption in prepare, after equalization (``fxquant.ptq.bias_absorption``).
-        bias_correction: "auto" (default: the backend's choice, ``Backend.bias_correction``: "input_means" on
-            ``onnxruntime``, none on ``tensorrt``; applied only where it costs no pass of its own, i.e. where
-            calibrate's ranges pass runs one traced graph in float in one process, without AdaRound or GPTQ; off for
-            ``prepare_qat``), False, True or "empirical" (calibrate()
-            corrects biases on its batches, one forward per layer), "input_means" (from the layer inputs' channel
-            means of calibrate's ranges pass, no forward of its own; ``fxquant.ptq.input_means``), or
-            "analytical" (from BatchNorm statistics, no data); see ``fxquant.correct_bias``.
-        float_stem: None (default: the backend's choice: ``onnxruntime`` keeps a stem conv float where it has at
-            most 32 products per output, the MobileNet/EfficientNet 3 x 3 x 3 stems, faster in float there and
-            spared the 8-bit input; ``tensorrt`` quantizes every stem), True (every conv reading a model input
-            stays float) or False (every stem is quantized).
+        bias_correction: "auto" (default: ``Backend.bias_correction``, input means on ``onnxruntime``, where
+            free: ``fxquant.ptq.bias_correction``), False, True / "empirical" (a forward per layer), "input_means"
+            (channel means of calibrate's ranges pass) or "analytical" (BatchNorm statistics); ``correct_bias``.
+        float_stem: None (default: the backend's choice; ``onnxruntime`` keeps 3 x 3 x 3 image stems float,
+            ``fxquant.backends.checks.float_stem``), True (every stem float) or False (every stem int8).
         adaround: False, True or an ``AdaRoundOptions``: calibrate() learns the weight rounding on its
             batches (``fxquant.adaround``).
         smoothquant: "auto" (default), True or False: calibrate() first migrates activation outliers of every
@@ -362,9 +356,8 @@ class QuantConfig:
         if self.equalize_relu6 is not None and not isinstance(self.equalize_relu6, bool):
             raise ConfigTypeError("QuantConfig.equalize_relu6 must be True, False or None (per-tensor weights decide)")
         if not (isinstance(self.bias_correction, bool) or self.bias_correction in ("auto", *BIAS_CORRECTION_METHODS)):
-            raise ConfigError(f"QuantConfig.bias_correction must be 'auto' (the backend's choice), False, True "
-                              f"(= 'empirical') or one of {list(BIAS_CORRECTION_METHODS)}, "
-                              f"got {self.bias_correction!r}")
+            raise ConfigError(f"QuantConfig.bias_correction must be 'auto' (the backend's choice), False, True (= "
+                              f"'empirical') or one of {list(BIAS_CORRECTION_METHODS)}, got {self.bias_correction!r}")
         for name in ("smoothquant", "outlier_channels"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or value == "auto"):

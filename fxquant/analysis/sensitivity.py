@@ -29,7 +29,7 @@ from fxquant.capture.trace import normalize_inputs
 from fxquant.errors import CalibrationError, ConfigTypeError
 from fxquant.metrics import SqnrAccumulator
 from fxquant.provenance import read
-from fxquant.ptq.layers import quantized_layers
+from fxquant.ptq.input_means import shifted_layers
 from fxquant.quantizer import TensorQuantizer, quantizers_of
 from fxquant.spec import Override
 from fxquant.state import get_state
@@ -211,16 +211,9 @@ class Probe:
 def _bias_shifts(prepared: fx.GraphModule, quantizers: dict[str, TensorQuantizer]) -> dict[str, tuple]:
     """Weight quantizer name -> (its layer's bias, the shift calibrate()'s bias correction subtracted from it, the
     layer's unit)."""
-    state = get_state(prepared)
-    report = state.report.ptq.get("bias_correction") if state is not None else None
-    shifts = report.data.get("bias_shifts", {}) if report is not None else {}
     names = {id(q): name for name, q in quantizers.items()}
-    out = {}
-    for layer in quantized_layers(prepared, calibrated=False)[0]:
-        name = names.get(id(layer.quantizer))
-        if layer.name in shifts and name is not None and layer.bias is not None and read(layer.node).unit:
-            out[name] = (layer.bias, torch.tensor(shifts[layer.name], dtype=layer.bias.dtype), read(layer.node).unit)
-    return out
+    return {names[id(layer.quantizer)]: (layer.bias, shift.to(layer.bias.dtype), read(layer.node).unit)
+            for layer, shift in shifted_layers(prepared) if id(layer.quantizer) in names and read(layer.node).unit}
 
 
 def _compare(reference: list, test: list, layer: int | None) -> tuple[float, float]:

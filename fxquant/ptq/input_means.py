@@ -21,10 +21,11 @@ then cost about 1 % of a ResNet-50 forward. Padded positions of a padding-masked
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from fxquant.ptq.layers import Layer, conv_args, hook_inputs, input_taps, pair
+from fxquant.ptq.layers import Layer, conv_args, hook_inputs, input_taps, pair, quantized_layers
 from fxquant.report import PTQReport
+from fxquant.state import get_state
 
 POSITIONS = 1 << 11  # input positions per forward averaged (a sample of whole rows spread over the batch)
 
@@ -92,6 +93,17 @@ def subtract_shift(layer: Layer, shift: torch.Tensor, report: PTQReport) -> None
     largest = report.data.setdefault("max_shift", {})[layer.name] = float(shift.abs().max())
     report.data.setdefault("bias_shifts", {})[layer.name] = shift.to(bias.dtype).tolist()
     report.done.append(f"`{layer.name}`: bias corrected by up to {largest:.3g}")
+
+
+def shifted_layers(model: nn.Module) -> list[tuple[Layer, torch.Tensor]]:
+    """Each quantized layer of a prepared ``model`` whose bias calibrate()'s bias correction shifted, with the shift
+    (float64, as ``report_of(model).ptq["bias_correction"].data["bias_shifts"]`` records it)."""
+    state = get_state(model)
+    report = state.report.ptq.get("bias_correction") if state is not None else None
+    shifts = report.data.get("bias_shifts", {}) if report is not None else {}
+    layers = {layer.name: layer for layer in quantized_layers(model, calibrated=False)[0]} if shifts else {}
+    return [(layers[name], torch.tensor(shift, dtype=torch.float64)) for name, shift in shifts.items()
+            if name in layers]
 
 
 def weight_shift(layer: Layer, mean: torch.Tensor, size: tuple[int, ...] | None) -> torch.Tensor:

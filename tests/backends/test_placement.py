@@ -454,6 +454,8 @@ def test_image_stems_stay_float_where_the_backend_measured_it_pays(model, size, 
     assert hasattr(prepared.get_submodule("stem"), "weight_quantizer") != stays_float
     if stays_float:
         assert floats["stem"].startswith("a stem conv (reads the model input")
+    with pytest.raises(fxquant.ConfigTypeError, match="float_stem must be None"):
+        fxquant.QuantConfig(float_stem="yes")
     if backend == "onnxruntime":  # int8 after the stem, and ORT runs what the fake-quant model computes
         result = fxquant.export_onnx(fxquant.convert(prepared), x, tmp_path / "m.onnx", check_latency=False)
         assert result.fusion.unfused == [] and result.ort_sqnr_db > 35

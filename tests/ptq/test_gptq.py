@@ -4,8 +4,6 @@ minimizes the layer output error it is built for."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -15,16 +13,9 @@ from fxquant.cli.demo_model import accuracy
 from fxquant.metrics import sqnr
 from fxquant.ptq.gptq import gptq_round
 from fxquant.quantizer import TensorQuantizer
+from tests.ptq.prepared import calibrated
 
 W4 = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
-
-
-def _quantized(model, batches, backend, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = fxquant.prepare(model, batches[0][:1], backend=backend, config=fxquant.QuantConfig(**config))
-        fxquant.calibrate(prepared, batches, progress=False)
-    return prepared
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
@@ -32,8 +23,8 @@ def test_gptq_beats_nearest_rounding_at_w4_on_digits(mobilenet_digits, backend):
     model, (_, _, x_test, y_test), batches = mobilenet_digits
     with torch.no_grad():
         ref = model(x_test)
-    nearest = _quantized(model, batches, backend, weight=W4, bias_correction=False)  # rounding alone
-    rounded = _quantized(model, batches, backend, weight=W4, gptq=True)
+    nearest = calibrated(model, batches, backend, weight=W4, bias_correction=False)  # rounding alone
+    rounded = calibrated(model, batches, backend, weight=W4, gptq=True)
     report = fxquant.report_of(rounded).ptq["gptq"]
     assert len(report.done) == 8 and report.skipped == []  # stem, 3 x (depthwise, pointwise), fc
     assert "gptq" not in fxquant.report_of(nearest).ptq
@@ -47,7 +38,7 @@ def test_gptq_beats_nearest_rounding_at_w4_on_digits(mobilenet_digits, backend):
 
 def test_gptq_codes_reach_onnx_runtime_and_survive_recalibration(mobilenet_digits, tmp_path):
     model, (_, _, x_test, _), batches = mobilenet_digits
-    prepared = _quantized(model, batches, "onnxruntime", gptq=True)
+    prepared = calibrated(model, batches, "onnxruntime", gptq=True)
     weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
     fxquant.calibrate(prepared, batches[:2], progress=False)  # the codes are fixed: a new calibration keeps them
     assert all(torch.equal(weights[n], p) for n, p in prepared.named_parameters())
@@ -78,7 +69,7 @@ def test_a_tied_weight_keeps_nearest_rounding_and_the_embedding():
     torch.manual_seed(0)
     model, ids = _Tied().eval(), torch.randint(0, 40, (8, 12))
     embedding = model.embed.weight.detach().clone()
-    prepared = _quantized(model, [ids[:4], ids[4:]], "onnxruntime", gptq=True)
+    prepared = calibrated(model, [ids[:4], ids[4:]], "onnxruntime", gptq=True)
     report = fxquant.report_of(prepared).ptq["gptq"]
     assert report.done == ["`ff`: GPTQ rounding"]
     assert any("`head`: round-to-nearest (its weight is shared" in line for line in report.skipped)
@@ -111,13 +102,13 @@ def test_gptq_round_lowers_the_output_error_it_minimizes(depthwise):
 def test_encodings_of_gptq_codes_refuse_a_model_gptq_did_not_round(mobilenet_digits, tmp_path):
     # the file holds ranges, not the codes: loaded into a fresh model they would silently round to nearest
     model, _, batches = mobilenet_digits
-    rounded = _quantized(model, batches[:2], "onnxruntime", gptq=True)
+    rounded = calibrated(model, batches[:2], "onnxruntime", gptq=True)
     fxquant.save_encodings(rounded, tmp_path / "enc.json")
     fresh = fxquant.prepare(model, batches[0][:1], backend="onnxruntime", config=fxquant.QuantConfig(gptq=True))
     with pytest.raises(fxquant.EncodingsError, match=r"gptq chose weight codes that live in the weights, which an "
                                                      r"encodings file does not hold"):
         fxquant.load_encodings(fresh, tmp_path / "enc.json")
-    again = _quantized(model, batches[:2], "onnxruntime", gptq=True)  # the same calibration: the same codes
+    again = calibrated(model, batches[:2], "onnxruntime", gptq=True)  # the same calibration: the same codes
     assert all(torch.equal(a, b) for a, b in zip(rounded.parameters(), again.parameters(), strict=True))
 
 

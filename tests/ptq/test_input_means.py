@@ -15,6 +15,7 @@ from torch import nn
 import fxquant
 from fxquant.cli.demo_model import accuracy
 from fxquant.metrics import sqnr
+from tests.ptq.prepared import calibrated
 
 W4 = fxquant.QuantSpec(num_bits=4, axis=0, narrow_range=True)
 A16 = fxquant.QuantSpec(num_bits=16, calib_method="max")  # activations all but exact: the weights' shift alone
@@ -98,11 +99,7 @@ def test_input_means_pays_at_w4_on_digits(mobilenet_digits, backend):
         ref = model(x_test)
     results = {}
     for method in (False, "input_means"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = fxquant.prepare(model, batches[0][:1], backend=backend,
-                                       config=fxquant.QuantConfig(weight=W4, bias_correction=method))
-            fxquant.calibrate(prepared, batches, progress=False)
+        prepared = calibrated(model, batches, backend, weight=W4, bias_correction=method)
         with torch.no_grad():
             results[method] = (sqnr(ref, prepared(x_test)), accuracy(prepared, x_test, y_test))
     (db_plain, acc_plain), (db_means, acc_means) = results[False], results["input_means"]
@@ -177,14 +174,11 @@ def test_auto_is_the_backends_free_correction(backend, config, expected):
     torch.manual_seed(4)
     model = _Net().eval()
     batches = _batches()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = fxquant.prepare(model, batches[0][:1], backend=backend, config=fxquant.QuantConfig(**config))
-        fxquant.calibrate(prepared, batches, progress=False)
+    prepared = calibrated(model, batches, backend, **config)
     report = fxquant.report_of(prepared).ptq.get("bias_correction")
     assert (report.data["method"] if report else None) == expected
     if expected and backend == "onnxruntime":
-        explicit = _calibrated_with(model, batches, backend, bias_correction="input_means")
+        explicit = calibrated(model, batches, backend, bias_correction="input_means")
         for name in ("conv", "dw", "fc"):
             assert torch.equal(prepared.get_submodule(name).bias, explicit.get_submodule(name).bias)
 
@@ -193,17 +187,7 @@ def test_auto_leaves_out_a_model_that_is_not_one_graph():
     # an eager root: no ranges pass to tap, so "auto" corrects nothing (and costs nothing) instead of raising
     model = _Eager().eval()
     batches = _batches()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = fxquant.prepare(model, batches[0][:1], backend="onnxruntime")
-        fxquant.calibrate(prepared, batches, progress=False)
+    prepared = calibrated(model, batches, "onnxruntime")
     assert not isinstance(prepared, torch.fx.GraphModule)
     assert "bias_correction" not in fxquant.report_of(prepared).ptq
 
-
-def _calibrated_with(model, batches, backend, **config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = fxquant.prepare(model, batches[0][:1], backend=backend, config=fxquant.QuantConfig(**config))
-        fxquant.calibrate(prepared, batches, progress=False)
-    return prepared
